@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * bpf_defs.h: the few kernel UAPI types, helper declarations and BTF map
+ * macros the Aegis XDP program needs.
+ *
+ * Declared here instead of including <linux/bpf.h> and libbpf's headers so
+ * that the object is generated from this tree and clang alone: no
+ * architecture-specific include paths, no dependency on the libbpf version
+ * of the build machine, and `make generate` reproduces the committed object
+ * byte for byte.
+ */
+#pragma once
+
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef signed long long __s64;
+typedef __u16 __be16;
+typedef __u32 __be32;
+
+/* UAPI: enum xdp_action and struct xdp_md. */
+enum xdp_action {
+	XDP_ABORTED = 0,
+	XDP_DROP,
+	XDP_PASS,
+	XDP_TX,
+	XDP_REDIRECT,
+};
+
+struct xdp_md {
+	__u32 data;
+	__u32 data_end;
+	__u32 data_meta;
+	__u32 ingress_ifindex;
+	__u32 rx_queue_index;
+	__u32 egress_ifindex;
+};
+
+/* UAPI: enum bpf_map_type, the values used here. */
+enum {
+	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_LPM_TRIE = 11,
+};
+
+/* UAPI: map creation flags. */
+#define BPF_F_NO_PREALLOC (1U << 0)
+
+/* UAPI: helper function numbers (enum bpf_func_id). */
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
+
+/* BTF-defined maps, as libbpf and cilium/ebpf understand them. */
+#define __uint(name, val) int(*name)[val]
+#define __type(name, val) typeof(val) *name
+#define SEC(name) __attribute__((section(name), used))
+
+#define __always_inline inline __attribute__((always_inline))
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
+
+#define bpf_ntohs(x) __builtin_bswap16(x)
+#define bpf_htons(x) __builtin_bswap16(x)
