@@ -1,0 +1,379 @@
+package bpf_test
+
+import (
+	"encoding/hex"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/state"
+	tu "github.com/aegis-agent/aegis/internal/testutil"
+)
+
+// harness is the XDP program loaded with fresh, unpinned maps, run with
+// BPF_PROG_TEST_RUN and never attached.
+type harness struct {
+	prog *ebpf.Program
+	maps *state.Maps
+}
+
+func newHarness(t testing.TB) *harness {
+	t.Helper()
+	tu.RequireKernel(t)
+	spec, err := bpf.LoadAegis()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var objs bpf.AegisObjects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		t.Fatalf("load data path: %v", err)
+	}
+	t.Cleanup(func() { objs.Close() })
+	return &harness{
+		prog: objs.AegisXdp,
+		maps: &state.Maps{
+			SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6,
+			AllowV4: objs.AllowV4, AllowV6: objs.AllowV6,
+			Config: objs.Config, Stats: objs.Stats,
+		},
+	}
+}
+
+func (h *harness) setConfig(t testing.TB, c state.Config) {
+	t.Helper()
+	v, err := c.Value()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.maps.Config.Put(uint32(0), &v); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// setAllow replaces the allow rules and returns the prefix counts the
+// config must carry.
+func (h *harness) setAllow(t testing.TB, rules ...string) (v4, v6 uint16) {
+	t.Helper()
+	var parsed []state.AllowRule
+	for _, s := range rules {
+		r, err := state.ParseAllowRule(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		parsed = append(parsed, r)
+	}
+	e, err := state.CompileAllow(parsed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range e.V4 {
+		if err := h.maps.AllowV4.Put(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for k, v := range e.V6 {
+		if err := h.maps.AllowV6.Put(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return uint16(len(e.V4)), uint16(len(e.V6))
+}
+
+func (h *harness) grant(t testing.TB, s state.Session) {
+	t.Helper()
+	if err := h.maps.Grant(s); err != nil {
+		t.Fatalf("grant %v: %v", s.Key, err)
+	}
+}
+
+// run passes one frame through the program and returns its action and the
+// reason whose counter moved (exactly one must).
+func (h *harness) run(t testing.TB, pkt []byte) (int, bpf.Reason) {
+	t.Helper()
+	before, err := h.maps.ReadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ret, err := h.prog.Run(&ebpf.RunOptions{Data: pkt})
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	after, err := h.maps.ReadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved := -1
+	for i := range after {
+		if d := after[i].Packets - before[i].Packets; d != 0 {
+			if moved >= 0 || d != 1 {
+				t.Fatalf("more than one counter moved for\n%s", hex.Dump(pkt))
+			}
+			if got := after[i].Bytes - before[i].Bytes; got != uint64(len(pkt)) {
+				t.Fatalf("reason %v counted %d bytes, frame has %d", bpf.Reason(i), got, len(pkt))
+			}
+			moved = i
+		}
+	}
+	if moved < 0 {
+		t.Fatalf("no counter moved for\n%s", hex.Dump(pkt))
+	}
+	return int(ret), bpf.Reason(moved)
+}
+
+var (
+	client4  = netip.MustParseAddr("192.0.2.10")
+	other4   = netip.MustParseAddr("192.0.2.11")
+	svc4     = netip.MustParseAddr("198.51.100.10")
+	ctl4     = netip.MustParseAddr("198.51.100.5")
+	mgmt4    = netip.MustParseAddr("203.0.113.7")
+	client6  = netip.MustParseAddr("2001:db8:1::10")
+	other6   = netip.MustParseAddr("2001:db8:1::11")
+	svc6     = netip.MustParseAddr("2001:db8:2::10")
+	ctl6     = netip.MustParseAddr("2001:db8:2::5")
+	mgmt6    = netip.MustParseAddr("2001:db8:3::7")
+	hour     = uint64(time.Hour)
+	ctlPort  = uint16(443)
+	grpcPort = uint16(50001)
+)
+
+func tcp(src, dst netip.Addr, dport uint16) tu.Frame {
+	return tu.Frame{Src: src, Dst: dst, Proto: tu.ProtoTCP, SrcPort: 40000, DstPort: dport}
+}
+
+func udp(src, dst netip.Addr, dport uint16) tu.Frame {
+	return tu.Frame{Src: src, Dst: dst, Proto: tu.ProtoUDP, SrcPort: 40000, DstPort: dport, Payload: 4}
+}
+
+func with(f tu.Frame, mod func(*tu.Frame)) tu.Frame { mod(&f); return f }
+
+// edit builds the frame and then lets mod corrupt the bytes.
+func edit(f tu.Frame, mod func([]byte) []byte) []byte { return mod(f.Bytes()) }
+
+func TestVerdicts(t *testing.T) {
+	now := state.Now()
+	session := func(src, dst netip.Addr, port uint16, p state.Protocol) state.Session {
+		return state.Session{
+			Key:  state.Key{Src: src, Dst: dst, Port: port, Proto: p},
+			User: "alice", LastSeen: now, Created: now, IdleTimeout: time.Hour,
+		}
+	}
+	idle := func(s state.Session) state.Session { s.LastSeen = now - 2*hour; return s }
+	lifetime := func(s state.Session) state.Session { s.Expires = now - 1; return s }
+
+	type tc struct {
+		name   string
+		pkt    []byte
+		reason bpf.Reason
+	}
+	const v6hdr = 14 + 40
+
+	v4 := []tc{
+		{"session tcp", tcp(client4, svc4, 8080).Bytes(), bpf.ReasonSession},
+		{"session udp", udp(client4, svc4, 5353).Bytes(), bpf.ReasonSession},
+		{"session one vlan", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.VLANs = []uint16{0x8100} }).Bytes(), bpf.ReasonSession},
+		{"session qinq", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.VLANs = []uint16{0x88A8, 0x8100} }).Bytes(), bpf.ReasonSession},
+		{"session ip options", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.IPv4Options = 40 }).Bytes(), bpf.ReasonSession},
+		{"session first fragment", with(udp(client4, svc4, 5353), func(f *tu.Frame) { f.MoreFragments = true }).Bytes(), bpf.ReasonSession},
+		{"controller login", tcp(client4, ctl4, ctlPort).Bytes(), bpf.ReasonController},
+		{"controller to agent grpc", tcp(ctl4, svc4, grpcPort).Bytes(), bpf.ReasonController},
+		{"controller port over udp", udp(client4, ctl4, ctlPort).Bytes(), bpf.ReasonNoSession},
+		{"allowlist tcp/22", tcp(mgmt4, svc4, 22).Bytes(), bpf.ReasonAllowlist},
+		{"allowlist wrong port", tcp(mgmt4, svc4, 23).Bytes(), bpf.ReasonNoSession},
+		{"allowlist udp any port", udp(mgmt4, svc4, 9999).Bytes(), bpf.ReasonAllowlist},
+		{"arp", tu.Frame{EtherType: 0x0806}.Bytes(), bpf.ReasonARP},
+		{"arp in vlan", tu.Frame{EtherType: 0x0806, VLANs: []uint16{0x8100}}.Bytes(), bpf.ReasonARP},
+		{"no session other client", tcp(other4, svc4, 8080).Bytes(), bpf.ReasonNoSession},
+		{"no session other port", tcp(client4, svc4, 8081).Bytes(), bpf.ReasonNoSession},
+		{"no session other protocol", udp(client4, svc4, 8080).Bytes(), bpf.ReasonNoSession},
+		{"expired idle", tcp(client4, svc4, 9001).Bytes(), bpf.ReasonExpired},
+		{"expired lifetime", tcp(client4, svc4, 9002).Bytes(), bpf.ReasonExpired},
+		{"malformed short ip header", tcp(client4, svc4, 8080).Bytes()[:14+19], bpf.ReasonMalformed},
+		{"malformed ip version", edit(tcp(client4, svc4, 8080), func(b []byte) []byte { b[14] = 0x55; return b }), bpf.ReasonMalformed},
+		{"malformed ihl below 5", edit(tcp(client4, svc4, 8080), func(b []byte) []byte { b[14] = 0x44; return b }), bpf.ReasonMalformed},
+		{"malformed total length beyond frame", edit(tcp(client4, svc4, 8080), func(b []byte) []byte { b[17] += 1; return b }), bpf.ReasonMalformed},
+		{"malformed truncated tcp", tcp(client4, svc4, 8080).Bytes()[:14+20+19], bpf.ReasonMalformed},
+		{"malformed tcp beyond total length", edit(tcp(client4, svc4, 8080), func(b []byte) []byte {
+			b[17] = 20 + 10 // total length ends inside the TCP header; the rest is "padding"
+			return b
+		}), bpf.ReasonMalformed},
+		{"malformed truncated udp", udp(client4, svc4, 5353).Bytes()[:14+20+7], bpf.ReasonMalformed},
+		{"malformed truncated vlan", tu.Frame{VLANs: []uint16{0x8100}, EtherType: 0x0800}.Bytes()[:16], bpf.ReasonMalformed},
+		{"fragment", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.FragOffset = 185 }).Bytes(), bpf.ReasonFragment},
+		{"last fragment", with(udp(client4, svc4, 5353), func(f *tu.Frame) { f.FragOffset = 1 }).Bytes(), bpf.ReasonFragment},
+		{"unsupported l3 lldp", tu.Frame{EtherType: 0x88CC}.Bytes(), bpf.ReasonUnsupportedL3},
+		{"unsupported l3 three tags", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.VLANs = []uint16{0x88A8, 0x8100, 0x8100} }).Bytes(), bpf.ReasonUnsupportedL3},
+		{"unsupported l4 icmp", tu.Frame{Src: client4, Dst: svc4, Proto: tu.ProtoICMP, ICMPType: 8}.Bytes(), bpf.ReasonUnsupportedL4},
+		{"unsupported l4 sctp", tu.Frame{Src: client4, Dst: svc4, Proto: tu.ProtoSCTP}.Bytes(), bpf.ReasonUnsupportedL4},
+	}
+	v6 := []tc{
+		{"session tcp", tcp(client6, svc6, 8080).Bytes(), bpf.ReasonSession},
+		{"session udp", udp(client6, svc6, 5353).Bytes(), bpf.ReasonSession},
+		{"session qinq", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.VLANs = []uint16{0x88A8, 0x8100} }).Bytes(), bpf.ReasonSession},
+		{"session ext headers", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 60, 43, 51} }).Bytes(), bpf.ReasonSession},
+		{"session first fragment", with(udp(client6, svc6, 5353), func(f *tu.Frame) { f.IPv6Ext = []uint8{44}; f.MoreFragments = true }).Bytes(), bpf.ReasonSession},
+		{"session six ext headers", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 60, 43, 60, 51, 60} }).Bytes(), bpf.ReasonSession},
+		{"controller login", tcp(client6, ctl6, ctlPort).Bytes(), bpf.ReasonController},
+		{"controller to agent grpc", tcp(ctl6, svc6, grpcPort).Bytes(), bpf.ReasonController},
+		{"allowlist tcp/22", tcp(mgmt6, svc6, 22).Bytes(), bpf.ReasonAllowlist},
+		{"allowlist wrong port", tcp(mgmt6, svc6, 23).Bytes(), bpf.ReasonNoSession},
+		{"allowlist udp any port", udp(mgmt6, svc6, 9999).Bytes(), bpf.ReasonAllowlist},
+		{"ndp neighbour solicitation", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 135}.Bytes(), bpf.ReasonNDP},
+		{"ndp router advertisement", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 134}.Bytes(), bpf.ReasonNDP},
+		{"ndp after hop-by-hop", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 136, IPv6Ext: []uint8{0}}.Bytes(), bpf.ReasonNDP},
+		{"no session other client", tcp(other6, svc6, 8080).Bytes(), bpf.ReasonNoSession},
+		{"no session other protocol", udp(client6, svc6, 8080).Bytes(), bpf.ReasonNoSession},
+		{"expired idle", tcp(client6, svc6, 9001).Bytes(), bpf.ReasonExpired},
+		{"expired lifetime", tcp(client6, svc6, 9002).Bytes(), bpf.ReasonExpired},
+		{"malformed short header", tcp(client6, svc6, 8080).Bytes()[:v6hdr-1], bpf.ReasonMalformed},
+		{"malformed version", edit(tcp(client6, svc6, 8080), func(b []byte) []byte { b[14] = 0x40; return b }), bpf.ReasonMalformed},
+		{"malformed payload length beyond frame", edit(tcp(client6, svc6, 8080), func(b []byte) []byte { b[19] += 1; return b }), bpf.ReasonMalformed},
+		{"malformed truncated ext header", edit(with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{0} }), func(b []byte) []byte {
+			b = b[:v6hdr+4]
+			b[18], b[19] = 0, 4 // payload length: the 4 bytes left
+			return b
+		}), bpf.ReasonMalformed},
+		{"malformed truncated tcp", edit(tcp(client6, svc6, 8080), func(b []byte) []byte {
+			b = b[:v6hdr+12]
+			b[18], b[19] = 0, 12
+			return b
+		}), bpf.ReasonMalformed},
+		{"malformed truncated icmpv6", edit(tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 135}, func(b []byte) []byte {
+			b = b[:v6hdr+3]
+			b[18], b[19] = 0, 3
+			return b
+		}), bpf.ReasonMalformed},
+		{"fragment", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{44}; f.FragOffset = 185 }).Bytes(), bpf.ReasonFragment},
+		{"fragment after hop-by-hop", with(udp(client6, svc6, 5353), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 44}; f.FragOffset = 1 }).Bytes(), bpf.ReasonFragment},
+		{"unsupported l4 icmpv6 echo", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 128}.Bytes(), bpf.ReasonUnsupportedL4},
+		{"unsupported l4 seven ext headers", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 60, 43, 60, 43, 60, 60} }).Bytes(), bpf.ReasonUnsupportedL4},
+		{"unsupported l4 no next header", tu.Frame{Src: client6, Dst: svc6, Proto: 59}.Bytes(), bpf.ReasonUnsupportedL4},
+	}
+
+	for _, fam := range []struct {
+		name                  string
+		client, svc, ctl, mgm netip.Addr
+		cases                 []tc
+	}{
+		{"ipv4", client4, svc4, ctl4, mgmt4, v4},
+		{"ipv6", client6, svc6, ctl6, mgmt6, v6},
+	} {
+		t.Run(fam.name, func(t *testing.T) {
+			h := newHarness(t)
+			bits := 24
+			if fam.mgm.Is6() {
+				bits = 64
+			}
+			a4, a6 := h.setAllow(t,
+				netip.PrefixFrom(fam.mgm, bits).Masked().String()+",tcp/22",
+				fam.mgm.String()+",udp")
+			h.setConfig(t, state.Config{
+				Controller: fam.ctl, ControllerPort: ctlPort, GRPCPort: grpcPort,
+				DefaultIdleTimeout: time.Minute, AllowV4Prefixes: a4, AllowV6Prefixes: a6,
+			})
+			h.grant(t, session(fam.client, fam.svc, 8080, state.TCP))
+			h.grant(t, session(fam.client, fam.svc, 5353, state.UDP))
+			h.grant(t, idle(session(fam.client, fam.svc, 9001, state.TCP)))
+			h.grant(t, lifetime(session(fam.client, fam.svc, 9002, state.TCP)))
+
+			for _, c := range fam.cases {
+				t.Run(c.name, func(t *testing.T) {
+					action, reason := h.run(t, c.pkt)
+					if reason != c.reason {
+						t.Fatalf("reason %v, want %v\n%s", reason, c.reason, hex.Dump(c.pkt))
+					}
+					want := bpf.XDPDrop
+					if c.reason.Pass() {
+						want = bpf.XDPPass
+					}
+					if action != want {
+						t.Fatalf("action %d, want %d", action, want)
+					}
+				})
+			}
+
+			// Monitor mode: every would-be drop above passes as "monitor";
+			// passes keep their reason.
+			h.setConfig(t, state.Config{
+				Controller: fam.ctl, ControllerPort: ctlPort, GRPCPort: grpcPort,
+				DefaultIdleTimeout: time.Minute, AllowV4Prefixes: a4, AllowV6Prefixes: a6, Monitor: true,
+			})
+			for _, c := range fam.cases {
+				t.Run("monitor "+c.name, func(t *testing.T) {
+					want := c.reason
+					if !want.Pass() {
+						want = bpf.ReasonMonitor
+					}
+					action, reason := h.run(t, c.pkt)
+					if reason != want || action != bpf.XDPPass {
+						t.Fatalf("got action %d reason %v, want pass %v", action, reason, want)
+					}
+				})
+			}
+		})
+	}
+}
+
+// The controller bypass follows the config's family; with no controller
+// configured nothing bypasses.
+func TestControllerBypassNeedsConfig(t *testing.T) {
+	h := newHarness(t)
+	h.setConfig(t, state.Config{ControllerPort: ctlPort, GRPCPort: grpcPort, DefaultIdleTimeout: time.Minute})
+	for _, pkt := range [][]byte{tcp(client4, ctl4, ctlPort).Bytes(), tcp(client6, ctl6, ctlPort).Bytes()} {
+		if _, r := h.run(t, pkt); r != bpf.ReasonNoSession {
+			t.Fatalf("reason %v without a controller, want no_session", r)
+		}
+	}
+}
+
+// A session without its own idle timeout uses the config's default.
+func TestDefaultIdleTimeout(t *testing.T) {
+	h := newHarness(t)
+	h.setConfig(t, state.Config{DefaultIdleTimeout: time.Minute})
+	now := state.Now()
+	s := state.Session{Key: state.Key{Src: client4, Dst: svc4, Port: 8080, Proto: state.TCP}, User: "bob", LastSeen: now - uint64(2*time.Minute)}
+	h.grant(t, s)
+	if _, r := h.run(t, tcp(client4, svc4, 8080).Bytes()); r != bpf.ReasonExpired {
+		t.Fatalf("idle 2m with a 1m default: %v, want expired", r)
+	}
+	h.setConfig(t, state.Config{DefaultIdleTimeout: 3 * time.Minute})
+	if _, r := h.run(t, tcp(client4, svc4, 8080).Bytes()); r != bpf.ReasonSession {
+		t.Fatalf("idle 2m with a 3m default: %v, want session", r)
+	}
+}
+
+// last_seen is written only when stale by more than the refresh
+// granularity, and then to the current time.
+func TestLastSeenRefresh(t *testing.T) {
+	h := newHarness(t)
+	h.setConfig(t, state.Config{DefaultIdleTimeout: time.Minute})
+	key := state.Key{Src: client6, Dst: svc6, Port: 8080, Proto: state.TCP}
+	pkt := tcp(client6, svc6, 8080).Bytes()
+	gran := uint64(bpf.RefreshGranularity)
+
+	now := state.Now()
+	fresh := now - gran/2
+	h.grant(t, state.Session{Key: key, User: "carol", LastSeen: fresh})
+	h.run(t, pkt)
+	s, err := h.maps.Lookup(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.LastSeen != fresh {
+		t.Fatalf("last_seen rewritten although only %v old", time.Duration(gran/2))
+	}
+
+	stale := state.Now() - 3*gran
+	h.grant(t, state.Session{Key: key, User: "carol", LastSeen: stale})
+	before := state.Now()
+	h.run(t, pkt)
+	after := state.Now()
+	if s, err = h.maps.Lookup(key); err != nil {
+		t.Fatal(err)
+	}
+	if s.LastSeen < before || s.LastSeen > after {
+		t.Fatalf("last_seen %d not refreshed to now [%d, %d]", s.LastSeen, before, after)
+	}
+}

@@ -1,0 +1,153 @@
+package state
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/aegis-agent/aegis/bpf"
+)
+
+// AllowRule is a static allow rule (see bpf.AllowRule).
+type AllowRule = bpf.AllowRule
+
+// ParseAllowRule parses the loader's --allow syntax:
+//
+//	CIDR[,PROTO[/PORT]]
+//
+// CIDR is a prefix or a single address (198.51.100.0/24, 2001:db8::7);
+// PROTO is tcp, udp or any; PORT is a destination port. Omitted parts match
+// anything: "198.51.100.0/24" lets that network reach everything,
+// "198.51.100.0/24,tcp/22" only TCP port 22, "any/53" TCP and UDP port 53.
+func ParseAllowRule(s string) (AllowRule, error) {
+	var r AllowRule
+	cidr, rest, hasRest := strings.Cut(strings.TrimSpace(s), ",")
+	if strings.Contains(cidr, "/") {
+		p, err := netip.ParsePrefix(cidr)
+		if err != nil {
+			return r, fmt.Errorf("allow rule %q: %w: bad prefix: %v", s, ErrInvalid, err)
+		}
+		r.Prefix = p
+	} else {
+		a, err := netip.ParseAddr(cidr)
+		if err != nil {
+			return r, fmt.Errorf("allow rule %q: %w: bad address: %v", s, ErrInvalid, err)
+		}
+		r.Prefix = netip.PrefixFrom(a, a.BitLen())
+	}
+	if r.Prefix.Addr().Zone() != "" || r.Prefix.Addr().Is4In6() {
+		return r, fmt.Errorf("allow rule %q: %w: use a plain IPv4 or IPv6 prefix", s, ErrInvalid)
+	}
+	r.Prefix = r.Prefix.Masked()
+	if !hasRest {
+		return r, nil
+	}
+	proto, port, hasPort := strings.Cut(rest, "/")
+	switch strings.ToLower(proto) {
+	case "tcp":
+		r.Proto = uint8(TCP)
+	case "udp":
+		r.Proto = uint8(UDP)
+	case "any":
+	default:
+		return r, fmt.Errorf("allow rule %q: %w: protocol %q: want tcp, udp or any", s, ErrInvalid, proto)
+	}
+	if hasPort {
+		n, err := strconv.ParseUint(port, 10, 16)
+		if err != nil || n == 0 {
+			return r, fmt.Errorf("allow rule %q: %w: port %q: want 1-65535", s, ErrInvalid, port)
+		}
+		r.Port = uint16(n)
+	}
+	return r, nil
+}
+
+// FormatAllowRule is the inverse of ParseAllowRule.
+func FormatAllowRule(r AllowRule) string {
+	if r.Proto == 0 && r.Port == 0 {
+		return r.Prefix.String()
+	}
+	proto := "any"
+	if r.Proto != 0 {
+		proto = Protocol(r.Proto).String()
+	}
+	if r.Port == 0 {
+		return r.Prefix.String() + "," + proto
+	}
+	return fmt.Sprintf("%s,%s/%d", r.Prefix, proto, r.Port)
+}
+
+// AllowEntries is the content of allow_v4 and allow_v6 for a rule set.
+type AllowEntries struct {
+	V4 map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue
+	V6 map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue
+}
+
+// CompileAllow turns rules into LPM-trie entries. The data path makes one
+// longest-prefix lookup per packet, so each prefix's value carries its own
+// (protocol, port) pairs and those of every shorter prefix that covers it.
+// Returns an error wrapping ErrInvalid if a prefix would need more than
+// bpf.MaxAllowPorts pairs.
+func CompileAllow(rules []AllowRule) (AllowEntries, error) {
+	out := AllowEntries{
+		V4: make(map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue),
+		V6: make(map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue),
+	}
+	prefixes := make(map[netip.Prefix]bool)
+	for _, r := range rules {
+		prefixes[r.Prefix.Masked()] = true
+	}
+	for p := range prefixes {
+		var ports []bpf.AegisAllowPort
+		for _, r := range rules {
+			q := r.Prefix.Masked()
+			if q.Addr().Is4() != p.Addr().Is4() || q.Bits() > p.Bits() || !q.Contains(p.Addr()) {
+				continue
+			}
+			ports = append(ports, bpf.AegisAllowPort{Proto: r.Proto, Port: r.Port})
+		}
+		ports = simplifyPorts(ports)
+		if len(ports) > bpf.MaxAllowPorts {
+			return out, fmt.Errorf("%w: %d protocol/port pairs apply to %s, at most %d fit: merge rules or widen them",
+				ErrInvalid, len(ports), p, bpf.MaxAllowPorts)
+		}
+		var v bpf.AegisAllowValue
+		v.Count = uint32(len(ports))
+		copy(v.Ports[:], ports)
+		if p.Addr().Is4() {
+			out.V4[bpf.AegisAllowKeyV4{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()}] = v
+		} else {
+			out.V6[bpf.AegisAllowKeyV6{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()}] = v
+		}
+	}
+	return out, nil
+}
+
+// simplifyPorts sorts and deduplicates pairs and drops those another pair
+// already covers (tcp/22 under tcp/any, anything under any/any).
+func simplifyPorts(ports []bpf.AegisAllowPort) []bpf.AegisAllowPort {
+	covers := func(a, b bpf.AegisAllowPort) bool {
+		return (a.Proto == 0 || a.Proto == b.Proto) && (a.Port == 0 || a.Port == b.Port)
+	}
+	slices.SortFunc(ports, func(a, b bpf.AegisAllowPort) int {
+		return cmp.Or(cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Port, b.Port))
+	})
+	ports = slices.Compact(ports)
+	var out []bpf.AegisAllowPort
+	for i, p := range ports {
+		covered := false
+		for j, q := range ports {
+			if i != j && q != p && covers(q, p) {
+				covered = true
+				break
+			}
+		}
+		if !covered {
+			out = append(out, p)
+		}
+	}
+	return out
+}

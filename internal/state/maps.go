@@ -1,0 +1,332 @@
+package state
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"iter"
+	"os"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/aegis-agent/aegis/bpf"
+)
+
+// OpenOptions says what a process intends to do with the maps.
+type OpenOptions struct {
+	// Writable opens the sessions maps for writing (grants, revokes,
+	// reaping). Everything else is always opened read-only: only the loader
+	// writes the config and the allow rules.
+	Writable bool
+}
+
+// Maps is an open handle on the pinned maps.
+type Maps struct {
+	PinPath    string
+	SessionsV4 *ebpf.Map
+	SessionsV6 *ebpf.Map
+	AllowV4    *ebpf.Map
+	AllowV6    *ebpf.Map
+	Config     *ebpf.Map
+	Stats      *ebpf.Map
+}
+
+var (
+	specOnce sync.Once
+	specVal  *ebpf.CollectionSpec
+	specErr  error
+)
+
+// Spec returns the data path's collection spec as compiled into this
+// binary. Callers must not modify it; use Copy.
+func Spec() (*ebpf.CollectionSpec, error) {
+	specOnce.Do(func() { specVal, specErr = bpf.LoadAegis() })
+	return specVal, specErr
+}
+
+// Open opens the maps pinned under pinPath. It holds the pin directory's
+// lock shared while it opens them, so it never sees a loader's half-done
+// work.
+//
+// Returns ErrNotLoaded if the directory or a map is missing, ErrPermission
+// if the caller may not open them, and ErrIncompatible if a map's layout is
+// not this build's.
+func Open(pinPath string, opts OpenOptions) (*Maps, error) {
+	lock, err := LockDir(pinPath, false)
+	if err != nil {
+		return nil, openError(pinPath, err)
+	}
+	defer lock.Unlock()
+
+	spec, err := Spec()
+	if err != nil {
+		return nil, fmt.Errorf("load embedded data path: %w", err)
+	}
+
+	m := &Maps{PinPath: pinPath}
+	targets := []struct {
+		name     string
+		dst      **ebpf.Map
+		writable bool
+	}{
+		{MapSessionsV4, &m.SessionsV4, opts.Writable},
+		{MapSessionsV6, &m.SessionsV6, opts.Writable},
+		{MapAllowV4, &m.AllowV4, false},
+		{MapAllowV6, &m.AllowV6, false},
+		{MapConfig, &m.Config, false},
+		{MapStats, &m.Stats, false},
+	}
+	for _, t := range targets {
+		path := MapPath(pinPath, t.name)
+		mp, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: !t.writable})
+		if err != nil {
+			m.Close()
+			return nil, openError(path, err)
+		}
+		*t.dst = mp
+		if err := CheckLayout(spec.Maps[t.name], mp); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("open %s: %w", path, err)
+		}
+	}
+	return m, nil
+}
+
+func openError(path string, err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("open %s: %w: run aegis-loader load first", path, ErrNotLoaded)
+	case errors.Is(err, fs.ErrPermission), errors.Is(err, unix.EPERM):
+		return fmt.Errorf("open %s: %w: the process needs CAP_BPF and membership of the pins' group (aegis)", path, ErrPermission)
+	}
+	return fmt.Errorf("open %s: %w", path, err)
+}
+
+// CheckLayout returns an error wrapping ErrIncompatible unless m has the map
+// type, key and value sizes and flags of spec. Capacity may differ: it is
+// the operator's choice (aegis-loader --max-sessions).
+func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
+	s := spec.Copy()
+	s.MaxEntries = m.MaxEntries()
+	if err := s.Compatible(m); err != nil {
+		return fmt.Errorf("%w: %v", ErrIncompatible, err)
+	}
+	return nil
+}
+
+// Close releases the maps; the pins stay.
+func (m *Maps) Close() error {
+	var errs []error
+	for _, mp := range []*ebpf.Map{m.SessionsV4, m.SessionsV6, m.AllowV4, m.AllowV6, m.Config, m.Stats} {
+		if mp != nil {
+			errs = append(errs, mp.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ReadConfig returns the config map's content.
+func (m *Maps) ReadConfig() (Config, error) {
+	var v bpf.AegisConfigValue
+	if err := m.Config.Lookup(uint32(0), &v); err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	return ConfigFromValue(&v), nil
+}
+
+// Grant inserts or refreshes a session. A refresh replaces the timestamps,
+// lifetime, idle timeout and user, and keeps the original creation time.
+// When Grant returns nil the data path already passes the session's next
+// packet.
+//
+// Returns ErrInvalid for a malformed session and ErrFull if the map is at
+// capacity; in both cases the map is unchanged.
+func (m *Maps) Grant(s Session) error {
+	if err := s.Validate(); err != nil {
+		return err
+	}
+	v := s.value()
+	var err error
+	if s.Is4() {
+		k := s.v4()
+		var old bpf.AegisSessionValue
+		if m.SessionsV4.Lookup(&k, &old) == nil && old.CreatedNs != 0 {
+			v.CreatedNs = old.CreatedNs
+		}
+		err = m.SessionsV4.Update(&k, &v, ebpf.UpdateAny)
+	} else {
+		k := s.v6()
+		var old bpf.AegisSessionValue
+		if m.SessionsV6.Lookup(&k, &old) == nil && old.CreatedNs != 0 {
+			v.CreatedNs = old.CreatedNs
+		}
+		err = m.SessionsV6.Update(&k, &v, ebpf.UpdateAny)
+	}
+	return updateError(err)
+}
+
+func updateError(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.E2BIG):
+		return ErrFull
+	case errors.Is(err, unix.ENOMEM):
+		return fmt.Errorf("%w: kernel out of memory for new sessions", ErrFull)
+	}
+	return fmt.Errorf("update session: %w", err)
+}
+
+// Revoke deletes a session. Returns ErrNotFound if there is none.
+func (m *Maps) Revoke(k Key) error {
+	if err := k.Validate(); err != nil {
+		return err
+	}
+	var err error
+	if k.Is4() {
+		kk := k.v4()
+		err = m.SessionsV4.Delete(&kk)
+	} else {
+		kk := k.v6()
+		err = m.SessionsV6.Delete(&kk)
+	}
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return ErrNotFound
+	}
+	if err != nil {
+		return fmt.Errorf("delete session: %w", err)
+	}
+	return nil
+}
+
+// Lookup returns one session. Returns ErrNotFound if there is none.
+func (m *Maps) Lookup(k Key) (Session, error) {
+	if err := k.Validate(); err != nil {
+		return Session{}, err
+	}
+	var v bpf.AegisSessionValue
+	var err error
+	if k.Is4() {
+		kk := k.v4()
+		err = m.SessionsV4.Lookup(&kk, &v)
+	} else {
+		kk := k.v6()
+		err = m.SessionsV6.Lookup(&kk, &v)
+	}
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Session{}, ErrNotFound
+	}
+	if err != nil {
+		return Session{}, fmt.Errorf("lookup session: %w", err)
+	}
+	return sessionFrom(k, &v), nil
+}
+
+// batchSize is the number of entries read per batch syscall when walking a
+// sessions map. Large enough to amortize the syscall, small enough to keep
+// the buffers (about 400 KiB for IPv6) cheap.
+const batchSize = 4096
+
+// Sessions iterates over every session, IPv4 first. It walks the maps with
+// batch lookups, which resume at a bucket index, so concurrent inserts and
+// deletes neither restart nor stop the walk; a session inserted or deleted
+// meanwhile may or may not be seen.
+func (m *Maps) Sessions() iter.Seq2[Session, error] {
+	return func(yield func(Session, error) bool) {
+		keys4 := make([]bpf.AegisSessionKeyV4, batchSize)
+		vals := make([]bpf.AegisSessionValue, batchSize)
+		ok := walk(m.SessionsV4, keys4, vals, func(k *bpf.AegisSessionKeyV4, v *bpf.AegisSessionValue) bool {
+			return yield(sessionFrom(keyFromV4(k), v), nil)
+		}, yield)
+		if !ok {
+			return
+		}
+		keys6 := make([]bpf.AegisSessionKeyV6, batchSize)
+		walk(m.SessionsV6, keys6, vals, func(k *bpf.AegisSessionKeyV6, v *bpf.AegisSessionValue) bool {
+			return yield(sessionFrom(keyFromV6(k), v), nil)
+		}, yield)
+	}
+}
+
+// walk batch-reads mp into keys and vals and calls fn for each entry. It
+// returns false when fn or yield asked to stop.
+func walk[K any](mp *ebpf.Map, keys []K, vals []bpf.AegisSessionValue,
+	fn func(*K, *bpf.AegisSessionValue) bool, yield func(Session, error) bool) bool {
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := mp.BatchLookup(&cursor, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			if !fn(&keys[i], &vals[i]) {
+				return false
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return true
+		}
+		if err != nil {
+			return yield(Session{}, fmt.Errorf("walk %s: %w", mp, err))
+		}
+	}
+}
+
+// Count returns the number of sessions in each map.
+func (m *Maps) Count() (v4, v6 int, err error) {
+	if v4, err = CountEntries(m.SessionsV4); err != nil {
+		return 0, 0, err
+	}
+	v6, err = CountEntries(m.SessionsV6)
+	return v4, v6, err
+}
+
+// CountEntries counts the entries of a sessions map by batch-reading its
+// keys.
+func CountEntries(mp *ebpf.Map) (int, error) {
+	keys := make([]byte, batchSize*int(mp.KeySize()))
+	vals := make([]byte, batchSize*int(mp.ValueSize()))
+	var cursor ebpf.MapBatchCursor
+	total := 0
+	for {
+		n, err := mp.BatchLookup(&cursor, keys, vals, nil)
+		total += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return total, nil
+		}
+		if err != nil {
+			return total, fmt.Errorf("count %s: %w", mp, err)
+		}
+	}
+}
+
+// Counter is one verdict reason's packet and byte count, summed over CPUs.
+type Counter struct {
+	Packets uint64
+	Bytes   uint64
+}
+
+// ReadStats sums the per-CPU stats map, indexed by Reason.
+func ReadStats(stats *ebpf.Map) ([bpf.StatsSlots]Counter, error) {
+	var out [bpf.StatsSlots]Counter
+	var perCPU []bpf.AegisStatsValue
+	for _, r := range bpf.Reasons {
+		if err := stats.Lookup(uint32(r), &perCPU); err != nil {
+			return out, fmt.Errorf("read stats: %w", err)
+		}
+		for _, c := range perCPU {
+			out[r].Packets += c.Packets
+			out[r].Bytes += c.Bytes
+		}
+	}
+	return out, nil
+}
+
+// ReadStats sums the per-CPU stats map, indexed by Reason.
+func (m *Maps) ReadStats() ([bpf.StatsSlots]Counter, error) { return ReadStats(m.Stats) }
+
+// PinsPresent reports whether the pin directory holds a sessions map, for
+// callers that only need to know whether the loader has run.
+func PinsPresent(pinPath string) bool {
+	_, err := os.Stat(MapPath(pinPath, MapSessionsV4))
+	return err == nil
+}
