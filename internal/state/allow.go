@@ -151,3 +151,52 @@ func simplifyPorts(ports []bpf.AegisAllowPort) []bpf.AegisAllowPort {
 	}
 	return out
 }
+
+// ReadAllow decodes allow_v4 and allow_v6 back into rules, dropping the
+// pairs a prefix only inherits from a covering prefix, so the result reads
+// like the rules the loader was given.
+func ReadAllow(m *Maps) ([]AllowRule, error) {
+	var all []AllowRule
+	var k4 bpf.AegisAllowKeyV4
+	var k6 bpf.AegisAllowKeyV6
+	var v bpf.AegisAllowValue
+	add := func(p netip.Prefix, v *bpf.AegisAllowValue) {
+		for _, port := range v.Ports[:min(int(v.Count), len(v.Ports))] {
+			all = append(all, AllowRule{Prefix: p, Proto: port.Proto, Port: port.Port})
+		}
+	}
+	it := m.AllowV4.Iterate()
+	for it.Next(&k4, &v) {
+		add(netip.PrefixFrom(netip.AddrFrom4(k4.Addr), int(k4.Prefixlen)), &v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read allow_v4: %w", err)
+	}
+	it = m.AllowV6.Iterate()
+	for it.Next(&k6, &v) {
+		add(netip.PrefixFrom(netip.AddrFrom16(k6.Addr), int(k6.Prefixlen)), &v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read allow_v6: %w", err)
+	}
+
+	var out []AllowRule
+	for _, r := range all {
+		inherited := false
+		for _, q := range all {
+			if q.Prefix.Bits() < r.Prefix.Bits() && q.Prefix.Addr().Is4() == r.Prefix.Addr().Is4() &&
+				q.Prefix.Contains(r.Prefix.Addr()) && q.Proto == r.Proto && q.Port == r.Port {
+				inherited = true
+				break
+			}
+		}
+		if !inherited {
+			out = append(out, r)
+		}
+	}
+	slices.SortFunc(out, func(a, b AllowRule) int {
+		return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()),
+			cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Port, b.Port))
+	})
+	return out, nil
+}

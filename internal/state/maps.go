@@ -1,6 +1,7 @@
 package state
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -280,11 +281,16 @@ func (m *Maps) Count() (v4, v6 int, err error) {
 	return v4, v6, err
 }
 
-// CountEntries counts the entries of a sessions map by batch-reading its
-// keys.
+// CountEntries counts the entries of a sessions map by batch-reading it.
 func CountEntries(mp *ebpf.Map) (int, error) {
-	keys := make([]byte, batchSize*int(mp.KeySize()))
-	vals := make([]byte, batchSize*int(mp.ValueSize()))
+	vals := make([]bpf.AegisSessionValue, batchSize)
+	if mp.KeySize() == uint32(binary.Size(bpf.AegisSessionKeyV4{})) {
+		return countBatch(mp, make([]bpf.AegisSessionKeyV4, batchSize), vals)
+	}
+	return countBatch(mp, make([]bpf.AegisSessionKeyV6, batchSize), vals)
+}
+
+func countBatch[K any](mp *ebpf.Map, keys []K, vals []bpf.AegisSessionValue) (int, error) {
 	var cursor ebpf.MapBatchCursor
 	total := 0
 	for {

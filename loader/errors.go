@@ -1,0 +1,35 @@
+package loader
+
+import (
+	"errors"
+
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// Errors returned by the loader. Each is wrapped with the object it concerns
+// and the fix, so that the one line the command prints tells the operator
+// what to do.
+var (
+	// ErrNoBPFFS means the pin path is not on a mounted bpf filesystem.
+	ErrNoBPFFS = errors.New("no bpf filesystem")
+	// ErrNoInterface means a named interface does not exist.
+	ErrNoInterface = errors.New("interface not found")
+	// ErrNoGroup means the group that should own the pins does not exist.
+	ErrNoGroup = errors.New("group not found")
+	// ErrNoXDPLink means the kernel cannot attach XDP through a bpf_link.
+	ErrNoXDPLink = errors.New("kernel has no XDP bpf_link support")
+	// ErrXDPBusy means another XDP program, not ours, holds the interface.
+	ErrXDPBusy = errors.New("interface already has a foreign XDP program")
+	// ErrModeUnsupported means the driver cannot run XDP in the mode asked.
+	ErrModeUnsupported = errors.New("XDP mode not supported by the driver")
+	// ErrModeChange means the interface is attached in another mode; a mode
+	// change needs a detach, which the loader does not do behind the
+	// operator's back because it leaves the interface unfiltered.
+	ErrModeChange = errors.New("interface is attached in another XDP mode")
+	// ErrCapacityChange means --max-sessions differs from the pinned maps.
+	ErrCapacityChange = errors.New("sessions map capacity differs from --max-sessions")
+	// ErrIncompatible means a pinned map's layout differs from this build's.
+	ErrIncompatible = state.ErrIncompatible
+	// ErrInvalid means a flag's value is malformed.
+	ErrInvalid = state.ErrInvalid
+)

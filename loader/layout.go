@@ -1,0 +1,79 @@
+package loader
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+)
+
+// checkBTFLayout compares the struct layouts of a pinned map's key and value
+// (from the map's BTF) with this build's. Sizes alone cannot tell a
+// reordered or retyped field; the BTF can.
+func checkBTFLayout(ms *ebpf.MapSpec, m *ebpf.Map) error {
+	var structs []*btf.Struct
+	for _, t := range []btf.Type{ms.Key, ms.Value} {
+		if s, ok := btf.UnderlyingType(t).(*btf.Struct); ok {
+			structs = append(structs, s)
+		}
+	}
+	if len(structs) == 0 {
+		return nil
+	}
+	h, err := m.Handle()
+	if err != nil {
+		return fmt.Errorf("map carries no BTF to check its layout: %v", err)
+	}
+	defer h.Close()
+	spec, err := h.Spec(nil)
+	if err != nil {
+		return fmt.Errorf("read map BTF: %v", err)
+	}
+	for _, want := range structs {
+		var got *btf.Struct
+		if err := spec.TypeByName(want.Name, &got); err != nil {
+			return fmt.Errorf("struct %s missing from the map's BTF", want.Name)
+		}
+		if g, w := layoutOf(got), layoutOf(want); g != w {
+			return fmt.Errorf("layout of struct %s changed from %s to %s", want.Name, g, w)
+		}
+	}
+	return nil
+}
+
+// layoutOf describes a type's memory layout: names, offsets, sizes and
+// element types, not qualifiers or typedef names.
+func layoutOf(t btf.Type) string {
+	var b strings.Builder
+	describe(&b, t, 0)
+	return b.String()
+}
+
+func describe(b *strings.Builder, t btf.Type, depth int) {
+	if depth > 8 {
+		b.WriteString("…")
+		return
+	}
+	switch v := btf.UnderlyingType(t).(type) {
+	case *btf.Struct:
+		fmt.Fprintf(b, "{%d:", v.Size)
+		for i, m := range v.Members {
+			if i > 0 {
+				b.WriteByte(' ')
+			}
+			fmt.Fprintf(b, "%s@%d:", m.Name, m.Offset.Bytes())
+			describe(b, m.Type, depth+1)
+		}
+		b.WriteByte('}')
+	case *btf.Int:
+		fmt.Fprintf(b, "int%d", v.Size*8)
+	case *btf.Enum:
+		fmt.Fprintf(b, "enum%d", v.Size*8)
+	case *btf.Array:
+		fmt.Fprintf(b, "[%d]", v.Nelems)
+		describe(b, v.Type, depth+1)
+	default:
+		fmt.Fprintf(b, "%T", v)
+	}
+}

@@ -1,0 +1,198 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// Status is what aegis-loader status reports.
+type Status struct {
+	PinPath    string            `json:"pin_path"`
+	Interfaces []InterfaceStatus `json:"interfaces"`
+	Maps       []MapStatus       `json:"maps"`
+	Config     ConfigStatus      `json:"config"`
+	Allow      []string          `json:"allow"`
+	Counters   []CounterStatus   `json:"counters"`
+}
+
+// InterfaceStatus describes one pinned XDP link.
+type InterfaceStatus struct {
+	Name      string `json:"name"`
+	Ifindex   int    `json:"ifindex"`
+	Attached  bool   `json:"attached"`
+	Mode      Mode   `json:"mode"`
+	LinkID    uint32 `json:"link_id"`
+	ProgramID uint32 `json:"program_id"`
+	Tag       string `json:"tag"`
+	// Current reports whether the program is this binary's build.
+	Current bool `json:"current"`
+}
+
+// MapStatus is one map's fill.
+type MapStatus struct {
+	Name     string `json:"name"`
+	ID       uint32 `json:"id"`
+	Entries  int    `json:"entries"`
+	Capacity uint32 `json:"capacity"`
+}
+
+// ConfigStatus is the config map in operator units.
+type ConfigStatus struct {
+	Controller     string `json:"controller"`
+	ControllerPort uint16 `json:"controller_port"`
+	GRPCPort       uint16 `json:"grpc_port"`
+	RuleTimeout    string `json:"rule_timeout"`
+	Monitor        bool   `json:"monitor"`
+}
+
+// CounterStatus is one verdict reason's counters.
+type CounterStatus struct {
+	Reason  string `json:"reason"`
+	Verdict string `json:"verdict"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+// Status reads the pinned state. Returns an error wrapping
+// state.ErrNotLoaded when there is none.
+func (l *Loader) Status(pinPath string) (*Status, error) {
+	maps, err := state.Open(pinPath, state.OpenOptions{})
+	if err != nil {
+		return nil, err
+	}
+	defer maps.Close()
+	st := &Status{PinPath: pinPath}
+
+	spec, err := l.Spec()
+	if err != nil {
+		return nil, err
+	}
+	linksDir := filepath.Join(pinPath, state.LinksDir)
+	entries, err := os.ReadDir(linksDir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("read %s: %w", linksDir, err)
+	}
+	for _, e := range entries {
+		is, err := l.interfaceStatus(filepath.Join(linksDir, e.Name()), e.Name(), spec.Programs[progName])
+		if err != nil {
+			return nil, err
+		}
+		st.Interfaces = append(st.Interfaces, is)
+	}
+
+	for _, mp := range []struct {
+		name string
+		m    *ebpf.Map
+	}{
+		{state.MapSessionsV4, maps.SessionsV4}, {state.MapSessionsV6, maps.SessionsV6},
+		{state.MapAllowV4, maps.AllowV4}, {state.MapAllowV6, maps.AllowV6},
+	} {
+		ms := MapStatus{Name: mp.name, Capacity: mp.m.MaxEntries()}
+		if info, err := mp.m.Info(); err == nil {
+			if id, ok := info.ID(); ok {
+				ms.ID = uint32(id)
+			}
+		}
+		if mp.m.Type() == ebpf.Hash {
+			ms.Entries, err = state.CountEntries(mp.m)
+		} else {
+			ms.Entries, err = countIterate(mp.m)
+		}
+		if err != nil {
+			return nil, err
+		}
+		st.Maps = append(st.Maps, ms)
+	}
+
+	cfg, err := maps.ReadConfig()
+	if err != nil {
+		return nil, err
+	}
+	st.Config = ConfigStatus{
+		ControllerPort: cfg.ControllerPort, GRPCPort: cfg.GRPCPort,
+		RuleTimeout: cfg.DefaultIdleTimeout.String(), Monitor: cfg.Monitor,
+	}
+	if cfg.Controller.IsValid() {
+		st.Config.Controller = cfg.Controller.String()
+	}
+	st.Allow, err = readAllow(maps)
+	if err != nil {
+		return nil, err
+	}
+
+	counters, err := maps.ReadStats()
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range state.Reasons {
+		st.Counters = append(st.Counters, CounterStatus{
+			Reason: r.String(), Verdict: r.Verdict(), Packets: counters[r].Packets, Bytes: counters[r].Bytes,
+		})
+	}
+	return st, nil
+}
+
+func (l *Loader) interfaceStatus(path, name string, progSpec *ebpf.ProgramSpec) (InterfaceStatus, error) {
+	is := InterfaceStatus{Name: name}
+	lk, err := link.LoadPinnedLink(path, nil)
+	if err != nil {
+		return is, fmt.Errorf("open pinned link %s: %w", path, err)
+	}
+	defer lk.Close()
+	info, err := lk.Info()
+	if err != nil {
+		return is, fmt.Errorf("inspect link %s: %w", path, err)
+	}
+	is.LinkID = uint32(info.ID)
+	is.ProgramID = uint32(info.Program)
+	if x := info.XDP(); x != nil && x.Ifindex != 0 {
+		is.Ifindex = int(x.Ifindex)
+		is.Attached = true
+		if mode, err := l.AttachedMode(is.Ifindex); err == nil {
+			is.Mode = mode
+		}
+		if iface, err := net.InterfaceByIndex(is.Ifindex); err == nil && iface.Name != name {
+			is.Name = fmt.Sprintf("%s (now %s)", name, iface.Name)
+		}
+	}
+	if p, err := ebpf.NewProgramFromID(info.Program); err == nil {
+		if pinfo, err := p.Info(); err == nil {
+			is.Tag = pinfo.Tag
+			is.Current = progSpec.Compatible(pinfo) == nil
+		}
+		p.Close()
+	}
+	return is, nil
+}
+
+func countIterate(m *ebpf.Map) (int, error) {
+	n := 0
+	var k, v []byte
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n, it.Err()
+}
+
+// readAllow lists the allow rules as stored, one line per prefix.
+func readAllow(maps *state.Maps) ([]string, error) {
+	rules, err := state.ReadAllow(maps)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(rules))
+	for _, r := range rules {
+		out = append(out, state.FormatAllowRule(r))
+	}
+	return out, nil
+}

@@ -1,0 +1,101 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// ErrNotLoadedHere is returned by Unload when there is nothing to unload;
+// the command treats it as success.
+var ErrNotLoadedHere = errors.New("not loaded")
+
+// Unload detaches the data path from the named interfaces. With no
+// interfaces it detaches every one and removes all pins, dropping every
+// session. Unloading what is not loaded returns ErrNotLoadedHere and
+// changes nothing.
+func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err error) {
+	if err := checkBPFFS(pinPath); err != nil {
+		return nil, err
+	}
+	lock, err := lockPinDir(pinPath, 0, false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoadedHere)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Unlock()
+
+	linksDir := filepath.Join(pinPath, state.LinksDir)
+	targets := ifaces
+	if len(targets) == 0 {
+		entries, err := os.ReadDir(linksDir)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("read %s: %w", linksDir, err)
+		}
+		for _, e := range entries {
+			targets = append(targets, e.Name())
+		}
+	}
+	for _, name := range targets {
+		path := filepath.Join(linksDir, filepath.Base(name))
+		ok, err := detachPinned(path)
+		if err != nil {
+			return detached, fmt.Errorf("detach %s: %w", name, err)
+		}
+		if !ok {
+			l.Log.Info().Str("iface", name).Msg("not attached; nothing to detach")
+			continue
+		}
+		detached = append(detached, name)
+		l.Log.Info().Str("iface", name).Msg("detached XDP program")
+	}
+	if len(ifaces) > 0 {
+		return detached, nil
+	}
+
+	for _, name := range state.MapNames {
+		if err := os.Remove(state.MapPath(pinPath, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return detached, fmt.Errorf("remove pin: %w", err)
+		}
+	}
+	if err := os.Remove(linksDir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return detached, fmt.Errorf("remove %s: %w", linksDir, err)
+	}
+	if err := os.Remove(pinPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return detached, fmt.Errorf("remove %s (is something else pinned there?): %w", pinPath, err)
+	}
+	l.Log.Info().Str("pin_path", pinPath).Msg("removed all pins")
+	return detached, nil
+}
+
+// detachPinned detaches the link pinned at path at once, even if another
+// process still holds it open, and removes the pin. It reports false if
+// nothing was pinned there.
+func detachPinned(path string) (bool, error) {
+	lk, err := link.LoadPinnedLink(path, nil)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer lk.Close()
+	if err := lk.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return false, err
+	}
+	// Without BPF_LINK_DETACH, removing the pin and closing the last fd
+	// detaches it.
+	if err := os.Remove(path); err != nil {
+		return false, err
+	}
+	return true, nil
+}
