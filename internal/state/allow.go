@@ -36,6 +36,9 @@ func ParseAllowRule(s string) (AllowRule, error) {
 		if err != nil {
 			return r, fmt.Errorf("allow rule %q: %w: bad address: %v", s, ErrInvalid, err)
 		}
+		if a.Zone() != "" {
+			return r, fmt.Errorf("allow rule %q: %w: use a plain IPv4 or IPv6 prefix", s, ErrInvalid)
+		}
 		r.Prefix = netip.PrefixFrom(a, a.BitLen())
 	}
 	if r.Prefix.Addr().Zone() != "" || r.Prefix.Addr().Is4In6() {

@@ -1,0 +1,84 @@
+package state_test
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/rs/zerolog"
+
+	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/state"
+	tu "github.com/aegis-agent/aegis/internal/testutil"
+)
+
+// pinMaps creates and pins the data path's maps as the loader would.
+func pinMaps(t *testing.T, dir string) {
+	t.Helper()
+	spec, err := bpf.LoadAegis()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range state.MapNames {
+		m, err := ebpf.NewMap(spec.Maps[name])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Pin(state.MapPath(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+		m.Close()
+	}
+}
+
+func TestHandleFollowsThePins(t *testing.T) {
+	dir := tu.PinDir(t)
+	h := state.NewHandle(dir, state.OpenOptions{Writable: true}, zerolog.Nop())
+	defer h.Close()
+	s := state.Session{Key: state.Key{Src: netip.MustParseAddr("192.0.2.10"), Dst: netip.MustParseAddr("198.51.100.10"),
+		Port: 443, Proto: state.TCP}, User: "alice", LastSeen: state.Now(), IdleTimeout: time.Minute}
+
+	// Before the loader: ErrNotLoaded, and fn never runs.
+	err := h.Do(func(*state.Maps) error { t.Fatal("fn ran without maps"); return nil })
+	if !errors.Is(err, state.ErrNotLoaded) {
+		t.Fatalf("before load: %v", err)
+	}
+
+	pinMaps(t, dir)
+	if err := h.Do(func(m *state.Maps) error { return m.Grant(s) }); err != nil {
+		t.Fatalf("after load: %v", err)
+	}
+	if err := h.Refresh(); err != nil {
+		t.Fatalf("refresh with unchanged pins: %v", err)
+	}
+	if err := h.Do(func(m *state.Maps) error { _, err := m.Lookup(s.Key); return err }); err != nil {
+		t.Fatalf("session lost on a no-op refresh: %v", err)
+	}
+
+	// Unload: the handle lets go of the old maps.
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Refresh(); !errors.Is(err, state.ErrNotLoaded) {
+		t.Fatalf("refresh after unload: %v", err)
+	}
+	if err := h.Do(func(*state.Maps) error { return nil }); !errors.Is(err, state.ErrNotLoaded) {
+		t.Fatalf("Do after unload: %v", err)
+	}
+
+	// A new load: new, empty maps are picked up.
+	pinMaps(t, dir)
+	if err := h.Refresh(); err != nil {
+		t.Fatalf("refresh after reload: %v", err)
+	}
+	err = h.Do(func(m *state.Maps) error { _, err := m.Lookup(s.Key); return err })
+	if !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("lookup in the new maps: %v, want ErrNotFound", err)
+	}
+}

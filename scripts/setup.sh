@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on a fresh Debian
+# machine, and mounts bpffs. Idempotent and quick when all is present.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (it installs packages and mounts bpffs)" >&2
+  exit 1
+fi
+
+# command -> Debian package
+declare -A need=(
+  [clang]=clang          # make generate: compiles bpf/aegis.c
+  [llvm-strip]=llvm      # bpf2go strips the object
+  [bpftool]=bpftool      # tests and the demo dump pinned maps
+  [xdp-filter]=xdp-tools # benchmark baseline
+  [nft]=nftables         # benchmark baseline
+  [protoc]=protobuf-compiler # make generate: proto/
+  [ip]=iproute2          # network namespaces
+  [nsenter]=util-linux   # entering namespaces without remounting /sys
+  [setpriv]=util-linux   # least-privilege tests
+  [systemd-nspawn]=systemd-container # systemd integration test
+  [tcpdump]=tcpdump      # troubleshooting in the demo
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "setup.sh: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+  for d in /usr/local/go/bin /usr/lib/go/bin; do
+    [ -x "$d/go" ] && { echo "setup.sh: add $d to PATH" >&2; exit 1; }
+  done
+  echo "setup.sh: Go is not installed (need 1.26 or later)" >&2
+  exit 1
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+fi
