@@ -272,3 +272,32 @@ func TestMoveDestinationsFullMap(t *testing.T) {
 		t.Fatalf("after: %v", got)
 	}
 }
+
+func TestFill(t *testing.T) {
+	m := newMaps(t, 8)
+	now := state.Now()
+	fresh := sess(cli4, svcA4, 1, state.TCP, "a")
+	idle := sess(cli4, svcA4, 2, state.TCP, "a")
+	idle.LastSeen = now - uint64(2*time.Minute)
+	ended := sess(cli4, svcA4, 3, state.TCP, "a")
+	ended.Expires = now - 1
+	defaulted := sess(cli6, svcA6, 1, state.TCP, "a")
+	defaulted.IdleTimeout = 0
+	defaulted.LastSeen = now - uint64(20*time.Second)
+	for _, s := range []state.Session{fresh, idle, ended, defaulted} {
+		if _, _, err := m.Upsert(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v4, v6, err := m.Fill(30*time.Second, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v4 != (state.Fill{Entries: 3, Active: 1, Capacity: 8}) || v6 != (state.Fill{Entries: 1, Active: 1, Capacity: 8}) {
+		t.Fatalf("fill v4 %+v v6 %+v", v4, v6)
+	}
+	// With a 10 s default the IPv6 session, idle for 20 s, has expired.
+	if _, v6, _ := m.Fill(10*time.Second, now); v6.Active != 0 {
+		t.Fatalf("v6 with a 10 s default: %+v", v6)
+	}
+}
