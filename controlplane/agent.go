@@ -16,6 +16,20 @@ import (
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 )
 
+// requestTarget describes the session a request names, as it came.
+func requestTarget(src, dst string, port uint32, proto agentv1.Protocol) *target {
+	t := &target{src: src, dst: dst, port: port}
+	switch proto {
+	case agentv1.Protocol_PROTOCOL_UNSPECIFIED, agentv1.Protocol_PROTOCOL_TCP:
+		t.proto = state.TCP.String()
+	case agentv1.Protocol_PROTOCOL_UDP:
+		t.proto = state.UDP.String()
+	default:
+		t.proto = proto.String()
+	}
+	return t
+}
+
 // maxRejections is how many rejected requests of a StreamLoginEvents call
 // are reported one by one; the rest are only counted.
 const maxRejections = 100
@@ -32,7 +46,7 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 	s := a.s
 	sess, err := loginSession(req, state.Now())
 	if err != nil {
-		s.audit(opGrant, apiAgent, p, req.GetUser(), &sess.Key, resultInvalid, err)
+		s.auditTarget(opGrant, apiAgent, p, req.GetUser(), requestTarget(req.GetSrcIp(), req.GetDstIp(), req.GetDstPort(), req.GetProtocol()), resultInvalid, err)
 		return sess, false, err
 	}
 	s.bulk.RLock()
@@ -124,7 +138,7 @@ func (a *agentService) LogoutEvent(ctx context.Context, req *agentv1.LogoutEvent
 	}
 	k, err := parseKey(req.GetSrcIp(), req.GetDstIp(), req.GetDstPort(), req.GetProtocol())
 	if err != nil {
-		s.audit(opRevoke, apiAgent, &p, user, &k, resultInvalid, err)
+		s.auditTarget(opRevoke, apiAgent, &p, user, requestTarget(req.GetSrcIp(), req.GetDstIp(), req.GetDstPort(), req.GetProtocol()), resultInvalid, err)
 		return nil, err
 	}
 	var owner string

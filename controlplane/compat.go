@@ -3,6 +3,7 @@ package controlplane
 import (
 	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"math"
 	"net/netip"
@@ -33,7 +34,7 @@ func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEven
 		if ev.GetActivate() {
 			op = opGrant
 		}
-		s.audit(op, apiCompat, &p, user, &state.Key{Src: src, Dst: dst, Port: port}, resultInvalid, err)
+		s.auditTarget(op, apiCompat, &p, user, compatTarget(ev), resultInvalid, err)
 		return nil, err
 	}
 	keys := [2]state.Key{
@@ -44,6 +45,14 @@ func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEven
 		return c.grant(&p, user, keys)
 	}
 	return c.revoke(&p, keys)
+}
+
+// compatTarget describes the session a compat request names, as it came.
+func compatTarget(ev *session.LoginEvent) *target {
+	var src, dst [4]byte
+	binary.BigEndian.PutUint32(src[:], ev.GetSrcIp())
+	binary.BigEndian.PutUint32(dst[:], ev.GetDstIp())
+	return &target{src: netip.AddrFrom4(src).String(), dst: netip.AddrFrom4(dst).String(), port: ev.GetDstPort(), proto: "tcp+udp"}
 }
 
 func compatKey(ev *session.LoginEvent) (src, dst netip.Addr, port uint16, err error) {
