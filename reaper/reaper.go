@@ -61,9 +61,10 @@ func (r *Reaper) Once(ctx context.Context) error {
 // sweep, whether that found maps or not. Without maps it says so in its
 // status and waits for the loader; blocking readiness on the loader would
 // only turn a data path that is not loaded yet into a start timeout of a
-// process that has nothing else to wait for. An error other than missing
-// maps (no permission, an incompatible map layout, a bad metrics address)
-// is returned before readiness: restarting will not fix it.
+// process that has nothing else to wait for. Errors that a restart cannot
+// fix (no permission on the pins, an incompatible map layout, a metrics
+// address in use) are returned before readiness; a failed sweep is logged
+// and retried on the next interval.
 //
 // Health, for the systemd watchdog: the last sweep succeeded (or found no
 // maps to sweep) and the loop has run within two intervals and a minute.
@@ -85,8 +86,15 @@ func (r *Reaper) Run(ctx context.Context, metricsAddr string) error {
 	h := state.NewHandle(r.pinPath, state.OpenOptions{Writable: true}, r.log)
 	defer h.Close()
 
-	if err := r.tick(ctx, h); err != nil && !errors.Is(err, context.Canceled) {
+	err := r.tick(ctx, h)
+	switch {
+	case ctx.Err() != nil:
+		r.log.Info().Msg("reaper stopped")
+		return nil
+	case errors.Is(err, state.ErrPermission), errors.Is(err, state.ErrIncompatible):
 		return err
+	case err != nil:
+		r.log.Error().Err(err).Msg("sweep failed")
 	}
 	daemon.Ready(r.log)
 	r.log.Info().Str("pin_path", r.pinPath).Stringer("interval", r.interval).Msg("reaper started")
