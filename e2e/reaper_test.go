@@ -7,8 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -110,10 +113,11 @@ type reaperProcess struct {
 	done  chan struct{} // closed when stderr is drained
 }
 
-func startReaper(t *testing.T, args ...string) *reaperProcess {
+func startReaper(t *testing.T, env []string, args ...string) *reaperProcess {
 	t.Helper()
 	p := &reaperProcess{cmd: exec.Command(bin("aegis-reaper"), append(args, "--log-format", "json")...),
 		first: make(chan struct{}), done: make(chan struct{})}
+	p.cmd.Env = append(p.cmd.Environ(), env...)
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -179,7 +183,7 @@ func TestReaperKeepsSessionsRefreshedByPackets(t *testing.T) {
 	g.grant(state.Session{Key: active, User: "alice", IdleTimeout: time.Second})
 	g.grant(state.Session{Key: idle, User: "bob", IdleTimeout: time.Second})
 
-	p := startReaper(t, "--pin-path", g.pin, "--cleanup-interval", "100ms")
+	p := startReaper(t, nil, "--pin-path", g.pin, "--cleanup-interval", "100ms")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	sent, err := g.Stream(ctx, tu.ClientV4, svc, 50)
@@ -297,7 +301,7 @@ const bigSessions = 200_000
 // deletes one, so there is nothing to be halfway through.
 func TestReaperKilledMidSweep(t *testing.T) {
 	g, live := bigMap(t, bigSessions)
-	p := startReaper(t, "--once", "--pin-path", g.pin)
+	p := startReaper(t, nil, "--once", "--pin-path", g.pin)
 	p.waitReaped(t)
 	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -321,7 +325,7 @@ func TestReaperKilledMidSweep(t *testing.T) {
 // promptly and with exit status 0.
 func TestReaperStopsMidSweep(t *testing.T) {
 	g, live := bigMap(t, bigSessions)
-	p := startReaper(t, "--pin-path", g.pin, "--cleanup-interval", "1h")
+	p := startReaper(t, nil, "--pin-path", g.pin, "--cleanup-interval", "1h")
 	p.waitReaped(t)
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -349,4 +353,229 @@ func TestReaperStopsMidSweep(t *testing.T) {
 func lastLines(s string, n int) string {
 	lines := strings.Split(s, "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// loadedPins loads the data path on a veth in a fresh namespace with the
+// given extra loader arguments and returns the gateway (without topology).
+func loadedPins(t *testing.T, extra ...string) *gateway {
+	t.Helper()
+	ns := tu.NewNetns(t, "aegis-rpp-")
+	ns.Run(t, "ip", "link", "add", "a0", "type", "veth", "peer", "name", "a1")
+	ns.Run(t, "ip", "link", "set", "a0", "up")
+	g := &gateway{t: t, pin: tu.PinDir(t)}
+	args := append([]string{"load", "-i", "a0", "--pin-path", g.pin}, extra...)
+	if out, err := ns.Command(bin("aegis-loader"), args...).CombinedOutput(); err != nil {
+		t.Fatalf("aegis-loader %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return g
+}
+
+// The reaper needs no more than the deployment gives it: an unprivileged
+// user in the pins' group, with CAP_BPF and no other capability.
+func TestReaperUnprivileged(t *testing.T) {
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Fatal("setpriv (util-linux) is needed")
+	}
+	// nobody:nogroup stands in for aegis:aegis.
+	g := loadedPins(t, "--group", "nogroup")
+	now := state.Now()
+	expired := tcpKey(tu.ClientV4, tu.ServiceAV4, 22)
+	live := tcpKey(tu.ClientV4, tu.ServiceAV4, 443)
+	m := g.maps()
+	for _, s := range []state.Session{
+		{Key: expired, User: "alice", LastSeen: now - uint64(time.Minute), Created: now, IdleTimeout: time.Second},
+		{Key: live, User: "alice", LastSeen: now, Created: now, IdleTimeout: time.Hour},
+	} {
+		if err := m.Grant(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run := func(group, caps string) (string, error) {
+		cmd := exec.Command("setpriv", "--reuid", "nobody", "--regid", group, "--clear-groups",
+			"--inh-caps", "-all"+caps, "--ambient-caps", "-all"+caps, "--bounding-set", "-all"+caps,
+			bin("aegis-reaper"), "--once", "--pin-path", g.pin, "--log-format", "json")
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+
+	// Outside the pins' group: one line naming the problem and the fix.
+	out, err := run("65533", ",+bpf")
+	if err == nil || !strings.Contains(out, "permission denied") || !strings.Contains(out, "group") ||
+		strings.Count(strings.TrimSpace(out), "\n") != 0 {
+		t.Fatalf("outside the pins' group: %v, want one line about the group:\n%s", err, out)
+	}
+	// Kernels before 6.5, or with unprivileged BPF disabled on older ones,
+	// also want CAP_BPF to open a pin; newer ones let the pins' file
+	// permissions decide. Either way this is all the reaper is given.
+	out, err = run("nogroup", ",+bpf")
+	if err != nil || !strings.Contains(out, `"message":"reaped session"`) {
+		t.Fatalf("with CAP_BPF only: %v\n%s", err, out)
+	}
+	if _, err := m.Lookup(expired); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("expired session: %v, want it reaped", err)
+	}
+	if _, err := m.Lookup(live); err != nil {
+		t.Fatalf("live session: %v", err)
+	}
+}
+
+// notifySocket is a fake systemd notification socket.
+type notifySocket struct {
+	path string
+	conn *net.UnixConn
+	msgs chan string
+}
+
+func newNotifySocket(t *testing.T) *notifySocket {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	n := &notifySocket{path: path, conn: conn, msgs: make(chan string, 1024)}
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			k, err := conn.Read(buf)
+			if err != nil {
+				close(n.msgs)
+				return
+			}
+			n.msgs <- string(buf[:k])
+		}
+	}()
+	return n
+}
+
+// expect waits for a message containing want and returns it.
+func (n *notifySocket) expect(t *testing.T, want string) string {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-n.msgs:
+			if strings.Contains(m, want) {
+				return m
+			}
+		case <-timeout:
+			t.Fatalf("no %q notification within 10s", want)
+		}
+	}
+}
+
+// Under systemd (Type=notify, WatchdogSec=) the daemon reports readiness,
+// says in its status what it does, pings the watchdog while it is healthy,
+// including while it waits for the loader, and says when it stops.
+func TestReaperSystemdNotify(t *testing.T) {
+	for _, loaded := range []bool{true, false} {
+		t.Run(fmt.Sprintf("loaded=%v", loaded), func(t *testing.T) {
+			pin := tu.PinDir(t)
+			if loaded {
+				pin = loadedPins(t, "--group", "root").pin
+			}
+			sock := newNotifySocket(t)
+			cmd := exec.Command(bin("aegis-reaper"), "--pin-path", pin, "--cleanup-interval", "50ms", "--log-format", "json")
+			cmd.Env = append(cmd.Environ(), "NOTIFY_SOCKET="+sock.path, "WATCHDOG_USEC=200000")
+			out := &strings.Builder{}
+			cmd.Stdout, cmd.Stderr = out, out
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+
+			status := sock.expect(t, "STATUS=")
+			want := "STATUS=sweeping " + pin
+			if !loaded {
+				want = "STATUS=waiting for aegis-loader"
+			}
+			if !strings.HasPrefix(status, want) {
+				t.Fatalf("status %q, want %q", status, want)
+			}
+			sock.expect(t, "READY=1")
+			for range 3 {
+				sock.expect(t, "WATCHDOG=1")
+			}
+			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			sock.expect(t, "STOPPING=1")
+			if err := cmd.Wait(); err != nil {
+				t.Fatalf("exit on SIGTERM: %v\n%s", err, out)
+			}
+		})
+	}
+}
+
+// The watchdog stops being pinged while sweeps fail, here because the
+// pinned sessions_v4 was replaced by a map of another layout, and is
+// pinged again once they succeed.
+func TestReaperWatchdogFollowsHealth(t *testing.T) {
+	g := loadedPins(t, "--group", "root")
+	sock := newNotifySocket(t)
+	p := startReaper(t, []string{"NOTIFY_SOCKET=" + sock.path, "WATCHDOG_USEC=200000"},
+		"--pin-path", g.pin, "--cleanup-interval", "50ms")
+	sock.expect(t, "READY=1")
+	sock.expect(t, "WATCHDOG=1")
+
+	path := state.MapPath(g.pin, state.MapSessionsV4)
+	replace := func(spec *ebpf.MapSpec) {
+		t.Helper()
+		mp, err := ebpf.NewMap(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer mp.Close()
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
+		if err := mp.Pin(path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replace(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 12, ValueSize: 8, MaxEntries: 16})
+	waitLog(t, p, "sweep failed")
+	if !strings.Contains(p.log(), "incompatible") {
+		t.Fatalf("the failure does not say what is wrong:\n%s", lastLines(p.log(), 3))
+	}
+	// Drop what was sent before the failure; then nothing for 3 periods.
+	for drained := false; !drained; {
+		select {
+		case <-sock.msgs:
+		default:
+			drained = true
+		}
+	}
+	quiet := time.After(600 * time.Millisecond)
+	for done := false; !done; {
+		select {
+		case m := <-sock.msgs:
+			if strings.Contains(m, "WATCHDOG=1") {
+				t.Fatal("watchdog pinged while every sweep fails")
+			}
+		case <-quiet:
+			done = true
+		}
+	}
+
+	spec, err := state.Spec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := spec.Maps[state.MapSessionsV4].Copy()
+	good.Pinning = ebpf.PinNone
+	replace(good)
+	sock.expect(t, "WATCHDOG=1")
+}
+
+func waitLog(t *testing.T, p *reaperProcess, msg string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.count(msg) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q in the log within 10s:\n%s", msg, p.log())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
