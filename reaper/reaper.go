@@ -144,11 +144,14 @@ func (r *Reaper) tick(ctx context.Context, h *state.Handle) error {
 		r.lastErr = nil
 	}
 	r.mu.Unlock()
-	if err == nil {
+	switch {
+	case err == nil:
 		if wasWaiting {
 			r.log.Info().Str("pin_path", r.pinPath).Msg("sessions maps are pinned again; sweeping")
 		}
 		daemon.Status("sweeping " + r.pinPath + " every " + r.interval.String())
+	case !errors.Is(err, context.Canceled):
+		daemon.Status("sweep failed: " + err.Error())
 	}
 	return err
 }
@@ -160,8 +163,12 @@ func (r *Reaper) sweep(ctx context.Context, m *state.Maps) error {
 	took := time.Since(start)
 	stopped := errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 	r.metrics.observe(res, took, err == nil)
-	if err != nil && !stopped {
+	if err != nil && (!stopped || errors.Is(err, state.ErrSessionLost)) {
 		r.metrics.errors.Inc()
+	}
+	if stopped && errors.Is(err, state.ErrSessionLost) {
+		// The caller drops a stop's error; this one must be seen.
+		r.log.Error().Err(err).Msg("sweep failed")
 	}
 
 	ev := r.log.Debug()

@@ -56,6 +56,11 @@ import (
 // inserted or replaced meanwhile neither restart nor stop it. It may miss
 // a session inserted during the sweep; the next sweep finds it.
 
+// ErrSessionLost means a session that was re-granted while a sweep was
+// deleting it could not be put back, typically because grants of other
+// keys filled the map meanwhile. The error names the session and its user.
+var ErrSessionLost = errors.New("re-granted session lost")
+
 // Expiry is why the data path refuses a session.
 type Expiry uint8
 
@@ -148,9 +153,10 @@ type Sweeper struct {
 	old    bpf.AegisSessionValue
 	reaped Reaped
 
-	// afterScan, if set, runs after each batch is read and before its
-	// expired entries are deleted: tests use it to race a grant in.
-	afterScan func()
+	// Test hooks. afterScan runs after each batch is read and before its
+	// expired entries are deleted; beforePutBack runs before a re-granted
+	// session is put back. Tests race grants in there.
+	afterScan, beforePutBack func()
 }
 
 // NewSweeper allocates a Sweeper's buffers (about 450 KiB).
@@ -172,7 +178,7 @@ func NewSweeper() *Sweeper {
 // stop never leaves a session deleted that should have been put back. A
 // session that was re-granted during the sweep and cannot be put back
 // because the map filled up meanwhile is reported in the returned error,
-// after the rest of the sweep is done.
+// wrapping ErrSessionLost, after the rest of the sweep is done.
 func (s *Sweeper) Sweep(ctx context.Context, m *Maps, onReap func(*Reaped)) (SweepResult, error) {
 	var res SweepResult
 	cfg, err := m.ReadConfig()
@@ -201,6 +207,11 @@ type judge struct {
 // its key type and toKey converts one of its entries.
 func sweepMap[K any](ctx context.Context, s *Sweeper, j *judge, mp *ebpf.Map, keys []K,
 	toKey func(*K) Key, res *FamilyResult, lost *[]error) error {
+	// The deletes pass raw pointers into keys and s.vals: make sure their
+	// element sizes are the map's.
+	if uintptr(mp.KeySize()) != unsafe.Sizeof(keys[0]) || uintptr(mp.ValueSize()) != unsafe.Sizeof(s.vals[0]) {
+		return fmt.Errorf("sweep %s: %w: key or value size differs from this build's", mp, ErrIncompatible)
+	}
 	var cursor ebpf.MapBatchCursor
 	for {
 		if err := ctx.Err(); err != nil {
@@ -240,8 +251,8 @@ func reapBatch[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey func(*
 			continue
 		}
 		// unsafe.Pointer skips the library's reflection on each call, a
-		// third of the user time of a large sweep; the sizes are the
-		// map's, checked by Open (CheckLayout).
+		// third of the user time of a large sweep; sweepMap checked the
+		// sizes.
 		err := mp.LookupAndDelete(unsafe.Pointer(&keys[i]), unsafe.Pointer(&s.old))
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			res.Vanished++
@@ -254,6 +265,9 @@ func reapBatch[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey func(*
 		if !expired {
 			// Granted again after the scan: put it back.
 			res.Restored++
+			if s.beforePutBack != nil {
+				s.beforePutBack()
+			}
 			if putBack(mp, &keys[i], &s.old) != nil {
 				retry = append(retry, restore[K]{keys[i], s.old})
 			}
@@ -277,8 +291,7 @@ func reapBatch[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey func(*
 		r := &retry[i]
 		if err := putBack(mp, &r.key, &r.val); err != nil {
 			sess := sessionFrom(toKey(&r.key), &r.val)
-			*lost = append(*lost, fmt.Errorf("restore session %s of user %q re-granted during the sweep: %w",
-				sess.Key, sess.User, err))
+			*lost = append(*lost, fmt.Errorf("%w: session %s of user %q: %w", ErrSessionLost, sess.Key, sess.User, err))
 		}
 	}
 	return nil

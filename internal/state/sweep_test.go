@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -384,5 +386,93 @@ func TestSweepConcurrentGrants(t *testing.T) {
 		sweeps, reaped, restored, acked, len(failures))
 	if sweeps < 10 || reaped == 0 || restored == 0 {
 		t.Fatalf("the sweeps did not race the grants: %d sweeps, %d reaped, %d put back", sweeps, reaped, restored)
+	}
+}
+
+// smallMaps pins the maps with sessions maps of the given capacity.
+func smallMaps(t *testing.T, capacity uint32) *state.Maps {
+	t.Helper()
+	spec, err := state.Spec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := tu.PinDir(t)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range state.MapNames {
+		ms := spec.Maps[name].Copy()
+		if name == state.MapSessionsV4 || name == state.MapSessionsV6 {
+			ms.MaxEntries = capacity
+		}
+		mp, err := ebpf.NewMap(ms)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := mp.Pin(state.MapPath(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+		mp.Close()
+	}
+	setDefaultIdle(t, dir, time.Minute)
+	m, err := state.Open(dir, state.OpenOptions{Writable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// A session re-granted while the sweep deletes it, on a full map: a grant
+// of another key takes the slot the delete freed. If another delete of the
+// batch makes room, before (an immediate put back) or after (a retry at
+// the end of the batch), depending on the order of the hash buckets, the
+// session is put back; if none does, the sweep says which session of which
+// user it could not put back.
+func TestSweepRegrantOnFullMap(t *testing.T) {
+	now := state.Now()
+	expired := func(i int) state.Session {
+		return state.Session{Key: key4(i), User: fmt.Sprintf("u%d", i), LastSeen: now - uint64(time.Hour), IdleTimeout: time.Second}
+	}
+	live := func(i int) state.Session {
+		return state.Session{Key: key4(i), User: fmt.Sprintf("u%d", i), LastSeen: state.Now(), IdleTimeout: time.Hour}
+	}
+	for _, room := range []bool{true, false} {
+		t.Run(fmt.Sprintf("room=%v", room), func(t *testing.T) {
+			// Full: session 1 (expired, re-granted during the sweep), 2
+			// (live) and, with room, 3 (expired: its delete makes room).
+			m := smallMaps(t, 3)
+			mustGrant(t, m, expired(1))
+			mustGrant(t, m, live(2))
+			if room {
+				mustGrant(t, m, expired(3))
+			} else {
+				mustGrant(t, m, live(3))
+			}
+			sw := state.NewSweeper()
+			first := true
+			state.SetAfterScan(sw, func() { // sessions_v4's batch only
+				if first {
+					mustGrant(t, m, live(1))
+				}
+				first = false
+			})
+			state.SetBeforePutBack(sw, func() { mustGrant(t, m, live(4)) })
+			res, err := sw.Sweep(context.Background(), m, nil)
+			if res.V4.Restored != 1 {
+				t.Fatalf("%+v, want one session put back", res.V4)
+			}
+			if room {
+				if err != nil || !present(t, m, key4(1)) || !present(t, m, key4(4)) || present(t, m, key4(3)) {
+					t.Fatalf("sweep: %v; sessions 1, 4 present: %v %v; 3 present: %v", err,
+						present(t, m, key4(1)), present(t, m, key4(4)), present(t, m, key4(3)))
+				}
+				return
+			}
+			if !errors.Is(err, state.ErrSessionLost) || !strings.Contains(err.Error(), key4(1).String()) ||
+				!strings.Contains(err.Error(), `"u1"`) {
+				t.Fatalf("sweep: %v, want ErrSessionLost naming session 1 and its user", err)
+			}
+		})
 	}
 }
