@@ -43,14 +43,19 @@ import (
 // for a hash map without a bpf_spin_lock in its value, and the batch
 // delete (BPF_MAP_DELETE_BATCH) deletes by key only, so deletes are one
 // atomic syscall per expired session. Sessions the scan found live are
-// never touched. The price of the restore path is a window of a few
-// microseconds, only for a key re-granted during the sweep of its batch, in
-// which the key is absent: a packet of it is dropped (no_session), a Revoke
-// of it reports ErrNotFound and is then undone by the restore, and a
-// reaper killed inside that window loses the grant. Each needs a re-grant
-// of an expired session within milliseconds of the sweep reaching it and a
-// second event within microseconds after; Restored counts how often the
-// first half happens.
+// never touched. The price of the restore path is a window, only for a key
+// re-granted during the sweep of its batch, in which the key is absent:
+// between two syscalls, so microseconds, unless the sweeping thread is
+// preempted there (TestSweepConcurrentGrants has seen 15 ms on a loaded
+// 2-core machine). A packet of the session in that window is dropped
+// (no_session), a Revoke of it reports ErrNotFound and is then undone by
+// the restore, and a reaper killed inside it loses the grant. Each needs
+// a re-grant of an expired session within milliseconds of the sweep
+// reaching it and a second event inside the window; Restored counts how
+// often the first half happens. A plain Lookup before each delete would
+// make the first half rarer (a re-grant between two syscalls instead of
+// since the batch was read) for one more syscall per expired session,
+// about half again the cost of a large sweep; it is not done.
 //
 // The scan walks the hash table by bucket index, so entries deleted,
 // inserted or replaced meanwhile neither restart nor stop it. It may miss
