@@ -89,6 +89,7 @@ func (r *Reaper) Run(ctx context.Context, metricsAddr string) error {
 	err := r.tick(ctx, h)
 	switch {
 	case ctx.Err() != nil:
+		daemon.Stopping(r.log)
 		r.log.Info().Msg("reaper stopped")
 		return nil
 	case errors.Is(err, state.ErrPermission), errors.Is(err, state.ErrIncompatible):

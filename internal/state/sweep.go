@@ -251,6 +251,7 @@ type restore[K any] struct {
 func reapBatch[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey func(*K) Key,
 	res *FamilyResult, lost *[]error) error {
 	var retry []restore[K]
+	var failed error
 	for i := range keys {
 		if _, expired := expiry(&s.vals[i], j.defaultIdle, j.now); !expired {
 			continue
@@ -264,7 +265,9 @@ func reapBatch[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey func(*
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("delete expired session %s: %w", toKey(&keys[i]), err)
+			// Still put back what this batch holds.
+			failed = fmt.Errorf("delete expired session %s: %w", toKey(&keys[i]), err)
+			break
 		}
 		cause, expired := expiry(&s.old, j.defaultIdle, j.now)
 		if !expired {
@@ -285,7 +288,7 @@ func reapBatch[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey func(*
 		}
 		if j.onReap != nil {
 			s.reaped = Reaped{Key: toKey(&keys[i]), Cause: cause,
-				Idle: time.Duration(int64(j.now - s.old.LastSeenNs)), value: s.old}
+				Idle: max(0, time.Duration(int64(j.now-s.old.LastSeenNs))), value: s.old}
 			j.onReap(&s.reaped)
 		}
 	}
@@ -299,7 +302,7 @@ func reapBatch[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey func(*
 			*lost = append(*lost, fmt.Errorf("%w: session %s of user %q: %w", ErrSessionLost, sess.Key, sess.User, err))
 		}
 	}
-	return nil
+	return failed
 }
 
 // putBack re-inserts a session unless the key exists again, which means a
