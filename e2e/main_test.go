@@ -30,6 +30,12 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	// Readable by everyone: the least-privilege tests run the daemons as
+	// an unprivileged user.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	binDir = dir
 	root, err := filepath.Abs("..")
 	if err != nil {

@@ -21,11 +21,14 @@ declare -A need=(
   [setpriv]=util-linux   # least-privilege tests
   [systemd-nspawn]=systemd-container # systemd integration test
   [tcpdump]=tcpdump      # troubleshooting in the demo
+  [systemd-socket-activate]=systemd # control plane socket-activation test
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+# make generate: the well-known types (duration, timestamp) protoc imports.
+[ -f /usr/include/google/protobuf/duration.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "setup.sh: installing ${missing[*]}" >&2

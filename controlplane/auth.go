@@ -1,0 +1,146 @@
+package controlplane
+
+import (
+	"context"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// CompatUserInsecure is the user recorded in sessions granted through
+// session.SessionManager by a client without a certificate, which only
+// --insecure allows. With mutual TLS the user is the client's name (see
+// compatUser).
+const CompatUserInsecure = "insecure-client"
+
+// peerInfo is who is calling, for authorization and the audit log.
+type peerInfo struct {
+	// name is the verified client certificate's common name, else its
+	// first DNS SAN; empty without TLS.
+	name string
+	// names are all the names the allowlist matches: CN and DNS SANs.
+	names []string
+	addr  string
+	// verified is true when the client presented a certificate that
+	// chains to the client CA.
+	verified bool
+}
+
+func peerOf(ctx context.Context) peerInfo {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return peerInfo{}
+	}
+	pi := peerInfo{}
+	if p.Addr != nil {
+		pi.addr = p.Addr.String()
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
+		return pi
+	}
+	leaf := info.State.VerifiedChains[0][0]
+	pi.verified = true
+	if leaf.Subject.CommonName != "" {
+		pi.names = append(pi.names, leaf.Subject.CommonName)
+	}
+	pi.names = append(pi.names, leaf.DNSNames...)
+	if len(pi.names) > 0 {
+		pi.name = pi.names[0]
+	}
+	return pi
+}
+
+// identity is the peer as the audit log names it.
+func (p peerInfo) identity() string {
+	switch {
+	case p.name != "":
+		return p.name
+	case p.verified:
+		return "(certificate without a name)"
+	}
+	return "(no certificate)"
+}
+
+// compatUser is the user recorded in a session granted through the compat
+// API, whose requests carry none: the client certificate's name, cut to
+// the 31 bytes the map holds (at a character boundary, NUL bytes
+// dropped), or CompatUserInsecure without a certificate.
+func compatUser(p peerInfo) string {
+	name := strings.ReplaceAll(p.name, "\x00", "")
+	if name == "" {
+		return CompatUserInsecure
+	}
+	if len(name) > state.MaxUserLen {
+		name = name[:state.MaxUserLen]
+		for len(name) > 0 && !utf8.ValidString(name) {
+			name = name[:len(name)-1]
+		}
+	}
+	return name
+}
+
+// authorizer refuses calls from clients outside the allowlist. The TLS
+// layer has already refused clients without a certificate from the client
+// CA; this adds the name check, so that a refused client learns why
+// instead of seeing a bare handshake failure.
+type authorizer struct {
+	requireCert bool
+	allowed     map[string]bool // lower-cased names; empty: any verified client
+	log         zerolog.Logger
+}
+
+func newAuthorizer(allowed []string, requireCert bool, log zerolog.Logger) *authorizer {
+	a := &authorizer{requireCert: requireCert, allowed: make(map[string]bool), log: log}
+	for _, n := range allowed {
+		if n = strings.TrimSpace(n); n != "" {
+			a.allowed[strings.ToLower(n)] = true
+		}
+	}
+	return a
+}
+
+func (a *authorizer) check(ctx context.Context, method string) error {
+	if !a.requireCert {
+		return nil
+	}
+	p := peerOf(ctx)
+	var err error
+	switch {
+	case !p.verified:
+		err = status.Error(codes.Unauthenticated, "a client certificate issued by the agent's client CA is required")
+	case len(a.allowed) == 0:
+		return nil
+	default:
+		for _, n := range p.names {
+			if a.allowed[strings.ToLower(n)] {
+				return nil
+			}
+		}
+		err = status.Errorf(codes.PermissionDenied, "client %q is not an allowed client name of this agent", p.identity())
+	}
+	a.log.Warn().Str("peer", p.identity()).Str("peer_addr", p.addr).Str("method", method).Err(err).Msg("call refused")
+	return err
+}
+
+func (a *authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if err := a.check(ctx, info.FullMethod); err != nil {
+		return nil, err
+	}
+	return handler(ctx, req)
+}
+
+func (a *authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if err := a.check(ss.Context(), info.FullMethod); err != nil {
+		return err
+	}
+	return handler(srv, ss)
+}

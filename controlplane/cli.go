@@ -1,0 +1,244 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/alecthomas/kong"
+	"github.com/coreos/go-systemd/v22/activation"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/rs/zerolog"
+
+	"github.com/aegis-agent/aegis/internal/cli"
+	"github.com/aegis-agent/aegis/internal/daemon"
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// CLI is aegis-controlplane's command line.
+type CLI struct {
+	cli.Globals
+	GRPCPort          uint16        `short:"g" name:"grpc-port" default:"50001" help:"TCP port of the gRPC server (the port the Aegis controller dials)."`
+	ListenAddress     string        `placeholder:"IP" help:"IP address to listen on; empty for all. Must be a loopback address with --insecure."`
+	TLSCert           string        `name:"tls-cert" placeholder:"FILE" help:"Server certificate (PEM); the controller expects the DNS name aegis-agent. Re-read on SIGHUP."`
+	TLSKey            string        `name:"tls-key" placeholder:"FILE" help:"Server certificate's private key (PEM). Re-read on SIGHUP."`
+	TLSClientCA       string        `name:"tls-client-ca" placeholder:"FILE" help:"CA (PEM) that issues client certificates; clients must present one. Re-read on SIGHUP."`
+	AllowedClientName []string      `name:"allowed-client-name" placeholder:"NAME" help:"Only clients whose certificate has this CN or DNS SAN may call (repeatable; comma-separated in the environment). Default: any client of the client CA."`
+	Insecure          bool          `help:"Serve plaintext gRPC without client authentication, only on a loopback --listen-address (local testing)."`
+	MonitorInterval   time.Duration `default:"5s" help:"Period of session.SessionManager/MonitorSessions snapshots."`
+	MetricsAddress    string        `env:"AEGIS_CONTROLPLANE_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on http://HOST:PORT/metrics; off when empty."`
+	ShutdownTimeout   time.Duration `env:"AEGIS_CONTROLPLANE_SHUTDOWN_TIMEOUT" default:"10s" help:"On SIGTERM, how long in-flight calls may take before connections are closed."`
+	PinPath           string        `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps (aegis-loader --pin-path)."`
+}
+
+// Main runs aegis-controlplane with args until ctx ends or SIGTERM or
+// SIGINT arrives, and returns its exit code.
+func Main(ctx context.Context, args []string, stdio cli.IO) int {
+	var c CLI
+	return cli.Run(ctx, "aegis-controlplane",
+		"Serves the Aegis session gRPC APIs over mutual TLS and writes grants into the data path's pinned maps.",
+		&c, &c.Globals, args, stdio,
+		kong.Vars{"pin_path": state.DefaultPinPath},
+	)
+}
+
+// check validates the flags that kong cannot, as usage errors.
+func (c *CLI) check() error {
+	if c.MonitorInterval <= 0 {
+		return &cli.UsageError{Err: fmt.Errorf("--monitor-interval %v: must be positive", c.MonitorInterval)}
+	}
+	if c.ShutdownTimeout < 0 {
+		return &cli.UsageError{Err: fmt.Errorf("--shutdown-timeout %v: must not be negative", c.ShutdownTimeout)}
+	}
+	if c.ListenAddress != "" {
+		if _, err := netip.ParseAddr(c.ListenAddress); err != nil {
+			return &cli.UsageError{Err: fmt.Errorf("--listen-address %q: not an IP address", c.ListenAddress)}
+		}
+	}
+	tlsFlags := map[string]string{"--tls-cert": c.TLSCert, "--tls-key": c.TLSKey, "--tls-client-ca": c.TLSClientCA}
+	if c.Insecure {
+		for name, v := range tlsFlags {
+			if v != "" {
+				return &cli.UsageError{Err: fmt.Errorf("--insecure and %s exclude each other", name)}
+			}
+		}
+		if len(c.AllowedClientName) > 0 {
+			return &cli.UsageError{Err: errors.New("--insecure and --allowed-client-name exclude each other: without TLS there is no client name")}
+		}
+		return nil
+	}
+	var missing []string
+	for _, name := range []string{"--tls-cert", "--tls-key", "--tls-client-ca"} {
+		if tlsFlags[name] == "" {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		return &cli.UsageError{Err: fmt.Errorf("mutual TLS needs %s (or --insecure on a loopback address, for testing)", strings.Join(missing, ", "))}
+	}
+	return nil
+}
+
+// listen returns the gRPC listener: the one systemd passed (socket
+// activation, LISTEN_FDS) or a new one on --listen-address:--grpc-port.
+func (c *CLI) listen(log zerolog.Logger) (net.Listener, error) {
+	lns, err := activation.Listeners()
+	if err != nil {
+		return nil, fmt.Errorf("socket activation: %w", err)
+	}
+	var ln net.Listener
+	for _, l := range lns {
+		if l == nil {
+			continue
+		}
+		if ln != nil {
+			l.Close()
+			continue
+		}
+		ln = l
+	}
+	if ln != nil {
+		log.Info().Stringer("addr", ln.Addr()).Msg("using the listening socket passed by systemd; --listen-address and --grpc-port are ignored")
+	} else if len(lns) > 0 {
+		return nil, errors.New("socket activation: systemd passed no listening stream socket")
+	} else {
+		addr := net.JoinHostPort(c.ListenAddress, strconv.Itoa(int(c.GRPCPort)))
+		if ln, err = net.Listen("tcp", addr); err != nil {
+			return nil, fmt.Errorf("listen for gRPC: %w", err)
+		}
+	}
+	if c.Insecure && !isLoopback(ln.Addr()) {
+		ln.Close()
+		return nil, insecureRefused(ln.Addr().String())
+	}
+	return ln, nil
+}
+
+func insecureRefused(where string) error {
+	return &cli.UsageError{Err: fmt.Errorf("--insecure on %s refused: plaintext is allowed on a loopback address only (--listen-address 127.0.0.1 or ::1)", where)}
+}
+
+func isLoopback(a net.Addr) bool {
+	ta, ok := a.(*net.TCPAddr)
+	return ok && ta.IP.IsLoopback()
+}
+
+// Run serves until ctx ends or a SIGTERM or SIGINT arrives.
+func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
+	if err := c.check(); err != nil {
+		return err
+	}
+	// --insecure needs a loopback listen address; say so before binding
+	// anything (socket activation is checked on the socket itself).
+	if c.Insecure && os.Getenv("LISTEN_FDS") == "" {
+		if a, _ := netip.ParseAddr(c.ListenAddress); !a.IsLoopback() {
+			where := c.ListenAddress
+			if where == "" {
+				where = "all addresses"
+			}
+			return insecureRefused(where)
+		}
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	var certs *Certificates
+	if !c.Insecure {
+		var err error
+		if certs, err = LoadCertificates(c.TLSCert, c.TLSKey, c.TLSClientCA, log); err != nil {
+			return err
+		}
+	} else {
+		log.Warn().Msg("--insecure: plaintext gRPC without client authentication")
+	}
+
+	maps := state.NewHandle(c.PinPath, state.OpenOptions{Writable: true}, log)
+	defer maps.Close()
+	// Starting before the loader is fine (the maps are opened when they
+	// appear); a permission or layout problem is not going away by
+	// itself, so it stops the daemon with the fix in the message.
+	if err := maps.Refresh(); err != nil && !errors.Is(err, state.ErrNotLoaded) {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	srv, err := New(Options{
+		Maps:               maps,
+		Log:                log,
+		Certificates:       certs,
+		AllowedClientNames: c.AllowedClientName,
+		MonitorInterval:    c.MonitorInterval,
+		Registerer:         reg,
+	})
+	if err != nil {
+		return err
+	}
+
+	ln, err := c.listen(log)
+	if err != nil {
+		return err
+	}
+	var ms *daemon.MetricsServer
+	if c.MetricsAddress != "" {
+		if ms, err = daemon.ListenMetrics(c.MetricsAddress, reg); err != nil {
+			ln.Close()
+			return err
+		}
+		go ms.Serve(log)
+		log.Info().Stringer("addr", ms.Addr()).Msg("serving metrics")
+	}
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	log.Info().Stringer("addr", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
+		Msg("serving session.SessionManager and aegis.agent.v1.AgentService")
+	daemon.Ready(log)
+	daemon.Status("serving on " + ln.Addr().String())
+	go daemon.Watchdog(ctx, log, srv.Healthy)
+
+	var serveErr error
+	stopped := false
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info().Msg("stopping")
+			break loop
+		case serveErr = <-served:
+			stopped = true
+			break loop
+		case <-hup:
+			if certs == nil {
+				log.Info().Msg("SIGHUP: no TLS files to reload (--insecure)")
+				continue
+			}
+			if err := certs.Reload(); err == nil {
+				log.Info().Msg("SIGHUP: reloaded the TLS files; new connections use them")
+			}
+		}
+	}
+	daemon.Stopping(log)
+	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
+	defer cancel()
+	srv.Shutdown(sctx)
+	if ms != nil {
+		_ = ms.Shutdown(sctx)
+	}
+	if !stopped {
+		serveErr = <-served
+	}
+	return serveErr
+}

@@ -1,0 +1,260 @@
+package controlplane
+
+import (
+	"cmp"
+	"context"
+	"encoding/binary"
+	"errors"
+	"math"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/aegis-agent/aegis/internal/state"
+	"github.com/aegis-agent/aegis/proto/session"
+)
+
+// compatService implements session.SessionManager, the original agent's
+// API that the Aegis controller speaks. Its sessions are IPv4 only and
+// have no protocol: a grant opens TCP and UDP, a revoke closes both.
+type compatService struct {
+	session.UnimplementedSessionManagerServer
+	s *Server
+}
+
+var compatProtocols = [2]state.Protocol{state.TCP, state.UDP}
+
+func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEvent) (*session.Ack, error) {
+	s := c.s
+	p := peerOf(ctx)
+	user := compatUser(p)
+	src, dst, port, err := compatKey(ev)
+	if err != nil {
+		op := opRevoke
+		if ev.GetActivate() {
+			op = opGrant
+		}
+		s.auditTarget(op, apiCompat, &p, user, compatTarget(ev), resultInvalid, err)
+		return nil, err
+	}
+	keys := [2]state.Key{
+		{Src: src, Dst: dst, Port: port, Proto: compatProtocols[0]},
+		{Src: src, Dst: dst, Port: port, Proto: compatProtocols[1]},
+	}
+	if ev.GetActivate() {
+		return c.grant(&p, user, keys)
+	}
+	return c.revoke(&p, keys)
+}
+
+// compatTarget describes the session a compat request names, as it came.
+func compatTarget(ev *session.LoginEvent) *target {
+	var src, dst [4]byte
+	binary.BigEndian.PutUint32(src[:], ev.GetSrcIp())
+	binary.BigEndian.PutUint32(dst[:], ev.GetDstIp())
+	return &target{src: netip.AddrFrom4(src).String(), dst: netip.AddrFrom4(dst).String(), port: ev.GetDstPort(), proto: "tcp+udp"}
+}
+
+func compatKey(ev *session.LoginEvent) (src, dst netip.Addr, port uint16, err error) {
+	if src, err = compatAddr("src_ip", ev.GetSrcIp()); err != nil {
+		return src, dst, port, err
+	}
+	if dst, err = compatAddr("dst_ip", ev.GetDstIp()); err != nil {
+		return src, dst, port, err
+	}
+	port, err = parsePort("dst_port", ev.GetDstPort())
+	return src, dst, port, err
+}
+
+// grant opens TCP and UDP together: both or, on error, neither.
+func (c *compatService) grant(p *peerInfo, user string, keys [2]state.Key) (*session.Ack, error) {
+	s := c.s
+	now := state.Now()
+	sessions := []state.Session{
+		{Key: keys[0], User: user, LastSeen: now, Created: now},
+		{Key: keys[1], User: user, LastSeen: now, Created: now},
+	}
+	var created []bool
+	s.bulk.RLock()
+	err := s.maps.Do(func(m *state.Maps) error {
+		var err error
+		created, err = m.GrantAll(sessions)
+		return err
+	})
+	s.bulk.RUnlock()
+	if err != nil {
+		err = statusOf(err)
+		for i := range keys {
+			s.audit(opGrant, apiCompat, p, user, &keys[i], resultOf(err), err)
+		}
+		return nil, err
+	}
+	for i := range keys {
+		result := resultRefreshed
+		if created[i] {
+			result = resultCreated
+		}
+		s.audit(opGrant, apiCompat, p, user, &keys[i], result, nil)
+	}
+	return &session.Ack{Success: true}, nil
+}
+
+// revoke closes TCP and UDP. Revoking what is not there succeeds: the
+// controller's intent, no access, holds.
+func (c *compatService) revoke(p *peerInfo, keys [2]state.Key) (*session.Ack, error) {
+	s := c.s
+	var owners [2]string
+	var errs [2]error
+	s.bulk.RLock()
+	err := s.maps.Do(func(m *state.Maps) error {
+		for i, k := range keys {
+			if old, err := m.Lookup(k); err == nil {
+				owners[i] = old.User
+			}
+			errs[i] = m.Revoke(k)
+		}
+		return nil
+	})
+	s.bulk.RUnlock()
+	if err != nil {
+		err = statusOf(err)
+		for i := range keys {
+			s.audit(opRevoke, apiCompat, p, "", &keys[i], resultOf(err), err)
+		}
+		return nil, err
+	}
+	var failed error
+	for i := range keys {
+		switch {
+		case errs[i] == nil:
+			s.audit(opRevoke, apiCompat, p, owners[i], &keys[i], resultRevoked, nil)
+		case errors.Is(errs[i], state.ErrNotFound):
+			s.audit(opRevoke, apiCompat, p, "", &keys[i], resultNotFound, nil)
+		default:
+			failed = statusOf(errs[i])
+			s.audit(opRevoke, apiCompat, p, owners[i], &keys[i], resultOf(failed), failed)
+		}
+	}
+	if failed != nil {
+		return nil, failed
+	}
+	return &session.Ack{Success: true}, nil
+}
+
+func (c *compatService) MonitorSessions(_ *session.Empty, stream session.SessionManager_MonitorSessionsServer) error {
+	s := c.s
+	tick := time.NewTicker(s.opts.MonitorInterval)
+	defer tick.Stop()
+	for {
+		list, err := c.snapshot()
+		if err != nil {
+			return statusOf(err)
+		}
+		if err := stream.Send(list); err != nil {
+			return err
+		}
+		select {
+		case <-stream.Context().Done():
+			return stream.Context().Err()
+		case <-s.stopping:
+			return errShuttingDown
+		case <-tick.C:
+		}
+	}
+}
+
+// snapshot lists the IPv4 sessions the data path passes, one entry per
+// (source, destination, port) as the compat API has no protocol: where
+// TCP and UDP are both open, time_left is the longer of the two.
+func (c *compatService) snapshot() (*session.SessionList, error) {
+	type compatKey struct {
+		src, dst netip.Addr
+		port     uint16
+	}
+	left := make(map[compatKey]time.Duration)
+	err := c.s.maps.Do(func(m *state.Maps) error {
+		cfg, err := m.ReadConfig()
+		if err != nil {
+			return err
+		}
+		now := state.Now()
+		for sess, err := range m.Sessions() {
+			if err != nil {
+				return err
+			}
+			if !sess.Is4() || !sess.Verdict(cfg.DefaultIdleTimeout, now).Pass() {
+				continue
+			}
+			k := compatKey{sess.Src, sess.Dst, sess.Port}
+			left[k] = max(left[k], timeLeft(&sess, cfg.DefaultIdleTimeout, now))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	list := &session.SessionList{Sessions: make([]*session.Session, 0, len(left))}
+	for k, d := range left {
+		list.Sessions = append(list.Sessions, &session.Session{
+			SrcIp:    compatValue(k.src),
+			DstIp:    compatValue(k.dst),
+			DstPort:  uint32(k.port),
+			TimeLeft: int32(min(d/time.Second, math.MaxInt32)),
+		})
+	}
+	slices.SortFunc(list.Sessions, func(a, b *session.Session) int {
+		return cmp.Or(cmp.Compare(a.SrcIp, b.SrcIp), cmp.Compare(a.DstIp, b.DstIp), cmp.Compare(a.DstPort, b.DstPort))
+	})
+	return list, nil
+}
+
+func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList) (*session.Ack, error) {
+	s := c.s
+	p := peerOf(ctx)
+	moves := make(map[netip.Addr]netip.Addr, len(req.GetIpChanges()))
+	for _, ch := range req.GetIpChanges() {
+		from, err := compatAddr("old_ip", ch.GetOldIp())
+		if err == nil {
+			var to netip.Addr
+			if to, err = compatAddr("new_ip", ch.GetNewIp()); err == nil {
+				if prev, dup := moves[from]; dup && prev != to {
+					err = invalidf("old_ip %s is moved to both %s and %s", from, prev, to)
+				}
+				moves[from] = to
+			}
+		}
+		if err != nil {
+			s.log.Warn().Str("audit", opMove).Str("api", apiCompat).Str("peer", p.identity()).Str("peer_addr", p.addr).
+				Str("result", resultInvalid).Err(err).Msg(opMove)
+			return nil, err
+		}
+	}
+	if len(moves) == 0 {
+		return &session.Ack{Success: true}, nil
+	}
+	var res state.MoveResult
+	s.bulk.Lock()
+	err := s.maps.Do(func(m *state.Maps) error {
+		var err error
+		res, err = m.MoveDestinations(moves)
+		return err
+	})
+	s.bulk.Unlock()
+	changes := make([]string, 0, len(moves))
+	for from, to := range moves {
+		changes = append(changes, from.String()+"->"+to.String())
+	}
+	slices.Sort(changes)
+	ev, result := s.log.Info(), "moved"
+	if err != nil {
+		err = statusOf(err)
+		ev, result = s.log.Warn().Err(err), resultOf(err)
+	}
+	ev.Str("audit", opMove).Str("api", apiCompat).Strs("changes", changes).
+		Int("moved", res.Moved).Int("superseded", res.Superseded).
+		Str("peer", p.identity()).Str("peer_addr", p.addr).Str("result", result).Msg(opMove)
+	if err != nil {
+		return nil, err
+	}
+	return &session.Ack{Success: true}, nil
+}

@@ -1,0 +1,284 @@
+// Package controlplane is aegis-controlplane: the gRPC server through which
+// the Aegis controller grants and revokes sessions in the data path's
+// pinned maps. It serves the original agent's session.SessionManager
+// (compat.go), the full aegis.agent.v1.AgentService (agent.go), the
+// standard health service and server reflection on one listener, over
+// mutual TLS (tls.go, auth.go), and exports Prometheus metrics
+// (metrics.go). The command line and the systemd integration are in
+// cli.go.
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/aegis-agent/aegis/internal/state"
+	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
+	"github.com/aegis-agent/aegis/proto/session"
+)
+
+// Defaults of Options.
+const (
+	DefaultMonitorInterval = 5 * time.Second
+	DefaultRefreshInterval = time.Second
+)
+
+// Options configure a Server.
+type Options struct {
+	// Maps is the handle on the pinned maps, opened writable. The server
+	// refreshes it every RefreshInterval, so it may be created before the
+	// loader has run.
+	Maps *state.Handle
+	// Log receives the server's log, the audit lines included.
+	Log zerolog.Logger
+	// Certificates secure the listener with mutual TLS; nil serves
+	// plaintext (--insecure).
+	Certificates *Certificates
+	// AllowedClientNames, when not empty, is the allowlist of client
+	// certificate names (CN or DNS SAN) that may call any RPC.
+	AllowedClientNames []string
+	// MonitorInterval is the period of MonitorSessions snapshots.
+	MonitorInterval time.Duration
+	// RefreshInterval is how often the pinned maps are checked for an
+	// unload or a reload.
+	RefreshInterval time.Duration
+	// Registerer receives the server's metrics; nil for none.
+	Registerer prometheus.Registerer
+}
+
+// Server serves both session APIs over one grpc.Server.
+type Server struct {
+	opts   Options
+	log    zerolog.Logger
+	maps   *state.Handle
+	grpc   *grpc.Server
+	health *health.Server
+	m      *metrics
+
+	// bulk serializes the operations that read sessions and then write
+	// them by key (revoking a user, IpChange, a revoke checked against a
+	// user) against this process's single-key grants and revokes, so that
+	// a session granted meanwhile is never deleted or moved by mistake.
+	bulk sync.RWMutex
+
+	// stopping is closed when Shutdown starts: long-lived streams end.
+	stopping    chan struct{}
+	stopOnce    sync.Once
+	lastRefresh atomic.Int64 // unix nanoseconds of the last refresh
+	loaded      atomic.Bool  // the maps were usable at the last refresh
+
+	// Owned by refresh, which runs in New and then in the refresh loop
+	// only: the last outcome, to log changes rather than every tick.
+	refreshed  bool
+	refreshErr string
+}
+
+// Names of the services, as the health service reports them.
+var serviceNames = []string{session.SessionManager_ServiceDesc.ServiceName, agentv1.AgentService_ServiceDesc.ServiceName}
+
+// New builds the server; Serve starts it.
+func New(opts Options) (*Server, error) {
+	if opts.Maps == nil {
+		return nil, errors.New("controlplane: no maps handle")
+	}
+	if opts.MonitorInterval <= 0 {
+		opts.MonitorInterval = DefaultMonitorInterval
+	}
+	if opts.RefreshInterval <= 0 {
+		opts.RefreshInterval = DefaultRefreshInterval
+	}
+	s := &Server{
+		opts:     opts,
+		log:      opts.Log,
+		maps:     opts.Maps,
+		health:   health.NewServer(),
+		stopping: make(chan struct{}),
+	}
+	s.lastRefresh.Store(time.Now().UnixNano())
+	s.m = newMetrics(s)
+
+	grpcMetrics := grpcprom.NewServerMetrics(
+		grpcprom.WithServerCounterOptions(grpcprom.WithNamespace("aegis")),
+		grpcprom.WithServerHandlingTimeHistogram(
+			grpcprom.WithHistogramNamespace("aegis"),
+			grpcprom.WithHistogramBuckets([]float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5}),
+		),
+	)
+	auth := newAuthorizer(opts.AllowedClientNames, opts.Certificates != nil, opts.Log)
+	serverOpts := []grpc.ServerOption{
+		// Metrics outermost, so that refused calls are counted with their
+		// code.
+		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), auth.unary),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), auth.stream),
+		// A controller that vanished without closing its connection (a
+		// crash, a cut link) is found out and its MonitorSessions stream
+		// ended.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+		// Clients may ping every 10 s, also between RPCs, without being
+		// sent away for "too many pings".
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		// A client gets 10 s for its TLS handshake, not the default 120.
+		grpc.ConnectionTimeout(10 * time.Second),
+	}
+	if opts.Certificates != nil {
+		serverOpts = append(serverOpts, grpc.Creds(opts.Certificates.credentials()))
+	}
+	s.grpc = grpc.NewServer(serverOpts...)
+	session.RegisterSessionManagerServer(s.grpc, &compatService{s: s})
+	agentv1.RegisterAgentServiceServer(s.grpc, &agentService{s: s})
+	healthpb.RegisterHealthServer(s.grpc, &healthService{Server: s.health, stopping: s.stopping})
+	reflection.Register(s.grpc)
+	for _, name := range serviceNames {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
+	}
+	if opts.Registerer != nil {
+		grpcMetrics.InitializeMetrics(s.grpc)
+		for _, c := range append(s.m.collectors(), grpcMetrics) {
+			if err := opts.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register metrics: %w", err)
+			}
+		}
+	}
+	s.refresh()
+	return s, nil
+}
+
+// Serve answers on ln until Shutdown. It also keeps the maps handle in
+// step with the pins.
+func (s *Server) Serve(ln net.Listener) error {
+	done := make(chan struct{})
+	defer close(done)
+	go s.refreshLoop(done)
+	if err := s.grpc.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return fmt.Errorf("serve gRPC on %s: %w", ln.Addr(), err)
+	}
+	return nil
+}
+
+func (s *Server) refreshLoop(done <-chan struct{}) {
+	tick := time.NewTicker(s.opts.RefreshInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-s.stopping:
+			return
+		case <-tick.C:
+			s.refresh()
+		}
+	}
+}
+
+// refresh reopens the maps if the loader replaced them, and sets the
+// session services' health to whether the maps are usable.
+func (s *Server) refresh() {
+	err := s.maps.Refresh()
+	s.lastRefresh.Store(time.Now().UnixNano())
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if !s.refreshed || msg != s.refreshErr {
+		if err != nil {
+			s.log.Warn().Err(err).Msg("data path maps unusable: session RPCs fail until this is fixed")
+		} else if s.refreshed {
+			s.log.Info().Str("pin_path", s.maps.PinPath()).Msg("data path maps usable again")
+		}
+		s.refreshed, s.refreshErr = true, msg
+	}
+	s.loaded.Store(err == nil)
+	select {
+	case <-s.stopping:
+		return // health stays NOT_SERVING
+	default:
+	}
+	status := healthpb.HealthCheckResponse_SERVING
+	if err != nil {
+		status = healthpb.HealthCheckResponse_NOT_SERVING
+	}
+	for _, name := range serviceNames {
+		s.health.SetServingStatus(name, status)
+	}
+}
+
+// Healthy returns nil while the server's housekeeping runs: the systemd
+// watchdog's check. Missing pins do not make the process unhealthy (a
+// restart would not bring them back); a wedged refresh loop does.
+func (s *Server) Healthy() error {
+	age := time.Since(time.Unix(0, s.lastRefresh.Load()))
+	if limit := 5 * s.opts.RefreshInterval; age > limit+5*time.Second {
+		return fmt.Errorf("maps refresh last ran %v ago", age.Round(time.Second))
+	}
+	return nil
+}
+
+// Loaded reports whether the pinned maps were usable at the last check.
+func (s *Server) Loaded() bool { return s.loaded.Load() }
+
+// Shutdown stops the server: health turns NOT_SERVING, MonitorSessions
+// and health watch streams end, in-flight calls get until ctx ends to
+// finish, then every connection is closed.
+func (s *Server) Shutdown(ctx context.Context) {
+	s.stopOnce.Do(func() {
+		s.health.Shutdown()
+		close(s.stopping)
+	})
+	done := make(chan struct{})
+	go func() {
+		s.grpc.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.log.Warn().Msg("graceful stop timed out: closing the remaining connections")
+		s.grpc.Stop()
+		<-done
+	}
+}
+
+// healthService is the standard health service, except that a Watch
+// stream ends when the server shuts down (after a last NOT_SERVING)
+// instead of holding the graceful stop until its deadline.
+type healthService struct {
+	*health.Server
+	stopping <-chan struct{}
+}
+
+func (h *healthService) Watch(req *healthpb.HealthCheckRequest, stream healthpb.Health_WatchServer) error {
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- h.Server.Watch(req, &watchStream{stream, ctx}) }()
+	select {
+	case err := <-done:
+		return err
+	case <-h.stopping:
+		cancel()
+		<-done
+		_ = stream.Send(&healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_NOT_SERVING})
+		return errShuttingDown
+	}
+}
+
+type watchStream struct {
+	healthpb.Health_WatchServer
+	ctx context.Context
+}
+
+func (w *watchStream) Context() context.Context { return w.ctx }

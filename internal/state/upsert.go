@@ -1,0 +1,118 @@
+package state
+
+import (
+	"errors"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/aegis-agent/aegis/bpf"
+)
+
+// This file holds the control plane's grant paths: Upsert, a Grant that
+// costs one syscall for a new session and reports what it did, and
+// GrantAll, which applies several sessions or none.
+
+// Upsert grants or refreshes a session with Grant's semantics: a refresh
+// replaces the timestamps, lifetime, idle timeout and user, and keeps the
+// creation time. It returns the session as the map now holds it and
+// whether it is new. A new session costs one syscall (an insert that fails
+// if the key exists), a refresh three. When Upsert returns nil the data
+// path already passes the session's next packet.
+//
+// Returns ErrInvalid for a malformed session and ErrFull if the map is at
+// capacity; in both cases the map is unchanged.
+func (m *Maps) Upsert(s Session) (stored Session, created bool, err error) {
+	if err := s.Validate(); err != nil {
+		return Session{}, false, err
+	}
+	stored, created, _, err = m.upsert(s)
+	return stored, created, err
+}
+
+// upsert writes a validated session and returns, for a refresh, the value
+// it replaced (when it could read it).
+func (m *Maps) upsert(s Session) (stored Session, created bool, old *bpf.AegisSessionValue, err error) {
+	v := s.value()
+	if s.Is4() {
+		k := s.v4()
+		created, old, err = upsert(m.SessionsV4, &k, &v)
+	} else {
+		k := s.v6()
+		created, old, err = upsert(m.SessionsV6, &k, &v)
+	}
+	if err != nil {
+		return Session{}, false, nil, err
+	}
+	return sessionFrom(s.Key, &v), created, old, nil
+}
+
+// upsert inserts v, or, when the key exists, overwrites it keeping its
+// creation time (which it writes back into v).
+func upsert[K any](mp *ebpf.Map, k *K, v *bpf.AegisSessionValue) (created bool, old *bpf.AegisSessionValue, err error) {
+	err = mp.Update(k, v, ebpf.UpdateNoExist)
+	if err == nil {
+		return true, nil, nil
+	}
+	if !errors.Is(err, ebpf.ErrKeyExist) {
+		return false, nil, updateError(err)
+	}
+	var prev bpf.AegisSessionValue
+	if mp.Lookup(k, &prev) == nil {
+		old = &prev
+		if prev.CreatedNs != 0 {
+			v.CreatedNs = prev.CreatedNs
+		}
+	}
+	// UpdateAny, not UpdateExist: if the reaper deleted the session in
+	// between, the grant still holds.
+	return false, old, updateError(mp.Update(k, v, ebpf.UpdateAny))
+}
+
+// grantUndo reverts one applied grant of GrantAll.
+type grantUndo struct {
+	key Key
+	old *bpf.AegisSessionValue // nil: the grant created the session
+}
+
+// GrantAll grants every session of ss or none: when one fails, those
+// already applied are undone (new ones deleted, refreshed ones restored)
+// before the error is returned. It reports for each session whether it is
+// new. Every session is validated before anything is written.
+//
+// Returns ErrInvalid for a malformed session and ErrFull if a map is at
+// capacity.
+func (m *Maps) GrantAll(ss []Session) (created []bool, err error) {
+	for i := range ss {
+		if err := ss[i].Validate(); err != nil {
+			return nil, err
+		}
+	}
+	undos := make([]grantUndo, 0, len(ss))
+	created = make([]bool, len(ss))
+	for i, s := range ss {
+		_, c, old, err := m.upsert(s)
+		if err != nil {
+			m.undo(undos)
+			return nil, err
+		}
+		created[i] = c
+		undos = append(undos, grantUndo{s.Key, old})
+	}
+	return created, nil
+}
+
+func (m *Maps) undo(undos []grantUndo) {
+	for i := len(undos) - 1; i >= 0; i-- {
+		u := undos[i]
+		switch {
+		case u.old == nil:
+			_ = m.Revoke(u.key)
+		case u.key.Is4():
+			k := u.key.v4()
+			_ = m.SessionsV4.Update(&k, u.old, ebpf.UpdateAny)
+		default:
+			k := u.key.v6()
+			_ = m.SessionsV6.Update(&k, u.old, ebpf.UpdateAny)
+		}
+	}
+}
