@@ -7,11 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -419,52 +417,6 @@ func TestReaperUnprivileged(t *testing.T) {
 	}
 }
 
-// notifySocket is a fake systemd notification socket.
-type notifySocket struct {
-	path string
-	conn *net.UnixConn
-	msgs chan string
-}
-
-func newNotifySocket(t *testing.T) *notifySocket {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "notify")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	n := &notifySocket{path: path, conn: conn, msgs: make(chan string, 1024)}
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			k, err := conn.Read(buf)
-			if err != nil {
-				close(n.msgs)
-				return
-			}
-			n.msgs <- string(buf[:k])
-		}
-	}()
-	return n
-}
-
-// expect waits for a message containing want and returns it.
-func (n *notifySocket) expect(t *testing.T, want string) string {
-	t.Helper()
-	timeout := time.After(10 * time.Second)
-	for {
-		select {
-		case m := <-n.msgs:
-			if strings.Contains(m, want) {
-				return m
-			}
-		case <-timeout:
-			t.Fatalf("no %q notification within 10s", want)
-		}
-	}
-}
-
 // Under systemd (Type=notify, WatchdogSec=) the daemon reports readiness,
 // says in its status what it does, pings the watchdog while it is healthy,
 // including while it waits for the loader, and says when it stops.
@@ -475,9 +427,9 @@ func TestReaperSystemdNotify(t *testing.T) {
 			if loaded {
 				pin = loadedPins(t, "--group", "root").pin
 			}
-			sock := newNotifySocket(t)
+			sock := tu.NewNotifySocket(t, t.TempDir())
 			cmd := exec.Command(bin("aegis-reaper"), "--pin-path", pin, "--cleanup-interval", "50ms", "--log-format", "json")
-			cmd.Env = append(cmd.Environ(), "NOTIFY_SOCKET="+sock.path, "WATCHDOG_USEC=200000")
+			cmd.Env = append(cmd.Environ(), "NOTIFY_SOCKET="+sock.Path, "WATCHDOG_USEC=200000")
 			out := &strings.Builder{}
 			cmd.Stdout, cmd.Stderr = out, out
 			if err := cmd.Start(); err != nil {
@@ -485,7 +437,7 @@ func TestReaperSystemdNotify(t *testing.T) {
 			}
 			t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 
-			status := sock.expect(t, "STATUS=")
+			status := sock.Expect(t, "STATUS=", 10*time.Second)
 			want := "STATUS=sweeping " + pin
 			if !loaded {
 				want = "STATUS=waiting for aegis-loader"
@@ -493,14 +445,14 @@ func TestReaperSystemdNotify(t *testing.T) {
 			if !strings.HasPrefix(status, want) {
 				t.Fatalf("status %q, want %q", status, want)
 			}
-			sock.expect(t, "READY=1")
+			sock.Expect(t, "READY=1", 10*time.Second)
 			for range 3 {
-				sock.expect(t, "WATCHDOG=1")
+				sock.Expect(t, "WATCHDOG=1", 10*time.Second)
 			}
 			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 				t.Fatal(err)
 			}
-			sock.expect(t, "STOPPING=1")
+			sock.Expect(t, "STOPPING=1", 10*time.Second)
 			if err := cmd.Wait(); err != nil {
 				t.Fatalf("exit on SIGTERM: %v\n%s", err, out)
 			}
@@ -513,11 +465,11 @@ func TestReaperSystemdNotify(t *testing.T) {
 // pinged again once they succeed.
 func TestReaperWatchdogFollowsHealth(t *testing.T) {
 	g := loadedPins(t, "--group", "root")
-	sock := newNotifySocket(t)
-	p := startReaper(t, []string{"NOTIFY_SOCKET=" + sock.path, "WATCHDOG_USEC=200000"},
+	sock := tu.NewNotifySocket(t, t.TempDir())
+	p := startReaper(t, []string{"NOTIFY_SOCKET=" + sock.Path, "WATCHDOG_USEC=200000"},
 		"--pin-path", g.pin, "--cleanup-interval", "50ms")
-	sock.expect(t, "READY=1")
-	sock.expect(t, "WATCHDOG=1")
+	sock.Expect(t, "READY=1", 10*time.Second)
+	sock.Expect(t, "WATCHDOG=1", 10*time.Second)
 
 	path := state.MapPath(g.pin, state.MapSessionsV4)
 	replace := func(spec *ebpf.MapSpec) {
@@ -540,24 +492,8 @@ func TestReaperWatchdogFollowsHealth(t *testing.T) {
 		t.Fatalf("the failure does not say what is wrong:\n%s", lastLines(p.log(), 3))
 	}
 	// Drop what was sent before the failure; then nothing for 3 periods.
-	for drained := false; !drained; {
-		select {
-		case <-sock.msgs:
-		default:
-			drained = true
-		}
-	}
-	quiet := time.After(600 * time.Millisecond)
-	for done := false; !done; {
-		select {
-		case m := <-sock.msgs:
-			if strings.Contains(m, "WATCHDOG=1") {
-				t.Fatal("watchdog pinged while every sweep fails")
-			}
-		case <-quiet:
-			done = true
-		}
-	}
+	sock.Drain()
+	sock.ExpectNone(t, "WATCHDOG=1", 600*time.Millisecond)
 
 	spec, err := state.Spec()
 	if err != nil {
@@ -566,7 +502,7 @@ func TestReaperWatchdogFollowsHealth(t *testing.T) {
 	good := spec.Maps[state.MapSessionsV4].Copy()
 	good.Pinning = ebpf.PinNone
 	replace(good)
-	sock.expect(t, "WATCHDOG=1")
+	sock.Expect(t, "WATCHDOG=1", 10*time.Second)
 }
 
 func waitLog(t *testing.T, p *reaperProcess, msg string) {

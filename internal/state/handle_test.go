@@ -13,7 +13,7 @@ import (
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
-func pinMaps(t *testing.T, dir string) { tu.PinMaps(t, dir, 0, state.Config{}) }
+func pinMaps(t *testing.T, dir string) { tu.PinMaps(t, dir, tu.PinOptions{}) }
 
 func TestHandleFollowsThePins(t *testing.T) {
 	dir := tu.PinDir(t)
