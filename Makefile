@@ -44,6 +44,22 @@ bench: setup ## Run the benchmarks with their baselines; see BENCHMARKS.md.
 demo: setup build ## Show a client blocked, a login, the client passing, idle expiry (root).
 	bash scripts/demo.sh
 
+BINDIR      ?= $(PREFIX)/bin
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+SYSCONFDIR  ?= /etc
+
+.PHONY: install
+install: build ## Install binaries, systemd units, sysusers.d and /etc/aegis/aegis.env (DESTDIR-aware).
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR)
+	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/aegis $(DESTDIR)$(SYSCONFDIR)/aegis/tls
+	install -m 0755 $(addprefix bin/,$(notdir $(CMDS))) $(DESTDIR)$(BINDIR)/
+	for u in deploy/systemd/*; do \
+		sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u) && \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); done
+	install -m 0644 deploy/sysusers.d/aegis.conf $(DESTDIR)$(SYSUSERSDIR)/aegis.conf
+	test -e $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env || install -m 0640 deploy/aegis.env $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env
+
 .PHONY: lint
 lint: ## gofmt and go vet.
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }

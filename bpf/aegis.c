@@ -51,6 +51,16 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define AEGIS_REFRESH_NS 100000000ULL /* 100 ms */
 #endif
 
+/*
+ * Bump AEGIS_LAYOUT_VERSION whenever the key or value layout of any map
+ * changes. The loader refuses (and later versions migrate) pinned maps of
+ * another layout version; the daemons refuse to open them.
+ */
+#define AEGIS_LAYOUT_VERSION 1
+
+/* Longest IP datagram a linear XDP frame can hold, with room to spare. */
+#define MAX_L3_LEN 0x3FFF
+
 /* Extension headers skipped before giving up on an IPv6 packet. */
 #define IPV6_MAX_EXT 6
 
@@ -84,6 +94,11 @@ enum reason {
 /* Emits the enum into BTF so that bpf2go generates the Go constants. The
  * section is neither code nor a map, so loaders ignore it. */
 const enum reason reason_btf SEC(".btf.anchor") __attribute__((unused));
+
+enum layout {
+	LAYOUT_VERSION = AEGIS_LAYOUT_VERSION,
+};
+const enum layout layout_btf SEC(".btf.anchor") __attribute__((unused));
 
 /* Addresses are byte arrays and ports host-order integers so that
  * `bpftool map dump` prints them the way a person reads them. */
@@ -141,6 +156,9 @@ struct allow_value {
 };
 
 struct config_value {
+	__u32 layout_version;   /* AEGIS_LAYOUT_VERSION of the pinned maps; stays first */
+	__u32 pad0;
+	__u64 default_idle_timeout_ns;
 	__u8 controller_v4[4];  /* valid when controller_family == 4 */
 	__u8 controller_v6[16]; /* valid when controller_family == 6 */
 	__u16 controller_port;  /* login port, TCP */
@@ -149,8 +167,7 @@ struct config_value {
 	__u8 monitor;           /* 1: count would-be drops, pass them */
 	__u16 allow_v4_rules;   /* prefixes in allow_v4; 0 skips the lookup */
 	__u16 allow_v6_rules;   /* prefixes in allow_v6 */
-	__u16 pad;
-	__u64 default_idle_timeout_ns;
+	__u16 pad1;
 };
 
 struct stats_value {
@@ -282,7 +299,9 @@ static __always_inline int classify_v4(void *data, void *data_end, __u64 l3off,
 
 	__u64 ihl = (ip->ver_ihl & 0xF) * 4;
 	__u64 tot = bpf_ntohs(ip->tot_len);
-	if (ihl < sizeof(*ip) || tot < ihl || l3off + tot > (__u64)(data_end - data))
+	/* No linear XDP frame reaches 16 KiB; the bound lets the verifier
+	 * check the pointer arithmetic without CAP_PERFMON. */
+	if (ihl < sizeof(*ip) || tot < ihl || tot > MAX_L3_LEN || (void *)ip + tot > data_end)
 		return REASON_MALFORMED;
 	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return REASON_FRAGMENT;
@@ -341,9 +360,10 @@ static __always_inline int classify_v6(void *data, void *data_end, __u64 l3off,
 	if ((*(__u8 *)ip6 >> 4) != 6)
 		return REASON_MALFORMED;
 
-	__u64 l3end = l3off + sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
-	if (l3end > (__u64)(data_end - data))
+	__u64 plen = bpf_ntohs(ip6->payload_len);
+	if (plen > MAX_L3_LEN || (void *)(ip6 + 1) + plen > data_end)
 		return REASON_MALFORMED;
+	__u64 l3end = l3off + sizeof(*ip6) + plen;
 
 	__u64 off = l3off + sizeof(*ip6);
 	__u8 nh = ip6->nexthdr;
@@ -473,7 +493,7 @@ int aegis_xdp(struct xdp_md *ctx)
 	struct stats_value *s = bpf_map_lookup_elem(&stats, &reason);
 	if (s) {
 		s->packets++;
-		s->bytes += data_end - data;
+		s->bytes += bpf_xdp_get_buff_len(ctx);
 	}
 	return action;
 }

@@ -40,6 +40,9 @@ type AegisAllowValue struct {
 
 type AegisConfigValue struct {
 	_                    structs.HostLayout
+	LayoutVersion        uint32
+	Pad0                 uint32
+	DefaultIdleTimeoutNs uint64
 	ControllerV4         [4]uint8
 	ControllerV6         [16]uint8
 	ControllerPort       uint16
@@ -48,9 +51,14 @@ type AegisConfigValue struct {
 	Monitor              uint8
 	AllowV4Rules         uint16
 	AllowV6Rules         uint16
-	Pad                  uint16
-	DefaultIdleTimeoutNs uint64
+	Pad1                 uint16
 }
+
+type AegisLayout uint32
+
+const (
+	AegisLayoutLAYOUT_VERSION AegisLayout = 1
+)
 
 type AegisReason uint32
 

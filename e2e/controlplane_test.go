@@ -105,65 +105,6 @@ func (p *pkiDir) writeServer(t *testing.T, ca *pki.CA) {
 
 func (p *pkiDir) file(name string) string { return filepath.Join(p.dir, name) }
 
-// notifySocket stands in for systemd's: it collects the sd_notify
-// messages of the daemon.
-type notifySocket struct {
-	path string
-	mu   sync.Mutex
-	msgs []string
-	cond *sync.Cond
-}
-
-func newNotifySocket(t *testing.T, dir string) *notifySocket {
-	t.Helper()
-	n := &notifySocket{path: filepath.Join(dir, tu.RandomName("notify-")+".sock")}
-	n.cond = sync.NewCond(&n.mu)
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: n.path, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	if err := os.Chmod(n.path, 0o666); err != nil { // the daemon user sends
-		t.Fatal(err)
-	}
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			k, err := conn.Read(buf)
-			if err != nil {
-				return
-			}
-			n.mu.Lock()
-			n.msgs = append(n.msgs, strings.Split(strings.TrimSpace(string(buf[:k])), "\n")...)
-			n.cond.Broadcast()
-			n.mu.Unlock()
-		}
-	}()
-	return n
-}
-
-// wait returns once a message with the prefix arrived after the first
-// skip messages, or fails t after timeout; it returns the message index.
-func (n *notifySocket) wait(t *testing.T, prefix string, skip int, timeout time.Duration) int {
-	t.Helper()
-	timer := time.AfterFunc(timeout, func() { n.mu.Lock(); n.cond.Broadcast(); n.mu.Unlock() })
-	defer timer.Stop()
-	deadline := time.Now().Add(timeout)
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	for {
-		for i := skip; i < len(n.msgs); i++ {
-			if strings.HasPrefix(n.msgs[i], prefix) {
-				return i
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %q notification within %v; got %q", prefix, timeout, n.msgs)
-		}
-		n.cond.Wait()
-	}
-}
-
 // lockedBuffer collects a process's output.
 type lockedBuffer struct {
 	mu sync.Mutex
@@ -189,7 +130,7 @@ type controlPlane struct {
 	pki    *pkiDir
 	cmd    *exec.Cmd
 	out    *lockedBuffer
-	notify *notifySocket
+	notify *tu.NotifySocket
 	exited chan error
 }
 
@@ -214,7 +155,7 @@ type cpOptions struct {
 // ready.
 func startControlPlane(t *testing.T, g *gateway, p *pkiDir, o cpOptions) *controlPlane {
 	t.Helper()
-	cp := &controlPlane{t: t, g: g, pki: p, out: &lockedBuffer{}, notify: newNotifySocket(t, p.dir), exited: make(chan error, 1)}
+	cp := &controlPlane{t: t, g: g, pki: p, out: &lockedBuffer{}, notify: tu.NewNotifySocket(t, p.dir), exited: make(chan error, 1)}
 	gid := o.gid
 	if gid == 0 {
 		gid = daemonGID
@@ -236,7 +177,7 @@ func startControlPlane(t *testing.T, g *gateway, p *pkiDir, o cpOptions) *contro
 	}
 	args = append(args, o.args...)
 	cp.cmd = g.Gateway.Command("setpriv", args...)
-	cp.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+cp.notify.path)
+	cp.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+cp.notify.Path)
 	cp.cmd.Env = append(cp.cmd.Env, o.env...)
 	cp.cmd.Stdout, cp.cmd.Stderr = cp.out, cp.out
 	if err := cp.cmd.Start(); err != nil {
@@ -264,7 +205,7 @@ func (cp *controlPlane) ready() {
 		cp.t.Fatalf("aegis-controlplane exited before it was ready: %v\n%s", err, cp.out.String())
 	default:
 	}
-	cp.notify.wait(cp.t, "READY=1", 0, 10*time.Second)
+	cp.notify.Expect(cp.t, "READY=1", 10*time.Second)
 }
 
 // wait waits for the process to exit by itself and returns its error.
@@ -463,11 +404,10 @@ func TestControlPlaneCompatAPI(t *testing.T) {
 	g.expectBlocked("TCP after the revoke over rotated certificates", bpf.ReasonNoSession, tcp(svcB))
 
 	// SIGTERM: STOPPING=1, then a clean exit.
-	n := cp.notify.wait(t, "READY=1", 0, time.Second)
 	if err := cp.kill(syscall.SIGTERM); err != nil {
 		t.Fatalf("exit after SIGTERM: %v\n%s", err, cp.out.String())
 	}
-	cp.notify.wait(t, "STOPPING=1", n, time.Second)
+	cp.notify.Expect(t, "STOPPING=1", time.Second)
 }
 
 // The full API, both families: LoginEvent opens exactly the session asked
@@ -518,8 +458,7 @@ func TestControlPlaneAgentAPI(t *testing.T) {
 		t.Fatalf("daemon's effective capabilities %#x, want CAP_BPF only (%#x)", caps, uint64(capBPF))
 	}
 	// The systemd watchdog is pinged.
-	n := cp.notify.wait(t, "READY=1", 0, time.Second)
-	cp.notify.wait(t, "WATCHDOG=1", n, 2*time.Second)
+	cp.notify.Expect(t, "WATCHDOG=1", 2*time.Second) // READY=1 came at start
 }
 
 // The least-privilege controls: a user outside the pins' group cannot

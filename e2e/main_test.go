@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -124,3 +125,5 @@ func (g *gateway) stats() [bpf.StatsSlots]state.Counter {
 	}
 	return s
 }
+
+func errAs(err error, target any) bool { return errors.As(err, target) }

@@ -1,12 +1,17 @@
 package loader
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
+	"golang.org/x/sys/unix"
 )
+
+// errBTFUnreadable means the process may not read the map's BTF.
+var errBTFUnreadable = errors.New("map BTF unreadable without CAP_SYS_ADMIN")
 
 // checkBTFLayout compares the struct layouts of a pinned map's key and value
 // (from the map's BTF) with this build's. Sizes alone cannot tell a
@@ -22,6 +27,9 @@ func checkBTFLayout(ms *ebpf.MapSpec, m *ebpf.Map) error {
 		return nil
 	}
 	h, err := m.Handle()
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return errBTFUnreadable
+	}
 	if err != nil {
 		return fmt.Errorf("map carries no BTF to check its layout: %v", err)
 	}

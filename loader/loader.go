@@ -11,6 +11,7 @@
 package loader
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -196,6 +197,9 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 	spec.Maps[state.MapSessionsV4].MaxEntries = cfg.MaxSessions
 	spec.Maps[state.MapSessionsV6].MaxEntries = cfg.MaxSessions
 
+	if err := checkLayoutVersion(cfg.PinPath); err != nil {
+		return nil, err
+	}
 	res := &Result{}
 	maps, err := l.openOrCreateMaps(spec, cfg.PinPath, gid, res)
 	if err != nil {
@@ -275,13 +279,13 @@ func ensureDir(dir string, mode os.FileMode, gid int) error {
 func lockPinDir(pinPath string, gid int, create bool) (*state.Lock, error) {
 	for range 10 {
 		if create {
-			if err := ensureDir(pinPath, 0o750, gid); err != nil {
-				return nil, err
+			if err := os.MkdirAll(pinPath, 0o750); err != nil {
+				return nil, fmt.Errorf("create %s: %w", pinPath, err)
 			}
 		}
 		lock, err := state.LockDir(pinPath, true)
 		if errors.Is(err, fs.ErrNotExist) && create {
-			continue
+			continue // removed between mkdir and open: an unload ran
 		}
 		if err != nil {
 			return nil, err
@@ -289,6 +293,14 @@ func lockPinDir(pinPath string, gid int, create bool) (*state.Lock, error) {
 		var locked, current unix.Stat_t
 		if unix.Fstat(int(lock.File().Fd()), &locked) == nil && unix.Stat(pinPath, &current) == nil &&
 			locked.Dev == current.Dev && locked.Ino == current.Ino {
+			if create {
+				// Owner and mode are set under the lock, so that an unload
+				// cannot remove the directory in between.
+				if err := ensureDir(pinPath, 0o750, gid); err != nil {
+					lock.Unlock()
+					return nil, err
+				}
+			}
 			return lock, nil
 		}
 		lock.Unlock()
@@ -352,6 +364,31 @@ func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pinPath string, gid
 	return maps, nil
 }
 
+// checkLayoutVersion refuses pins written with another layout version,
+// which the config map records in its first field.
+func checkLayoutVersion(pinPath string) error {
+	path := state.MapPath(pinPath, state.MapConfig)
+	m, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: true})
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open pinned map %s: %w", path, err)
+	}
+	defer m.Close()
+	raw, err := m.LookupBytes(uint32(0))
+	if err != nil || len(raw) < 4 {
+		return fmt.Errorf("read %s: %v", path, err)
+	}
+	switch v := binary.NativeEndian.Uint32(raw); v {
+	case 0, bpf.LayoutVersion: // 0: created, config not yet written
+		return nil
+	default:
+		return fmt.Errorf("%w: the maps under %s have layout version %d and this aegis-loader writes version %d, with no migration between them: run the aegis-loader that made them, or \"aegis-loader unload\" to start empty (drops every session)",
+			ErrIncompatible, pinPath, v, bpf.LayoutVersion)
+	}
+}
+
 // checkPinnedMap refuses a pinned map this build cannot use as it is.
 func checkPinnedMap(ms *ebpf.MapSpec, m *ebpf.Map, path string) error {
 	if ms.Name == state.MapSessionsV4 || ms.Name == state.MapSessionsV6 {
@@ -364,7 +401,10 @@ func checkPinnedMap(ms *ebpf.MapSpec, m *ebpf.Map, path string) error {
 		return fmt.Errorf("%w: %s: %v: this build cannot use the pinned map; run the previous aegis-loader, or \"aegis-loader unload\" to start empty",
 			ErrIncompatible, path, err)
 	}
-	if err := checkBTFLayout(ms, m); err != nil {
+	if err := checkBTFLayout(ms, m); errors.Is(err, errBTFUnreadable) {
+		// Reading a map's BTF needs CAP_SYS_ADMIN, which the loader's unit
+		// does not grant; the layout version covers this case.
+	} else if err != nil {
 		return fmt.Errorf("%w: %s: %v: this build cannot use the pinned map; run the previous aegis-loader, or \"aegis-loader unload\" to start empty",
 			ErrIncompatible, path, err)
 	}
@@ -452,27 +492,36 @@ func syncAllow[K comparable](m *ebpf.Map, want map[K]bpf.AegisAllowValue, prune 
 }
 
 // attachAll makes every requested interface, and every interface already
-// attached, run this build's program.
+// attached, run this build's program, pinned as state.ProgramPin.
+//
+// An upgrade loads the new build, pins it beside the old one, moves every
+// link to it with link.Update (atomic per interface: each packet sees the
+// old or the new program) and renames its pin over the old one. Should it
+// stop half-way, the next load finds links on different programs and
+// converges them.
 func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, cfg *Config, ifaces map[string]int, res *Result) error {
 	linksDir := filepath.Join(cfg.PinPath, state.LinksDir)
 	if err := ensureDir(linksDir, 0o700, 0); err != nil {
 		return err
 	}
+	progPath := filepath.Join(cfg.PinPath, state.ProgramPin)
+	nextPath := filepath.Join(cfg.PinPath, state.ProgramNextPin)
+	_ = os.Remove(nextPath) // left by an interrupted upgrade
 
-	progSpec := spec.Programs[progName]
-	var prog *ebpf.Program
-	defer func() {
-		if prog != nil {
-			prog.Close()
+	prog, fresh, err := l.currentProgram(spec, maps, progPath)
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	if fresh {
+		if err := prog.Pin(nextPath); err != nil {
+			return fmt.Errorf("pin program %s: %w", nextPath, err)
 		}
-	}()
-	program := func() (*ebpf.Program, error) {
-		if prog != nil {
-			return prog, nil
-		}
-		var err error
-		prog, err = loadProgram(spec, maps)
-		return prog, err
+		_ = os.Chmod(nextPath, 0o600)
+	}
+	progID, err := programID(prog)
+	if err != nil {
+		return err
 	}
 
 	entries, err := os.ReadDir(linksDir)
@@ -481,13 +530,13 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 	}
 	attached := make(map[string]bool)
 	for _, e := range entries {
-		name := e.Name()
-		path := filepath.Join(linksDir, name)
+		name := state.IfnameFromLinkPin(e.Name())
+		path := filepath.Join(linksDir, e.Name())
 		lk, err := link.LoadPinnedLink(path, nil)
 		if err != nil {
 			return fmt.Errorf("open pinned link %s: %w", path, err)
 		}
-		err = l.convergeLink(lk, path, name, ifaces, cfg, progSpec, program, res)
+		err = l.convergeLink(lk, path, name, ifaces, cfg, prog, progID, res)
 		lk.Close()
 		if errors.Is(err, errStaleLink) {
 			continue // unpinned; attached afresh below if requested
@@ -511,16 +560,48 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 		if attached[name] {
 			continue
 		}
-		p, err := program()
-		if err != nil {
-			return err
-		}
-		if err := l.attach(p, name, ifaces[name], cfg.Mode, filepath.Join(linksDir, name)); err != nil {
+		if err := l.attach(prog, name, ifaces[name], cfg.Mode, state.LinkPath(cfg.PinPath, name)); err != nil {
 			return err
 		}
 		res.Attached = append(res.Attached, name)
 	}
+
+	if fresh {
+		if err := os.Rename(nextPath, progPath); err != nil {
+			return fmt.Errorf("replace program pin %s: %w", progPath, err)
+		}
+	}
 	return nil
+}
+
+// currentProgram returns the pinned program if it is this build, or this
+// build freshly loaded against the pinned maps (fresh=true).
+func (l *Loader) currentProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, progPath string) (_ *ebpf.Program, fresh bool, _ error) {
+	pinned, err := ebpf.LoadPinnedProgram(progPath, nil)
+	switch {
+	case err == nil:
+		info, err := pinned.Info()
+		if err == nil && spec.Programs[progName].Compatible(info) == nil {
+			return pinned, false, nil
+		}
+		pinned.Close()
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, false, fmt.Errorf("open pinned program %s: %w", progPath, err)
+	}
+	prog, err := loadProgram(spec, maps)
+	return prog, true, err
+}
+
+func programID(p *ebpf.Program) (ebpf.ProgramID, error) {
+	info, err := p.Info()
+	if err != nil {
+		return 0, fmt.Errorf("inspect program: %w", err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("inspect program: kernel reports no program id")
+	}
+	return id, nil
 }
 
 var errStaleLink = errors.New("stale link")
@@ -528,10 +609,10 @@ var errStaleLink = errors.New("stale link")
 const progName = "aegis_xdp"
 
 // convergeLink checks one pinned link: still attached to the interface of
-// that name, in the mode asked, running this build. It upgrades the program
-// in place when the build differs.
+// that name, in the mode asked, running prog. It moves the link to prog
+// in place when it runs anything else.
 func (l *Loader) convergeLink(lk link.Link, path, name string, ifaces map[string]int, cfg *Config,
-	progSpec *ebpf.ProgramSpec, program func() (*ebpf.Program, error), res *Result) error {
+	prog *ebpf.Program, progID ebpf.ProgramID, res *Result) error {
 	info, err := lk.Info()
 	if err != nil {
 		return fmt.Errorf("inspect link %s: %w", path, err)
@@ -566,34 +647,16 @@ func (l *Loader) convergeLink(lk link.Link, path, name string, ifaces map[string
 		}
 	}
 
-	running, err := ebpf.NewProgramFromID(info.Program)
-	if err != nil {
-		return fmt.Errorf("open program of %s: %w", path, err)
-	}
-	pinfo, err := running.Info()
-	running.Close()
-	if err != nil {
-		return fmt.Errorf("inspect program of %s: %w", path, err)
-	}
-	if progSpec.Compatible(pinfo) == nil {
-		l.Log.Debug().Str("iface", name).Str("tag", pinfo.Tag).Msg("program up to date")
+	if info.Program == progID {
+		l.Log.Debug().Str("iface", name).Uint32("program", uint32(progID)).Msg("program up to date")
 		return nil
 	}
-
-	p, err := program()
-	if err != nil {
-		return err
-	}
-	if err := l.Update(lk, p); err != nil {
+	if err := l.Update(lk, prog); err != nil {
 		return fmt.Errorf("upgrade program on %s: %w", name, err)
 	}
-	newInfo, _ := p.Info()
-	newTag := ""
-	if newInfo != nil {
-		newTag = newInfo.Tag
-	}
 	res.Upgraded = append(res.Upgraded, name)
-	l.Log.Info().Str("iface", name).Str("old_tag", pinfo.Tag).Str("new_tag", newTag).Msg("upgraded program in place")
+	l.Log.Info().Str("iface", name).Uint32("old_program", uint32(info.Program)).
+		Uint32("new_program", uint32(progID)).Msg("upgraded program in place")
 	return nil
 }
 
@@ -603,6 +666,9 @@ func loadProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map) (*ebpf.Pr
 	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
+			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+				return nil, fmt.Errorf("the kernel's verifier refused the XDP program for lack of privilege: aegis-loader needs CAP_BPF, CAP_PERFMON (variable-offset packet parsing) and CAP_NET_ADMIN: %v", ve)
+			}
 			return nil, fmt.Errorf("the kernel's verifier rejected the XDP program: %v", ve)
 		}
 		return nil, fmt.Errorf("load XDP program: %w", err)

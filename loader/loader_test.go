@@ -544,6 +544,10 @@ func TestIncompatiblePinnedMapIsKept(t *testing.T) {
 			ms.Value = v
 			return ms
 		}, "layout of struct session_value changed"},
+		{"layout version", func() *ebpf.MapSpec {
+			// A config map written by a release with another layout.
+			return spec.Maps[state.MapConfig].Copy()
+		}, "layout version 99 and this aegis-loader writes version 1"},
 		{"capacity", func() *ebpf.MapSpec {
 			ms := spec.Maps[state.MapSessionsV4].Copy()
 			ms.MaxEntries = 1000
@@ -555,17 +559,22 @@ func TestIncompatiblePinnedMapIsKept(t *testing.T) {
 			if err := os.MkdirAll(e.pin, 0o750); err != nil {
 				t.Fatal(err)
 			}
-			m, err := ebpf.NewMap(c.make())
+			ms := c.make()
+			m, err := ebpf.NewMap(ms)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer m.Close()
 			key := make([]byte, m.KeySize())
 			val := bytes.Repeat([]byte{7}, int(m.ValueSize()))
+			if ms.Name == state.MapConfig {
+				val = make([]byte, m.ValueSize())
+				val[0] = 99 // layout_version, first field
+			}
 			if err := m.Put(key, val); err != nil {
 				t.Fatal(err)
 			}
-			path := state.MapPath(e.pin, state.MapSessionsV4)
+			path := state.MapPath(e.pin, ms.Name)
 			if err := m.Pin(path); err != nil {
 				t.Fatal(err)
 			}
@@ -740,4 +749,77 @@ func TestStatus(t *testing.T) {
 	if missing.code != 1 || !strings.Contains(missing.stderr, "not loaded: run aegis-loader load first") {
 		t.Fatalf("status without pins: %+v", missing)
 	}
+}
+
+// bpffs refuses pin names with a dot; VLAN interfaces are named like
+// eth0.100. (A veth with such a name stands in for one: this kernel has no
+// 802.1Q module.)
+func TestDottedInterfaceName(t *testing.T) {
+	e := newEnv(t)
+	e.ns.Run(t, "ip", "link", "add", "a0.100", "type", "veth", "peer", "name", "a2")
+	e.ns.Run(t, "ip", "link", "set", "a0.100", "up")
+	e.ns.Run(t, "ip", "link", "set", "a2", "up")
+	r := e.mustLoad(nil, "-i", "a0.100")
+	if !strings.Contains(r.stdout, "attached a0,a0.100") {
+		t.Fatalf("stdout %q", r.stdout)
+	}
+	if e.xdpProgram("a0.100") == 0 {
+		t.Fatal("a0.100 not attached")
+	}
+	if r := e.mustLoad(nil, "-i", "a0.100"); !strings.Contains(r.stdout, "already loaded") {
+		t.Fatalf("rerun: %q", r.stdout)
+	}
+	st := e.cli(nil, "status", "--pin-path", e.pin)
+	if !strings.Contains(st.stdout, "a0.100") {
+		t.Fatalf("status lacks a0.100:\n%s", st.stdout)
+	}
+	if r := e.cli(nil, "unload", "--pin-path", e.pin, "-i", "a0.100"); r.code != 0 || e.xdpProgram("a0.100") != 0 {
+		t.Fatalf("unload -i a0.100: %+v", r)
+	}
+}
+
+// An upgrade that stops half-way (here: the second link's update fails)
+// leaves interfaces on different builds; the next load converges them.
+func TestInterruptedUpgradeConverges(t *testing.T) {
+	e := newEnv(t)
+	e.mustLoad(nil, "-i", "a1")
+	e.grant(testSession)
+	old := e.ids("a0")
+
+	calls := 0
+	r := e.cli(func(l *loader.Loader) {
+		l.Spec = nextbuild.LoadAegis
+		l.Update = func(lk link.Link, p *ebpf.Program) error {
+			if calls++; calls == 2 {
+				return errors.New("injected crash")
+			}
+			return lk.Update(p)
+		}
+	}, e.loadArgs("-i", "a1")...)
+	if r.code != 1 {
+		t.Fatalf("half-way upgrade: %+v", r)
+	}
+	if e.xdpProgram("a0") == e.xdpProgram("a1") {
+		t.Fatal("the injected failure did not leave the links on different programs")
+	}
+
+	useNext := func(l *loader.Loader) { l.Spec = nextbuild.LoadAegis }
+	e.mustLoad(useNext, "-i", "a1")
+	a0, a1 := e.ids("a0"), e.ids("a1")
+	if a0.program != a1.program || a0.program == old.program {
+		t.Fatalf("not converged: a0 runs %d, a1 runs %d (old %d)", a0.program, a1.program, old.program)
+	}
+	p, err := ebpf.LoadPinnedProgram(filepath.Join(e.pin, state.ProgramPin), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, _ := p.Info()
+	p.Close()
+	if id, _ := info.ID(); id != a0.program {
+		t.Fatalf("program pin holds %d, links run %d", id, a0.program)
+	}
+	if _, err := os.Stat(filepath.Join(e.pin, state.ProgramNextPin)); !os.IsNotExist(err) {
+		t.Fatalf("staging pin left behind: %v", err)
+	}
+	e.mustHaveSession(testSession)
 }

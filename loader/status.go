@@ -33,7 +33,8 @@ type InterfaceStatus struct {
 	LinkID    uint32 `json:"link_id"`
 	ProgramID uint32 `json:"program_id"`
 	Tag       string `json:"tag"`
-	// Current reports whether the program is this binary's build.
+	// Current reports whether the link runs the pinned program and that
+	// is this binary's build.
 	Current bool `json:"current"`
 }
 
@@ -81,8 +82,17 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("read %s: %w", linksDir, err)
 	}
+	var pinned programStatus
+	if p, err := ebpf.LoadPinnedProgram(filepath.Join(pinPath, state.ProgramPin), nil); err == nil {
+		if info, err := p.Info(); err == nil {
+			pinned.id, _ = info.ID()
+			pinned.tag = info.Tag
+			pinned.current = spec.Programs[progName].Compatible(info) == nil
+		}
+		p.Close()
+	}
 	for _, e := range entries {
-		is, err := l.interfaceStatus(filepath.Join(linksDir, e.Name()), e.Name(), spec.Programs[progName])
+		is, err := l.interfaceStatus(filepath.Join(linksDir, e.Name()), state.IfnameFromLinkPin(e.Name()), pinned)
 		if err != nil {
 			return nil, err
 		}
@@ -141,7 +151,14 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	return st, nil
 }
 
-func (l *Loader) interfaceStatus(path, name string, progSpec *ebpf.ProgramSpec) (InterfaceStatus, error) {
+// programStatus describes the pinned program.
+type programStatus struct {
+	id      ebpf.ProgramID
+	tag     string
+	current bool // this binary's build
+}
+
+func (l *Loader) interfaceStatus(path, name string, pinned programStatus) (InterfaceStatus, error) {
 	is := InterfaceStatus{Name: name}
 	lk, err := link.LoadPinnedLink(path, nil)
 	if err != nil {
@@ -164,12 +181,9 @@ func (l *Loader) interfaceStatus(path, name string, progSpec *ebpf.ProgramSpec) 
 			is.Name = fmt.Sprintf("%s (now %s)", name, iface.Name)
 		}
 	}
-	if p, err := ebpf.NewProgramFromID(info.Program); err == nil {
-		if pinfo, err := p.Info(); err == nil {
-			is.Tag = pinfo.Tag
-			is.Current = progSpec.Compatible(pinfo) == nil
-		}
-		p.Close()
+	if info.Program == pinned.id {
+		is.Tag = pinned.tag
+		is.Current = pinned.current
 	}
 	return is, nil
 }

@@ -42,11 +42,11 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 			return nil, fmt.Errorf("read %s: %w", linksDir, err)
 		}
 		for _, e := range entries {
-			targets = append(targets, e.Name())
+			targets = append(targets, state.IfnameFromLinkPin(e.Name()))
 		}
 	}
 	for _, name := range targets {
-		path := filepath.Join(linksDir, filepath.Base(name))
+		path := state.LinkPath(pinPath, name)
 		ok, err := detachPinned(path)
 		if err != nil {
 			return detached, fmt.Errorf("detach %s: %w", name, err)
@@ -62,7 +62,7 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 		return detached, nil
 	}
 
-	for _, name := range state.MapNames {
+	for _, name := range append([]string{state.ProgramPin, state.ProgramNextPin}, state.MapNames...) {
 		if err := os.Remove(state.MapPath(pinPath, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return detached, fmt.Errorf("remove pin: %w", err)
 		}

@@ -51,6 +51,7 @@ enum {
 /* UAPI: helper function numbers (enum bpf_func_id). */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
+static __u64 (*bpf_xdp_get_buff_len)(struct xdp_md *ctx) = (void *)188;
 
 /* BTF-defined maps, as libbpf and cilium/ebpf understand them. */
 #define __uint(name, val) int(*name)[val]

@@ -32,6 +32,7 @@ type Config struct {
 // ErrInvalid for a config the data path could not apply.
 func (c *Config) Value() (bpf.AegisConfigValue, error) {
 	v := bpf.AegisConfigValue{
+		LayoutVersion:        bpf.LayoutVersion,
 		ControllerPort:       c.ControllerPort,
 		GrpcPort:             c.GRPCPort,
 		AllowV4Rules:         c.AllowV4Prefixes,

@@ -7,35 +7,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/rs/zerolog"
 
-	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
-// pinMaps creates and pins the data path's maps as the loader would.
-func pinMaps(t *testing.T, dir string) {
-	t.Helper()
-	spec, err := bpf.LoadAegis()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range state.MapNames {
-		m, err := ebpf.NewMap(spec.Maps[name])
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := m.Pin(state.MapPath(dir, name)); err != nil {
-			t.Fatal(err)
-		}
-		m.Close()
-	}
-}
+func pinMaps(t *testing.T, dir string) { tu.PinMaps(t, dir, tu.PinOptions{}) }
 
 func TestHandleFollowsThePins(t *testing.T) {
 	dir := tu.PinDir(t)

@@ -92,7 +92,22 @@ func Open(pinPath string, opts OpenOptions) (*Maps, error) {
 			return nil, fmt.Errorf("open %s: %w", path, err)
 		}
 	}
-	return m, nil
+	var cfg bpf.AegisConfigValue
+	if err := m.Config.Lookup(uint32(0), &cfg); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	switch cfg.LayoutVersion {
+	case bpf.LayoutVersion:
+		return m, nil
+	case 0:
+		m.Close()
+		return nil, fmt.Errorf("%s: %w: the loader has not written the config yet; run aegis-loader load", pinPath, ErrNotLoaded)
+	default:
+		m.Close()
+		return nil, fmt.Errorf("%s: %w: maps have layout version %d, this build speaks version %d: run binaries of one release",
+			pinPath, ErrIncompatible, cfg.LayoutVersion, bpf.LayoutVersion)
+	}
 }
 
 func openError(path string, err error) error {

@@ -10,6 +10,7 @@ package state
 import (
 	"errors"
 	"path/filepath"
+	"strings"
 )
 
 // DefaultPinPath is where the loader pins its maps and links unless told
@@ -30,6 +31,14 @@ const (
 // MapNames lists every pinned map.
 var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats}
 
+// ProgramPin is the pin of the XDP program the links run. An upgrade pins
+// the new build as ProgramNextPin, moves the links to it, then renames it
+// over ProgramPin.
+const (
+	ProgramPin     = "program"
+	ProgramNextPin = "program_next"
+)
+
 // LinksDir is the directory under the pin path holding one pinned XDP
 // bpf_link per interface, named after the interface.
 const LinksDir = "links"
@@ -38,7 +47,21 @@ const LinksDir = "links"
 func MapPath(pinPath, name string) string { return filepath.Join(pinPath, name) }
 
 // LinkPath returns the pin of the XDP link on the named interface.
-func LinkPath(pinPath, ifname string) string { return filepath.Join(pinPath, LinksDir, ifname) }
+func LinkPath(pinPath, ifname string) string {
+	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname))
+}
+
+// LinkPinName is the pin file name for an interface. bpffs refuses names
+// containing a dot, which interface names may have (eth0.100), so "%" and
+// "." are escaped as %25 and %2e.
+func LinkPinName(ifname string) string {
+	return strings.NewReplacer("%", "%25", ".", "%2e").Replace(ifname)
+}
+
+// IfnameFromLinkPin reverses LinkPinName.
+func IfnameFromLinkPin(name string) string {
+	return strings.NewReplacer("%2e", ".", "%25", "%").Replace(name)
+}
 
 // Errors returned by this package; test for them with errors.Is.
 var (

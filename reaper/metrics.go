@@ -1,0 +1,88 @@
+package reaper
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// Label values. Families and causes only: never an address or a user.
+const (
+	familyV4 = "ipv4"
+	familyV6 = "ipv6"
+)
+
+// metrics are the reaper's Prometheus series, registered on their own
+// registry so that tests and the process never share global state.
+type metrics struct {
+	reg      *prometheus.Registry
+	reaped   *prometheus.CounterVec
+	scanned  *prometheus.CounterVec
+	restored *prometheus.CounterVec
+	duration prometheus.Histogram
+	errors   prometheus.Counter
+	last     prometheus.Gauge
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		reaped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "aegis_reaper_sessions_reaped_total",
+			Help: "Expired sessions deleted, by address family and reason (idle or lifetime).",
+		}, []string{"family", "reason"}),
+		scanned: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "aegis_reaper_sessions_scanned_total",
+			Help: "Session map entries read by sweeps, by address family.",
+		}, []string{"family"}),
+		restored: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "aegis_reaper_sessions_restored_total",
+			Help: "Sessions found expired by a sweep's scan but re-granted before its delete, and kept.",
+		}, []string{"family"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "aegis_reaper_sweep_duration_seconds",
+			Help: "Wall time of one sweep over both sessions maps.",
+			// 1 ms (an empty map) to about a minute (millions of sessions
+			// on a slow machine).
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 9),
+		}),
+		errors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "aegis_reaper_sweep_errors_total",
+			Help: "Sweeps that failed, or could not put back a session re-granted during the sweep.",
+		}),
+		last: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "aegis_reaper_last_sweep_timestamp_seconds",
+			Help: "Unix time at which the last successful sweep finished; 0 before the first.",
+		}),
+	}
+	for _, f := range []string{familyV4, familyV6} {
+		for _, r := range []state.Expiry{state.ExpiredIdle, state.ExpiredLifetime} {
+			m.reaped.WithLabelValues(f, r.String())
+		}
+		m.scanned.WithLabelValues(f)
+		m.restored.WithLabelValues(f)
+	}
+	m.reg.MustRegister(m.reaped, m.scanned, m.restored, m.duration, m.errors, m.last,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// observe records one sweep, complete or not.
+func (m *metrics) observe(res state.SweepResult, took time.Duration, complete bool) {
+	for _, f := range []struct {
+		name string
+		r    state.FamilyResult
+	}{{familyV4, res.V4}, {familyV6, res.V6}} {
+		m.reaped.WithLabelValues(f.name, state.ExpiredIdle.String()).Add(float64(f.r.Idle))
+		m.reaped.WithLabelValues(f.name, state.ExpiredLifetime.String()).Add(float64(f.r.Lifetime))
+		m.scanned.WithLabelValues(f.name).Add(float64(f.r.Scanned))
+		m.restored.WithLabelValues(f.name).Add(float64(f.r.Restored))
+	}
+	if complete {
+		m.duration.Observe(took.Seconds())
+		m.last.SetToCurrentTime()
+	}
+}
