@@ -426,7 +426,7 @@ func BenchmarkControlPlane(b *testing.B) {
 	check(r["unary-c16-grants/s"] >= 15000, ">= 15,000 unary grants/s at c16 (%.0f)", r["unary-c16-grants/s"])
 	check(r["stream-grants/s"] >= 200000, ">= 200,000 streamed grants/s (%.0f)", r["stream-grants/s"])
 	for _, k := range []string{"p50-vs-nft", "p99-vs-nft", "c16-vs-nft", "stream-vs-nft"} {
-		check(ratios[k] >= 10, "%s >= 10x (%.1fx)", k, ratios[k])
+		check(ratios[k] >= 10, "%s >= 10x (%.2fx)", k, ratios[k])
 	}
 	b.Log(sb.String())
 }

@@ -218,7 +218,6 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	log.Info().Stringer("addr", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
 		Msg("serving session.SessionManager and aegis.agent.v1.AgentService")
 	daemon.Ready(log)
-	daemon.Status("serving on " + ln.Addr().String())
 	go daemon.Watchdog(ctx, log, srv.Healthy)
 
 	var serveErr error
