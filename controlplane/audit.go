@@ -56,19 +56,20 @@ func (s *Server) audit(op, api string, p *peerInfo, user string, k *state.Key, r
 }
 
 // auditTarget is audit for a request refused before it named a valid key.
+// The fields are the client's and may be anything: they are cut short.
 func (s *Server) auditTarget(op, api string, p *peerInfo, user string, t *target, result string, err error) {
-	ev := s.auditEvent(op, api, user, result, err)
+	ev := s.auditEvent(op, api, clip(user), result, err)
 	if ev == nil {
 		return
 	}
 	if t.proto != "" {
-		ev = ev.Str("proto", t.proto)
+		ev = ev.Str("proto", clip(t.proto))
 	}
 	if t.src != "" {
-		ev = ev.Str("src", t.src)
+		ev = ev.Str("src", clip(t.src))
 	}
 	if t.dst != "" {
-		ev = ev.Str("dst", t.dst)
+		ev = ev.Str("dst", clip(t.dst))
 	}
 	if t.port != 0 {
 		ev = ev.Uint32("port", t.port)
@@ -102,4 +103,15 @@ func (s *Server) auditEvent(op, api, user, result string, err error) *zerolog.Ev
 func (s *Server) auditDone(ev *zerolog.Event, p *peerInfo, op, result string) {
 	var buf [64]byte
 	ev.Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("result", result).Msg(op)
+}
+
+// maxLogged is the most of a client-supplied string an audit line
+// carries: enough for any valid value, little for a hostile one.
+const maxLogged = 64
+
+func clip(s string) string {
+	if len(s) <= maxLogged {
+		return s
+	}
+	return s[:maxLogged] + "..."
 }
