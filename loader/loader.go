@@ -26,7 +26,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/rlimit"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
@@ -179,9 +178,9 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 		}
 		ifaces[name] = iface.Index
 	}
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("raise memlock limit: %w", err)
-	}
+	// No RLIMIT_MEMLOCK dance: the program needs Linux 5.18 or later
+	// (bpf_xdp_get_buff_len), and since 5.11 BPF memory is charged to the
+	// memory cgroup instead.
 
 	lock, err := lockPinDir(cfg.PinPath, gid, true)
 	if err != nil {

@@ -20,7 +20,7 @@ declare -A need=(
   [nsenter]=util-linux   # entering namespaces without remounting /sys
   [setpriv]=util-linux   # least-privilege tests
   [systemd-nspawn]=systemd-container # systemd integration test
-  [tcpdump]=tcpdump      # troubleshooting in the demo
+  [socat]=socat          # the demo's small services and client
   [systemd-socket-activate]=systemd # control plane socket-activation test
 )
 missing=()

@@ -1,0 +1,138 @@
+package aegisctl
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/cli"
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// LocalCmd reads the pinned maps directly: for an operator on the gateway,
+// as root, when the control plane is down or not to be trusted.
+type LocalCmd struct {
+	PinPath  string           `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps."`
+	Sessions LocalSessionsCmd `cmd:"" help:"List the sessions in the pinned maps."`
+	Stats    LocalStatsCmd    `cmd:"" help:"Show the data path's verdict counters and map fill."`
+}
+
+// LocalSessionsCmd is "aegisctl local sessions".
+type LocalSessionsCmd struct {
+	JSON bool `name:"json" help:"Print JSON."`
+}
+
+// LocalStatsCmd is "aegisctl local stats".
+type LocalStatsCmd struct {
+	JSON bool `name:"json" help:"Print JSON."`
+}
+
+func openLocal(pinPath string) (*state.Maps, error) {
+	m, err := state.Open(pinPath, state.OpenOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("read the pinned maps (this needs root or CAP_BPF on the gateway): %w", err)
+	}
+	return m, nil
+}
+
+// Run lists the sessions.
+func (cmd *LocalSessionsCmd) Run(parent *LocalCmd, stdio cli.IO) error {
+	m, err := openLocal(parent.PinPath)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	rows, err := localSessions(m)
+	if err != nil {
+		return err
+	}
+	if cmd.JSON {
+		sortSessions(rows)
+		return writeJSON(stdio.Stdout, rows)
+	}
+	return WriteSessions(stdio.Stdout, rows, time.Now())
+}
+
+func localSessions(m *state.Maps) ([]SessionRow, error) {
+	cfg, err := m.ReadConfig()
+	if err != nil {
+		return nil, err
+	}
+	now := state.Now()
+	rows := []SessionRow{}
+	for s, err := range m.Sessions() {
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, rowFromState(&s, cfg.DefaultIdleTimeout, now))
+	}
+	return rows, nil
+}
+
+// rowFromState converts a session read from the maps; now is the data
+// path's clock.
+func rowFromState(s *state.Session, defaultIdle time.Duration, now uint64) SessionRow {
+	idle := s.IdleTimeout
+	if idle == 0 {
+		idle = defaultIdle
+	}
+	left := s.IdleLeft(defaultIdle, now)
+	r := SessionRow{
+		User:        s.User,
+		Protocol:    s.Proto.String(),
+		Source:      s.Src,
+		Dest:        netip.AddrPortFrom(s.Dst, s.Port),
+		Created:     state.WallTime(s.Created),
+		LastSeen:    state.WallTime(s.LastSeen),
+		IdleTimeout: idle,
+		Expired:     s.Verdict(defaultIdle, now) != bpf.ReasonSession,
+	}
+	if s.Expires != 0 {
+		r.Expires = state.WallTime(s.Expires)
+		left = min(left, max(time.Duration(int64(s.Expires-now)), 0))
+	}
+	if r.Expired {
+		left = 0
+	}
+	r.Left = left
+	return r
+}
+
+// Run shows the counters.
+func (cmd *LocalStatsCmd) Run(parent *LocalCmd, stdio cli.IO) error {
+	m, err := openLocal(parent.PinPath)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	st, err := localStats(m)
+	if err != nil {
+		return err
+	}
+	if cmd.JSON {
+		return writeJSON(stdio.Stdout, st)
+	}
+	return WriteStats(stdio.Stdout, st)
+}
+
+func localStats(m *state.Maps) (Stats, error) {
+	counters, err := m.ReadStats()
+	if err != nil {
+		return Stats{}, err
+	}
+	var st Stats
+	for _, r := range state.Reasons {
+		st.Counters = append(st.Counters, CounterRow{Verdict: r.Verdict(), Reason: r.String(),
+			Packets: counters[r].Packets, Bytes: counters[r].Bytes})
+	}
+	v4, v6, err := m.Count()
+	if err != nil {
+		return Stats{}, err
+	}
+	st.Maps = []MapRow{
+		{Family: "v4", Entries: uint64(v4), Capacity: uint64(m.SessionsV4.MaxEntries())},
+		{Family: "v6", Entries: uint64(v6), Capacity: uint64(m.SessionsV6.MaxEntries())},
+	}
+	return st, nil
+}

@@ -1,0 +1,342 @@
+package aegisctl
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/mattn/go-isatty"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/aegis-agent/aegis/internal/cli"
+	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
+)
+
+// callError turns a gRPC error into one readable line.
+func callError(op, addr string, err error) error {
+	st, ok := status.FromError(err)
+	if !ok {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	if st.Code() == codes.Unavailable && strings.Contains(st.Message(), "connection") {
+		return fmt.Errorf("%s: cannot reach the control plane at %s: %s", op, addr, st.Message())
+	}
+	return fmt.Errorf("%s: %s: %s", op, st.Code(), st.Message())
+}
+
+func protocol(s string) (agentv1.Protocol, error) {
+	switch strings.ToLower(s) {
+	case "", "tcp":
+		return agentv1.Protocol_PROTOCOL_TCP, nil
+	case "udp":
+		return agentv1.Protocol_PROTOCOL_UDP, nil
+	}
+	return 0, &cli.UsageError{Err: fmt.Errorf("--proto %q: want tcp or udp", s)}
+}
+
+func protocolName(p agentv1.Protocol) string {
+	if p == agentv1.Protocol_PROTOCOL_UDP {
+		return "udp"
+	}
+	return "tcp"
+}
+
+// LoginCmd is "aegisctl login".
+type LoginCmd struct {
+	Conn        `embed:""`
+	User        string        `short:"u" required:"" placeholder:"NAME" help:"User the session belongs to (1-31 bytes)."`
+	Src         string        `required:"" placeholder:"IP" help:"Client (source) address."`
+	Dst         string        `required:"" placeholder:"IP" help:"Service (destination) address."`
+	Port        uint32        `required:"" placeholder:"PORT" help:"Service (destination) port."`
+	Proto       string        `default:"tcp" enum:"tcp,udp" help:"Protocol: tcp or udp."`
+	IdleTimeout time.Duration `help:"Idle timeout; 0 for the gateway's default (aegis-loader --rule-timeout)."`
+	MaxLifetime time.Duration `help:"Longest the session may last; 0 for no limit."`
+}
+
+// Run grants the session.
+func (cmd *LoginCmd) Run(ctx context.Context, stdio cli.IO) error {
+	proto, err := protocol(cmd.Proto)
+	if err != nil {
+		return err
+	}
+	client, done, err := cmd.agent()
+	if err != nil {
+		return err
+	}
+	defer done()
+	req := &agentv1.LoginEventRequest{User: cmd.User, SrcIp: cmd.Src, DstIp: cmd.Dst, DstPort: cmd.Port, Protocol: proto}
+	if cmd.IdleTimeout != 0 {
+		req.IdleTimeout = durationpb.New(cmd.IdleTimeout)
+	}
+	if cmd.MaxLifetime != 0 {
+		req.MaxLifetime = durationpb.New(cmd.MaxLifetime)
+	}
+	c, cancel := cmd.ctx(ctx)
+	defer cancel()
+	resp, err := client.LoginEvent(c, req)
+	if err != nil {
+		return callError("login", cmd.Address, err)
+	}
+	what := "refreshed"
+	if resp.GetCreated() {
+		what = "granted"
+	}
+	s := resp.GetSession()
+	lifetime := "no lifetime limit"
+	if s.GetExpireTime() != nil {
+		lifetime = "lifetime ends " + s.GetExpireTime().AsTime().Local().Format(time.DateTime)
+	}
+	fmt.Fprintf(stdio.Stdout, "%s: %s %s %s -> %s, idle timeout %v, %s\n", what, s.GetUser(), protocolName(s.GetProtocol()),
+		s.GetSrcIp(), hostPort(s.GetDstIp(), s.GetDstPort()), s.GetIdleTimeout().AsDuration(), lifetime)
+	return nil
+}
+
+func hostPort(addr string, port uint32) string {
+	if a, err := netip.ParseAddr(addr); err == nil {
+		return netip.AddrPortFrom(a, uint16(port)).String()
+	}
+	return fmt.Sprintf("%s:%d", addr, port)
+}
+
+// LogoutCmd is "aegisctl logout".
+type LogoutCmd struct {
+	Conn  `embed:""`
+	User  string `short:"u" help:"Revoke every session of this user, or (with a key) check the session is theirs."`
+	Src   string `placeholder:"IP" help:"Client address of the one session to revoke."`
+	Dst   string `placeholder:"IP" help:"Service address of the one session to revoke."`
+	Port  uint32 `help:"Service port of the one session to revoke."`
+	Proto string `default:"tcp" enum:"tcp,udp" help:"Protocol of the one session to revoke."`
+}
+
+// Run revokes.
+func (cmd *LogoutCmd) Run(ctx context.Context, stdio cli.IO) error {
+	keyed := cmd.Src != "" || cmd.Dst != "" || cmd.Port != 0
+	if !keyed && cmd.User == "" {
+		return &cli.UsageError{Err: fmt.Errorf("name a --user, or a session with --src, --dst and --port")}
+	}
+	if keyed && (cmd.Src == "" || cmd.Dst == "" || cmd.Port == 0) {
+		return &cli.UsageError{Err: fmt.Errorf("a session needs all of --src, --dst and --port")}
+	}
+	req := &agentv1.LogoutEventRequest{User: cmd.User}
+	if keyed {
+		proto, err := protocol(cmd.Proto)
+		if err != nil {
+			return err
+		}
+		req.SrcIp, req.DstIp, req.DstPort, req.Protocol = cmd.Src, cmd.Dst, cmd.Port, proto
+	}
+	client, done, err := cmd.agent()
+	if err != nil {
+		return err
+	}
+	defer done()
+	c, cancel := cmd.ctx(ctx)
+	defer cancel()
+	resp, err := client.LogoutEvent(c, req)
+	if err != nil {
+		return callError("logout", cmd.Address, err)
+	}
+	fmt.Fprintf(stdio.Stdout, "revoked %d session(s)\n", resp.GetRevoked())
+	return nil
+}
+
+// SessionsCmd is "aegisctl sessions".
+type SessionsCmd struct {
+	Conn  `embed:""`
+	User  string `short:"u" help:"Only this user's sessions."`
+	Src   string `placeholder:"IP" help:"Only sessions from this client address."`
+	Dst   string `placeholder:"IP" help:"Only sessions to this service address."`
+	Port  uint32 `help:"Only sessions to this service port."`
+	Limit uint32 `help:"At most this many sessions; 0 for all."`
+	JSON  bool   `name:"json" help:"Print JSON."`
+}
+
+func (cmd *SessionsCmd) request() *agentv1.ListSessionsRequest {
+	return &agentv1.ListSessionsRequest{User: cmd.User, SrcIp: cmd.Src, DstIp: cmd.Dst, DstPort: cmd.Port, Limit: cmd.Limit}
+}
+
+// Run lists.
+func (cmd *SessionsCmd) Run(ctx context.Context, stdio cli.IO) error {
+	client, done, err := cmd.agent()
+	if err != nil {
+		return err
+	}
+	defer done()
+	rows, matched, err := listSessions(ctx, &cmd.Conn, client, cmd.request())
+	if err != nil {
+		return err
+	}
+	if cmd.JSON {
+		sortSessions(rows)
+		return writeJSON(stdio.Stdout, rows)
+	}
+	if err := WriteSessions(stdio.Stdout, rows, time.Now()); err != nil {
+		return err
+	}
+	if matched > uint64(len(rows)) {
+		fmt.Fprintf(stdio.Stdout, "%d more not shown (--limit)\n", matched-uint64(len(rows)))
+	}
+	return nil
+}
+
+func listSessions(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient, req *agentv1.ListSessionsRequest) ([]SessionRow, uint64, error) {
+	c, cancel := conn.ctx(ctx)
+	defer cancel()
+	resp, err := client.ListSessions(c, req)
+	if err != nil {
+		return nil, 0, callError("list sessions", conn.Address, err)
+	}
+	rows := make([]SessionRow, 0, len(resp.GetSessions()))
+	for _, s := range resp.GetSessions() {
+		rows = append(rows, rowFromProto(s))
+	}
+	return rows, resp.GetMatched(), nil
+}
+
+func rowFromProto(s *agentv1.Session) SessionRow {
+	src, _ := netip.ParseAddr(s.GetSrcIp())
+	dst, _ := netip.ParseAddr(s.GetDstIp())
+	r := SessionRow{
+		User:        s.GetUser(),
+		Protocol:    protocolName(s.GetProtocol()),
+		Source:      src,
+		Dest:        netip.AddrPortFrom(dst, uint16(s.GetDstPort())),
+		Created:     s.GetCreateTime().AsTime(),
+		LastSeen:    s.GetLastSeenTime().AsTime(),
+		IdleTimeout: s.GetIdleTimeout().AsDuration(),
+		Left:        s.GetTimeLeft().AsDuration(),
+		Expired:     s.GetExpired(),
+	}
+	if s.GetExpireTime() != nil {
+		r.Expires = s.GetExpireTime().AsTime()
+	}
+	return r
+}
+
+// StatsCmd is "aegisctl stats".
+type StatsCmd struct {
+	Conn `embed:""`
+	JSON bool `name:"json" help:"Print JSON."`
+}
+
+// Run shows the counters.
+func (cmd *StatsCmd) Run(ctx context.Context, stdio cli.IO) error {
+	client, done, err := cmd.agent()
+	if err != nil {
+		return err
+	}
+	defer done()
+	st, err := getStats(ctx, &cmd.Conn, client)
+	if err != nil {
+		return err
+	}
+	if cmd.JSON {
+		return writeJSON(stdio.Stdout, st)
+	}
+	return WriteStats(stdio.Stdout, st)
+}
+
+func getStats(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient) (Stats, error) {
+	c, cancel := conn.ctx(ctx)
+	defer cancel()
+	resp, err := client.GetStats(c, &agentv1.GetStatsRequest{})
+	if err != nil {
+		return Stats{}, callError("get stats", conn.Address, err)
+	}
+	var st Stats
+	for _, v := range resp.GetCounters() {
+		st.Counters = append(st.Counters, CounterRow{Verdict: v.GetVerdict(), Reason: v.GetReason(), Packets: v.GetPackets(), Bytes: v.GetBytes()})
+	}
+	st.Maps = []MapRow{
+		{Family: "v4", Entries: resp.GetSessionsV4().GetEntries(), Capacity: resp.GetSessionsV4().GetCapacity()},
+		{Family: "v6", Entries: resp.GetSessionsV6().GetEntries(), Capacity: resp.GetSessionsV6().GetCapacity()},
+	}
+	return st, nil
+}
+
+// WatchCmd is "aegisctl watch".
+type WatchCmd struct {
+	Conn     `embed:""`
+	Interval time.Duration `default:"2s" help:"Refresh period."`
+	Count    int           `help:"Stop after this many refreshes; 0 runs until interrupted."`
+	User     string        `short:"u" help:"Only this user's sessions."`
+}
+
+// Run refreshes the view until ctx ends or Count refreshes were shown.
+// On a terminal each frame replaces the last; otherwise frames follow each
+// other, separated by a line.
+func (cmd *WatchCmd) Run(ctx context.Context, stdio cli.IO) error {
+	if cmd.Interval <= 0 {
+		return &cli.UsageError{Err: fmt.Errorf("--interval must be positive")}
+	}
+	client, done, err := cmd.agent()
+	if err != nil {
+		return err
+	}
+	defer done()
+	tty := false
+	if f, ok := stdio.Stdout.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
+		tty = true
+	}
+	var prev *Stats
+	var prevAt time.Time
+	tick := time.NewTicker(cmd.Interval)
+	defer tick.Stop()
+	for frame := 1; ; frame++ {
+		st, err := getStats(ctx, &cmd.Conn, client)
+		if err != nil {
+			return err
+		}
+		rows, matched, err := listSessions(ctx, &cmd.Conn, client, &agentv1.ListSessionsRequest{User: cmd.User, Limit: 50})
+		if err != nil {
+			return err
+		}
+		now := time.Now()
+		if tty {
+			fmt.Fprint(stdio.Stdout, "\x1b[H\x1b[2J")
+		} else if frame > 1 {
+			fmt.Fprintln(stdio.Stdout, "---")
+		}
+		fmt.Fprintf(stdio.Stdout, "aegisctl watch  %s  every %v  %s\n\n", cmd.Address, cmd.Interval, now.Format(time.TimeOnly))
+		writeRates(stdio.Stdout, st, prev, now.Sub(prevAt))
+		fmt.Fprintln(stdio.Stdout)
+		if err := WriteSessions(stdio.Stdout, rows, now); err != nil {
+			return err
+		}
+		if matched > uint64(len(rows)) {
+			fmt.Fprintf(stdio.Stdout, "%d more not shown\n", matched-uint64(len(rows)))
+		}
+		prev, prevAt = &st, now
+		if cmd.Count > 0 && frame >= cmd.Count {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+// writeRates prints the counters with packets per second since prev.
+func writeRates(w io.Writer, st Stats, prev *Stats, elapsed time.Duration) {
+	rate := func(i int, c CounterRow) string {
+		if prev == nil || i >= len(prev.Counters) || elapsed <= 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.0f", float64(c.Packets-prev.Counters[i].Packets)/elapsed.Seconds())
+	}
+	fmt.Fprintf(w, "%-6s %-16s %14s %10s\n", "", "REASON", "PACKETS", "PKT/S")
+	for i, c := range st.Counters {
+		fmt.Fprintf(w, "%-6s %-16s %14d %10s\n", c.Verdict, c.Reason, c.Packets, rate(i, c))
+	}
+	for _, m := range st.Maps {
+		fmt.Fprintf(w, "sessions_%s: %d of %d\n", m.Family, m.Entries, m.Capacity)
+	}
+}

@@ -1,0 +1,140 @@
+package aegisctl
+
+import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/netip"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// SessionRow is one session as aegisctl shows it, whether it came over
+// gRPC or straight from the pinned maps.
+type SessionRow struct {
+	User     string         `json:"user"`
+	Protocol string         `json:"protocol"`
+	Source   netip.Addr     `json:"src_ip"`
+	Dest     netip.AddrPort `json:"dst"`
+	Created  time.Time      `json:"create_time"`
+	LastSeen time.Time      `json:"last_seen_time"`
+	// Expires is the end of the lifetime; zero for none.
+	Expires     time.Time     `json:"expire_time,omitzero"`
+	IdleTimeout time.Duration `json:"idle_timeout_ns"`
+	// Left is how long until the data path refuses the session.
+	Left    time.Duration `json:"time_left_ns"`
+	Expired bool          `json:"expired"`
+}
+
+// CounterRow is one verdict reason's counters.
+type CounterRow struct {
+	Verdict string `json:"verdict"`
+	Reason  string `json:"reason"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+// MapRow is a sessions map's fill.
+type MapRow struct {
+	Family   string `json:"family"`
+	Entries  uint64 `json:"entries"`
+	Capacity uint64 `json:"capacity"`
+}
+
+// Stats is what "aegisctl stats" shows.
+type Stats struct {
+	Counters []CounterRow `json:"counters"`
+	Maps     []MapRow     `json:"maps"`
+}
+
+func sortSessions(rows []SessionRow) {
+	slices.SortFunc(rows, func(a, b SessionRow) int {
+		return cmp.Or(strings.Compare(a.User, b.User), a.Source.Compare(b.Source),
+			a.Dest.Addr().Compare(b.Dest.Addr()), cmp.Compare(a.Dest.Port(), b.Dest.Port()),
+			strings.Compare(a.Protocol, b.Protocol))
+	})
+}
+
+// WriteSessions prints sessions as an aligned table, sorted by user, then
+// source, destination and protocol.
+func WriteSessions(w io.Writer, rows []SessionRow, now time.Time) error {
+	sortSessions(rows)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "USER\tPROTO\tSOURCE\tDESTINATION\tIDLE\tLEFT\tLIFETIME\tSTATE")
+	for _, r := range rows {
+		lifetime := "-"
+		if !r.Expires.IsZero() {
+			lifetime = short(r.Expires.Sub(now))
+		}
+		state := "active"
+		if r.Expired {
+			state = "expired"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.User, r.Protocol, r.Source, r.Dest,
+			short(now.Sub(r.LastSeen)), short(r.Left), lifetime, state)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(w, "%d session(s)\n", len(rows))
+	return err
+}
+
+// WriteStats prints the verdict counters and the map fill as tables, names
+// left-aligned and numbers right-aligned.
+func WriteStats(w io.Writer, s Stats) error {
+	rw, pw, bw := len("REASON"), len("PACKETS"), len("BYTES")
+	for _, c := range s.Counters {
+		rw = max(rw, len(c.Reason))
+		pw = max(pw, len(fmt.Sprint(c.Packets)))
+		bw = max(bw, len(fmt.Sprint(c.Bytes)))
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-7s  %-*s  %*s  %*s\n", "VERDICT", rw, "REASON", pw, "PACKETS", bw, "BYTES")
+	for _, c := range s.Counters {
+		fmt.Fprintf(&b, "%-7s  %-*s  %*d  %*d\n", c.Verdict, rw, c.Reason, pw, c.Packets, bw, c.Bytes)
+	}
+	ew, cw := len("SESSIONS"), len("CAPACITY")
+	for _, m := range s.Maps {
+		ew = max(ew, len(fmt.Sprint(m.Entries)))
+		cw = max(cw, len(fmt.Sprint(m.Capacity)))
+	}
+	fmt.Fprintf(&b, "\n%-11s  %*s  %*s  %6s\n", "MAP", ew, "SESSIONS", cw, "CAPACITY", "FILL")
+	for _, m := range s.Maps {
+		fill := 0.0
+		if m.Capacity > 0 {
+			fill = 100 * float64(m.Entries) / float64(m.Capacity)
+		}
+		fmt.Fprintf(&b, "%-11s  %*d  %*d  %5.1f%%\n", "sessions_"+m.Family, ew, m.Entries, cw, m.Capacity, fill)
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// writeJSON prints v as indented JSON.
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// short formats a duration to the second, as an operator reads it:
+// 45s, 3m12s, 2h5m, 3d4h.
+func short(d time.Duration) string {
+	if d < 0 {
+		d = 0
+	}
+	d = d.Round(time.Second)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm%02ds", int(d.Minutes()), int(d.Seconds())%60)
+	case d < 24*time.Hour:
+		return fmt.Sprintf("%dh%02dm", int(d.Hours()), int(d.Minutes())%60)
+	}
+	return fmt.Sprintf("%dd%02dh", int(d.Hours())/24, int(d.Hours())%24)
+}
