@@ -295,3 +295,22 @@ func TestAgentStreamEmpty(t *testing.T) {
 		t.Fatalf("%v", resp)
 	}
 }
+
+// A hostile client cannot fill the log: the fields of a refused request
+// are cut short in the audit line and in the error.
+func TestRefusedFieldsAreClipped(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	agent, _ := e.controller()
+	huge := strings.Repeat("x", 100_000)
+	_, err := agent.LoginEvent(ctx(t), &agentv1.LoginEventRequest{User: huge, SrcIp: huge, DstIp: huge, DstPort: 1})
+	if code(err) != codes.InvalidArgument || len(status.Convert(err).Message()) > 200 {
+		t.Fatalf("error %d bytes: %.200v", len(status.Convert(err).Message()), err)
+	}
+	_, err = agent.LoginEvent(ctx(t), &agentv1.LoginEventRequest{User: "alice", SrcIp: huge, DstIp: huge, DstPort: 1})
+	if code(err) != codes.InvalidArgument || len(status.Convert(err).Message()) > 200 {
+		t.Fatalf("error %d bytes: %.200v", len(status.Convert(err).Message()), err)
+	}
+	if n := len(e.logs.String()); n > 10_000 {
+		t.Fatalf("the log grew to %d bytes", n)
+	}
+}

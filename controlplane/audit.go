@@ -19,41 +19,65 @@ const (
 	opMove   = "move"
 )
 
-// target is the session an audit line names: a key, or for a malformed
-// request the fields as they came (quoted by the JSON encoder, so a client
-// cannot forge log fields).
+// target is what a refused request named, as it came (the JSON encoder
+// quotes it, so a client cannot forge log fields).
 type target struct {
 	src, dst, proto string
 	port            uint32
-}
-
-func keyTarget(k *state.Key) *target {
-	if k == nil {
-		return nil
-	}
-	t := &target{port: uint32(k.Port)}
-	if k.Src.IsValid() {
-		t.src = k.Src.String()
-	}
-	if k.Dst.IsValid() {
-		t.dst = k.Dst.String()
-	}
-	if k.Proto != 0 {
-		t.proto = k.Proto.String()
-	}
-	return t
 }
 
 // audit logs one grant, revoke or move as a single structured line (the
 // message is the operation, field "audit" marks the line) and counts it.
 // It names the session, its user, the peer's certificate identity and
 // address, and the result; nothing secret. A refused request is logged at
-// warn level with the reason.
+// warn level with the reason. Addresses are appended into a stack buffer:
+// this runs once per grant.
 func (s *Server) audit(op, api string, p *peerInfo, user string, k *state.Key, result string, err error) {
-	s.auditTarget(op, api, p, user, keyTarget(k), result, err)
+	ev := s.auditEvent(op, api, user, result, err)
+	if ev == nil {
+		return
+	}
+	if k != nil {
+		var buf [64]byte
+		if k.Proto != 0 {
+			ev = ev.Str("proto", k.Proto.String())
+		}
+		if k.Src.IsValid() {
+			ev = ev.Bytes("src", k.Src.AppendTo(buf[:0]))
+		}
+		if k.Dst.IsValid() {
+			ev = ev.Bytes("dst", k.Dst.AppendTo(buf[:0]))
+		}
+		if k.Port != 0 {
+			ev = ev.Uint16("port", k.Port)
+		}
+	}
+	s.auditDone(ev, p, op, result)
 }
 
-func (s *Server) auditTarget(op, api string, p *peerInfo, user string, k *target, result string, err error) {
+// auditTarget is audit for a request refused before it named a valid key.
+// The fields are the client's and may be anything: they are cut short.
+func (s *Server) auditTarget(op, api string, p *peerInfo, user string, t *target, result string, err error) {
+	ev := s.auditEvent(op, api, clip(user), result, err)
+	if ev == nil {
+		return
+	}
+	if t.proto != "" {
+		ev = ev.Str("proto", clip(t.proto))
+	}
+	if t.src != "" {
+		ev = ev.Str("src", clip(t.src))
+	}
+	if t.dst != "" {
+		ev = ev.Str("dst", clip(t.dst))
+	}
+	if t.port != 0 {
+		ev = ev.Uint32("port", t.port)
+	}
+	s.auditDone(ev, p, op, result)
+}
+
+func (s *Server) auditEvent(op, api, user, result string, err error) *zerolog.Event {
 	switch op {
 	case opGrant:
 		s.m.grant(api, result)
@@ -67,25 +91,27 @@ func (s *Server) auditTarget(op, api string, p *peerInfo, user string, k *target
 		ev = s.log.Info()
 	}
 	if ev == nil {
-		return // level disabled
+		return nil // level disabled
 	}
 	ev = ev.Str("audit", op).Str("api", api)
 	if user != "" {
 		ev = ev.Str("user", user)
 	}
-	if k != nil {
-		if k.proto != "" {
-			ev = ev.Str("proto", k.proto)
-		}
-		if k.src != "" {
-			ev = ev.Str("src", k.src)
-		}
-		if k.dst != "" {
-			ev = ev.Str("dst", k.dst)
-		}
-		if k.port != 0 {
-			ev = ev.Uint32("port", k.port)
-		}
+	return ev
+}
+
+func (s *Server) auditDone(ev *zerolog.Event, p *peerInfo, op, result string) {
+	var buf [64]byte
+	ev.Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("result", result).Msg(op)
+}
+
+// maxLogged is the most of a client-supplied string an audit line
+// carries: enough for any valid value, little for a hostile one.
+const maxLogged = 64
+
+func clip(s string) string {
+	if len(s) <= maxLogged {
+		return s
 	}
-	ev.Str("peer", p.identity()).Str("peer_addr", p.addr).Str("result", result).Msg(op)
+	return s[:maxLogged] + "..."
 }

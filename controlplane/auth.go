@@ -2,6 +2,8 @@ package controlplane
 
 import (
 	"context"
+	"crypto/x509"
+	"net"
 	"strings"
 	"unicode/utf8"
 
@@ -21,17 +23,14 @@ import (
 // compatUser).
 const CompatUserInsecure = "insecure-client"
 
-// peerInfo is who is calling, for authorization and the audit log.
+// peerInfo is who is calling, for authorization and the audit log. It
+// only points at what gRPC already holds, so that a call costs no
+// allocation for it.
 type peerInfo struct {
-	// name is the verified client certificate's common name, else its
-	// first DNS SAN; empty without TLS.
-	name string
-	// names are all the names the allowlist matches: CN and DNS SANs.
-	names []string
-	addr  string
-	// verified is true when the client presented a certificate that
-	// chains to the client CA.
-	verified bool
+	addr net.Addr
+	// leaf is the client certificate, verified against the client CA;
+	// nil without TLS.
+	leaf *x509.Certificate
 }
 
 func peerOf(ctx context.Context) peerInfo {
@@ -39,43 +38,56 @@ func peerOf(ctx context.Context) peerInfo {
 	if !ok {
 		return peerInfo{}
 	}
-	pi := peerInfo{}
-	if p.Addr != nil {
-		pi.addr = p.Addr.String()
-	}
-	info, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
-		return pi
-	}
-	leaf := info.State.VerifiedChains[0][0]
-	pi.verified = true
-	if leaf.Subject.CommonName != "" {
-		pi.names = append(pi.names, leaf.Subject.CommonName)
-	}
-	pi.names = append(pi.names, leaf.DNSNames...)
-	if len(pi.names) > 0 {
-		pi.name = pi.names[0]
+	pi := peerInfo{addr: p.Addr}
+	if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.VerifiedChains) > 0 && len(info.State.VerifiedChains[0]) > 0 {
+		pi.leaf = info.State.VerifiedChains[0][0]
 	}
 	return pi
 }
 
-// identity is the peer as the audit log names it.
-func (p peerInfo) identity() string {
+// name is the client certificate's common name, else its first DNS SAN;
+// empty without one.
+func (p *peerInfo) name() string {
 	switch {
-	case p.name != "":
-		return p.name
-	case p.verified:
+	case p.leaf == nil:
+		return ""
+	case p.leaf.Subject.CommonName != "":
+		return p.leaf.Subject.CommonName
+	case len(p.leaf.DNSNames) > 0:
+		return p.leaf.DNSNames[0]
+	}
+	return ""
+}
+
+// identity is the peer as the audit log names it.
+func (p *peerInfo) identity() string {
+	switch {
+	case p.name() != "":
+		return p.name()
+	case p.leaf != nil:
 		return "(certificate without a name)"
 	}
 	return "(no certificate)"
+}
+
+// appendAddr appends the peer's address to b without allocating.
+func (p *peerInfo) appendAddr(b []byte) []byte {
+	switch a := p.addr.(type) {
+	case nil:
+		return b
+	case *net.TCPAddr:
+		return a.AddrPort().AppendTo(b)
+	default:
+		return append(b, a.String()...)
+	}
 }
 
 // compatUser is the user recorded in a session granted through the compat
 // API, whose requests carry none: the client certificate's name, cut to
 // the 31 bytes the map holds (at a character boundary, NUL bytes
 // dropped), or CompatUserInsecure without a certificate.
-func compatUser(p peerInfo) string {
-	name := strings.ReplaceAll(p.name, "\x00", "")
+func compatUser(p *peerInfo) string {
+	name := strings.ReplaceAll(p.name(), "\x00", "")
 	if name == "" {
 		return CompatUserInsecure
 	}
@@ -115,19 +127,23 @@ func (a *authorizer) check(ctx context.Context, method string) error {
 	p := peerOf(ctx)
 	var err error
 	switch {
-	case !p.verified:
+	case p.leaf == nil:
 		err = status.Error(codes.Unauthenticated, "a client certificate issued by the agent's client CA is required")
 	case len(a.allowed) == 0:
 		return nil
 	default:
-		for _, n := range p.names {
+		if a.allowed[strings.ToLower(p.leaf.Subject.CommonName)] {
+			return nil
+		}
+		for _, n := range p.leaf.DNSNames {
 			if a.allowed[strings.ToLower(n)] {
 				return nil
 			}
 		}
 		err = status.Errorf(codes.PermissionDenied, "client %q is not an allowed client name of this agent", p.identity())
 	}
-	a.log.Warn().Str("peer", p.identity()).Str("peer_addr", p.addr).Str("method", method).Err(err).Msg("call refused")
+	var buf [64]byte
+	a.log.Warn().Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("method", method).Err(err).Msg("call refused")
 	return err
 }
 

@@ -27,7 +27,7 @@ var compatProtocols = [2]state.Protocol{state.TCP, state.UDP}
 func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEvent) (*session.Ack, error) {
 	s := c.s
 	p := peerOf(ctx)
-	user := compatUser(p)
+	user := compatUser(&p)
 	src, dst, port, err := compatKey(ev)
 	if err != nil {
 		op := opRevoke
@@ -224,7 +224,8 @@ func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList)
 			}
 		}
 		if err != nil {
-			s.log.Warn().Str("audit", opMove).Str("api", apiCompat).Str("peer", p.identity()).Str("peer_addr", p.addr).
+			var buf [64]byte
+			s.log.Warn().Str("audit", opMove).Str("api", apiCompat).Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).
 				Str("result", resultInvalid).Err(err).Msg(opMove)
 			return nil, err
 		}
@@ -250,9 +251,10 @@ func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList)
 		err = statusOf(err)
 		ev, result = s.log.Warn().Err(err), resultOf(err)
 	}
+	var buf [64]byte
 	ev.Str("audit", opMove).Str("api", apiCompat).Strs("changes", changes).
 		Int("moved", res.Moved).Int("superseded", res.Superseded).
-		Str("peer", p.identity()).Str("peer_addr", p.addr).Str("result", result).Msg(opMove)
+		Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("result", result).Msg(opMove)
 	if err != nil {
 		return nil, err
 	}

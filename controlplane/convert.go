@@ -85,7 +85,7 @@ func parseAddr(field, s string) (netip.Addr, error) {
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {
-		return netip.Addr{}, invalidf("%s %q is not an IPv4 or IPv6 address", field, s)
+		return netip.Addr{}, invalidf("%s %q is not an IPv4 or IPv6 address", field, clip(s))
 	}
 	return a, nil
 }

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 	"github.com/aegis-agent/aegis/proto/session"
@@ -196,8 +197,12 @@ func (s *Server) refresh() {
 	if !s.refreshed || msg != s.refreshErr {
 		if err != nil {
 			s.log.Warn().Err(err).Msg("data path maps unusable: session RPCs fail until this is fixed")
-		} else if s.refreshed {
-			s.log.Info().Str("pin_path", s.maps.PinPath()).Msg("data path maps usable again")
+			daemon.Status("serving; session RPCs fail: " + msg)
+		} else {
+			if s.refreshed {
+				s.log.Info().Str("pin_path", s.maps.PinPath()).Msg("data path maps usable again")
+			}
+			daemon.Status("serving; data path maps at " + s.maps.PinPath())
 		}
 		s.refreshed, s.refreshErr = true, msg
 	}

@@ -1,7 +1,6 @@
 package controlplane_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -248,9 +247,10 @@ func TestCertificatesReload(t *testing.T) {
 
 // runMain runs the real command line in-process.
 func runMain(ctx context.Context, args ...string) (int, string) {
-	var out, errb bytes.Buffer
-	code := controlplane.Main(ctx, args, cli.IO{Stdout: &out, Stderr: &errb})
-	return code, out.String() + errb.String()
+	// Written from the server's goroutines, like a process's stderr.
+	var out syncBuffer
+	code := controlplane.Main(ctx, args, cli.IO{Stdout: &out, Stderr: &out})
+	return code, out.String()
 }
 
 func TestCommandLineRefusals(t *testing.T) {
