@@ -27,6 +27,10 @@ setup: ## Install the Debian packages the build, tests and demo need; mount bpff
 generate: setup ## Regenerate the bpf2go objects and protobuf code (committed).
 	$(GO) generate ./...
 
+.PHONY: docs
+docs: ## Regenerate the command-line reference in docs/operations.md.
+	$(GO) run ./internal/docgen docs/operations.md
+
 .PHONY: build
 build: ## Build the binaries into bin/.
 	@mkdir -p bin
