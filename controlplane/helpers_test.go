@@ -1,12 +1,10 @@
 package controlplane_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"net"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -36,7 +34,7 @@ type env struct {
 	srv     *controlplane.Server
 	addr    string
 	reg     *prometheus.Registry
-	logs    *syncBuffer
+	logs    *tu.Buffer
 	handle  *state.Handle
 	stopped bool
 }
@@ -51,27 +49,9 @@ type envOptions struct {
 	serverDNS []string
 }
 
-// syncBuffer is a log sink safe for the server's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func newEnv(t *testing.T, o envOptions) *env {
 	t.Helper()
-	e := &env{t: t, pin: tu.PinDir(t), dir: t.TempDir(), reg: prometheus.NewRegistry(), logs: &syncBuffer{}}
+	e := &env{t: t, pin: tu.PinDir(t), dir: t.TempDir(), reg: prometheus.NewRegistry(), logs: &tu.Buffer{}}
 	if !o.noPins {
 		tu.PinMaps(t, e.pin, tu.PinOptions{Capacity: o.capacity, DefaultIdleTimeout: o.defIdle})
 	}

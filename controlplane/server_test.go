@@ -20,6 +20,7 @@ import (
 	"github.com/aegis-agent/aegis/controlplane"
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/pki"
+	tu "github.com/aegis-agent/aegis/internal/testutil"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 	"github.com/aegis-agent/aegis/proto/session"
 )
@@ -248,7 +249,7 @@ func TestCertificatesReload(t *testing.T) {
 // runMain runs the real command line in-process.
 func runMain(ctx context.Context, args ...string) (int, string) {
 	// Written from the server's goroutines, like a process's stderr.
-	var out syncBuffer
+	var out tu.Buffer
 	code := controlplane.Main(ctx, args, cli.IO{Stdout: &out, Stderr: &out})
 	return code, out.String()
 }

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -14,7 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -105,31 +103,13 @@ func (p *pkiDir) writeServer(t *testing.T, ca *pki.CA) {
 
 func (p *pkiDir) file(name string) string { return filepath.Join(p.dir, name) }
 
-// lockedBuffer collects a process's output.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // controlPlane is a running aegis-controlplane in the gateway namespace.
 type controlPlane struct {
 	t      *testing.T
 	g      *gateway
 	pki    *pkiDir
 	cmd    *exec.Cmd
-	out    *lockedBuffer
+	out    *tu.Buffer
 	notify *tu.NotifySocket
 	exited chan error
 }
@@ -155,7 +135,7 @@ type cpOptions struct {
 // ready.
 func startControlPlane(t *testing.T, g *gateway, p *pkiDir, o cpOptions) *controlPlane {
 	t.Helper()
-	cp := &controlPlane{t: t, g: g, pki: p, out: &lockedBuffer{}, notify: tu.NewNotifySocket(t, p.dir), exited: make(chan error, 1)}
+	cp := &controlPlane{t: t, g: g, pki: p, out: &tu.Buffer{}, notify: tu.NewNotifySocket(t, p.dir), exited: make(chan error, 1)}
 	gid := o.gid
 	if gid == 0 {
 		gid = daemonGID

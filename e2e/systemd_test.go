@@ -33,7 +33,7 @@ type container struct {
 	root   string // the overlay, as the host sees it
 	nspawn *exec.Cmd
 	leader int // the container's PID 1, in the host's PID namespace
-	log    *lockedBuffer
+	log    *tu.Buffer
 }
 
 func bootContainer(t *testing.T, g *gateway) *container {
@@ -49,7 +49,7 @@ func bootContainer(t *testing.T, g *gateway) *container {
 		t.Fatal(err)
 	}
 	base := t.TempDir()
-	c := &container{t: t, root: filepath.Join(base, "root"), log: &lockedBuffer{}}
+	c := &container{t: t, root: filepath.Join(base, "root"), log: &tu.Buffer{}}
 	for _, d := range []string{"tmp", "root"} {
 		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
 			t.Fatal(err)

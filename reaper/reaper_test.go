@@ -1,7 +1,6 @@
 package reaper_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -80,46 +79,9 @@ func (e *env) maps() *state.Maps {
 	return m
 }
 
-// logBuffer collects a daemon's log lines while it runs.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-// lines decodes the JSON log lines with the given message.
-func (l *logBuffer) lines(t *testing.T, msg string) []map[string]any {
-	t.Helper()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []map[string]any
-	sc := bufio.NewScanner(bytes.NewReader(l.b.Bytes()))
-	for sc.Scan() {
-		var line map[string]any
-		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
-			t.Fatalf("log line is not JSON: %q", sc.Text())
-		}
-		if line["message"] == msg {
-			out = append(out, line)
-		}
-	}
-	return out
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // once runs "aegis-reaper --once" in-process.
-func (e *env) once(args ...string) (int, *logBuffer) {
-	var log logBuffer
+func (e *env) once(args ...string) (int, *tu.Buffer) {
+	var log tu.Buffer
 	code := reaper.Main(context.Background(),
 		append([]string{"--once", "--pin-path", e.pin, "--log-format", "json"}, args...),
 		cli.IO{Stdout: &log, Stderr: &log})
@@ -128,8 +90,8 @@ func (e *env) once(args ...string) (int, *logBuffer) {
 
 // daemon runs aegis-reaper in-process until the returned stop is called,
 // which returns its exit code.
-func (e *env) daemon(args ...string) (*logBuffer, func() int) {
-	log := &logBuffer{}
+func (e *env) daemon(args ...string) (*tu.Buffer, func() int) {
+	log := &tu.Buffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
 	go func() {
@@ -237,7 +199,7 @@ func TestOnceReapsExpiredSessions(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, log)
 	}
-	lines := log.lines(t, "reaped session")
+	lines := log.JSONLines(t, "reaped session")
 	byUser := map[string]map[string]any{}
 	for _, l := range lines {
 		byUser[fmt.Sprint(l["user"])] = l
@@ -268,11 +230,11 @@ func TestOnceReapsExpiredSessions(t *testing.T) {
 	}
 	// The summary is at debug: absent at the default level, present with
 	// --log-level debug.
-	if n := len(log.lines(t, "sweep")); n != 0 {
+	if n := len(log.JSONLines(t, "sweep")); n != 0 {
 		t.Errorf("%d summaries at info level", n)
 	}
 	code, log = e.once("--log-level", "debug")
-	sum := log.lines(t, "sweep")
+	sum := log.JSONLines(t, "sweep")
 	if code != 0 || len(sum) != 1 || sum[0]["scanned_v4"] != float64(2) || sum[0]["scanned_v6"] != float64(1) ||
 		sum[0]["reaped_idle"] != float64(0) || sum[0]["complete"] != true {
 		t.Errorf("second sweep: exit %d, summary %v\n%s", code, sum, log)
@@ -366,13 +328,13 @@ func TestDaemonSweepsAndFollowsTheLoader(t *testing.T) {
 
 	// Unload: the daemon waits for the loader, and keeps serving.
 	e.loader("unload")
-	waitFor(t, "the daemon to notice the unload", func() bool { return len(log.lines(t, "no sessions maps to sweep; waiting for aegis-loader")) == 1 })
+	waitFor(t, "the daemon to notice the unload", func() bool { return len(log.JSONLines(t, "no sessions maps to sweep; waiting for aegis-loader")) == 1 })
 	// A new load brings new maps; the daemon sweeps those.
 	e.load()
 	m2 := e.maps()
 	grant(t, m2, idle)
 	waitFor(t, "the session in the new maps reaped", func() bool { return !has(t, m2, idle.Key) })
-	if n := len(log.lines(t, "sessions maps are pinned again; sweeping")); n != 1 {
+	if n := len(log.JSONLines(t, "sessions maps are pinned again; sweeping")); n != 1 {
 		t.Errorf("%d lines about the maps coming back", n)
 	}
 	if n := metric(scrape(t, addr), `aegis_reaper_sessions_reaped_total{family="ipv4",reason="idle"}`); n != 2 {
@@ -381,7 +343,7 @@ func TestDaemonSweepsAndFollowsTheLoader(t *testing.T) {
 	if code := stop(); code != 0 {
 		t.Fatalf("exit %d on stop\n%s", code, log)
 	}
-	if len(log.lines(t, "reaper stopped")) != 1 {
+	if len(log.JSONLines(t, "reaper stopped")) != 1 {
 		t.Errorf("no clean stop logged\n%s", log)
 	}
 }
@@ -503,7 +465,7 @@ func TestWithControlPlane(t *testing.T) {
 			}
 		}
 	}
-	reaped := log.lines(t, "reaped session")
+	reaped := log.JSONLines(t, "reaped session")
 	for _, l := range reaped {
 		if u := fmt.Sprint(l["user"]); !strings.HasPrefix(u, "short-") {
 			t.Errorf("reaped %v, a session granted with an hour of idle timeout", l)

@@ -21,11 +21,12 @@ declare -A need=(
   [setpriv]=util-linux   # least-privilege tests
   [systemd-nspawn]=systemd-container # systemd integration test
   [socat]=socat          # the demo's small services and client
+  [/usr/bin/time]=time   # the reaper benchmark's peak RSS
   [systemd-socket-activate]=systemd # control plane socket-activation test
 )
 missing=()
 for cmd in "${!need[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "$cmd" ] || missing+=("${need[$cmd]}")
 done
 # make generate: the well-known types (duration, timestamp) protoc imports.
 [ -f /usr/include/google/protobuf/duration.proto ] || missing+=(libprotobuf-dev)
