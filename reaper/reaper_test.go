@@ -302,6 +302,11 @@ func TestDaemonSweepsAndFollowsTheLoader(t *testing.T) {
 		t.Fatal("live session reaped")
 	}
 
+	waitFor(t, "the reaps counted", func() bool {
+		b := scrape(t, addr)
+		return metric(b, `aegis_reaper_sessions_reaped_total{family="ipv4",reason="idle"}`) >= 1 &&
+			metric(b, `aegis_reaper_sessions_reaped_total{family="ipv6",reason="lifetime"}`) >= 1
+	})
 	body := scrape(t, addr)
 	for series, want := range map[string]float64{
 		`aegis_reaper_sessions_reaped_total{family="ipv4",reason="idle"}`:     1,
@@ -334,6 +339,13 @@ func TestDaemonSweepsAndFollowsTheLoader(t *testing.T) {
 	m2 := e.maps()
 	grant(t, m2, idle)
 	waitFor(t, "the session in the new maps reaped", func() bool { return !has(t, m2, idle.Key) })
+	// The sweep deletes before it logs and counts: wait for those too.
+	waitFor(t, "the log line about the maps coming back", func() bool {
+		return len(log.JSONLines(t, "sessions maps are pinned again; sweeping")) > 0
+	})
+	waitFor(t, "the reload's reap counted", func() bool {
+		return metric(scrape(t, addr), `aegis_reaper_sessions_reaped_total{family="ipv4",reason="idle"}`) >= 2
+	})
 	if n := len(log.JSONLines(t, "sessions maps are pinned again; sweeping")); n != 1 {
 		t.Errorf("%d lines about the maps coming back", n)
 	}
