@@ -332,9 +332,9 @@ func writeRates(w io.Writer, st Stats, prev *Stats, elapsed time.Duration) {
 		}
 		return fmt.Sprintf("%.0f", float64(c.Packets-prev.Counters[i].Packets)/elapsed.Seconds())
 	}
-	fmt.Fprintf(w, "%-6s %-16s %14s %10s\n", "", "REASON", "PACKETS", "PKT/S")
+	fmt.Fprintf(w, "%-7s %-16s %14s %10s\n", "VERDICT", "REASON", "PACKETS", "PKT/S")
 	for i, c := range st.Counters {
-		fmt.Fprintf(w, "%-6s %-16s %14d %10s\n", c.Verdict, c.Reason, c.Packets, rate(i, c))
+		fmt.Fprintf(w, "%-7s %-16s %14d %10s\n", c.Verdict, c.Reason, c.Packets, rate(i, c))
 	}
 	for _, m := range st.Maps {
 		fmt.Fprintf(w, "sessions_%s: %d of %d\n", m.Family, m.Entries, m.Capacity)
