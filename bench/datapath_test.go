@@ -135,9 +135,7 @@ func xdpFilter(b *testing.B) *ebpf.Program {
 		b.Fatal("xdp-filter not installed (Debian package xdp-tools; make setup installs it)")
 	}
 	ns := tu.NewNetns(b, "aegis-bench-")
-	ns.Run(b, "ip", "link", "add", "xf0", "type", "veth", "peer", "name", "xf1")
-	ns.Run(b, "ip", "link", "set", "xf0", "up")
-	ns.Run(b, "ip", "link", "set", "xf1", "up")
+	ns.AddVeth(b, "xf0", "xf1")
 	load := ns.Command("xdp-filter", "load", "-p", "allow", "xf0")
 	load.Env = append(load.Environ(), "LIBXDP_SKIP_DISPATCHER=1")
 	if out, err := load.CombinedOutput(); err != nil {

@@ -215,8 +215,7 @@ func TestReaperKeepsSessionsRefreshedByPackets(t *testing.T) {
 func bigMap(t *testing.T, n int) (*gateway, map[bpf.AegisSessionKeyV4]bpf.AegisSessionValue) {
 	t.Helper()
 	ns := tu.NewNetns(t, "aegis-big-")
-	ns.Run(t, "ip", "link", "add", "a0", "type", "veth", "peer", "name", "a1")
-	ns.Run(t, "ip", "link", "set", "a0", "up")
+	ns.AddVeth(t, "a0", "a1")
 	g := &gateway{t: t, pin: tu.PinDir(t)}
 	out, err := ns.Command(bin("aegis-loader"), "load", "-i", "a0", "--group", "root", "--pin-path", g.pin,
 		"--max-sessions", fmt.Sprint(2*n)).CombinedOutput()
@@ -358,8 +357,7 @@ func lastLines(s string, n int) string {
 func loadedPins(t *testing.T, extra ...string) *gateway {
 	t.Helper()
 	ns := tu.NewNetns(t, "aegis-rpp-")
-	ns.Run(t, "ip", "link", "add", "a0", "type", "veth", "peer", "name", "a1")
-	ns.Run(t, "ip", "link", "set", "a0", "up")
+	ns.AddVeth(t, "a0", "a1")
 	g := &gateway{t: t, pin: tu.PinDir(t)}
 	args := append([]string{"load", "-i", "a0", "--pin-path", g.pin}, extra...)
 	if out, err := ns.Command(bin("aegis-loader"), args...).CombinedOutput(); err != nil {

@@ -40,9 +40,7 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	e := &env{t: t, ns: tu.NewNetns(t, "aegis-ld-"), pin: tu.PinDir(t)}
-	e.ns.Run(t, "ip", "link", "add", "a0", "type", "veth", "peer", "name", "a1")
-	e.ns.Run(t, "ip", "link", "set", "a0", "up")
-	e.ns.Run(t, "ip", "link", "set", "a1", "up")
+	e.ns.AddVeth(t, "a0", "a1")
 	return e
 }
 
@@ -648,8 +646,7 @@ func TestRecreatedInterfaceIsReattached(t *testing.T) {
 	e.mustLoad(nil)
 	e.grant(testSession)
 	e.ns.Run(t, "ip", "link", "del", "a0")
-	e.ns.Run(t, "ip", "link", "add", "a0", "type", "veth", "peer", "name", "a1")
-	e.ns.Run(t, "ip", "link", "set", "a0", "up")
+	e.ns.AddVeth(t, "a0", "a1")
 	if e.xdpProgram("a0") != 0 {
 		t.Fatal("new a0 already attached")
 	}
@@ -756,9 +753,7 @@ func TestStatus(t *testing.T) {
 // 802.1Q module.)
 func TestDottedInterfaceName(t *testing.T) {
 	e := newEnv(t)
-	e.ns.Run(t, "ip", "link", "add", "a0.100", "type", "veth", "peer", "name", "a2")
-	e.ns.Run(t, "ip", "link", "set", "a0.100", "up")
-	e.ns.Run(t, "ip", "link", "set", "a2", "up")
+	e.ns.AddVeth(t, "a0.100", "a2")
 	r := e.mustLoad(nil, "-i", "a0.100")
 	if !strings.Contains(r.stdout, "attached a0,a0.100") {
 		t.Fatalf("stdout %q", r.stdout)

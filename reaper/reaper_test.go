@@ -46,8 +46,7 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	e := &env{t: t, ns: tu.NewNetns(t, "aegis-rp-"), pin: tu.PinDir(t)}
-	e.ns.Run(t, "ip", "link", "add", "a0", "type", "veth", "peer", "name", "a1")
-	e.ns.Run(t, "ip", "link", "set", "a0", "up")
+	e.ns.AddVeth(t, "a0", "a1")
 	e.load()
 	return e
 }

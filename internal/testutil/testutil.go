@@ -95,6 +95,14 @@ func NewNetns(t testing.TB, prefix string) *Netns {
 	return n
 }
 
+// AddVeth creates a veth pair a, b in the namespace and brings both up.
+func (n *Netns) AddVeth(t testing.TB, a, b string) {
+	t.Helper()
+	n.Run(t, "ip", "link", "add", a, "type", "veth", "peer", "name", b)
+	n.Run(t, "ip", "link", "set", a, "up")
+	n.Run(t, "ip", "link", "set", b, "up")
+}
+
 // Do runs fn on an OS thread that has entered the namespace. Sockets that
 // fn creates live in the namespace for their whole life.
 func (n *Netns) Do(fn func() error) error {
