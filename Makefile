@@ -65,9 +65,10 @@ install: build ## Install binaries, systemd units, sysusers.d and /etc/aegis/aeg
 	test -e $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env || install -m 0640 deploy/aegis.env $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env
 
 .PHONY: lint
-lint: ## gofmt and go vet.
+lint: ## gofmt, go vet, and a tidy go.mod.
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
+	$(GO) mod tidy -diff
 
 .PHONY: clean
 clean: ## Remove build outputs.

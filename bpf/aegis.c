@@ -58,9 +58,6 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  */
 #define AEGIS_LAYOUT_VERSION 1
 
-/* Longest IP datagram a linear XDP frame can hold, with room to spare. */
-#define MAX_L3_LEN 0x3FFF
-
 /* Extension headers skipped before giving up on an IPv6 packet. */
 #define IPV6_MAX_EXT 6
 
@@ -286,7 +283,7 @@ static __always_inline int parse_l4(void *data, void *data_end, __u64 l4off, __u
 	return 0;
 }
 
-static __always_inline int classify_v4(void *data, void *data_end, __u64 l3off,
+static __always_inline int classify_v4(void *data, void *data_end, __u64 len, __u64 l3off,
 				       const struct config_value *cfg)
 {
 	struct iphdr *ip = data + l3off;
@@ -299,9 +296,7 @@ static __always_inline int classify_v4(void *data, void *data_end, __u64 l3off,
 
 	__u64 ihl = (ip->ver_ihl & 0xF) * 4;
 	__u64 tot = bpf_ntohs(ip->tot_len);
-	/* No linear XDP frame reaches 16 KiB; the bound lets the verifier
-	 * check the pointer arithmetic without CAP_PERFMON. */
-	if (ihl < sizeof(*ip) || tot < ihl || tot > MAX_L3_LEN || (void *)ip + tot > data_end)
+	if (ihl < sizeof(*ip) || tot < ihl || l3off + tot > len)
 		return REASON_MALFORMED;
 	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return REASON_FRAGMENT;
@@ -349,7 +344,7 @@ static __always_inline int addr6_eq(const void *a, const void *b)
 	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
 }
 
-static __always_inline int classify_v6(void *data, void *data_end, __u64 l3off,
+static __always_inline int classify_v6(void *data, void *data_end, __u64 len, __u64 l3off,
 				       const struct config_value *cfg)
 {
 	struct ipv6hdr *ip6 = data + l3off;
@@ -360,10 +355,9 @@ static __always_inline int classify_v6(void *data, void *data_end, __u64 l3off,
 	if ((*(__u8 *)ip6 >> 4) != 6)
 		return REASON_MALFORMED;
 
-	__u64 plen = bpf_ntohs(ip6->payload_len);
-	if (plen > MAX_L3_LEN || (void *)(ip6 + 1) + plen > data_end)
+	__u64 l3end = l3off + sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+	if (l3end > len)
 		return REASON_MALFORMED;
-	__u64 l3end = l3off + sizeof(*ip6) + plen;
 
 	__u64 off = l3off + sizeof(*ip6);
 	__u8 nh = ip6->nexthdr;
@@ -442,7 +436,8 @@ static __always_inline int classify_v6(void *data, void *data_end, __u64 l3off,
 	return r;
 }
 
-static __always_inline int classify(void *data, void *data_end, const struct config_value *cfg)
+static __always_inline int classify(void *data, void *data_end, __u64 len,
+				    const struct config_value *cfg)
 {
 	struct ethhdr *eth = data;
 	__u64 off = sizeof(*eth);
@@ -463,16 +458,22 @@ static __always_inline int classify(void *data, void *data_end, const struct con
 	}
 
 	if (proto == bpf_htons(ETH_P_IP))
-		return classify_v4(data, data_end, off, cfg);
+		return classify_v4(data, data_end, len, off, cfg);
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return classify_v6(data, data_end, off, cfg);
+		return classify_v6(data, data_end, len, off, cfg);
 	if (proto == bpf_htons(ETH_P_ARP))
 		return REASON_ARP;
 	/* Includes a third VLAN tag. */
 	return REASON_UNSUPPORTED_L3;
 }
 
-SEC("xdp")
+/*
+ * xdp.frags: the program accepts multi-buffer frames, so it attaches in
+ * native mode to interfaces whose MTU exceeds a page (jumbo frames). The
+ * headers it reads are always in the first buffer (data..data_end); the
+ * IP length checks compare with the whole frame (len).
+ */
+SEC("xdp.frags")
 int aegis_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -483,7 +484,8 @@ int aegis_xdp(struct xdp_md *ctx)
 	if (!cfg)
 		return XDP_DROP; /* unreachable: an array always has slot 0 */
 
-	__u32 reason = classify(data, data_end, cfg);
+	__u64 len = bpf_xdp_get_buff_len(ctx);
+	__u32 reason = classify(data, data_end, len, cfg);
 	__u32 action = reason < REASON_NO_SESSION ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
 		reason = REASON_MONITOR;
@@ -493,7 +495,7 @@ int aegis_xdp(struct xdp_md *ctx)
 	struct stats_value *s = bpf_map_lookup_elem(&stats, &reason);
 	if (s) {
 		s->packets++;
-		s->bytes += bpf_xdp_get_buff_len(ctx);
+		s->bytes += len;
 	}
 	return action;
 }

@@ -161,10 +161,6 @@ const (
 	ethP8021AD = 0x88A8
 	ethPIPv6   = 0x86DD
 
-	// maxL3Len mirrors MAX_L3_LEN: longer datagrams cannot be in a linear
-	// XDP frame and count as malformed.
-	maxL3Len = 0x3FFF
-
 	protoTCP    = 6
 	protoUDP    = 17
 	protoICMPv6 = 58
@@ -219,7 +215,7 @@ func classifyV4(pkt []byte, off int, env *Env) Reason {
 	}
 	ihl := int(pkt[off]&0xF) * 4
 	tot := int(binary.BigEndian.Uint16(pkt[off+2:]))
-	if ihl < 20 || tot < ihl || tot > maxL3Len || off+tot > len(pkt) {
+	if ihl < 20 || tot < ihl || off+tot > len(pkt) {
 		return ReasonMalformed
 	}
 	if binary.BigEndian.Uint16(pkt[off+6:])&0x1FFF != 0 {
@@ -261,9 +257,8 @@ func classifyV6(pkt []byte, off int, env *Env) Reason {
 	if off+40 > len(pkt) || pkt[off]>>4 != 6 {
 		return ReasonMalformed
 	}
-	plen := int(binary.BigEndian.Uint16(pkt[off+4:]))
-	l3end := off + 40 + plen
-	if plen > maxL3Len || l3end > len(pkt) {
+	l3end := off + 40 + int(binary.BigEndian.Uint16(pkt[off+4:]))
+	if l3end > len(pkt) {
 		return ReasonMalformed
 	}
 	var src, dst [16]byte

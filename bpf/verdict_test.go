@@ -377,3 +377,42 @@ func TestLastSeenRefresh(t *testing.T) {
 		t.Fatalf("last_seen %d not refreshed to now [%d, %d]", s.LastSeen, before, after)
 	}
 }
+
+// Frames larger than a page reach the program as several buffers (here as
+// BPF_PROG_TEST_RUN builds them): the headers are in the first, and the IP
+// length checks must count the whole frame.
+func TestMultiBufferFrames(t *testing.T) {
+	h := newHarness(t)
+	h.setConfig(t, state.Config{DefaultIdleTimeout: time.Minute})
+	now := state.Now()
+	for _, k := range []state.Key{
+		{Src: client4, Dst: svc4, Port: 5353, Proto: state.UDP},
+		{Src: client6, Dst: svc6, Port: 5353, Proto: state.UDP},
+	} {
+		h.grant(t, state.Session{Key: k, User: "jumbo", LastSeen: now, IdleTimeout: time.Hour})
+	}
+	for _, c := range []struct {
+		name   string
+		pkt    []byte
+		reason bpf.Reason
+	}{
+		{"ipv4 9000 bytes", with(udp(client4, svc4, 5353), func(f *tu.Frame) { f.Payload = 8950 }).Bytes(), bpf.ReasonSession},
+		{"ipv6 9000 bytes", with(udp(client6, svc6, 5353), func(f *tu.Frame) { f.Payload = 8930 }).Bytes(), bpf.ReasonSession},
+		{"ipv4 9000 bytes, no session", with(udp(client4, svc4, 5354), func(f *tu.Frame) { f.Payload = 8950 }).Bytes(), bpf.ReasonNoSession},
+		{"ipv4 total length beyond the frame", edit(with(udp(client4, svc4, 5353), func(f *tu.Frame) { f.Payload = 8950 }),
+			func(b []byte) []byte { return b[:len(b)-1] }), bpf.ReasonMalformed},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if len(c.pkt) <= 4096 {
+				t.Fatalf("frame of %d bytes fits one page", len(c.pkt))
+			}
+			_, reason := h.run(t, c.pkt)
+			if reason != c.reason {
+				t.Fatalf("reason %v, want %v", reason, c.reason)
+			}
+			if want, _ := bpf.Verdict(c.pkt, &bpf.Env{}); c.reason == bpf.ReasonMalformed && want != bpf.XDPDrop {
+				t.Fatal("the model disagrees")
+			}
+		})
+	}
+}

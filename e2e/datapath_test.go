@@ -260,3 +260,23 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 		t.Fatalf("map ids changed across the upgrade: %v -> %v", a, b)
 	}
 }
+
+// Jumbo frames: the program is multi-buffer aware, attaches natively to a
+// 9000-byte MTU interface, and passes 8000-byte datagrams of a session.
+func TestJumboFrames(t *testing.T) {
+	topo := tu.NewTopology(t)
+	for _, l := range []struct {
+		ns  *tu.Netns
+		dev string
+	}{{topo.Client, "cli0"}, {topo.Gateway, "pub0"}, {topo.Gateway, "priv0"}, {topo.Private, "srv0"}} {
+		l.ns.Run(t, "ip", "link", "set", l.dev, "mtu", "9000")
+	}
+	g := &gateway{Topology: topo, t: t, pin: tu.PinDir(t)}
+	g.loader("load", "--mode", "native")
+	svc := netip.AddrPortFrom(tu.ServiceAV4, 5353)
+	g.Serve(t, svc)
+	big := func() error { return g.UDPSize(tu.ClientV4, svc, 8000, probeTimeout) }
+	g.expectBlocked("8000-byte UDP without a session", bpf.ReasonNoSession, big)
+	g.grant(state.Session{Key: udpKey(tu.ClientV4, tu.ServiceAV4, 5353), User: "alice", IdleTimeout: time.Minute})
+	g.expectPass("8000-byte UDP with a session", bpf.ReasonSession, big)
+}

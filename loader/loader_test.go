@@ -818,3 +818,15 @@ func TestInterruptedUpgradeConverges(t *testing.T) {
 	}
 	e.mustHaveSession(testSession)
 }
+
+// The program declares multi-buffer support, so it attaches in native mode
+// to an interface with jumbo frames.
+func TestJumboMTUNativeAttach(t *testing.T) {
+	e := newEnv(t)
+	e.ns.Run(t, "ip", "link", "set", "a0", "mtu", "9000")
+	e.ns.Run(t, "ip", "link", "set", "a1", "mtu", "9000")
+	e.mustLoad(nil, "--mode", "native")
+	if e.xdpProgram("a0") == 0 {
+		t.Fatal("not attached")
+	}
+}

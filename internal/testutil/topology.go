@@ -210,7 +210,7 @@ func (s *Server) serveTCP(ln *net.TCPListener) {
 }
 
 func (s *Server) serveUDP(pc *net.UDPConn) {
-	buf := make([]byte, 2048)
+	buf := make([]byte, 65536)
 	for {
 		n, from, err := pc.ReadFromUDPAddrPort(buf)
 		if err != nil {
@@ -265,6 +265,16 @@ func (topo *Topology) TCP(src netip.Addr, dst netip.AddrPort, timeout time.Durat
 
 // UDP sends one datagram from src to dst and waits for the echo.
 func (topo *Topology) UDP(src netip.Addr, dst netip.AddrPort, timeout time.Duration) error {
+	return topo.UDPSize(src, dst, 4, timeout)
+}
+
+// UDPSize sends one datagram of size bytes from src to dst and waits for
+// the same bytes to come back.
+func (topo *Topology) UDPSize(src netip.Addr, dst netip.AddrPort, size int, timeout time.Duration) error {
+	msg := make([]byte, size)
+	for i := range msg {
+		msg[i] = byte('a' + i%26)
+	}
 	return topo.Client.Do(func() error {
 		c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), net.UDPAddrFromAddrPort(dst))
 		if err != nil {
@@ -272,16 +282,16 @@ func (topo *Topology) UDP(src netip.Addr, dst netip.AddrPort, timeout time.Durat
 		}
 		defer c.Close()
 		_ = c.SetDeadline(time.Now().Add(timeout))
-		if _, err := c.Write([]byte("ping")); err != nil {
+		if _, err := c.Write(msg); err != nil {
 			return err
 		}
-		buf := make([]byte, 16)
+		buf := make([]byte, size+1)
 		n, err := c.Read(buf)
 		if err != nil {
 			return err
 		}
-		if string(buf[:n]) != "ping" {
-			return fmt.Errorf("echo %q", buf[:n])
+		if string(buf[:n]) != string(msg) {
+			return fmt.Errorf("echo of %d bytes differs (%d bytes back)", size, n)
 		}
 		return nil
 	})
