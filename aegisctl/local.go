@@ -77,7 +77,6 @@ func rowFromState(s *state.Session, defaultIdle time.Duration, now uint64) Sessi
 	if idle == 0 {
 		idle = defaultIdle
 	}
-	left := s.IdleLeft(defaultIdle, now)
 	r := SessionRow{
 		User:        s.User,
 		Protocol:    s.Proto.String(),
@@ -86,16 +85,15 @@ func rowFromState(s *state.Session, defaultIdle time.Duration, now uint64) Sessi
 		Created:     state.WallTime(s.Created),
 		LastSeen:    state.WallTime(s.LastSeen),
 		IdleTimeout: idle,
+		Left:        s.TimeLeft(defaultIdle, now),
 		Expired:     s.Verdict(defaultIdle, now) != bpf.ReasonSession,
 	}
 	if s.Expires != 0 {
 		r.Expires = state.WallTime(s.Expires)
-		left = min(left, max(time.Duration(int64(s.Expires-now)), 0))
 	}
 	if r.Expired {
-		left = 0
+		r.Left = 0
 	}
-	r.Left = left
 	return r
 }
 

@@ -186,7 +186,7 @@ func (c *compatService) snapshot() (*session.SessionList, error) {
 				continue
 			}
 			k := compatKey{sess.Src, sess.Dst, sess.Port}
-			left[k] = max(left[k], timeLeft(&sess, cfg.DefaultIdleTimeout, now))
+			left[k] = max(left[k], sess.TimeLeft(cfg.DefaultIdleTimeout, now))
 		}
 		return nil
 	})

@@ -199,20 +199,6 @@ func compatValue(a netip.Addr) uint32 {
 	return binary.BigEndian.Uint32(b[:])
 }
 
-// timeLeft is how long until the data path stops passing s if it stays
-// idle: the idle expiry, or the end of its lifetime if that comes first.
-func timeLeft(s *state.Session, defaultIdle time.Duration, now uint64) time.Duration {
-	left := s.IdleLeft(defaultIdle, now)
-	if s.Expires != 0 {
-		life := time.Duration(int64(s.Expires - now))
-		if s.Expires <= now {
-			life = 0
-		}
-		left = min(left, life)
-	}
-	return left
-}
-
 func sessionProto(s *state.Session, defaultIdle time.Duration, now uint64) *agentv1.Session {
 	idle := s.IdleTimeout
 	if idle == 0 {
@@ -227,7 +213,7 @@ func sessionProto(s *state.Session, defaultIdle time.Duration, now uint64) *agen
 		CreateTime:   timestamppb.New(state.WallTime(s.Created)),
 		LastSeenTime: timestamppb.New(state.WallTime(s.LastSeen)),
 		IdleTimeout:  durationpb.New(idle),
-		TimeLeft:     durationpb.New(timeLeft(s, defaultIdle, now)),
+		TimeLeft:     durationpb.New(s.TimeLeft(defaultIdle, now)),
 		Expired:      !s.Verdict(defaultIdle, now).Pass(),
 	}
 	if s.Expires != 0 {

@@ -1,9 +1,6 @@
 package state
 
 import (
-	"encoding/binary"
-	"errors"
-	"fmt"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -35,29 +32,14 @@ func (m *Maps) Fill(defaultIdle time.Duration, now uint64) (v4, v6 Fill, err err
 }
 
 func fill(mp *ebpf.Map, defaultIdle time.Duration, now uint64) (Fill, error) {
-	vals := make([]bpf.AegisSessionValue, batchSize)
-	if mp.KeySize() == uint32(binary.Size(bpf.AegisSessionKeyV4{})) {
-		return fillBatch(mp, make([]bpf.AegisSessionKeyV4, batchSize), vals, defaultIdle, now)
-	}
-	return fillBatch(mp, make([]bpf.AegisSessionKeyV6, batchSize), vals, defaultIdle, now)
-}
-
-func fillBatch[K any](mp *ebpf.Map, keys []K, vals []bpf.AegisSessionValue, defaultIdle time.Duration, now uint64) (Fill, error) {
 	f := Fill{Capacity: int(mp.MaxEntries())}
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := mp.BatchLookup(&cursor, keys, vals, nil)
-		f.Entries += n
-		for i := range n {
+	err := eachValues(mp, func(vals []bpf.AegisSessionValue) {
+		f.Entries += len(vals)
+		for i := range vals {
 			if r, _ := bpf.SessionVerdict(&vals[i], uint64(defaultIdle), now); r == bpf.ReasonSession {
 				f.Active++
 			}
 		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return f, nil
-		}
-		if err != nil {
-			return f, fmt.Errorf("count %s: %w", mp, err)
-		}
-	}
+	})
+	return f, err
 }

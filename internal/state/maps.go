@@ -155,32 +155,13 @@ func (m *Maps) ReadConfig() (Config, error) {
 // Grant inserts or refreshes a session. A refresh replaces the timestamps,
 // lifetime, idle timeout and user, and keeps the original creation time.
 // When Grant returns nil the data path already passes the session's next
-// packet.
+// packet. It is Upsert without the details.
 //
 // Returns ErrInvalid for a malformed session and ErrFull if the map is at
 // capacity; in both cases the map is unchanged.
 func (m *Maps) Grant(s Session) error {
-	if err := s.Validate(); err != nil {
-		return err
-	}
-	v := s.value()
-	var err error
-	if s.Is4() {
-		k := s.v4()
-		var old bpf.AegisSessionValue
-		if m.SessionsV4.Lookup(&k, &old) == nil && old.CreatedNs != 0 {
-			v.CreatedNs = old.CreatedNs
-		}
-		err = m.SessionsV4.Update(&k, &v, ebpf.UpdateAny)
-	} else {
-		k := s.v6()
-		var old bpf.AegisSessionValue
-		if m.SessionsV6.Lookup(&k, &old) == nil && old.CreatedNs != 0 {
-			v.CreatedNs = old.CreatedNs
-		}
-		err = m.SessionsV6.Update(&k, &v, ebpf.UpdateAny)
-	}
-	return updateError(err)
+	_, _, err := m.Upsert(s)
+	return err
 }
 
 func updateError(err error) error {
@@ -270,21 +251,56 @@ func (m *Maps) Sessions() iter.Seq2[Session, error] {
 // returns false when fn or yield asked to stop.
 func walk[K any](mp *ebpf.Map, keys []K, vals []bpf.AegisSessionValue,
 	fn func(*K, *bpf.AegisSessionValue) bool, yield func(Session, error) bool) bool {
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := mp.BatchLookup(&cursor, keys, vals, nil)
-		for i := 0; i < n; i++ {
+	err := eachBatch(mp, keys, vals, func(keys []K, vals []bpf.AegisSessionValue) bool {
+		for i := range keys {
 			if !fn(&keys[i], &vals[i]) {
 				return false
 			}
 		}
+		return true
+	})
+	if errors.Is(err, errStopped) {
+		return false
+	}
+	if err != nil {
+		return yield(Session{}, err)
+	}
+	return true
+}
+
+// errStopped is eachBatch's error when fn asked to stop.
+var errStopped = errors.New("stopped")
+
+// eachBatch reads mp with BPF_MAP_LOOKUP_BATCH into keys and vals, reused
+// for every batch, and calls fn with each batch read, until the map is done
+// or fn returns false (errStopped).
+func eachBatch[K any](mp *ebpf.Map, keys []K, vals []bpf.AegisSessionValue,
+	fn func([]K, []bpf.AegisSessionValue) bool) error {
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := mp.BatchLookup(&cursor, keys, vals, nil)
+		if n > 0 && !fn(keys[:n], vals[:n]) {
+			return errStopped
+		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return true
+			return nil
 		}
 		if err != nil {
-			return yield(Session{}, fmt.Errorf("walk %s: %w", mp, err))
+			return fmt.Errorf("read %s: %w", mp, err)
 		}
 	}
+}
+
+// eachValues is eachBatch for callers that need only the values, on
+// either sessions map.
+func eachValues(mp *ebpf.Map, fn func([]bpf.AegisSessionValue)) error {
+	vals := make([]bpf.AegisSessionValue, batchSize)
+	if mp.KeySize() == uint32(binary.Size(bpf.AegisSessionKeyV4{})) {
+		return eachBatch(mp, make([]bpf.AegisSessionKeyV4, batchSize), vals,
+			func(_ []bpf.AegisSessionKeyV4, v []bpf.AegisSessionValue) bool { fn(v); return true })
+	}
+	return eachBatch(mp, make([]bpf.AegisSessionKeyV6, batchSize), vals,
+		func(_ []bpf.AegisSessionKeyV6, v []bpf.AegisSessionValue) bool { fn(v); return true })
 }
 
 // Count returns the number of sessions in each map.
@@ -298,26 +314,9 @@ func (m *Maps) Count() (v4, v6 int, err error) {
 
 // CountEntries counts the entries of a sessions map by batch-reading it.
 func CountEntries(mp *ebpf.Map) (int, error) {
-	vals := make([]bpf.AegisSessionValue, batchSize)
-	if mp.KeySize() == uint32(binary.Size(bpf.AegisSessionKeyV4{})) {
-		return countBatch(mp, make([]bpf.AegisSessionKeyV4, batchSize), vals)
-	}
-	return countBatch(mp, make([]bpf.AegisSessionKeyV6, batchSize), vals)
-}
-
-func countBatch[K any](mp *ebpf.Map, keys []K, vals []bpf.AegisSessionValue) (int, error) {
-	var cursor ebpf.MapBatchCursor
 	total := 0
-	for {
-		n, err := mp.BatchLookup(&cursor, keys, vals, nil)
-		total += n
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return total, nil
-		}
-		if err != nil {
-			return total, fmt.Errorf("count %s: %w", mp, err)
-		}
-	}
+	err := eachValues(mp, func(v []bpf.AegisSessionValue) { total += len(v) })
+	return total, err
 }
 
 // Counter is one verdict reason's packet and byte count, summed over CPUs.

@@ -169,6 +169,17 @@ func (s *Session) IdleLeft(defaultIdle time.Duration, now uint64) time.Duration 
 	return max(left, 0)
 }
 
+// TimeLeft is how long from now until the data path stops passing the
+// session if it stays idle: its idle expiry, or the end of its lifetime if
+// that comes first; 0 if it already refuses it.
+func (s *Session) TimeLeft(defaultIdle time.Duration, now uint64) time.Duration {
+	left := s.IdleLeft(defaultIdle, now)
+	if s.Expires != 0 {
+		left = min(left, max(time.Duration(int64(s.Expires-now)), 0))
+	}
+	return left
+}
+
 func (s *Session) value() bpf.AegisSessionValue {
 	v := bpf.AegisSessionValue{
 		LastSeenNs:    s.LastSeen,

@@ -8,11 +8,11 @@ import (
 	"github.com/aegis-agent/aegis/bpf"
 )
 
-// This file holds the control plane's grant paths: Upsert, a Grant that
-// costs one syscall for a new session and reports what it did, and
-// GrantAll, which applies several sessions or none.
+// This file holds the grant paths: Upsert (behind Grant too), which costs
+// one syscall for a new session and reports what it did, and GrantAll,
+// which applies several sessions or none.
 
-// Upsert grants or refreshes a session with Grant's semantics: a refresh
+// Upsert grants or refreshes a session: a refresh
 // replaces the timestamps, lifetime, idle timeout and user, and keeps the
 // creation time. It returns the session as the map now holds it and
 // whether it is new. A new session costs one syscall (an insert that fails
