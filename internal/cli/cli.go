@@ -122,12 +122,10 @@ func Run(ctx context.Context, name, description string, grammar any, globals *Gl
 	kctx.BindTo(ctx, (*context.Context)(nil))
 	kctx.Bind(stdio, log)
 	if err := kctx.Run(); err != nil {
-		var u *UsageError
-		if errors.As(err, &u) {
-			fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
+		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
+		if u := (*UsageError)(nil); errors.As(err, &u) {
 			return 2
 		}
-		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
 		return 1
 	}
 	return 0
