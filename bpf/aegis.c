@@ -9,8 +9,17 @@
  *
  *   1. Parse Ethernet, up to two 802.1Q/802.1ad tags, IPv4 (honouring IHL)
  *      or IPv6 (skipping up to IPV6_MAX_EXT extension headers), TCP or UDP.
- *   2. Bypass ARP, IPv6 neighbour discovery, TCP to the controller's login
- *      port and TCP from the controller to the agent's gRPC port.
+ *   2. Bypass, each as narrow as its purpose:
+ *      - ARP;
+ *      - IPv6 neighbour discovery (ICMPv6 133-137) with code 0 and hop
+ *        limit 255, to a link-local (fe80::/10), link-scope multicast
+ *        (ff02::/16) or local destination;
+ *      - TCP to the controller's address and login port (the controller
+ *        is behind the gateway: letting users reach it is the purpose);
+ *      - TCP from the controller's address to the agent's gRPC port, when
+ *        the destination is local.
+ *      "Local" is the kernel's routing table's answer; see
+ *      delivered_locally_v4().
  *   3. Look up (src, dst, dport, proto) in sessions_v4/sessions_v6. A live
  *      session passes and gets its last_seen refreshed; then the static allow
  *      rules (allow_v4/allow_v6) are consulted; everything else drops.
@@ -283,8 +292,75 @@ static __always_inline int parse_l4(void *data, void *data_end, __u64 l4off, __u
 	return 0;
 }
 
-static __always_inline int classify_v4(void *data, void *data_end, __u64 len, __u64 l3off,
-				       const struct config_value *cfg)
+/*
+ * Whether the stack delivers a packet for daddr to the gateway itself
+ * rather than forwarding it: the test that keeps the bypasses from opening
+ * a path to the hosts behind the gateway to anyone who can write the
+ * controller's address (or anything) into a source field.
+ *
+ * The answer is the kernel's own, from bpf_fib_lookup(), so it follows
+ * address and route changes with no configuration. The lookup is the one
+ * the stack's input path makes: an input lookup from the ingress interface
+ * (not BPF_FIB_LOOKUP_OUTPUT), through the policy rules (not
+ * BPF_FIB_LOOKUP_DIRECT), tot_len 0 so no MTU check. The source is left
+ * unspecified so that the answer depends on the destination alone: an
+ * IPv6 lookup answers NOT_FWDED for any destination when the source is
+ * link-local, and the source is the sender's to choose. (With the kernel's
+ * default rule set the local table is consulted first, whatever the
+ * source.)
+ *
+ * Only BPF_FIB_LKUP_RET_NOT_FWDED counts as local. It means the route is
+ * not a unicast route: one of the gateway's addresses (RTN_LOCAL), a
+ * broadcast or anycast address, an IPv6 link-local destination (which the
+ * kernel never forwards off the link it came from), or no route at all.
+ * Passing the no-route case opens nothing: the stack finds no route either
+ * and drops the packet. The other results:
+ *   SUCCESS, NO_NEIGH, FRAG_NEEDED, UNSUPP_LWT: the stack would forward it.
+ *   BLACKHOLE, UNREACHABLE, PROHIBIT: the stack would drop it too.
+ *   FWD_DISABLED: returned before any lookup, when forwarding is off on
+ *     the ingress interface; it says nothing about the destination. For
+ *     IPv6 the per-interface flag it reads is not the one forwarding obeys
+ *     (net.ipv6.conf.all.forwarding), so it cannot be read as "will not be
+ *     forwarded". A gateway forwards on its public interface; elsewhere
+ *     the bypasses fail closed.
+ *   negative (no such interface): not local.
+ *
+ * Multicast destinations are never local here. The IPv4 stack routes them
+ * apart from the FIB (so its "no route" says nothing), the IPv6 lookup
+ * answers NOT_FWDED for all of them, and with multicast routing on either
+ * may be forwarded. No TCP connection goes to a multicast address, and
+ * neighbour discovery's multicast destinations are checked on their own.
+ *
+ * The lookup runs only for bypass candidates, never for session traffic.
+ */
+static __always_inline int delivered_locally_v4(struct xdp_md *ctx, __be32 daddr)
+{
+	if ((((const __u8 *)&daddr)[0] & 0xF0) == 0xE0)
+		return 0;
+
+	struct bpf_fib_lookup p = {
+		.family = AF_INET,
+		.ifindex = ctx->ingress_ifindex,
+		.ipv4_dst = daddr,
+	};
+	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+static __always_inline int delivered_locally_v6(struct xdp_md *ctx, const __u8 *daddr)
+{
+	if (daddr[0] == 0xFF)
+		return 0;
+
+	struct bpf_fib_lookup p = {
+		.family = AF_INET6,
+		.ifindex = ctx->ingress_ifindex,
+	};
+	__builtin_memcpy(p.ipv6_dst, daddr, 16);
+	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+static __always_inline int classify_v4(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
+				       __u64 l3off, const struct config_value *cfg)
 {
 	struct iphdr *ip = data + l3off;
 	struct flow f = {};
@@ -310,7 +386,8 @@ static __always_inline int classify_v4(void *data, void *data_end, __u64 len, __
 		__u32 ctl = *(__u32 *)cfg->controller_v4;
 		if (ip->daddr == ctl && f.dport == cfg->controller_port)
 			return REASON_CONTROLLER;
-		if (ip->saddr == ctl && f.dport == cfg->grpc_port)
+		if (ip->saddr == ctl && f.dport == cfg->grpc_port &&
+		    delivered_locally_v4(ctx, ip->daddr))
 			return REASON_CONTROLLER;
 	}
 
@@ -344,8 +421,35 @@ static __always_inline int addr6_eq(const void *a, const void *b)
 	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
 }
 
-static __always_inline int classify_v6(void *data, void *data_end, __u64 len, __u64 l3off,
-				       const struct config_value *cfg)
+/*
+ * Neighbour discovery must pass to keep the public link working, and must
+ * not become a way past the filter. RFC 4861 has receivers discard these
+ * messages unless the hop limit is 255 (so they cannot have been routed:
+ * a router decrements it) and the code is 0. Their destinations are
+ * on-link by nature: the sender's link-local or multicast groups of the
+ * link (all-nodes, all-routers, solicited-node: all ff02::/16, which
+ * multicast routing never forwards), or, for unicast solicitations and
+ * advertisements, the gateway's own addresses. A hop limit of 255 says the
+ * packet was not forwarded to the gateway; the destination check keeps the
+ * gateway from forwarding it on (with 254 left) to a host behind it.
+ */
+static __always_inline int ndp_bypass(struct xdp_md *ctx, const struct ipv6hdr *ip6,
+				      const struct icmp6hdr *ic)
+{
+	if (ic->type < NDISC_ROUTER_SOLICITATION || ic->type > NDISC_REDIRECT)
+		return 0;
+	if (ic->code != 0 || ip6->hop_limit != 255)
+		return 0;
+	const __u8 *d = ip6->daddr;
+	if (d[0] == 0xFE && (d[1] & 0xC0) == 0x80) /* fe80::/10 */
+		return 1;
+	if (d[0] == 0xFF && d[1] == 0x02) /* ff02::/16 */
+		return 1;
+	return delivered_locally_v6(ctx, d);
+}
+
+static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
+				       __u64 l3off, const struct config_value *cfg)
 {
 	struct ipv6hdr *ip6 = data + l3off;
 	struct flow f = {};
@@ -393,7 +497,7 @@ static __always_inline int classify_v6(void *data, void *data_end, __u64 len, __
 		struct icmp6hdr *ic = data + off;
 		if ((void *)(ic + 1) > data_end || off + sizeof(*ic) > l3end)
 			return REASON_MALFORMED;
-		if (ic->type >= NDISC_ROUTER_SOLICITATION && ic->type <= NDISC_REDIRECT)
+		if (ndp_bypass(ctx, ip6, ic))
 			return REASON_NDP;
 		return REASON_UNSUPPORTED_L4;
 	}
@@ -408,7 +512,8 @@ static __always_inline int classify_v6(void *data, void *data_end, __u64 len, __
 	if (cfg->controller_family == 6 && f.proto == IPPROTO_TCP) {
 		if (f.dport == cfg->controller_port && addr6_eq(ip6->daddr, cfg->controller_v6))
 			return REASON_CONTROLLER;
-		if (f.dport == cfg->grpc_port && addr6_eq(ip6->saddr, cfg->controller_v6))
+		if (f.dport == cfg->grpc_port && addr6_eq(ip6->saddr, cfg->controller_v6) &&
+		    delivered_locally_v6(ctx, ip6->daddr))
 			return REASON_CONTROLLER;
 	}
 
@@ -436,7 +541,7 @@ static __always_inline int classify_v6(void *data, void *data_end, __u64 len, __
 	return r;
 }
 
-static __always_inline int classify(void *data, void *data_end, __u64 len,
+static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
 				    const struct config_value *cfg)
 {
 	struct ethhdr *eth = data;
@@ -458,9 +563,9 @@ static __always_inline int classify(void *data, void *data_end, __u64 len,
 	}
 
 	if (proto == bpf_htons(ETH_P_IP))
-		return classify_v4(data, data_end, len, off, cfg);
+		return classify_v4(ctx, data, data_end, len, off, cfg);
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return classify_v6(data, data_end, len, off, cfg);
+		return classify_v6(ctx, data, data_end, len, off, cfg);
 	if (proto == bpf_htons(ETH_P_ARP))
 		return REASON_ARP;
 	/* Includes a third VLAN tag. */
@@ -485,7 +590,7 @@ int aegis_xdp(struct xdp_md *ctx)
 		return XDP_DROP; /* unreachable: an array always has slot 0 */
 
 	__u64 len = bpf_xdp_get_buff_len(ctx);
-	__u32 reason = classify(data, data_end, len, cfg);
+	__u32 reason = classify(ctx, data, data_end, len, cfg);
 	__u32 action = reason < REASON_NO_SESSION ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
 		reason = REASON_MONITOR;

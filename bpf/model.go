@@ -138,6 +138,13 @@ type Env struct {
 	SessionsV4 map[AegisSessionKeyV4]*AegisSessionValue
 	SessionsV6 map[AegisSessionKeyV6]*AegisSessionValue
 	Allow      []AllowRule
+	// Local is the gateway's routing table as the data path asks it
+	// (bpf_fib_lookup from the ingress interface): whether a packet for
+	// the unicast address dst is not forwarded (BPF_FIB_LKUP_RET_NOT_FWDED):
+	// one of the gateway's own, broadcast or anycast addresses, an IPv6
+	// link-local or loopback address, or an address with no route. Nil:
+	// nothing is, as on a gateway with forwarding off (FWD_DISABLED).
+	Local func(dst netip.Addr) bool
 }
 
 // Verdict returns the XDP action and the counted reason for one frame, and
@@ -235,7 +242,7 @@ func classifyV4(pkt []byte, off int, env *Env) Reason {
 		if dst == cfg.ControllerV4 && dport == cfg.ControllerPort {
 			return ReasonController
 		}
-		if src == cfg.ControllerV4 && dport == cfg.GrpcPort {
+		if src == cfg.ControllerV4 && dport == cfg.GrpcPort && env.deliveredLocallyV4(dst) {
 			return ReasonController
 		}
 	}
@@ -300,7 +307,7 @@ walk:
 		if p+4 > len(pkt) || p+4 > l3end {
 			return ReasonMalformed
 		}
-		if t := pkt[p]; t >= 133 && t <= 137 {
+		if env.ndpBypass(pkt[p], pkt[p+1], pkt[off+7], dst) {
 			return ReasonNDP
 		}
 		return ReasonUnsupportedL4
@@ -316,7 +323,7 @@ walk:
 		if dst == cfg.ControllerV6 && dport == cfg.ControllerPort {
 			return ReasonController
 		}
-		if src == cfg.ControllerV6 && dport == cfg.GrpcPort {
+		if src == cfg.ControllerV6 && dport == cfg.GrpcPort && env.deliveredLocallyV6(dst) {
 			return ReasonController
 		}
 	}
@@ -332,6 +339,40 @@ walk:
 		return ReasonAllowlist
 	}
 	return r
+}
+
+// deliveredLocallyV4 and deliveredLocallyV6 mirror delivered_locally_v4
+// and _v6: a unicast destination that the routing table does not forward.
+// Addresses are tested as bytes, as the C does; netip's predicates would
+// treat IPv4-mapped IPv6 addresses as IPv4 ones.
+func (env *Env) deliveredLocallyV4(dst [4]byte) bool {
+	if dst[0]&0xF0 == 0xE0 { // 224.0.0.0/4
+		return false
+	}
+	return env.Local != nil && env.Local(netip.AddrFrom4(dst))
+}
+
+func (env *Env) deliveredLocallyV6(dst [16]byte) bool {
+	if dst[0] == 0xFF { // ff00::/8
+		return false
+	}
+	return env.Local != nil && env.Local(netip.AddrFrom16(dst))
+}
+
+// ndpBypass mirrors ndp_bypass: neighbour discovery that was not routed
+// (RFC 4861: hop limit 255, code 0) to a destination on the link it came
+// from: link-local, link-scope multicast or the gateway's own.
+func (env *Env) ndpBypass(typ, code, hopLimit uint8, dst [16]byte) bool {
+	if typ < 133 || typ > 137 || code != 0 || hopLimit != 255 {
+		return false
+	}
+	switch {
+	case dst[0] == 0xFE && dst[1]&0xC0 == 0x80: // fe80::/10
+		return true
+	case dst[0] == 0xFF && dst[1] == 0x02: // ff02::/16
+		return true
+	}
+	return env.deliveredLocallyV6(dst)
 }
 
 func (env *Env) session(v *AegisSessionValue) Reason {
