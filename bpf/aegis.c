@@ -299,7 +299,10 @@ static __always_inline int parse_l4(void *data, void *data_end, __u64 l4off, __u
  * controller's address (or anything) into a source field.
  *
  * The answer is the kernel's own, from bpf_fib_lookup(), so it follows
- * address and route changes with no configuration. The lookup is the one
+ * address and route changes with no configuration: a list of the gateway's
+ * addresses in the config map would have to be rewritten by the loader on
+ * every change (DHCP, SLAAC, an added interface) and would change the
+ * map's layout. The lookup is the one
  * the stack's input path makes: an input lookup from the ingress interface
  * (not BPF_FIB_LOOKUP_OUTPUT), through the policy rules (not
  * BPF_FIB_LOOKUP_DIRECT), tot_len 0 so no MTU check. The source is left
@@ -317,12 +320,12 @@ static __always_inline int parse_l4(void *data, void *data_end, __u64 l4off, __u
  * and drops the packet. The other results:
  *   SUCCESS, NO_NEIGH, FRAG_NEEDED, UNSUPP_LWT: the stack would forward it.
  *   BLACKHOLE, UNREACHABLE, PROHIBIT: the stack would drop it too.
- *   FWD_DISABLED: returned before any lookup, when forwarding is off on
- *     the ingress interface; it says nothing about the destination. For
- *     IPv6 the per-interface flag it reads is not the one forwarding obeys
- *     (net.ipv6.conf.all.forwarding), so it cannot be read as "will not be
- *     forwarded". A gateway forwards on its public interface; elsewhere
- *     the bypasses fail closed.
+ *   FWD_DISABLED: returned before any lookup, when forwarding is off; it
+ *     says nothing about the destination. For IPv6 the flag it reads (on
+ *     recent kernels the ingress interface's) is not the one the stack's
+ *     forwarding obeys (net.ipv6.conf.all.forwarding), so it cannot be
+ *     read as "will not be forwarded" either. A gateway forwards on its
+ *     public interface; elsewhere these bypasses fail closed.
  *   negative (no such interface): not local.
  *
  * Multicast destinations are never local here. The IPv4 stack routes them
@@ -425,9 +428,9 @@ static __always_inline int addr6_eq(const void *a, const void *b)
  * Neighbour discovery must pass to keep the public link working, and must
  * not become a way past the filter. RFC 4861 has receivers discard these
  * messages unless the hop limit is 255 (so they cannot have been routed:
- * a router decrements it) and the code is 0. Their destinations are
- * on-link by nature: the sender's link-local or multicast groups of the
- * link (all-nodes, all-routers, solicited-node: all ff02::/16, which
+ * a router decrements it) and the code is 0. Their destinations are on
+ * the link by nature: link-local addresses, the link's multicast groups
+ * (all-nodes, all-routers, solicited-node: all in ff02::/16, which
  * multicast routing never forwards), or, for unicast solicitations and
  * advertisements, the gateway's own addresses. A hop limit of 255 says the
  * packet was not forwarded to the gateway; the destination check keeps the
