@@ -9,7 +9,7 @@ import (
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
-// Metrics, SPEC §6. Labels never carry addresses or user names.
+// Metrics. Labels never carry addresses or user names.
 //
 //	aegis_xdp_packets_total{verdict,reason}   counter, from the stats map at scrape time
 //	aegis_xdp_bytes_total{verdict,reason}     counter, idem

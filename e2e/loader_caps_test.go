@@ -12,7 +12,7 @@ import (
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
-// loaderCaps is the loader unit's capability bounding set: SPEC §2's
+// loaderCaps is the loader unit's capability bounding set: the documented
 // CAP_BPF, CAP_NET_ADMIN and CAP_CHOWN, plus CAP_PERFMON, without which the
 // verifier's Spectre v1 hardening refuses packet access at a variable
 // offset (IPv4 options, VLAN tags, IPv6 extension headers).
