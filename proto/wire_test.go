@@ -65,8 +65,8 @@ func checkService(t *testing.T, name protoreflect.FullName, want []method) {
 	}
 }
 
-// The compat service is the wire contract with deployed controllers
-// of the Aegis controller: names, numbers and types must never change.
+// The compat service is the wire contract with deployed Aegis
+// controllers: names, numbers and types must never change.
 func TestSessionManagerWire(t *testing.T) {
 	u32, b, i32, msg := protoreflect.Uint32Kind, protoreflect.BoolKind, protoreflect.Int32Kind, protoreflect.MessageKind
 	checkMessage(t, (&session.LoginEvent{}).ProtoReflect().Descriptor(), []field{
