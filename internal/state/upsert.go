@@ -14,7 +14,8 @@ import (
 
 // Upsert grants or refreshes a session: a refresh
 // replaces the timestamps, lifetime, idle timeout and user, and keeps the
-// creation time. It returns the session as the map now holds it and
+// creation time if the user is the same (a session passed to another user
+// is that user's new session). It returns the session as the map now holds it and
 // whether it is new. A new session costs one syscall (an insert that fails
 // if the key exists), a refresh three. When Upsert returns nil the data
 // path already passes the session's next packet.
@@ -47,7 +48,7 @@ func (m *Maps) upsert(s Session) (stored Session, created bool, old *bpf.AegisSe
 }
 
 // upsert inserts v, or, when the key exists, overwrites it keeping its
-// creation time (which it writes back into v).
+// creation time (which it writes back into v) if the user is the same.
 func upsert[K any](mp *ebpf.Map, k *K, v *bpf.AegisSessionValue) (created bool, old *bpf.AegisSessionValue, err error) {
 	err = mp.Update(k, v, ebpf.UpdateNoExist)
 	if err == nil {
@@ -59,7 +60,7 @@ func upsert[K any](mp *ebpf.Map, k *K, v *bpf.AegisSessionValue) (created bool, 
 	var prev bpf.AegisSessionValue
 	if mp.Lookup(k, &prev) == nil {
 		old = &prev
-		if prev.CreatedNs != 0 {
+		if prev.CreatedNs != 0 && prev.User == v.User {
 			v.CreatedNs = prev.CreatedNs
 		}
 	}
