@@ -1,0 +1,114 @@
+package controlplane
+
+import (
+	"errors"
+	"hash/maphash"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// A grant names a session by its key alone, so a grant for bob of the key
+// alice holds would silently hand alice's access to bob. claim decides
+// whether a grant may replace the session it finds:
+//
+//   - a session of the same user is refreshed;
+//   - an expired session (one the data path no longer passes, by the one
+//     rule of bpf.SessionVerdict) goes to the new user: nobody loses
+//     anything;
+//   - a live session of another user is refused with AlreadyExists
+//     (the key is taken; the grant succeeds once alice's session is
+//     revoked or expires), unless the server runs with
+//     --allow-session-takeover, when it passes to the new user.
+//
+// AlreadyExists rather than FailedPrecondition: the refusal is about this
+// one key and the next grant of a stream may well succeed, while
+// StreamLoginEvents ends the stream on FailedPrecondition, the code of a
+// data path no grant can be written to.
+//
+// The rule is the same on both APIs, with the compat API's user (the
+// client certificate's name) as the user: a compat grant of a key an
+// agent-API grant gave to alice is refused, and the other way round,
+// until one of them expires or is revoked. The two APIs are two
+// controllers' views of the gateway; one of them silently undoing the
+// other's grant (and its idle timeout and lifetime) is the failure this
+// rule exists to prevent. The audit line of every grant that finds
+// another user's session names that user in previous_user.
+//
+// The check and the write are one step for this process: both run under
+// the key's lock (keyLocks), so two grants of one key never both see it
+// free. Nothing else writes a session's user: the data path only updates
+// last_seen, the reaper only deletes expired sessions, aegisctl only
+// reads. A session the reaper deletes between the check and the write is
+// simply created. One aegis-controlplane serves a gateway's maps; a
+// second process granting into the same pins would race this check.
+
+// keyLocks is a striped set of mutexes, one stripe per key hash: grants
+// of different keys rarely wait for each other, and there is no table of
+// keys to grow or clean.
+type keyLocks struct {
+	seed    maphash.Seed // set by New
+	stripes [64]sync.Mutex
+}
+
+func (l *keyLocks) index(k *state.Key) int {
+	return int(maphash.Comparable(l.seed, *k) % uint64(len(l.stripes)))
+}
+
+// lock locks the stripes of keys, in stripe order so that two callers
+// never deadlock, and returns the unlock.
+func (l *keyLocks) lock(keys ...state.Key) (unlock func()) {
+	var held [2]int
+	n := 0
+	for i := range keys {
+		idx := l.index(&keys[i])
+		if n == 1 && held[0] == idx {
+			continue
+		}
+		held[n] = idx
+		n++
+	}
+	if n == 2 && held[0] > held[1] {
+		held[0], held[1] = held[1], held[0]
+	}
+	for _, i := range held[:n] {
+		l.stripes[i].Lock()
+	}
+	return func() {
+		for i := n - 1; i >= 0; i-- {
+			l.stripes[held[i]].Unlock()
+		}
+	}
+}
+
+// claim is what a grant of sess finds in m, called with the key's lock
+// held: previous is the user of another user's session there (expired or
+// not), takeover is true when that session is live and the grant may
+// replace it. Returns a status error with AlreadyExists if it may not.
+func (s *Server) claim(m *state.Maps, sess *state.Session) (previous string, takeover bool, err error) {
+	old, err := m.Lookup(sess.Key)
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+		return "", false, nil
+	case err != nil:
+		return "", false, err
+	case old.User == sess.User:
+		return "", false, nil
+	}
+	cfg, err := m.ReadConfig()
+	if err != nil {
+		return old.User, false, err
+	}
+	if !old.Verdict(cfg.DefaultIdleTimeout, state.Now()).Pass() {
+		return old.User, false, nil
+	}
+	if !s.opts.AllowSessionTakeover {
+		return old.User, false, status.Errorf(codes.AlreadyExists,
+			"session %v is held by user %q until it is revoked or expires (aegis-controlplane --allow-session-takeover lets a grant take it over)",
+			sess.Key, cut(old.User))
+	}
+	return old.User, true, nil
+}
