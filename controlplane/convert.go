@@ -220,13 +220,18 @@ func compatValue(a netip.Addr) uint32 {
 	return binary.BigEndian.Uint32(b[:])
 }
 
+// sessionProto describes a session read from the maps. Its user is
+// escaped (state.Escape) if it is not printable: only this process's
+// grants are checked, and a name some other tool wrote, perhaps invalid
+// UTF-8 that proto3 cannot even encode, must neither reach a client raw
+// nor fail the listing of every other session.
 func sessionProto(s *state.Session, defaultIdle time.Duration, now uint64) *agentv1.Session {
 	idle := s.IdleTimeout
 	if idle == 0 {
 		idle = defaultIdle
 	}
 	out := &agentv1.Session{
-		User:         s.User,
+		User:         state.Escape(s.User),
 		SrcIp:        s.Src.String(),
 		DstIp:        s.Dst.String(),
 		DstPort:      uint32(s.Port),
