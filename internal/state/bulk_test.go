@@ -66,16 +66,21 @@ func TestUpsert(t *testing.T) {
 	if err != nil || !created || got.Created != 100 || got.User != "alice" {
 		t.Fatalf("first upsert: %+v created=%v err=%v", got, created, err)
 	}
-	s.Created, s.LastSeen, s.User, s.IdleTimeout, s.Expires = 200, 200, "bob", time.Hour, 999
+	s.Created, s.LastSeen, s.IdleTimeout, s.Expires = 200, 200, time.Hour, 999
 	got, created, err = m.Upsert(s)
 	if err != nil || created {
 		t.Fatalf("refresh: created=%v err=%v", created, err)
 	}
-	if got.Created != 100 || got.LastSeen != 200 || got.User != "bob" || got.IdleTimeout != time.Hour || got.Expires != 999 {
-		t.Fatalf("refresh returned %+v", got)
+	if got.Created != 100 || got.LastSeen != 200 || got.User != "alice" || got.IdleTimeout != time.Hour || got.Expires != 999 {
+		t.Fatalf("refresh returned created %d last seen %d user %q idle %v expires %d", got.Created, got.LastSeen, got.User, got.IdleTimeout, got.Expires)
 	}
 	if inMap, _ := m.Lookup(s.Key); inMap != got {
 		t.Fatalf("map holds %+v, Upsert returned %+v", inMap, got)
+	}
+	// Another user's grant replaces the session: a new one for that user.
+	s.Created, s.LastSeen, s.User = 300, 300, "bob"
+	if got, created, err = m.Upsert(s); err != nil || created || got.Created != 300 || got.User != "bob" {
+		t.Fatalf("grant to bob: created=%v err=%v, created %d user %q", created, err, got.Created, got.User)
 	}
 	v6 := sess(cli6, svcA6, 443, state.UDP, "carol")
 	if _, created, err := m.Upsert(v6); err != nil || !created {
