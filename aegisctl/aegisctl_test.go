@@ -279,6 +279,20 @@ func TestCerts(t *testing.T) {
 	if err := readCert(t, filepath.Join(dir, "server.crt")).CheckSignatureFrom(ca); err != nil {
 		t.Fatalf("new server certificate not from the kept CA: %v", err)
 	}
+
+	// Client names that would write elsewhere, replace the CA, or could
+	// not be a compat session's user are usage errors, and write nothing.
+	for _, name := range []string{"../outside", "ca", "server", "..", "ctl\x1b[2J", "ctl\u202e", " ops"} {
+		if r := run("certs", "--dir", dir, "--force", "--client", name); r.code != 2 || !strings.Contains(r.stderr, "--client") {
+			t.Errorf("--client %q: %+v", name, r)
+		}
+	}
+	if again := readCert(t, filepath.Join(dir, "ca.crt")); !again.Equal(ca) {
+		t.Fatal("the CA was replaced")
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "outside.crt")); err == nil {
+		t.Fatal("a client certificate was written outside the directory")
+	}
 }
 
 func readCert(t *testing.T, path string) *x509.Certificate {
