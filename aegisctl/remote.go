@@ -51,7 +51,7 @@ func protocolName(p agentv1.Protocol) string {
 // LoginCmd is "aegisctl login".
 type LoginCmd struct {
 	Conn        `embed:""`
-	User        string        `short:"u" required:"" placeholder:"NAME" help:"User the session belongs to (1-31 bytes)."`
+	User        string        `short:"u" required:"" placeholder:"NAME" help:"User the session belongs to: 1-31 bytes of printable text."`
 	Src         string        `required:"" placeholder:"IP" help:"Client (source) address."`
 	Dst         string        `required:"" placeholder:"IP" help:"Service (destination) address."`
 	Port        uint32        `required:"" placeholder:"PORT" help:"Service (destination) port."`
