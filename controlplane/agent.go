@@ -50,24 +50,19 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 		s.auditTarget(opGrant, apiAgent, p, req.GetUser(), requestTarget(req.GetSrcIp(), req.GetDstIp(), req.GetDstPort(), req.GetProtocol()), resultInvalid, err)
 		return sess, false, err
 	}
-	var previous string
-	var takeover bool
+	cl := claim{s: s, user: sess.User, keys: []state.Key{sess.Key}}
 	s.bulk.RLock()
 	unlock := s.keys.lock(sess.Key)
 	err = s.maps.Do(func(m *state.Maps) error {
 		var err error
-		if previous, takeover, err = s.claim(m, &sess); err != nil {
-			return err
-		}
-		if s.afterClaim != nil {
-			s.afterClaim()
-		}
-		stored, created, err = m.Upsert(sess)
+		cl.m = m
+		stored, created, err = m.UpsertChecked(sess, cl.check)
 		return err
 	})
 	unlock()
 	s.bulk.RUnlock()
-	result := grantResult(created, previous, takeover)
+	previous := cl.previous[0]
+	result := grantResult(created, previous, cl.takeover[0])
 	if err != nil {
 		err = statusOf(err)
 		result = resultOf(err)

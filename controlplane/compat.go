@@ -81,26 +81,18 @@ func (c *compatService) grant(p *peerInfo, user string, keys [2]state.Key) (*ses
 		{Key: keys[1], User: user, LastSeen: now, Created: now},
 	}
 	var created []bool
-	var previous [2]string
-	var takeover [2]bool
+	cl := claim{s: s, user: user, keys: keys[:]}
 	s.bulk.RLock()
 	unlock := s.keys.lock(keys[:]...)
 	err := s.maps.Do(func(m *state.Maps) error {
-		for i := range sessions {
-			var err error
-			if previous[i], takeover[i], err = s.claim(m, &sessions[i]); err != nil {
-				return err
-			}
-		}
-		if s.afterClaim != nil {
-			s.afterClaim()
-		}
 		var err error
-		created, err = m.GrantAll(sessions)
+		cl.m = m
+		created, err = m.GrantAllChecked(sessions, cl.check)
 		return err
 	})
 	unlock()
 	s.bulk.RUnlock()
+	previous, takeover := cl.previous, cl.takeover
 	if err != nil {
 		err = statusOf(err)
 		for i := range keys {

@@ -1,7 +1,6 @@
 package controlplane
 
 import (
-	"errors"
 	"hash/maphash"
 	"sync"
 
@@ -38,13 +37,23 @@ import (
 // rule exists to prevent. The audit line of every grant that finds
 // another user's session names that user in previous_user.
 //
-// The check and the write are one step for this process: both run under
-// the key's lock (keyLocks), so two grants of one key never both see it
-// free. Nothing else writes a session's user: the data path only updates
-// last_seen, the reaper only deletes expired sessions, aegisctl only
-// reads. A session the reaper deletes between the check and the write is
-// simply created. One aegis-controlplane serves a gateway's maps; a
-// second process granting into the same pins would race this check.
+// The check costs nothing on the common paths: it is the state.Check of
+// the grant's own write (UpsertChecked, GrantAllChecked), which reads the
+// session it replaces anyway; a new key is an insert that fails if the
+// key exists, so two grants of a free key cannot both create it. Only
+// another user's session costs a read of the config map.
+//
+// What the kernel does not make atomic is the read, the check and the
+// overwrite of an existing session: two grants for alice and bob of the
+// key of carol's expired session would both find it free, and the later
+// would overwrite the earlier's live session unchecked. So this process's
+// grants of one key run under the key's lock (keyLocks). Nothing else
+// writes a session's user: the data path only updates last_seen (and does
+// not revive an expired session), the reaper only deletes expired
+// sessions, aegisctl only reads. A session the reaper deletes between the
+// read and the write is simply created. One aegis-controlplane serves a
+// gateway's maps; a second process granting into the same pins would race
+// the check.
 
 // keyLocks is a striped set of mutexes, one stripe per key hash: grants
 // of different keys rarely wait for each other, and there is no table of
@@ -84,31 +93,44 @@ func (l *keyLocks) lock(keys ...state.Key) (unlock func()) {
 	}
 }
 
-// claim is what a grant of sess finds in m, called with the key's lock
-// held: previous is the user of another user's session there (expired or
-// not), takeover is true when that session is live and the grant may
-// replace it. Returns a status error with AlreadyExists if it may not.
-func (s *Server) claim(m *state.Maps, sess *state.Session) (previous string, takeover bool, err error) {
-	old, err := m.Lookup(sess.Key)
-	switch {
-	case errors.Is(err, state.ErrNotFound):
-		return "", false, nil
-	case err != nil:
-		return "", false, err
-	case old.User == sess.User:
-		return "", false, nil
+// claim applies the rule above to the grants of one request (one key, or
+// the two of a compat grant) of user: its check is the state.Check of
+// their write, called with the session found at a key between reading it
+// and overwriting it, and it records what it found there.
+type claim struct {
+	s    *Server
+	m    *state.Maps
+	user string
+	keys []state.Key
+	// By index of keys: the other user whose session was found, and
+	// whether it was live (and the grant allowed to take it over).
+	previous [2]string
+	takeover [2]bool
+}
+
+func (c *claim) check(old *state.Session) error {
+	if old.User == c.user {
+		return nil
 	}
-	cfg, err := m.ReadConfig()
+	i := 0
+	if len(c.keys) > 1 && old.Key == c.keys[1] {
+		i = 1
+	}
+	c.previous[i] = old.User
+	cfg, err := c.m.ReadConfig()
 	if err != nil {
-		return old.User, false, err
+		return err
 	}
-	if !old.Verdict(cfg.DefaultIdleTimeout, state.Now()).Pass() {
-		return old.User, false, nil
+	if old.Verdict(cfg.DefaultIdleTimeout, state.Now()).Pass() {
+		if !c.s.opts.AllowSessionTakeover {
+			return status.Errorf(codes.AlreadyExists,
+				"session %v is held by user %q until it is revoked or expires (aegis-controlplane --allow-session-takeover lets a grant take it over)",
+				old.Key, cut(old.User))
+		}
+		c.takeover[i] = true
 	}
-	if !s.opts.AllowSessionTakeover {
-		return old.User, false, status.Errorf(codes.AlreadyExists,
-			"session %v is held by user %q until it is revoked or expires (aegis-controlplane --allow-session-takeover lets a grant take it over)",
-			sess.Key, cut(old.User))
+	if c.s.afterClaim != nil {
+		c.s.afterClaim()
 	}
-	return old.User, true, nil
+	return nil
 }

@@ -164,13 +164,21 @@ func TestExpiredSessionGoesToTheNewUser(t *testing.T) {
 	}
 }
 
-// The check of who holds a key and the write are one step: bob's grant,
-// arriving while alice's is between the two, waits and then finds her
-// session. Without the key's lock bob's grant would see the key free and
-// both would "succeed", the later write silently winning.
+// The check of who holds a key and the write are one step. Two grants of
+// a free key cannot both create it (the kernel's insert fails if the key
+// exists), but two grants of the key of an expired session both find it
+// free: bob's, arriving while alice's is between its check and its write,
+// must wait and then find her live session. Without the key's lock bob's
+// grant would pass its check and both would "succeed", the later write
+// silently winning.
 func TestTakeoverCheckIsAtomic(t *testing.T) {
 	e := newEnv(t, envOptions{})
 	agent, _ := e.controller()
+	k := state.Key{Src: client4, Dst: svcA4, Port: 22, Proto: state.TCP}
+	long := state.Now() - uint64(2*time.Minute)
+	if err := e.maps().Grant(state.Session{Key: k, User: "carol", LastSeen: long, Created: long}); err != nil {
+		t.Fatal(err)
+	}
 	claimed, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	controlplane.SetAfterClaim(e.srv, func() {
@@ -180,10 +188,10 @@ func TestTakeoverCheckIsAtomic(t *testing.T) {
 		})
 	})
 	c := ctx(t)
-	errs := make(chan error, 2)
+	alice := make(chan error, 1)
 	go func() {
 		_, err := agent.LoginEvent(c, login("alice", client4, svcA4, 22, 0))
-		errs <- err
+		alice <- err
 	}()
 	<-claimed
 	bob := make(chan error, 1)
@@ -194,13 +202,13 @@ func TestTakeoverCheckIsAtomic(t *testing.T) {
 	// Bob's grant has time to reach the lock (or, without it, to finish).
 	time.Sleep(200 * time.Millisecond)
 	close(release)
-	if err := <-errs; err != nil {
+	if err := <-alice; err != nil {
 		t.Fatalf("alice's grant: %v", err)
 	}
 	if err := <-bob; code(err) != codes.AlreadyExists {
 		t.Fatalf("bob's concurrent grant: %v, want AlreadyExists", err)
 	}
-	if s := e.dump()[state.Key{Src: client4, Dst: svcA4, Port: 22, Proto: state.TCP}]; s.User != "alice" {
-		t.Fatalf("session %+v, want alice's", s)
+	if s := e.dump()[k]; s.User != "alice" {
+		t.Fatalf("session of %q, want alice's", s.User)
 	}
 }

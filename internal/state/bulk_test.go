@@ -306,3 +306,41 @@ func TestFill(t *testing.T) {
 		t.Fatalf("v6 with a 10 s default: %+v", v6)
 	}
 }
+
+// A check refuses to replace a session: the map is unchanged, the check's
+// error returned; it is not asked about a new key.
+func TestUpsertChecked(t *testing.T) {
+	m := newMaps(t, 16)
+	refuse := errors.New("refused")
+	var asked []state.Session
+	check := func(old *state.Session) error {
+		asked = append(asked, *old)
+		if old.User == "alice" {
+			return refuse
+		}
+		return nil
+	}
+	alice := sess(cli4, svcA4, 443, state.TCP, "alice")
+	if _, created, err := m.UpsertChecked(alice, check); err != nil || !created || len(asked) != 0 {
+		t.Fatalf("new key: created=%v err=%v, check asked about %v", created, err, asked)
+	}
+	before := all(t, m)
+	bob := sess(cli4, svcA4, 443, state.TCP, "bob")
+	if _, _, err := m.UpsertChecked(bob, check); !errors.Is(err, refuse) {
+		t.Fatalf("refused replace: %v", err)
+	}
+	if len(asked) != 1 || asked[0].User != "alice" || asked[0].Key != alice.Key || asked[0].Created != alice.Created {
+		t.Fatalf("check asked about %+v", asked)
+	}
+	if after := all(t, m); len(after) != 1 || after[alice.Key] != before[alice.Key] {
+		t.Fatalf("map changed by a refused grant: %v", after)
+	}
+	// Both or neither: the second session's refusal undoes the first.
+	udp := sess(cli4, svcA4, 443, state.UDP, "carol")
+	if _, err := m.GrantAllChecked([]state.Session{udp, bob}, check); !errors.Is(err, refuse) {
+		t.Fatalf("GrantAllChecked: %v", err)
+	}
+	if after := all(t, m); len(after) != 1 || after[alice.Key] != before[alice.Key] {
+		t.Fatalf("map after a refused GrantAllChecked: %v", after)
+	}
+}
