@@ -95,13 +95,18 @@ func (e *malformedError) Error() string              { return e.st.Err().Error()
 func (e *malformedError) GRPCStatus() *status.Status { return e.st }
 
 // methodOps names, for the audit line of a request that did not decode,
-// the operation and API of each method that changes sessions. The others
-// (reads, health, reflection) and SubmitSession, which grants or revokes
-// as its undecoded request says, are audited as opCall.
+// the operation and API of each session method. SubmitSession, which
+// grants or revokes as its undecoded request says, and the reads are
+// opCall; other services' methods (health, reflection) are opCall of no
+// API.
 var methodOps = map[string][2]string{
 	agentv1.AgentService_LoginEvent_FullMethodName:        {opGrant, apiAgent},
 	agentv1.AgentService_StreamLoginEvents_FullMethodName: {opGrant, apiAgent},
 	agentv1.AgentService_LogoutEvent_FullMethodName:       {opRevoke, apiAgent},
+	agentv1.AgentService_ListSessions_FullMethodName:      {opCall, apiAgent},
+	agentv1.AgentService_GetStats_FullMethodName:          {opCall, apiAgent},
+	session.SessionManager_SubmitSession_FullMethodName:   {opCall, apiCompat},
+	session.SessionManager_MonitorSessions_FullMethodName: {opCall, apiCompat},
 	session.SessionManager_IpChange_FullMethodName:        {opMove, apiCompat},
 }
 

@@ -73,11 +73,11 @@ func TestUndecodableRequestsAreInvalidAndAudited(t *testing.T) {
 		"LogoutEvent, invalid UTF-8": {agentv1.AgentService_LogoutEvent_FullMethodName, badUTF8User, &agentv1.LogoutEventResponse{},
 			map[string]any{"audit": "revoke", "api": "agent"}},
 		"ListSessions, invalid UTF-8": {agentv1.AgentService_ListSessions_FullMethodName, badUTF8User, &agentv1.ListSessionsResponse{},
-			map[string]any{"audit": "call"}},
+			map[string]any{"audit": "call", "api": "agent"}},
 		"SubmitSession, garbled": {session.SessionManager_SubmitSession_FullMethodName, endlessVarint, &session.Ack{},
-			map[string]any{"audit": "call"}},
+			map[string]any{"audit": "call", "api": "compat"}},
 		"SubmitSession, truncated": {session.SessionManager_SubmitSession_FullMethodName, raw("\x08"), &session.Ack{},
-			map[string]any{"audit": "call"}},
+			map[string]any{"audit": "call", "api": "compat"}},
 		"IpChange, truncated": {session.SessionManager_IpChange_FullMethodName, raw("\x0a\x05\x08\x01"), &session.Ack{},
 			map[string]any{"audit": "move", "api": "compat"}},
 	}
@@ -173,6 +173,37 @@ func TestUndecodableStreamedLogin(t *testing.T) {
 	}
 	if n != 2 {
 		t.Fatalf("%d audit lines of undecodable streamed logins, want 2:\n%s", n, e.logs.String())
+	}
+}
+
+// A server-streaming call whose one request does not decode ends with
+// InvalidArgument before it sends anything.
+func TestUndecodableMonitorRequest(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	conn := e.dial(e.client("controller"))
+	stream, err := conn.NewStream(ctx(t), &session.SessionManager_ServiceDesc.Streams[0],
+		session.SessionManager_MonitorSessions_FullMethodName, forceRaw())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.SendMsg(raw("\x08")); err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	var list session.SessionList
+	if err := stream.RecvMsg(&list); code(err) != codes.InvalidArgument {
+		t.Fatalf("MonitorSessions with an undecodable request: %v, want InvalidArgument", err)
+	}
+	n := 0
+	for _, l := range e.logs.JSONLines(t, "call") {
+		if l["method"] == session.SessionManager_MonitorSessions_FullMethodName && l["api"] == "compat" && l["peer"] == "controller" {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d audit lines, want 1:\n%s", n, e.logs.String())
 	}
 }
 
