@@ -28,18 +28,19 @@ import (
 // CLI is aegis-controlplane's command line.
 type CLI struct {
 	cli.Globals
-	GRPCPort             uint16        `short:"g" name:"grpc-port" default:"50001" help:"TCP port of the gRPC server (the port the Aegis controller dials)."`
-	ListenAddress        string        `placeholder:"IP" help:"IP address to listen on; empty for all. Must be a loopback address with --insecure."`
-	TLSCert              string        `name:"tls-cert" placeholder:"FILE" help:"Server certificate (PEM); the controller expects the DNS name aegis-agent. Re-read on SIGHUP."`
-	TLSKey               string        `name:"tls-key" placeholder:"FILE" help:"Server certificate's private key (PEM). Re-read on SIGHUP."`
-	TLSClientCA          string        `name:"tls-client-ca" placeholder:"FILE" help:"CA (PEM) that issues client certificates; clients must present one. Re-read on SIGHUP."`
-	AllowedClientName    []string      `name:"allowed-client-name" placeholder:"NAME" help:"Only clients whose certificate has this CN or DNS SAN may call (repeatable; comma-separated in the environment). Default: any client of the client CA."`
-	Insecure             bool          `help:"Serve plaintext gRPC without client authentication, only on a loopback --listen-address (local testing)."`
-	MonitorInterval      time.Duration `default:"5s" help:"Period of session.SessionManager/MonitorSessions snapshots."`
-	AllowSessionTakeover bool          `help:"Let a grant take over a live session of another user on the same key (source, destination, port, protocol); by default it is refused with AlreadyExists until that session expires or is revoked."`
-	MetricsAddress       string        `env:"AEGIS_CONTROLPLANE_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on http://HOST:PORT/metrics; off when empty."`
-	ShutdownTimeout      time.Duration `env:"AEGIS_CONTROLPLANE_SHUTDOWN_TIMEOUT" default:"10s" help:"On SIGTERM, how long in-flight calls may take before connections are closed."`
-	PinPath              string        `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps (aegis-loader --pin-path)."`
+	GRPCPort          uint16        `short:"g" name:"grpc-port" default:"50001" help:"TCP port of the gRPC server (the port the Aegis controller dials)."`
+	ListenAddress     string        `placeholder:"IP" help:"IP address to listen on; empty for all. Must be a loopback address with --insecure."`
+	TLSCert           string        `name:"tls-cert" placeholder:"FILE" help:"Server certificate (PEM); the controller expects the DNS name aegis-agent. Re-read on SIGHUP."`
+	TLSKey            string        `name:"tls-key" placeholder:"FILE" help:"Server certificate's private key (PEM). Re-read on SIGHUP."`
+	TLSClientCA       string        `name:"tls-client-ca" placeholder:"FILE" help:"CA (PEM) that issues client certificates; clients must present one. Re-read on SIGHUP."`
+	AllowedClientName []string      `name:"allowed-client-name" placeholder:"NAME" help:"Only clients whose certificate has this CN or DNS SAN may call (repeatable; comma-separated in the environment). Default: any client of the client CA."`
+	Insecure          bool          `help:"Serve plaintext gRPC without client authentication, only on a loopback --listen-address (local testing)."`
+	MonitorInterval   time.Duration `default:"5s" help:"Period of session.SessionManager/MonitorSessions snapshots."`
+	MetricsAddress    string        `env:"AEGIS_CONTROLPLANE_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on http://HOST:PORT/metrics; off when empty."`
+	ShutdownTimeout   time.Duration `env:"AEGIS_CONTROLPLANE_SHUTDOWN_TIMEOUT" default:"10s" help:"On SIGTERM, how long in-flight calls may take before connections are closed."`
+	PinPath           string        `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps (aegis-loader --pin-path)."`
+
+	AllowSessionTakeover bool `help:"Let a grant take over a live session of another user on the same key (source, destination, port, protocol); by default it is refused with AlreadyExists until that session expires or is revoked."`
 }
 
 // Main runs aegis-controlplane with args until ctx ends or SIGTERM or
@@ -189,12 +190,13 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	srv, err := New(Options{
-		Maps:                 maps,
-		Log:                  log,
-		Certificates:         certs,
-		AllowedClientNames:   c.AllowedClientName,
-		MonitorInterval:      c.MonitorInterval,
-		Registerer:           reg,
+		Maps:               maps,
+		Log:                log,
+		Certificates:       certs,
+		AllowedClientNames: c.AllowedClientName,
+		MonitorInterval:    c.MonitorInterval,
+		Registerer:         reg,
+
 		AllowSessionTakeover: c.AllowSessionTakeover,
 	})
 	if err != nil {
@@ -217,7 +219,8 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	log.Info().Stringer("addr", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).Bool("allow_session_takeover", c.AllowSessionTakeover).
+	log.Info().Stringer("addr", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
+		Bool("allow_session_takeover", c.AllowSessionTakeover).
 		Msg("serving session.SessionManager and aegis.agent.v1.AgentService")
 	daemon.Ready(log)
 	go daemon.Watchdog(ctx, log, srv.Healthy)
