@@ -62,13 +62,13 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 	unlock()
 	s.bulk.RUnlock()
 	previous := cl.previous[0]
-	result := grantResult(created, previous, cl.takeover[0])
 	if err != nil {
 		err = statusOf(err)
-		result = resultOf(err)
+		s.auditGrant(opGrant, apiAgent, p, sess.User, previous, &sess.Key, resultOf(err), err)
+		return stored, false, err
 	}
-	s.auditGrant(opGrant, apiAgent, p, sess.User, previous, &sess.Key, result, err)
-	return stored, created || previous != "", err
+	s.auditGrant(opGrant, apiAgent, p, sess.User, previous, &sess.Key, grantResult(created, previous, cl.takeover[0]), nil)
+	return stored, created || previous != "", nil
 }
 
 func (a *agentService) LoginEvent(ctx context.Context, req *agentv1.LoginEventRequest) (*agentv1.LoginEventResponse, error) {

@@ -88,12 +88,12 @@ func (p *peerInfo) appendAddr(b []byte) []byte {
 // compatUser is the user recorded in a session granted through the compat
 // API, whose requests carry none: the client certificate's name, cut to
 // the MaxUserLen bytes the map holds (at a character boundary) and
-// trimmed of spaces, or CompatUserInsecure without a certificate (or
-// with one that has no name). A name
-// that is then not a valid user (state.ValidateUser: a control or format
-// character, invalid UTF-8) is refused, not mended: the certificate's
-// name is an identity, and one that could forge a table row must not
-// grant anything under a look-alike.
+// trimmed of spaces, or CompatUserInsecure without a certificate (or with
+// one that has no name). A name that is then not a valid user
+// (state.ValidateUser: a control or format character, invalid UTF-8) is
+// refused, not mended: the certificate's name is an identity, and one
+// that could forge a table row must not grant anything under a
+// look-alike.
 func compatUser(p *peerInfo) (string, error) {
 	name := p.name()
 	if name == "" {
