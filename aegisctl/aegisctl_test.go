@@ -14,10 +14,13 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/rs/zerolog"
 
 	"github.com/aegis-agent/aegis/aegisctl"
+	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/controlplane"
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/state"
@@ -276,6 +279,20 @@ func TestCerts(t *testing.T) {
 	if err := readCert(t, filepath.Join(dir, "server.crt")).CheckSignatureFrom(ca); err != nil {
 		t.Fatalf("new server certificate not from the kept CA: %v", err)
 	}
+
+	// Client names that would write elsewhere, replace the CA, or could
+	// not be a compat session's user are usage errors, and write nothing.
+	for _, name := range []string{"../outside", "ca", "server", "..", "ctl\x1b[2J", "ctl\u202e", " ops"} {
+		if r := run("certs", "--dir", dir, "--force", "--client", name); r.code != 2 || !strings.Contains(r.stderr, "--client") {
+			t.Errorf("--client %q: %+v", name, r)
+		}
+	}
+	if again := readCert(t, filepath.Join(dir, "ca.crt")); !again.Equal(ca) {
+		t.Fatal("the CA was replaced")
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "outside.crt")); err == nil {
+		t.Fatal("a client certificate was written outside the directory")
+	}
 }
 
 func readCert(t *testing.T, path string) *x509.Certificate {
@@ -338,5 +355,85 @@ func golden(t *testing.T, name, got string) {
 	}
 	if got != string(want) {
 		t.Fatalf("%s differs:\n--- got\n%s--- want\n%s", name, got, want)
+	}
+}
+
+// A user name in the maps that is not printable text (written by another
+// tool: the control plane refuses such names) is printed escaped by every
+// renderer, so it cannot add a row or rewrite the operator's terminal.
+func TestHostileUserInTheMapsIsEscaped(t *testing.T) {
+	e := newEnv(t)
+	m, err := state.Open(e.pin, state.OpenOptions{Writable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	now := state.Now()
+	hostile := map[uint16]string{
+		22: "x\x1b[2J\x1b[H\nroot  tcp",
+		23: "evil\u202egpj\u009b",
+		24: "bad\xff\u200b",
+	}
+	for port, user := range hostile {
+		k := bpf.AegisSessionKeyV4{Src: [4]uint8{192, 0, 2, 10}, Dst: [4]uint8{198, 51, 100, 10}, Dport: port, Proto: uint8(state.TCP)}
+		v := bpf.AegisSessionValue{LastSeenNs: now, CreatedNs: now}
+		for i := 0; i < len(user); i++ {
+			v.User[i] = int8(user[i])
+		}
+		if err := m.SessionsV4.Put(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Nothing a terminal would act on: no C0 control but the newlines
+	// that end rows, no DEL, no C1 control, no format character.
+	clean := func(what, out string) {
+		t.Helper()
+		for _, r := range strings.ReplaceAll(out, "\n", "") {
+			if !unicode.IsPrint(r) {
+				t.Errorf("%s prints %U raw:\n%s", what, r, out)
+			}
+		}
+		if !utf8.ValidString(out) {
+			t.Errorf("%s prints invalid UTF-8:\n%q", what, out)
+		}
+	}
+	for what, args := range map[string][]string{
+		"local sessions": {"local", "sessions", "--pin-path", e.pin},
+		"sessions":       e.cmd("sessions"),
+	} {
+		out := mustRun(t, args...)
+		clean(what, out)
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if len(lines) != 5 || lines[4] != "3 session(s)" {
+			t.Fatalf("%s: want the header, 3 rows and the count:\n%s", what, out)
+		}
+		if !strings.Contains(out, `"x\x1b[2J\x1b[H\nroot  tcp"`) || !strings.Contains(out, `"evil\u202egpj\u009b"`) ||
+			!strings.Contains(out, `"bad\xff\u200b"`) {
+			t.Errorf("%s: the names are not shown escaped:\n%s", what, out)
+		}
+	}
+	for what, args := range map[string][]string{
+		"local sessions --json": {"local", "sessions", "--json", "--pin-path", e.pin},
+		"sessions --json":       e.cmd("sessions", "--json"),
+	} {
+		out := mustRun(t, args...)
+		clean(what, out)
+		var rows []aegisctl.SessionRow
+		if err := json.Unmarshal([]byte(out), &rows); err != nil || len(rows) != 3 {
+			t.Fatalf("%s: %v\n%s", what, err, out)
+		}
+		// Escaped, not changed: JSON carries the name a reader can act on
+		// (the control plane's listing shows it as state.Escape does).
+		for _, r := range rows {
+			want := hostile[r.Dest.Port()]
+			if what == "sessions --json" {
+				want = state.Escape(want)
+			} else if !utf8.ValidString(want) {
+				want = strings.ToValidUTF8(want, "\ufffd")
+			}
+			if r.User != want {
+				t.Errorf("%s: user %q, want %q", what, r.User, want)
+			}
+		}
 	}
 }

@@ -7,10 +7,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/pki"
+	"github.com/aegis-agent/aegis/internal/state"
 )
 
 // CertsCmd is "aegisctl certs": the PKI of one gateway. It writes, all
@@ -31,6 +33,23 @@ type CertsCmd struct {
 	CALifetime   time.Duration `default:"87600h" help:"Lifetime of a new CA."`
 	LeafLifetime time.Duration `default:"8760h" help:"Lifetime of the server and client certificates."`
 	Force        bool          `help:"Replace existing server and client certificates."`
+}
+
+// checkClientName refuses a --client name that would write outside the
+// directory or over the CA or server files, or that is not printable
+// text: the name is logged as the peer of every call and becomes the user
+// of the sessions the client grants through the compat API, which must
+// be a valid user (state.ValidateUser, after the cut to 31 bytes).
+func checkClientName(name string) error {
+	switch {
+	case strings.ContainsAny(name, `/\`) || name == "." || name == "..":
+		return fmt.Errorf("--client %q: a name, not a path", name)
+	case name == "ca" || name == "server":
+		return fmt.Errorf("--client %q: the CA's and the server's files have that name", name)
+	case !state.Printable(name) || strings.TrimSpace(name) != name:
+		return fmt.Errorf("--client %q: want printable text without spaces at the ends", name)
+	}
+	return nil
 }
 
 // Run writes the certificates.
@@ -64,6 +83,11 @@ func (cmd *CertsCmd) Run(stdio cli.IO) error {
 		fmt.Fprintf(stdio.Stdout, "wrote %s, %s (new CA, valid until %s)\n", path("ca.crt"), path("ca.key"), ca.Cert.NotAfter.Format(time.DateOnly))
 	}
 
+	for _, name := range cmd.Client {
+		if err := checkClientName(name); err != nil {
+			return &cli.UsageError{Err: err}
+		}
+	}
 	leaves := []string{"server"}
 	leaves = append(leaves, cmd.Client...)
 	if !cmd.Force {

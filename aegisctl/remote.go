@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/aegis-agent/aegis/internal/cli"
+	"github.com/aegis-agent/aegis/internal/state"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 )
 
@@ -27,7 +28,7 @@ func callError(op, addr string, err error) error {
 	if st.Code() == codes.Unavailable && strings.Contains(st.Message(), "connection") {
 		return fmt.Errorf("%s: cannot reach the control plane at %s: %s", op, addr, st.Message())
 	}
-	return fmt.Errorf("%s: %s: %s", op, st.Code(), st.Message())
+	return fmt.Errorf("%s: %s: %s", op, st.Code(), state.Escape(st.Message()))
 }
 
 func protocol(s string) (agentv1.Protocol, error) {
@@ -50,7 +51,7 @@ func protocolName(p agentv1.Protocol) string {
 // LoginCmd is "aegisctl login".
 type LoginCmd struct {
 	Conn        `embed:""`
-	User        string        `short:"u" required:"" placeholder:"NAME" help:"User the session belongs to (1-31 bytes)."`
+	User        string        `short:"u" required:"" placeholder:"NAME" help:"User the session belongs to: 1-31 bytes of printable text."`
 	Src         string        `required:"" placeholder:"IP" help:"Client (source) address."`
 	Dst         string        `required:"" placeholder:"IP" help:"Service (destination) address."`
 	Port        uint32        `required:"" placeholder:"PORT" help:"Service (destination) port."`
@@ -92,8 +93,8 @@ func (cmd *LoginCmd) Run(ctx context.Context, stdio cli.IO) error {
 	if s.GetExpireTime() != nil {
 		lifetime = "lifetime ends " + s.GetExpireTime().AsTime().Local().Format(time.DateTime)
 	}
-	fmt.Fprintf(stdio.Stdout, "%s: %s %s %s -> %s, idle timeout %v, %s\n", what, s.GetUser(), protocolName(s.GetProtocol()),
-		s.GetSrcIp(), hostPort(s.GetDstIp(), s.GetDstPort()), s.GetIdleTimeout().AsDuration(), lifetime)
+	fmt.Fprintf(stdio.Stdout, "%s: %s %s %s -> %s, idle timeout %v, %s\n", what, state.Escape(s.GetUser()), protocolName(s.GetProtocol()),
+		state.Escape(s.GetSrcIp()), state.Escape(hostPort(s.GetDstIp(), s.GetDstPort())), s.GetIdleTimeout().AsDuration(), lifetime)
 	return nil
 }
 

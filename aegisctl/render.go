@@ -1,6 +1,7 @@
 package aegisctl
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/json"
 	"fmt"
@@ -10,6 +11,11 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf16"
+	"unicode/utf8"
+
+	"github.com/aegis-agent/aegis/internal/state"
 )
 
 // SessionRow is one session as aegisctl shows it, whether it came over
@@ -59,7 +65,9 @@ func sortSessions(rows []SessionRow) {
 }
 
 // WriteSessions prints sessions as an aligned table, sorted by user, then
-// source, destination and protocol.
+// source, destination and protocol. A user that is not printable text
+// (state.Escape) is printed quoted and escaped: a name written into the
+// maps by some other tool must not add a row or rewrite the terminal.
 func WriteSessions(w io.Writer, rows []SessionRow, now time.Time) error {
 	sortSessions(rows)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -69,12 +77,12 @@ func WriteSessions(w io.Writer, rows []SessionRow, now time.Time) error {
 		if !r.Expires.IsZero() {
 			lifetime = short(r.Expires.Sub(now))
 		}
-		state := "active"
+		condition := "active"
 		if r.Expired {
-			state = "expired"
+			condition = "expired"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.User, r.Protocol, r.Source, r.Dest,
-			short(now.Sub(r.LastSeen)), short(r.Left), lifetime, state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", state.Escape(r.User), state.Escape(r.Protocol), r.Source, r.Dest,
+			short(now.Sub(r.LastSeen)), short(r.Left), lifetime, condition)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -114,11 +122,43 @@ func WriteStats(w io.Writer, s Stats) error {
 	return err
 }
 
-// writeJSON prints v as indented JSON.
+// writeJSON prints v as indented JSON, with every character that is not
+// printable escaped (escapeJSON).
 func writeJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
 	enc.SetIndent("", "  ")
-	return enc.Encode(v)
+	if err := enc.Encode(v); err != nil {
+		return err
+	}
+	_, err := w.Write(escapeJSON(buf.Bytes()))
+	return err
+}
+
+// escapeJSON rewrites as \uXXXX every character of encoding/json's output
+// that is not printable (unicode.IsPrint) and not the newline of its
+// indentation. encoding/json escapes the C0 controls, U+2028 and U+2029,
+// but writes C1 controls, bidi overrides and zero-width characters as
+// they are, which a terminal obeys. Outside strings its output holds only
+// ASCII punctuation, spaces and newlines, so every character rewritten is
+// inside a string, and the value decodes unchanged. (Invalid UTF-8 was
+// already replaced with U+FFFD by the encoder.)
+func escapeJSON(b []byte) []byte {
+	out := make([]byte, 0, len(b))
+	for len(b) > 0 {
+		r, size := utf8.DecodeRune(b)
+		switch {
+		case r == '\n' || unicode.IsPrint(r):
+			out = append(out, b[:size]...)
+		case r > 0xffff:
+			r1, r2 := utf16.EncodeRune(r)
+			out = fmt.Appendf(out, `\u%04x\u%04x`, r1, r2)
+		default:
+			out = fmt.Appendf(out, `\u%04x`, r)
+		}
+		b = b[size:]
+	}
+	return out
 }
 
 // short formats a duration to the second, as an operator reads it:

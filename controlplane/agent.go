@@ -41,7 +41,8 @@ type agentService struct {
 }
 
 // grant applies one login. It is what LoginEvent and each message of
-// StreamLoginEvents do.
+// StreamLoginEvents do. A session that passes to the user from another
+// (claim) is reported as created: it is new to this user.
 func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (stored state.Session, created bool, err error) {
 	s := a.s
 	sess, err := loginSession(req, state.Now())
@@ -49,23 +50,25 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 		s.auditTarget(opGrant, apiAgent, p, req.GetUser(), requestTarget(req.GetSrcIp(), req.GetDstIp(), req.GetDstPort(), req.GetProtocol()), resultInvalid, err)
 		return sess, false, err
 	}
+	cl := claim{s: s, user: sess.User, keys: []state.Key{sess.Key}}
 	s.bulk.RLock()
+	unlock := s.keys.lock(sess.Key)
 	err = s.maps.Do(func(m *state.Maps) error {
 		var err error
-		stored, created, err = m.Upsert(sess)
+		cl.m = m
+		stored, created, err = m.UpsertChecked(sess, cl.check)
 		return err
 	})
+	unlock()
 	s.bulk.RUnlock()
-	result := resultRefreshed
-	if created {
-		result = resultCreated
-	}
+	previous := cl.previous[0]
 	if err != nil {
 		err = statusOf(err)
-		result = resultOf(err)
+		s.auditGrant(opGrant, apiAgent, p, sess.User, previous, &sess.Key, resultOf(err), err)
+		return stored, false, err
 	}
-	s.audit(opGrant, apiAgent, p, sess.User, &sess.Key, result, err)
-	return stored, created, err
+	s.auditGrant(opGrant, apiAgent, p, sess.User, previous, &sess.Key, grantResult(created, previous, cl.takeover[0]), nil)
+	return stored, created || previous != "", nil
 }
 
 func (a *agentService) LoginEvent(ctx context.Context, req *agentv1.LoginEventRequest) (*agentv1.LoginEventResponse, error) {
@@ -95,10 +98,16 @@ func (a *agentService) StreamLoginEvents(stream agentv1.AgentService_StreamLogin
 		if errors.Is(err, io.EOF) {
 			return stream.SendAndClose(resp)
 		}
-		if err != nil {
+		var malformed *malformedError
+		if err != nil && !errors.As(err, &malformed) {
 			return err
 		}
-		_, _, err = a.grant(&p, req)
+		if err == nil {
+			// A message that did not decode (already audited) is
+			// rejected like any other malformed request; the next can
+			// still be read.
+			_, _, err = a.grant(&p, req)
+		}
 		switch status.Code(err) {
 		case codes.OK:
 			resp.Applied++
@@ -209,6 +218,11 @@ func (a *agentService) revokeUser(p *peerInfo, user string) (*agentv1.LogoutEven
 func (a *agentService) ListSessions(ctx context.Context, req *agentv1.ListSessionsRequest) (*agentv1.ListSessionsResponse, error) {
 	var src, dst netip.Addr
 	var err error
+	if req.GetUser() != "" {
+		if err := state.ValidateUser(req.GetUser()); err != nil {
+			return nil, statusOf(err)
+		}
+	}
 	if req.GetSrcIp() != "" {
 		if src, err = parseAddr("src_ip", req.GetSrcIp()); err != nil {
 			return nil, err

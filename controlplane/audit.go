@@ -1,6 +1,8 @@
 package controlplane
 
 import (
+	"unicode/utf8"
+
 	"github.com/rs/zerolog"
 
 	"github.com/aegis-agent/aegis/internal/state"
@@ -17,10 +19,15 @@ const (
 	opGrant  = "grant"
 	opRevoke = "revoke"
 	opMove   = "move"
+	// opCall is a request refused before its operation could be told:
+	// it did not decode (decode.go).
+	opCall = "call"
 )
 
-// target is what a refused request named, as it came (the JSON encoder
-// quotes it, so a client cannot forge log fields).
+// target is what a refused request named, as it came. The JSON encoder
+// quotes it, so a client cannot forge log fields, and clip escapes what
+// the encoder leaves raw (C1 controls, bidi overrides), so that a log
+// read on a terminal cannot rewrite it.
 type target struct {
 	src, dst, proto string
 	port            uint32
@@ -33,9 +40,18 @@ type target struct {
 // warn level with the reason. Addresses are appended into a stack buffer:
 // this runs once per grant.
 func (s *Server) audit(op, api string, p *peerInfo, user string, k *state.Key, result string, err error) {
+	s.auditGrant(op, api, p, user, "", k, result, err)
+}
+
+// auditGrant is audit for a grant that found another user's session at
+// the key: previous is that user, logged as previous_user (see claim).
+func (s *Server) auditGrant(op, api string, p *peerInfo, user, previous string, k *state.Key, result string, err error) {
 	ev := s.auditEvent(op, api, user, result, err)
 	if ev == nil {
 		return
+	}
+	if previous != "" {
+		ev = ev.Str("previous_user", state.Escape(previous))
 	}
 	if k != nil {
 		var buf [64]byte
@@ -58,7 +74,7 @@ func (s *Server) audit(op, api string, p *peerInfo, user string, k *state.Key, r
 // auditTarget is audit for a request refused before it named a valid key.
 // The fields are the client's and may be anything: they are cut short.
 func (s *Server) auditTarget(op, api string, p *peerInfo, user string, t *target, result string, err error) {
-	ev := s.auditEvent(op, api, clip(user), result, err)
+	ev := s.auditEvent(op, api, user, result, err)
 	if ev == nil {
 		return
 	}
@@ -93,9 +109,12 @@ func (s *Server) auditEvent(op, api, user, result string, err error) *zerolog.Ev
 	if ev == nil {
 		return nil // level disabled
 	}
-	ev = ev.Str("audit", op).Str("api", api)
+	ev = ev.Str("audit", op)
+	if api != "" {
+		ev = ev.Str("api", api)
+	}
 	if user != "" {
-		ev = ev.Str("user", user)
+		ev = ev.Str("user", clip(user))
 	}
 	return ev
 }
@@ -105,13 +124,25 @@ func (s *Server) auditDone(ev *zerolog.Event, p *peerInfo, op, result string) {
 	ev.Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("result", result).Msg(op)
 }
 
-// maxLogged is the most of a client-supplied string an audit line
-// carries: enough for any valid value, little for a hostile one.
+// maxLogged is the most of a client-supplied string an audit line or an
+// error carries: enough for any valid value, little for a hostile one.
 const maxLogged = 64
 
-func clip(s string) string {
+// cut cuts s to maxLogged bytes, at a character boundary, marking the cut
+// with "...". For errors, which quote it with %q.
+func cut(s string) string {
 	if len(s) <= maxLogged {
 		return s
 	}
-	return s[:maxLogged] + "..."
+	n := maxLogged
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "..."
+}
+
+// clip is cut for a log field: also escaped (state.Escape) unless
+// printable. A valid user passes unchanged, without an allocation.
+func clip(s string) string {
+	return state.Escape(cut(s))
 }

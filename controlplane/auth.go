@@ -59,11 +59,14 @@ func (p *peerInfo) name() string {
 	return ""
 }
 
-// identity is the peer as the audit log names it.
+// identity is the peer as the audit log names it. The CA vouches for a
+// certificate's names, not for their bytes: a UTF8String or BMPString
+// common name may hold any character, an IA5String SAN any ASCII control,
+// so the name is cut short and escaped like a client-supplied field.
 func (p *peerInfo) identity() string {
 	switch {
 	case p.name() != "":
-		return p.name()
+		return clip(p.name())
 	case p.leaf != nil:
 		return "(certificate without a name)"
 	}
@@ -84,20 +87,30 @@ func (p *peerInfo) appendAddr(b []byte) []byte {
 
 // compatUser is the user recorded in a session granted through the compat
 // API, whose requests carry none: the client certificate's name, cut to
-// the 31 bytes the map holds (at a character boundary, NUL bytes
-// dropped), or CompatUserInsecure without a certificate.
-func compatUser(p *peerInfo) string {
-	name := strings.ReplaceAll(p.name(), "\x00", "")
+// the MaxUserLen bytes the map holds (at a character boundary) and
+// trimmed of spaces, or CompatUserInsecure without a certificate (or with
+// one that has no name). A name that is then not a valid user
+// (state.ValidateUser: a control or format character, invalid UTF-8) is
+// refused, not mended: the certificate's name is an identity, and one
+// that could forge a table row must not grant anything under a
+// look-alike.
+func compatUser(p *peerInfo) (string, error) {
+	name := p.name()
 	if name == "" {
-		return CompatUserInsecure
+		return CompatUserInsecure, nil
 	}
-	if len(name) > state.MaxUserLen {
-		name = name[:state.MaxUserLen]
-		for len(name) > 0 && !utf8.ValidString(name) {
-			name = name[:len(name)-1]
+	if n := state.MaxUserLen; len(name) > n {
+		for n > 0 && !utf8.RuneStart(name[n]) {
+			n--
 		}
+		name = name[:n]
 	}
-	return name
+	name = strings.Trim(name, " ")
+	if err := state.ValidateUser(name); err != nil {
+		return "", status.Errorf(codes.InvalidArgument, "client certificate name %q cannot be a session user (%v): "+
+			"issue the client a certificate whose CN or first DNS SAN is printable text", cut(p.name()), err)
+	}
+	return name, nil
 }
 
 // authorizer refuses calls from clients outside the allowlist. The TLS

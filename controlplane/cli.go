@@ -39,6 +39,8 @@ type CLI struct {
 	MetricsAddress    string        `env:"AEGIS_CONTROLPLANE_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on http://HOST:PORT/metrics; off when empty."`
 	ShutdownTimeout   time.Duration `env:"AEGIS_CONTROLPLANE_SHUTDOWN_TIMEOUT" default:"10s" help:"On SIGTERM, how long in-flight calls may take before connections are closed."`
 	PinPath           string        `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps (aegis-loader --pin-path)."`
+
+	AllowSessionTakeover bool `help:"Let a grant take over a live session of another user on the same key (source, destination, port, protocol); by default it is refused with AlreadyExists until that session expires or is revoked."`
 }
 
 // Main runs aegis-controlplane with args until ctx ends or SIGTERM or
@@ -194,6 +196,8 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 		AllowedClientNames: c.AllowedClientName,
 		MonitorInterval:    c.MonitorInterval,
 		Registerer:         reg,
+
+		AllowSessionTakeover: c.AllowSessionTakeover,
 	})
 	if err != nil {
 		return err
@@ -216,6 +220,7 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	log.Info().Stringer("addr", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
+		Bool("allow_session_takeover", c.AllowSessionTakeover).
 		Msg("serving session.SessionManager and aegis.agent.v1.AgentService")
 	daemon.Ready(log)
 	go daemon.Watchdog(ctx, log, srv.Healthy)

@@ -27,13 +27,18 @@ var compatProtocols = [2]state.Protocol{state.TCP, state.UDP}
 func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEvent) (*session.Ack, error) {
 	s := c.s
 	p := peerOf(ctx)
-	user := compatUser(&p)
+	op := opRevoke
+	if ev.GetActivate() {
+		op = opGrant
+	}
+	user, userErr := compatUser(&p)
 	src, dst, port, err := compatKey(ev)
+	if err == nil && op == opGrant {
+		// Only a grant records the user; a revoke by a client with an
+		// unusable name still closes the session.
+		err = userErr
+	}
 	if err != nil {
-		op := opRevoke
-		if ev.GetActivate() {
-			op = opGrant
-		}
 		s.auditTarget(op, apiCompat, &p, user, compatTarget(ev), resultInvalid, err)
 		return nil, err
 	}
@@ -66,7 +71,8 @@ func compatKey(ev *session.LoginEvent) (src, dst netip.Addr, port uint16, err er
 	return src, dst, port, err
 }
 
-// grant opens TCP and UDP together: both or, on error, neither.
+// grant opens TCP and UDP together: both or, on error, neither. Either
+// key held by another user's live session refuses both (claim).
 func (c *compatService) grant(p *peerInfo, user string, keys [2]state.Key) (*session.Ack, error) {
 	s := c.s
 	now := state.Now()
@@ -75,26 +81,27 @@ func (c *compatService) grant(p *peerInfo, user string, keys [2]state.Key) (*ses
 		{Key: keys[1], User: user, LastSeen: now, Created: now},
 	}
 	var created []bool
+	cl := claim{s: s, user: user, keys: keys[:]}
 	s.bulk.RLock()
+	unlock := s.keys.lock(keys[:]...)
 	err := s.maps.Do(func(m *state.Maps) error {
 		var err error
-		created, err = m.GrantAll(sessions)
+		cl.m = m
+		created, err = m.GrantAllChecked(sessions, cl.check)
 		return err
 	})
+	unlock()
 	s.bulk.RUnlock()
+	previous, takeover := cl.previous, cl.takeover
 	if err != nil {
 		err = statusOf(err)
 		for i := range keys {
-			s.audit(opGrant, apiCompat, p, user, &keys[i], resultOf(err), err)
+			s.auditGrant(opGrant, apiCompat, p, user, previous[i], &keys[i], resultOf(err), err)
 		}
 		return nil, err
 	}
 	for i := range keys {
-		result := resultRefreshed
-		if created[i] {
-			result = resultCreated
-		}
-		s.audit(opGrant, apiCompat, p, user, &keys[i], result, nil)
+		s.auditGrant(opGrant, apiCompat, p, user, previous[i], &keys[i], grantResult(created[i], previous[i], takeover[i]), nil)
 	}
 	return &session.Ack{Success: true}, nil
 }

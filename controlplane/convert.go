@@ -51,8 +51,13 @@ func statusOf(err error) error {
 
 // Results of grants and revokes, as metrics labels and in the audit log.
 const (
-	resultCreated     = "created"
-	resultRefreshed   = "refreshed"
+	resultCreated   = "created"
+	resultRefreshed = "refreshed"
+	// resultTakenOver: a grant replaced another user's live session
+	// (--allow-session-takeover); resultConflict: it was refused for
+	// that (claim).
+	resultTakenOver   = "taken_over"
+	resultConflict    = "conflict"
 	resultRevoked     = "revoked"
 	resultNotFound    = "not_found"
 	resultInvalid     = "invalid"
@@ -67,12 +72,28 @@ func resultOf(err error) string {
 		return resultInvalid
 	case codes.ResourceExhausted:
 		return resultFull
+	case codes.AlreadyExists:
+		return resultConflict
 	case codes.NotFound:
 		return resultNotFound
 	case codes.Unavailable, codes.FailedPrecondition:
 		return resultUnavailable
 	}
 	return resultError
+}
+
+// grantResult is the result of a grant that went through: created for a
+// session new to its user (none at the key, or another user's expired
+// one), taken_over for another user's live one, refreshed for the user's
+// own.
+func grantResult(created bool, previous string, takeover bool) string {
+	switch {
+	case takeover:
+		return resultTakenOver
+	case created || previous != "":
+		return resultCreated
+	}
+	return resultRefreshed
 }
 
 func invalidf(format string, args ...any) error {
@@ -85,7 +106,7 @@ func parseAddr(field, s string) (netip.Addr, error) {
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {
-		return netip.Addr{}, invalidf("%s %q is not an IPv4 or IPv6 address", field, clip(s))
+		return netip.Addr{}, invalidf("%s %q is not an IPv4 or IPv6 address", field, cut(s))
 	}
 	return a, nil
 }
@@ -199,13 +220,18 @@ func compatValue(a netip.Addr) uint32 {
 	return binary.BigEndian.Uint32(b[:])
 }
 
+// sessionProto describes a session read from the maps. Its user is
+// escaped (state.Escape) if it is not printable: only this process's
+// grants are checked, and a name some other tool wrote, perhaps invalid
+// UTF-8 that proto3 cannot even encode, must neither reach a client raw
+// nor fail the listing of every other session.
 func sessionProto(s *state.Session, defaultIdle time.Duration, now uint64) *agentv1.Session {
 	idle := s.IdleTimeout
 	if idle == 0 {
 		idle = defaultIdle
 	}
 	out := &agentv1.Session{
-		User:         s.User,
+		User:         state.Escape(s.User),
 		SrcIp:        s.Src.String(),
 		DstIp:        s.Dst.String(),
 		DstPort:      uint32(s.Port),

@@ -47,6 +47,7 @@ type envOptions struct {
 	refresh   time.Duration
 	defIdle   time.Duration
 	serverDNS []string
+	takeover  bool // --allow-session-takeover
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -84,6 +85,8 @@ func newEnv(t *testing.T, o envOptions) *env {
 		MonitorInterval:    o.interval,
 		RefreshInterval:    o.refresh,
 		Registerer:         e.reg,
+
+		AllowSessionTakeover: o.takeover,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -40,7 +40,7 @@ func newMetrics(s *Server) *metrics {
 		s: s,
 		grants: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "aegis_controlplane_grants_total",
-			Help: "Session grants by API (compat, agent) and result (created, refreshed, invalid, full, unavailable, error).",
+			Help: "Session grants by API (compat, agent) and result (created, refreshed, taken_over, conflict, invalid, full, unavailable, error).",
 		}, []string{"api", "result"}),
 		revokes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "aegis_controlplane_revokes_total",
@@ -64,7 +64,7 @@ func newMetrics(s *Server) *metrics {
 	// Children created up front: every series exists from the start, and
 	// the hot path does a read-only map lookup instead of hashing labels.
 	for _, api := range []string{apiCompat, apiAgent} {
-		for _, r := range []string{resultCreated, resultRefreshed, resultInvalid, resultFull, resultUnavailable, resultError} {
+		for _, r := range []string{resultCreated, resultRefreshed, resultTakenOver, resultConflict, resultInvalid, resultFull, resultUnavailable, resultError} {
 			m.grantC[[2]string{api, r}] = m.grants.WithLabelValues(api, r)
 		}
 		for _, r := range []string{resultRevoked, resultNotFound, resultInvalid, resultUnavailable, resultError} {

@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -59,6 +60,9 @@ type Options struct {
 	RefreshInterval time.Duration
 	// Registerer receives the server's metrics; nil for none.
 	Registerer prometheus.Registerer
+	// AllowSessionTakeover lets a grant replace a live session of another
+	// user (see claim); by default it is refused with AlreadyExists.
+	AllowSessionTakeover bool
 }
 
 // Server serves both session APIs over one grpc.Server.
@@ -69,6 +73,16 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 	m      *metrics
+	auth   *authorizer
+	codec  *requestCodec
+
+	// keys serializes this process's grants of one key, so that the
+	// check of who holds a session and the write that replaces it are
+	// one step (see claim).
+	keys keyLocks
+	// afterClaim, if set, runs between a grant's check of the session's
+	// holder and its write: a test seam.
+	afterClaim func()
 
 	// bulk serializes the operations that read sessions and then write
 	// them by key (revoking a user, IpChange, a revoke checked against a
@@ -108,7 +122,9 @@ func New(opts Options) (*Server, error) {
 		maps:     opts.Maps,
 		health:   health.NewServer(),
 		stopping: make(chan struct{}),
+		codec:    newRequestCodec(),
 	}
+	s.keys.seed = maphash.MakeSeed()
 	s.lastRefresh.Store(time.Now().UnixNano())
 	s.m = newMetrics(s)
 
@@ -119,12 +135,15 @@ func New(opts Options) (*Server, error) {
 			grpcprom.WithHistogramBuckets([]float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5}),
 		),
 	)
-	auth := newAuthorizer(opts.AllowedClientNames, opts.Certificates != nil, opts.Log)
+	s.auth = newAuthorizer(opts.AllowedClientNames, opts.Certificates != nil, opts.Log)
 	serverOpts := []grpc.ServerOption{
+		// Requests that do not decode are refused by the guards, not by
+		// grpc-go (decode.go).
+		grpc.ForceServerCodecV2(s.codec),
 		// Metrics outermost, so that refused calls are counted with their
-		// code.
-		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), auth.unary),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), auth.stream),
+		// code; the unary guard before anything that may refuse a call.
+		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.guardUnary, s.auth.unary),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.auth.stream, s.guardStream),
 		// A controller that vanished without closing its connection (a
 		// crash, a cut link) is found out and its MonitorSessions stream
 		// ended.

@@ -66,16 +66,21 @@ func TestUpsert(t *testing.T) {
 	if err != nil || !created || got.Created != 100 || got.User != "alice" {
 		t.Fatalf("first upsert: %+v created=%v err=%v", got, created, err)
 	}
-	s.Created, s.LastSeen, s.User, s.IdleTimeout, s.Expires = 200, 200, "bob", time.Hour, 999
+	s.Created, s.LastSeen, s.IdleTimeout, s.Expires = 200, 200, time.Hour, 999
 	got, created, err = m.Upsert(s)
 	if err != nil || created {
 		t.Fatalf("refresh: created=%v err=%v", created, err)
 	}
-	if got.Created != 100 || got.LastSeen != 200 || got.User != "bob" || got.IdleTimeout != time.Hour || got.Expires != 999 {
-		t.Fatalf("refresh returned %+v", got)
+	if got.Created != 100 || got.LastSeen != 200 || got.User != "alice" || got.IdleTimeout != time.Hour || got.Expires != 999 {
+		t.Fatalf("refresh returned created %d last seen %d user %q idle %v expires %d", got.Created, got.LastSeen, got.User, got.IdleTimeout, got.Expires)
 	}
 	if inMap, _ := m.Lookup(s.Key); inMap != got {
 		t.Fatalf("map holds %+v, Upsert returned %+v", inMap, got)
+	}
+	// Another user's grant replaces the session: a new one for that user.
+	s.Created, s.LastSeen, s.User = 300, 300, "bob"
+	if got, created, err = m.Upsert(s); err != nil || created || got.Created != 300 || got.User != "bob" {
+		t.Fatalf("grant to bob: created=%v err=%v, created %d user %q", created, err, got.Created, got.User)
 	}
 	v6 := sess(cli6, svcA6, 443, state.UDP, "carol")
 	if _, created, err := m.Upsert(v6); err != nil || !created {
@@ -299,5 +304,43 @@ func TestFill(t *testing.T) {
 	// With a 10 s default the IPv6 session, idle for 20 s, has expired.
 	if _, v6, _ := m.Fill(10*time.Second, now); v6.Active != 0 {
 		t.Fatalf("v6 with a 10 s default: %+v", v6)
+	}
+}
+
+// A check refuses to replace a session: the map is unchanged, the check's
+// error returned; it is not asked about a new key.
+func TestUpsertChecked(t *testing.T) {
+	m := newMaps(t, 16)
+	refuse := errors.New("refused")
+	var asked []state.Session
+	check := func(old *state.Session) error {
+		asked = append(asked, *old)
+		if old.User == "alice" {
+			return refuse
+		}
+		return nil
+	}
+	alice := sess(cli4, svcA4, 443, state.TCP, "alice")
+	if _, created, err := m.UpsertChecked(alice, check); err != nil || !created || len(asked) != 0 {
+		t.Fatalf("new key: created=%v err=%v, check asked about %v", created, err, asked)
+	}
+	before := all(t, m)
+	bob := sess(cli4, svcA4, 443, state.TCP, "bob")
+	if _, _, err := m.UpsertChecked(bob, check); !errors.Is(err, refuse) {
+		t.Fatalf("refused replace: %v", err)
+	}
+	if len(asked) != 1 || asked[0].User != "alice" || asked[0].Key != alice.Key || asked[0].Created != alice.Created {
+		t.Fatalf("check asked about %+v", asked)
+	}
+	if after := all(t, m); len(after) != 1 || after[alice.Key] != before[alice.Key] {
+		t.Fatalf("map changed by a refused grant: %v", after)
+	}
+	// Both or neither: the second session's refusal undoes the first.
+	udp := sess(cli4, svcA4, 443, state.UDP, "carol")
+	if _, err := m.GrantAllChecked([]state.Session{udp, bob}, check); !errors.Is(err, refuse) {
+		t.Fatalf("GrantAllChecked: %v", err)
+	}
+	if after := all(t, m); len(after) != 1 || after[alice.Key] != before[alice.Key] {
+		t.Fatalf("map after a refused GrantAllChecked: %v", after)
 	}
 }

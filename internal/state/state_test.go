@@ -153,6 +153,13 @@ func TestGrantSemantics(t *testing.T) {
 	if n, _, _ := m.Count(); n != 1 {
 		t.Fatalf("%d sessions after a re-grant, want 1", n)
 	}
+	// A grant to another user is that user's new session.
+	if err := m.Grant(state.Session{Key: k, User: "bob", Created: 300, LastSeen: 300}); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := m.Lookup(k); err != nil || s.User != "bob" || s.Created != 300 {
+		t.Fatalf("after a grant to another user: %+v %v", s, err)
+	}
 	if err := m.Grant(state.Session{Key: state.Key{Src: k.Src, Dst: k.Dst, Port: 0, Proto: state.TCP}, User: "x"}); !errors.Is(err, state.ErrInvalid) {
 		t.Fatalf("bad grant: %v", err)
 	}

@@ -1,7 +1,6 @@
 package state
 
 import (
-	"bytes"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -119,20 +118,6 @@ type Session struct {
 	// IdleTimeout is the session's own idle timeout; 0 for the config
 	// map's default.
 	IdleTimeout time.Duration
-}
-
-// ValidateUser returns an error wrapping ErrInvalid unless user fits the
-// value's user field.
-func ValidateUser(user string) error {
-	switch {
-	case user == "":
-		return fmt.Errorf("%w: user is empty", ErrInvalid)
-	case len(user) > MaxUserLen:
-		return fmt.Errorf("%w: user is %d bytes, at most %d fit", ErrInvalid, len(user), MaxUserLen)
-	case bytes.IndexByte([]byte(user), 0) >= 0:
-		return fmt.Errorf("%w: user contains a NUL byte", ErrInvalid)
-	}
-	return nil
 }
 
 // Validate checks the key, the user and the durations.

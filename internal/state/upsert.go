@@ -10,11 +10,20 @@ import (
 
 // This file holds the grant paths: Upsert (behind Grant too), which costs
 // one syscall for a new session and reports what it did, and GrantAll,
-// which applies several sessions or none.
+// which applies several sessions or none. Their Checked forms let the
+// caller refuse to replace the session a grant finds, at no extra cost.
+
+// Check decides whether a grant may replace old, the session it found at
+// its key; an error refuses the grant and is returned as it is. It runs
+// only when the key holds a session, between reading it and overwriting
+// it: a caller that must not race another grant of the key serializes
+// its grants around the call.
+type Check func(old *Session) error
 
 // Upsert grants or refreshes a session: a refresh
 // replaces the timestamps, lifetime, idle timeout and user, and keeps the
-// creation time. It returns the session as the map now holds it and
+// creation time if the user is the same (a session passed to another user
+// is that user's new session). It returns the session as the map now holds it and
 // whether it is new. A new session costs one syscall (an insert that fails
 // if the key exists), a refresh three. When Upsert returns nil the data
 // path already passes the session's next packet.
@@ -22,23 +31,30 @@ import (
 // Returns ErrInvalid for a malformed session and ErrFull if the map is at
 // capacity; in both cases the map is unchanged.
 func (m *Maps) Upsert(s Session) (stored Session, created bool, err error) {
+	return m.UpsertChecked(s, nil)
+}
+
+// UpsertChecked is Upsert, except that a session already at the key is
+// replaced only if check (when not nil) returns nil; otherwise the map is
+// unchanged and check's error returned.
+func (m *Maps) UpsertChecked(s Session, check Check) (stored Session, created bool, err error) {
 	if err := s.Validate(); err != nil {
 		return Session{}, false, err
 	}
-	stored, created, _, err = m.upsert(s)
+	stored, created, _, err = m.upsert(s, check)
 	return stored, created, err
 }
 
 // upsert writes a validated session and returns, for a refresh, the value
 // it replaced (when it could read it).
-func (m *Maps) upsert(s Session) (stored Session, created bool, old *bpf.AegisSessionValue, err error) {
+func (m *Maps) upsert(s Session, check Check) (stored Session, created bool, old *bpf.AegisSessionValue, err error) {
 	v := s.value()
 	if s.Is4() {
 		k := s.v4()
-		created, old, err = upsert(m.SessionsV4, &k, &v)
+		created, old, err = upsert(m.SessionsV4, &k, &v, s.Key, check)
 	} else {
 		k := s.v6()
-		created, old, err = upsert(m.SessionsV6, &k, &v)
+		created, old, err = upsert(m.SessionsV6, &k, &v, s.Key, check)
 	}
 	if err != nil {
 		return Session{}, false, nil, err
@@ -46,9 +62,10 @@ func (m *Maps) upsert(s Session) (stored Session, created bool, old *bpf.AegisSe
 	return sessionFrom(s.Key, &v), created, old, nil
 }
 
-// upsert inserts v, or, when the key exists, overwrites it keeping its
-// creation time (which it writes back into v).
-func upsert[K any](mp *ebpf.Map, k *K, v *bpf.AegisSessionValue) (created bool, old *bpf.AegisSessionValue, err error) {
+// upsert inserts v, or, when the key exists and check (if any) accepts
+// what is there, overwrites it keeping its creation time (which it writes
+// back into v) if the user is the same. key is k, for check.
+func upsert[K any](mp *ebpf.Map, k *K, v *bpf.AegisSessionValue, key Key, check Check) (created bool, old *bpf.AegisSessionValue, err error) {
 	err = mp.Update(k, v, ebpf.UpdateNoExist)
 	if err == nil {
 		return true, nil, nil
@@ -58,8 +75,14 @@ func upsert[K any](mp *ebpf.Map, k *K, v *bpf.AegisSessionValue) (created bool, 
 	}
 	var prev bpf.AegisSessionValue
 	if mp.Lookup(k, &prev) == nil {
+		if check != nil {
+			found := sessionFrom(key, &prev)
+			if err := check(&found); err != nil {
+				return false, nil, err
+			}
+		}
 		old = &prev
-		if prev.CreatedNs != 0 {
+		if prev.CreatedNs != 0 && prev.User == v.User {
 			v.CreatedNs = prev.CreatedNs
 		}
 	}
@@ -82,6 +105,13 @@ type grantUndo struct {
 // Returns ErrInvalid for a malformed session and ErrFull if a map is at
 // capacity.
 func (m *Maps) GrantAll(ss []Session) (created []bool, err error) {
+	return m.GrantAllChecked(ss, nil)
+}
+
+// GrantAllChecked is GrantAll, with check (when not nil) asked before each
+// existing session is replaced, as in UpsertChecked: a refusal undoes the
+// grants already applied and is returned.
+func (m *Maps) GrantAllChecked(ss []Session, check Check) (created []bool, err error) {
 	for i := range ss {
 		if err := ss[i].Validate(); err != nil {
 			return nil, err
@@ -90,7 +120,7 @@ func (m *Maps) GrantAll(ss []Session) (created []bool, err error) {
 	undos := make([]grantUndo, 0, len(ss))
 	created = make([]bool, len(ss))
 	for i, s := range ss {
-		_, c, old, err := m.upsert(s)
+		_, c, old, err := m.upsert(s, check)
 		if err != nil {
 			m.undo(undos)
 			return nil, err

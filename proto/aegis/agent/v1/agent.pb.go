@@ -79,7 +79,11 @@ func (Protocol) EnumDescriptor() ([]byte, []int) {
 
 type LoginEventRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The user the session belongs to: 1 to 31 bytes, no NUL.
+	// The user the session belongs to: 1 to 31 bytes of valid UTF-8, all
+	// printable (letters, marks, digits, punctuation, symbols, the ASCII
+	// space; no control or format characters), no space at either end.
+	// If the key holds a live session of another user, the grant is refused
+	// with ALREADY_EXISTS unless the server allows takeovers.
 	User string `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
 	// Source and destination: IPv4 or IPv6 literals of the same family
 	// ("192.0.2.10", "2001:db8::10"); no zone, no IPv4-mapped IPv6.
@@ -179,7 +183,9 @@ func (x *LoginEventRequest) GetMaxLifetime() *durationpb.Duration {
 
 type LoginEventResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// true if the session is new, false if an existing one was refreshed.
+	// true if the session is new to its user (none at the key, or another
+	// user's session that had expired or was taken over), false if the
+	// user's own session was refreshed.
 	Created bool `protobuf:"varint,1,opt,name=created,proto3" json:"created,omitempty"`
 	// The session as the map now holds it.
 	Session       *Session `protobuf:"bytes,2,opt,name=session,proto3" json:"session,omitempty"`
@@ -610,7 +616,9 @@ func (x *ListSessionsResponse) GetMatched() uint64 {
 }
 
 type Session struct {
-	state      protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The session's user; quoted and escaped (Go style) if the maps hold one
+	// that is not printable text.
 	User       string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
 	SrcIp      string                 `protobuf:"bytes,2,opt,name=src_ip,json=srcIp,proto3" json:"src_ip,omitempty"`
 	DstIp      string                 `protobuf:"bytes,3,opt,name=dst_ip,json=dstIp,proto3" json:"dst_ip,omitempty"`
