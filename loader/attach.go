@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 
 	"github.com/cilium/ebpf"
@@ -22,13 +21,13 @@ import (
 // old or the new program) and renames its pin over the old one. Should it
 // stop half-way, the next load finds links on different programs and
 // converges them.
-func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, cfg *Config, ifaces map[string]int, res *Result) error {
-	linksDir := filepath.Join(cfg.PinPath, state.LinksDir)
+func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Config, ifaces map[string]int, res *Result) error {
+	linksDir := state.LinksPath(cfg.PinPath)
 	if err := ensureDir(linksDir, 0o700, 0); err != nil {
 		return err
 	}
-	progPath := filepath.Join(cfg.PinPath, state.ProgramPin)
-	nextPath := filepath.Join(cfg.PinPath, state.ProgramNextPin)
+	progPath := state.ProgramPath(cfg.PinPath)
+	nextPath := state.ProgramNextPath(cfg.PinPath)
 	_ = os.Remove(nextPath) // left by an interrupted upgrade
 
 	prog, fresh, err := l.currentProgram(spec, maps, progPath)
@@ -47,14 +46,13 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 		return err
 	}
 
-	entries, err := os.ReadDir(linksDir)
+	linked, err := state.LinkedInterfaces(cfg.PinPath)
 	if err != nil {
-		return fmt.Errorf("read %s: %w", linksDir, err)
+		return err
 	}
 	attached := make(map[string]bool)
-	for _, e := range entries {
-		name := state.IfnameFromLinkPin(e.Name())
-		path := filepath.Join(linksDir, e.Name())
+	for _, name := range linked {
+		path := state.LinkPath(cfg.PinPath, name)
 		lk, err := link.LoadPinnedLink(path, nil)
 		if err != nil {
 			return fmt.Errorf("open pinned link %s: %w", path, err)

@@ -12,11 +12,11 @@ import (
 // writeConfig brings the allow maps and the config map to cfg. New allow
 // entries go in before the config announces them and stale ones go after
 // it stops counting them, so no packet sees a rule half-installed.
-func (l *Loader) writeConfig(maps map[string]*ebpf.Map, cfg *Config, allow state.AllowEntries, res *Result) error {
-	if err := syncAllow(maps[state.MapAllowV4], allow.V4, false, res); err != nil {
+func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEntries, res *Result) error {
+	if err := syncAllow(maps.AllowV4, allow.V4, false, res); err != nil {
 		return err
 	}
-	if err := syncAllow(maps[state.MapAllowV6], allow.V6, false, res); err != nil {
+	if err := syncAllow(maps.AllowV6, allow.V6, false, res); err != nil {
 		return err
 	}
 
@@ -29,28 +29,21 @@ func (l *Loader) writeConfig(maps map[string]*ebpf.Map, cfg *Config, allow state
 		AllowV4Prefixes:    uint16(len(allow.V4)),
 		AllowV6Prefixes:    uint16(len(allow.V6)),
 	}
-	want, err := c.Value()
+	written, err := maps.WriteConfig(c)
 	if err != nil {
 		return err
 	}
-	var have bpf.AegisConfigValue
-	if err := maps[state.MapConfig].Lookup(uint32(0), &have); err != nil {
-		return fmt.Errorf("read config map: %w", err)
-	}
-	if have != want {
-		if err := maps[state.MapConfig].Put(uint32(0), &want); err != nil {
-			return fmt.Errorf("write config map: %w", err)
-		}
+	if written {
 		res.ConfigWritten = true
 		l.Log.Info().Stringer("controller", cfg.Controller).Uint16("controller_port", cfg.ControllerPort).
 			Uint16("grpc_port", cfg.GRPCPort).Stringer("rule_timeout", cfg.RuleTimeout).Bool("monitor", cfg.Monitor).
 			Int("allow_prefixes", len(allow.V4)+len(allow.V6)).Msg("wrote config")
 	}
 
-	if err := syncAllow(maps[state.MapAllowV4], allow.V4, true, res); err != nil {
+	if err := syncAllow(maps.AllowV4, allow.V4, true, res); err != nil {
 		return err
 	}
-	return syncAllow(maps[state.MapAllowV6], allow.V6, true, res)
+	return syncAllow(maps.AllowV6, allow.V6, true, res)
 }
 
 // syncAllow upserts the wanted entries that differ, or (prune) deletes the

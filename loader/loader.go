@@ -79,8 +79,17 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	if len(allow.V4) > 1024 || len(allow.V6) > 1024 {
-		return nil, fmt.Errorf("%w: more than 1024 allow-rule prefixes per family", ErrInvalid)
+	spec, err := l.Spec()
+	if err != nil {
+		return nil, fmt.Errorf("load embedded data path: %w", err)
+	}
+	spec = spec.Copy()
+	spec.Maps[state.MapSessionsV4].MaxEntries = cfg.MaxSessions
+	spec.Maps[state.MapSessionsV6].MaxEntries = cfg.MaxSessions
+	// The allow maps' capacity is the object's, not the operator's.
+	if n4, n6 := spec.Maps[state.MapAllowV4].MaxEntries, spec.Maps[state.MapAllowV6].MaxEntries; len(allow.V4) > int(n4) || len(allow.V6) > int(n6) {
+		return nil, fmt.Errorf("%w: %d IPv4 and %d IPv6 allow-rule prefixes: this build holds at most %d and %d",
+			ErrInvalid, len(allow.V4), len(allow.V6), n4, n6)
 	}
 	if err := checkBPFFS(cfg.PinPath); err != nil {
 		return nil, err
@@ -108,14 +117,6 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 	}
 	defer lock.Unlock()
 
-	spec, err := l.Spec()
-	if err != nil {
-		return nil, fmt.Errorf("load embedded data path: %w", err)
-	}
-	spec = spec.Copy()
-	spec.Maps[state.MapSessionsV4].MaxEntries = cfg.MaxSessions
-	spec.Maps[state.MapSessionsV6].MaxEntries = cfg.MaxSessions
-
 	if err := checkLayoutVersion(cfg.PinPath); err != nil {
 		return nil, err
 	}
@@ -124,7 +125,7 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 	if err != nil {
 		return res, err
 	}
-	defer closeMaps(maps)
+	defer maps.Close()
 
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err
@@ -133,10 +134,4 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 		return res, err
 	}
 	return res, nil
-}
-
-func closeMaps(maps map[string]*ebpf.Map) {
-	for _, m := range maps {
-		m.Close()
-	}
 }

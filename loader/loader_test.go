@@ -363,7 +363,7 @@ func TestConcurrentLoadersSerialize(t *testing.T) {
 		if attached != 1 {
 			t.Fatalf("%d loaders attached; exactly one should have", attached)
 		}
-		links, _ := os.ReadDir(filepath.Join(e.pin, state.LinksDir))
+		links, _ := os.ReadDir(state.LinksPath(e.pin))
 		if len(links) != 1 {
 			t.Fatalf("%d links pinned", len(links))
 		}
@@ -438,7 +438,7 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	const gid = 4242 // a numeric group need not exist in /etc/group
 	e.mustLoad(nil, "--group", fmt.Sprint(gid))
 	want := map[string]os.FileMode{
-		e.pin: 0o750 | os.ModeDir, filepath.Join(e.pin, state.LinksDir): 0o700 | os.ModeDir,
+		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o700 | os.ModeDir,
 		state.LinkPath(e.pin, "a0"): 0o600,
 	}
 	for _, name := range state.MapNames {
@@ -804,7 +804,7 @@ func TestInterruptedUpgradeConverges(t *testing.T) {
 	if a0.program != a1.program || a0.program == old.program {
 		t.Fatalf("not converged: a0 runs %d, a1 runs %d (old %d)", a0.program, a1.program, old.program)
 	}
-	p, err := ebpf.LoadPinnedProgram(filepath.Join(e.pin, state.ProgramPin), nil)
+	p, err := ebpf.LoadPinnedProgram(state.ProgramPath(e.pin), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -813,7 +813,7 @@ func TestInterruptedUpgradeConverges(t *testing.T) {
 	if id, _ := info.ID(); id != a0.program {
 		t.Fatalf("program pin holds %d, links run %d", id, a0.program)
 	}
-	if _, err := os.Stat(filepath.Join(e.pin, state.ProgramNextPin)); !os.IsNotExist(err) {
+	if _, err := os.Stat(state.ProgramNextPath(e.pin)); !os.IsNotExist(err) {
 		t.Fatalf("staging pin left behind: %v", err)
 	}
 	e.mustHaveSession(testSession)

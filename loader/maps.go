@@ -1,7 +1,6 @@
 package loader
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -16,7 +15,7 @@ import (
 // pinMode is the file mode of each pin: the daemons (group aegis) write
 // sessions and only read the rest; nothing is world-accessible.
 func pinMode(name string) os.FileMode {
-	if name == state.MapSessionsV4 || name == state.MapSessionsV6 {
+	if state.DaemonWritable(name) {
 		return 0o660
 	}
 	return 0o640
@@ -24,8 +23,8 @@ func pinMode(name string) os.FileMode {
 
 // openOrCreateMaps opens each pinned map, checking it against spec, and
 // creates and pins the missing ones. An existing map is never replaced.
-func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pinPath string, gid int, res *Result) (map[string]*ebpf.Map, error) {
-	maps := make(map[string]*ebpf.Map, len(state.MapNames))
+func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pinPath string, gid int, res *Result) (*state.Maps, error) {
+	maps := &state.Maps{PinPath: pinPath}
 	for _, name := range state.MapNames {
 		ms := spec.Maps[name]
 		path := state.MapPath(pinPath, name)
@@ -34,56 +33,44 @@ func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pinPath string, gid
 		case err == nil:
 			if err := checkPinnedMap(ms, m, path); err != nil {
 				m.Close()
-				closeMaps(maps)
+				maps.Close()
 				return nil, err
 			}
 		case errors.Is(err, fs.ErrNotExist):
 			if m, err = ebpf.NewMap(ms); err != nil {
-				closeMaps(maps)
+				maps.Close()
 				return nil, fmt.Errorf("create map %s: %w", name, err)
 			}
 			if err := m.Pin(path); err != nil {
 				m.Close()
-				closeMaps(maps)
+				maps.Close()
 				return nil, fmt.Errorf("pin map %s: %w", path, err)
 			}
 			res.CreatedMaps = append(res.CreatedMaps, name)
 			l.Log.Info().Str("map", name).Uint32("capacity", m.MaxEntries()).Msg("created map")
 		default:
-			closeMaps(maps)
+			maps.Close()
 			return nil, fmt.Errorf("open pinned map %s: %w", path, err)
 		}
-		maps[name] = m
+		maps.Set(name, m)
 		if err := os.Chown(path, 0, gid); err != nil {
-			closeMaps(maps)
+			maps.Close()
 			return nil, fmt.Errorf("chown %s: %w", path, err)
 		}
 		if err := os.Chmod(path, pinMode(name)); err != nil {
-			closeMaps(maps)
+			maps.Close()
 			return nil, fmt.Errorf("chmod %s: %w", path, err)
 		}
 	}
 	return maps, nil
 }
 
-// checkLayoutVersion refuses pins written with another layout version,
-// which the config map records in its first field.
+// checkLayoutVersion refuses pins written with another layout version.
 func checkLayoutVersion(pinPath string) error {
-	path := state.MapPath(pinPath, state.MapConfig)
-	m, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: true})
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("open pinned map %s: %w", path, err)
-	}
-	defer m.Close()
-	raw, err := m.LookupBytes(uint32(0))
-	if err != nil || len(raw) < 4 {
-		return fmt.Errorf("read %s: %v", path, err)
-	}
-	switch v := binary.NativeEndian.Uint32(raw); v {
-	case 0, bpf.LayoutVersion: // 0: created, config not yet written
+	switch v, _, err := state.PinnedLayoutVersion(pinPath); {
+	case err != nil:
+		return err
+	case v == 0, v == bpf.LayoutVersion: // 0: created, config not yet written
 		return nil
 	default:
 		return fmt.Errorf("%w: the maps under %s have layout version %d and this aegis-loader writes version %d, with no migration between them: run the aegis-loader that made them, or \"aegis-loader unload\" to start empty (drops every session)",

@@ -7,16 +7,17 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/aegis-agent/aegis/internal/state"
 )
 
 // currentProgram returns the pinned program if it is this build, or this
 // build freshly loaded against the pinned maps (fresh=true).
-func (l *Loader) currentProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, progPath string) (_ *ebpf.Program, fresh bool, _ error) {
+func (l *Loader) currentProgram(spec *ebpf.CollectionSpec, maps *state.Maps, progPath string) (_ *ebpf.Program, fresh bool, _ error) {
 	pinned, err := ebpf.LoadPinnedProgram(progPath, nil)
 	switch {
 	case err == nil:
-		info, err := pinned.Info()
-		if err == nil && spec.Programs[progName].Compatible(info) == nil {
+		if sameBuild(spec, pinned) {
 			return pinned, false, nil
 		}
 		pinned.Close()
@@ -39,11 +40,20 @@ func programID(p *ebpf.Program) (ebpf.ProgramID, error) {
 	return id, nil
 }
 
-const progName = "aegis_xdp"
+// sameBuild reports whether p is spec's XDP program: the kernel's tag of
+// the instructions as loaded, not their ID or pin, tells builds apart.
+func sameBuild(spec *ebpf.CollectionSpec, p *ebpf.Program) bool {
+	ps, err := state.ProgramSpec(spec)
+	if err != nil {
+		return false
+	}
+	info, err := p.Info()
+	return err == nil && ps.Compatible(info) == nil
+}
 
 // loadProgram loads the XDP program against the pinned maps.
-func loadProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: maps})
+func loadProgram(spec *ebpf.CollectionSpec, maps *state.Maps) (*ebpf.Program, error) {
+	prog, err := state.LoadProgram(spec, maps)
 	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -54,6 +64,5 @@ func loadProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map) (*ebpf.Pr
 		}
 		return nil, fmt.Errorf("load XDP program: %w", err)
 	}
-	defer coll.Close()
-	return coll.DetachProgram(progName), nil
+	return prog, nil
 }
