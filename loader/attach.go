@@ -20,8 +20,9 @@ import (
 // link to it with link.Update (atomic per interface: each packet sees the
 // old or the new program) and renames its pin over the old one. Should it
 // stop half-way, the next load finds links on different programs and
-// converges them.
-func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Config, ifaces map[string]int, res *Result) error {
+// converges them. A failed upgrade removes its staged pin, as the links
+// that moved hold the new program themselves.
+func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Config, ifaces map[string]int, res *Result) (err error) {
 	linksDir := state.LinksPath(cfg.PinPath)
 	if err := ensureDir(linksDir, 0o700, 0); err != nil {
 		return err
@@ -39,6 +40,11 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Con
 		if err := prog.Pin(nextPath); err != nil {
 			return fmt.Errorf("pin program %s: %w", nextPath, err)
 		}
+		defer func() {
+			if err != nil {
+				_ = os.Remove(nextPath)
+			}
+		}()
 		_ = os.Chmod(nextPath, 0o600)
 	}
 	progID, err := programID(prog)

@@ -304,6 +304,9 @@ func TestFailedUpgradeKeepsRunningProgram(t *testing.T) {
 	if p := e.xdpProgram("a0"); p != uint32(before.program) {
 		t.Fatalf("kernel runs %d after a failed upgrade, want %d", p, before.program)
 	}
+	if _, err := os.Lstat(state.ProgramNextPath(e.pin)); !os.IsNotExist(err) {
+		t.Fatalf("a failed upgrade left the staged program pinned: %v", err)
+	}
 	e.mustHaveSession(testSession)
 }
 
