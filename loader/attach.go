@@ -23,10 +23,6 @@ import (
 // converges them. A failed upgrade removes its staged pin, as the links
 // that moved hold the new program themselves.
 func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Config, ifaces map[string]int, res *Result) (err error) {
-	linksDir := state.LinksPath(cfg.PinPath)
-	if err := ensureDir(linksDir, 0o700, 0); err != nil {
-		return err
-	}
 	progPath := state.ProgramPath(cfg.PinPath)
 	nextPath := state.ProgramNextPath(cfg.PinPath)
 	_ = os.Remove(nextPath) // left by an interrupted upgrade

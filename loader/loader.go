@@ -71,7 +71,7 @@ func (r *Result) Changed() bool {
 //
 // Returns an error wrapping one of the package's sentinels when the system
 // cannot take the config; what was already changed stays consistent.
-func (l *Loader) Load(cfg Config) (*Result, error) {
+func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -90,6 +90,9 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 	if n4, n6 := spec.Maps[state.MapAllowV4].MaxEntries, spec.Maps[state.MapAllowV6].MaxEntries; len(allow.V4) > int(n4) || len(allow.V6) > int(n6) {
 		return nil, fmt.Errorf("%w: %d IPv4 and %d IPv6 allow-rule prefixes: this build holds at most %d and %d",
 			ErrInvalid, len(allow.V4), len(allow.V6), n4, n6)
+	}
+	if err := checkRoot(); err != nil {
+		return nil, err
 	}
 	if err := checkBPFFS(cfg.PinPath); err != nil {
 		return nil, err
@@ -111,23 +114,31 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 	// (bpf_xdp_get_buff_len), and since 5.11 BPF memory is charged to the
 	// memory cgroup instead.
 
-	lock, err := lockPinDir(cfg.PinPath, gid, true)
+	pd, err := lockPinDir(cfg.PinPath, gid, true)
 	if err != nil {
 		return nil, err
 	}
-	defer lock.Unlock()
+	defer pd.Unlock()
 
+	res := &Result{}
+	defer func() {
+		if err != nil && len(res.CreatedMaps) == 0 {
+			pd.removeCreated() // nothing pinned: leave no empty directory
+		}
+	}()
 	if err := checkLayoutVersion(cfg.PinPath); err != nil {
 		return nil, err
 	}
-	res := &Result{}
-	maps, err := l.openOrCreateMaps(spec, cfg.PinPath, gid, res)
+	maps, err := l.openOrCreateMaps(spec, pd, gid, res)
 	if err != nil {
 		return res, err
 	}
 	defer maps.Close()
 
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
+		return res, err
+	}
+	if err := pd.ensureSubdir(state.LinksDir, 0o700, 0); err != nil {
 		return res, err
 	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {

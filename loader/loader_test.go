@@ -6,12 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -442,24 +444,45 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	e.mustLoad(nil, "--group", fmt.Sprint(gid))
 	want := map[string]os.FileMode{
 		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o700 | os.ModeDir,
-		state.LinkPath(e.pin, "a0"): 0o600,
+		state.LinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
 	}
 	for _, name := range state.MapNames {
 		want[state.MapPath(e.pin, name)] = 0o640
 	}
 	want[state.MapPath(e.pin, state.MapSessionsV4)] = 0o660
 	want[state.MapPath(e.pin, state.MapSessionsV6)] = 0o660
-	for path, mode := range want {
-		fi, err := os.Stat(path)
+	// Every entry, not only the expected ones: nothing is world-accessible
+	// and everything is root's.
+	seen := 0
+	err := filepath.WalkDir(e.pin, func(path string, _ fs.DirEntry, err error) error {
 		if err != nil {
-			t.Fatal(err)
+			return err
 		}
-		if fi.Mode() != mode {
+		fi, err := os.Lstat(path)
+		if err != nil {
+			return err
+		}
+		seen++
+		mode, ok := want[path]
+		switch {
+		case !ok:
+			t.Errorf("unexpected %s (%v)", path, fi.Mode())
+		case fi.Mode() != mode:
 			t.Errorf("%s: mode %v, want %v", path, fi.Mode(), mode)
 		}
-		if fi.Mode().Perm()&0o002 != 0 {
-			t.Errorf("%s is world-writable", path)
+		if fi.Mode().Perm()&0o007 != 0 {
+			t.Errorf("%s is world-accessible: %v", path, fi.Mode())
 		}
+		if uid := fi.Sys().(*syscall.Stat_t).Uid; uid != 0 {
+			t.Errorf("%s is owned by uid %d", path, uid)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seen != len(want) {
+		t.Errorf("%d entries, want %d", seen, len(want))
 	}
 	out := tu.MustRun(t, "stat", "-c", "%u %g", state.MapPath(e.pin, state.MapSessionsV4), e.pin)
 	if out != fmt.Sprintf("0 %d\n0 %d\n", gid, gid) {

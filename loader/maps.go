@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 
 	"github.com/cilium/ebpf"
 
@@ -14,7 +13,7 @@ import (
 
 // pinMode is the file mode of each pin: the daemons (group aegis) write
 // sessions and only read the rest; nothing is world-accessible.
-func pinMode(name string) os.FileMode {
+func pinMode(name string) uint32 {
 	if state.DaemonWritable(name) {
 		return 0o660
 	}
@@ -23,7 +22,8 @@ func pinMode(name string) os.FileMode {
 
 // openOrCreateMaps opens each pinned map, checking it against spec, and
 // creates and pins the missing ones. An existing map is never replaced.
-func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pinPath string, gid int, res *Result) (*state.Maps, error) {
+func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pd *pinDir, gid int, res *Result) (*state.Maps, error) {
+	pinPath := pd.path
 	maps := &state.Maps{PinPath: pinPath}
 	for _, name := range state.MapNames {
 		ms := spec.Maps[name]
@@ -53,13 +53,9 @@ func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pinPath string, gid
 			return nil, fmt.Errorf("open pinned map %s: %w", path, err)
 		}
 		maps.Set(name, m)
-		if err := os.Chown(path, 0, gid); err != nil {
+		if err := setPinOwner(pd.fd(), path, gid, pinMode(name)); err != nil {
 			maps.Close()
-			return nil, fmt.Errorf("chown %s: %w", path, err)
-		}
-		if err := os.Chmod(path, pinMode(name)); err != nil {
-			maps.Close()
-			return nil, fmt.Errorf("chmod %s: %w", path, err)
+			return nil, err
 		}
 	}
 	return maps, nil

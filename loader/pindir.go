@@ -23,7 +23,7 @@ func checkBPFFS(pinPath string) error {
 		err := unix.Statfs(dir, &st)
 		if err == nil {
 			if st.Type != unix.BPF_FS_MAGIC {
-				return fmt.Errorf("%w at %s: mount it with \"mount -t bpf bpf /sys/fs/bpf\" or point --pin-path at a bpffs directory",
+				return fmt.Errorf("%w at %s: mount it with \"mount -t bpf -o mode=0700 bpf /sys/fs/bpf\" or point --pin-path at a bpffs directory",
 					ErrNoBPFFS, dir)
 			}
 			return nil
@@ -33,6 +33,17 @@ func checkBPFFS(pinPath string) error {
 		}
 		dir = filepath.Dir(dir)
 	}
+}
+
+// checkRoot refuses to run as another user than root, before anything is
+// created: the pins must be root's, and an unprivileged run would only
+// leave behind a directory of its own that squats the pin path.
+func checkRoot() error {
+	if uid := os.Geteuid(); uid != 0 {
+		return fmt.Errorf("%w (uid %d): the pins must be root's: run aegis-loader load as root, with sudo or through aegis-loader.service",
+			ErrNotRoot, uid)
+	}
+	return nil
 }
 
 func lookupGroup(name string) (int, error) {
@@ -50,55 +61,121 @@ func lookupGroup(name string) (int, error) {
 	return strconv.Atoi(g.Gid)
 }
 
-// ensureDir creates dir if needed and (re)sets its owner and mode.
-func ensureDir(dir string, mode os.FileMode, gid int) error {
-	if err := os.MkdirAll(dir, mode); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
-	}
-	if err := os.Chown(dir, 0, gid); err != nil {
-		return fmt.Errorf("chown %s: %w", dir, err)
-	}
-	if err := os.Chmod(dir, mode); err != nil {
-		return fmt.Errorf("chmod %s: %w", dir, err)
-	}
-	return nil
+// pinDir is the pin directory, opened without following symlinks, checked
+// (see trust.go) and locked.
+type pinDir struct {
+	path string
+	lock *state.Lock
+	// created lists the directories this run made, parents first, so that
+	// a run that fails before pinning anything leaves nothing behind.
+	created []string
 }
 
-// lockPinDir takes the pin directory's flock, creating the directory when
-// create is set. It retries when the directory it locked was removed or
-// replaced meanwhile (an unload ran first), so the lock it returns is on the
-// directory at pinPath.
-func lockPinDir(pinPath string, gid int, create bool) (*state.Lock, error) {
-	for range 10 {
-		if create {
-			if err := os.MkdirAll(pinPath, 0o750); err != nil {
-				return nil, fmt.Errorf("create %s: %w", pinPath, err)
-			}
+func (d *pinDir) fd() int { return int(d.lock.File().Fd()) }
+
+// Unlock releases the pin directory.
+func (d *pinDir) Unlock() { d.lock.Unlock() }
+
+// removeCreated removes the directories this run created that are still
+// empty, deepest first.
+func (d *pinDir) removeCreated() {
+	for i := len(d.created) - 1; i >= 0; i-- {
+		if err := unix.Rmdir(d.created[i]); err != nil {
+			return // not empty: what is pinned there is a state the next load finishes
 		}
-		lock, err := state.LockDir(pinPath, true)
-		if errors.Is(err, fs.ErrNotExist) && create {
-			continue // removed between mkdir and open: an unload ran
+	}
+}
+
+// lockPinDir opens and takes the pin directory's flock, creating it (and
+// missing parents) when create is set, and refuses any directory on the
+// way that another user could have made or could change (see trust.go).
+// With create it sets the directory to 0750 root:gid under the lock, and
+// then checks every entry the loader uses.
+//
+// It retries when the directory it locked was removed or replaced
+// meanwhile (an unload ran first), so the lock it returns is on the
+// directory at pinPath. Returns fs.ErrNotExist without create if there is
+// no directory.
+func lockPinDir(pinPath string, gid int, create bool) (*pinDir, error) {
+	pinPath = filepath.Clean(pinPath)
+	name := filepath.Base(pinPath)
+	d := &pinDir{path: pinPath}
+	for range 10 {
+		parent, err := openParent(pinPath, create, &d.created)
+		if err != nil {
+			d.removeCreated()
+			return nil, err
+		}
+		fd, made, err := openDir(parent, pinPath, name, create, 0o700)
+		if made {
+			d.created = append(d.created, pinPath)
 		}
 		if err != nil {
+			unix.Close(parent)
+			d.removeCreated()
+			return nil, err
+		}
+		lock, err := state.LockOpenDir(os.NewFile(uintptr(fd), pinPath), true)
+		if err != nil {
+			unix.Close(parent)
+			d.removeCreated()
 			return nil, err
 		}
 		var locked, current unix.Stat_t
-		if unix.Fstat(int(lock.File().Fd()), &locked) == nil && unix.Stat(pinPath, &current) == nil &&
-			locked.Dev == current.Dev && locked.Ino == current.Ino {
-			if create {
-				// Owner and mode are set under the lock, so that an unload
-				// cannot remove the directory in between.
-				if err := ensureDir(pinPath, 0o750, gid); err != nil {
-					lock.Unlock()
-					return nil, err
-				}
+		same := unix.Fstat(fd, &locked) == nil &&
+			unix.Fstatat(parent, name, &current, unix.AT_SYMLINK_NOFOLLOW) == nil &&
+			locked.Dev == current.Dev && locked.Ino == current.Ino
+		unix.Close(parent)
+		if !same {
+			lock.Unlock()
+			if !create {
+				return nil, fs.ErrNotExist
 			}
-			return lock, nil
+			continue // removed between open and lock: an unload ran
 		}
-		lock.Unlock()
-		if !create {
-			return nil, fs.ErrNotExist
+		d.lock = lock
+		if create {
+			// Under the lock, so that an unload cannot remove the
+			// directory in between; before its entries are checked, so
+			// that no other user can add one after the check.
+			if err := unix.Fchown(fd, 0, gid); err != nil {
+				d.fail()
+				return nil, fmt.Errorf("chown %s: %w", pinPath, err)
+			}
+			if err := unix.Fchmod(fd, 0o750); err != nil {
+				d.fail()
+				return nil, fmt.Errorf("chmod %s: %w", pinPath, err)
+			}
 		}
+		if err := d.checkEntries(); err != nil {
+			d.fail()
+			return nil, err
+		}
+		return d, nil
 	}
 	return nil, fmt.Errorf("lock %s: the directory keeps being replaced", pinPath)
+}
+
+// fail undoes what this run created and releases the lock.
+func (d *pinDir) fail() {
+	d.removeCreated()
+	d.Unlock()
+}
+
+// ensureSubdir creates the directory name under the pin directory if
+// needed and (re)sets its owner and mode, through its fd.
+func (d *pinDir) ensureSubdir(name string, mode uint32, gid int) error {
+	path := filepath.Join(d.path, name)
+	fd, _, err := openDir(d.fd(), path, name, true, mode)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Fchown(fd, 0, gid); err != nil {
+		return fmt.Errorf("chown %s: %w", path, err)
+	}
+	if err := unix.Fchmod(fd, mode); err != nil {
+		return fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return nil
 }

@@ -24,14 +24,14 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 	if err := checkBPFFS(pinPath); err != nil {
 		return nil, err
 	}
-	lock, err := lockPinDir(pinPath, 0, false)
+	pd, err := lockPinDir(pinPath, 0, false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoadedHere)
 	}
 	if err != nil {
 		return nil, err
 	}
-	defer lock.Unlock()
+	defer pd.Unlock()
 
 	linksDir := state.LinksPath(pinPath)
 	targets := ifaces
