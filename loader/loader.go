@@ -119,6 +119,10 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 		return nil, err
 	}
 	defer pd.Unlock()
+	if dir := unsearchable(pd.path, gid); dir != "" {
+		l.Log.Warn().Str("dir", dir).Str("group", cfg.Group).
+			Msg("the pins' group may not search this directory, so the daemons cannot open the pins: give others search permission (chmod o+x; for the bpffs root, mount it with mode=0711 or install tmpfiles.d/aegis.conf)")
+	}
 
 	res := &Result{}
 	defer func() {

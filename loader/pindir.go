@@ -61,6 +61,30 @@ func lookupGroup(name string) (int, error) {
 	return strconv.Atoi(g.Gid)
 }
 
+// unsearchable returns the first directory above the pin directory that a
+// member of group gid without privileges may not search, or "". The
+// daemons could not open the pins through it: systemd mounts bpffs with
+// mode=0700.
+func unsearchable(pinPath string, gid int) string {
+	var dirs []string
+	for dir := filepath.Dir(pinPath); ; dir = filepath.Dir(dir) {
+		dirs = append(dirs, dir)
+		if dir == "/" {
+			break
+		}
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		var st unix.Stat_t
+		if unix.Stat(dirs[i], &st) != nil {
+			return dirs[i]
+		}
+		if st.Mode&0o001 == 0 && (int(st.Gid) != gid || st.Mode&0o010 == 0) {
+			return dirs[i]
+		}
+	}
+	return ""
+}
+
 // pinDir is the pin directory, opened without following symlinks, checked
 // (see trust.go) and locked.
 type pinDir struct {

@@ -277,3 +277,40 @@ func TestFailedLoadRemovesWhatItCreated(t *testing.T) {
 		}
 	}
 }
+
+// On a bpffs mounted as systemd does (mode=0700) the daemons, members of
+// the pins' group and nothing more, cannot reach the pins; the load says
+// so, and stops saying so once the root is searchable.
+func TestUnsearchableBPFFSRootWarns(t *testing.T) {
+	e := newEnv(t)
+	base, err := os.MkdirTemp("", "aegis-bpffs-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(base) })
+	if err := os.Chmod(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(base, "bpf")
+	if err := os.Mkdir(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "bpf", "-o", "mode=0700", "bpf", root).CombinedOutput(); err != nil {
+		t.Fatalf("mount bpffs: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", root).Run() })
+	pinPath := filepath.Join(root, "aegis")
+	t.Cleanup(func() { _ = e.cli(nil, "unload", "--pin-path", pinPath) })
+
+	const warning = "the pins' group may not search this directory"
+	r := e.cli(nil, "load", "--pin-path", pinPath, "-i", "a0", "--group", "4242", "--log-format", "json")
+	if r.code != 0 || !strings.Contains(r.stderr, warning) || !strings.Contains(r.stderr, `"dir":"`+root+`"`) {
+		t.Fatalf("load on a mode=0700 bpffs: %+v", r)
+	}
+	if err := os.Chmod(root, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.cli(nil, "load", "--pin-path", pinPath, "-i", "a0", "--group", "4242", "--log-format", "json"); r.code != 0 || strings.Contains(r.stderr, warning) {
+		t.Fatalf("load on a mode=0711 bpffs: %+v", r)
+	}
+}
