@@ -314,3 +314,24 @@ func TestUnsearchableBPFFSRootWarns(t *testing.T) {
 		t.Fatalf("load on a mode=0711 bpffs: %+v", r)
 	}
 }
+
+// Unload refuses a pin path that is not the loader's, rather than detach
+// and remove what it leads to.
+func TestUnloadRefusesSymlinkedPinPath(t *testing.T) {
+	e := newEnv(t)
+	e.mustLoad(nil)
+	alias := e.pin + "-alias"
+	t.Cleanup(func() { _ = os.Remove(alias) })
+	asNobody(t, "ln", "-s", e.pin, alias)
+	before := snapshot(t, e.pin)
+	r := e.cli(nil, "unload", "--pin-path", alias)
+	if r.code != 1 || !strings.HasPrefix(lastLine(r.stderr), "aegis-loader: unsafe pin path: "+alias+" is a symbolic link") {
+		t.Fatalf("%+v", r)
+	}
+	if after := snapshot(t, e.pin); after != before {
+		t.Fatalf("unload through a symlink changed the pins:\nbefore:\n%safter:\n%s", before, after)
+	}
+	if e.xdpProgram("a0") == 0 {
+		t.Fatal("unload through a symlink detached a0")
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"iter"
 	"os"
 	"sync"
+	"syscall"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -51,10 +52,14 @@ func Spec() (*ebpf.CollectionSpec, error) {
 // lock shared while it opens them, so it never sees a loader's half-done
 // work.
 //
-// Returns ErrNotLoaded if the directory or a map is missing, ErrPermission
-// if the caller may not open them, and ErrIncompatible if a map's layout is
-// not this build's.
+// Returns ErrNotLoaded if the directory or a map is missing or is not the
+// loader's (a symlink, or not owned by root), ErrPermission if the caller
+// may not open them, and ErrIncompatible if a map's layout is not this
+// build's.
 func Open(pinPath string, opts OpenOptions) (*Maps, error) {
+	if err := checkRootsPin(pinPath); err != nil {
+		return nil, err
+	}
 	lock, err := LockDir(pinPath, false)
 	if err != nil {
 		return nil, openError(pinPath, err)
@@ -69,6 +74,10 @@ func Open(pinPath string, opts OpenOptions) (*Maps, error) {
 	m := &Maps{PinPath: pinPath}
 	for _, t := range m.slots() {
 		path := MapPath(pinPath, t.name)
+		if err := checkRootsPin(path); err != nil {
+			m.Close()
+			return nil, err
+		}
 		mp, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: !(opts.Writable && DaemonWritable(t.name))})
 		if err != nil {
 			m.Close()
@@ -96,6 +105,23 @@ func Open(pinPath string, opts OpenOptions) (*Maps, error) {
 		return nil, fmt.Errorf("%s: %w: maps have layout version %d, this build speaks version %d: run binaries of one release",
 			pinPath, ErrIncompatible, v, bpf.LayoutVersion)
 	}
+}
+
+// checkRootsPin refuses a pin or pin directory that the loader, running as
+// root and refusing symlinks, cannot have made: another user's map would
+// take the grants. A missing one is left for the open to report.
+func checkRootsPin(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil
+	}
+	if fi.Mode()&fs.ModeSymlink != 0 {
+		return fmt.Errorf("open %s: %w: it is a symbolic link, not the loader's pins", path, ErrNotLoaded)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 {
+		return fmt.Errorf("open %s: %w: it is owned by uid %d, not root, so not the loader's pins", path, ErrNotLoaded, st.Uid)
+	}
+	return nil
 }
 
 func openError(path string, err error) error {

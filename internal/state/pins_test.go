@@ -1,8 +1,11 @@
 package state_test
 
 import (
+	"errors"
+	"os"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -10,6 +13,7 @@ import (
 	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/bpf/nextbuild"
 	"github.com/aegis-agent/aegis/internal/state"
+	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
 // The map names are the pin names and the names the program refers to the
@@ -84,4 +88,47 @@ func TestPinPaths(t *testing.T) {
 	if len(pins) != 2+len(state.MapNames) || pins[0] != state.ProgramPath(dir) {
 		t.Fatalf("FilePins %v", pins)
 	}
+}
+
+// A reader does not take another user's pins for the loader's: grants
+// written to a map an unprivileged user pinned would go nowhere.
+func TestOpenRefusesPinsNotOwnedByRoot(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		chown func(pin string) string
+	}{
+		{"pin directory", func(pin string) string { return pin }},
+		{"map", func(pin string) string { return state.MapPath(pin, state.MapSessionsV6) }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pin := tu.PinDir(t)
+			tu.PinMaps(t, pin, tu.PinOptions{})
+			m, err := state.Open(pin, state.OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			m.Close()
+			path := c.chown(pin)
+			if err := os.Lchown(path, 65534, 65534); err != nil {
+				t.Fatal(err)
+			}
+			_, err = state.Open(pin, state.OpenOptions{})
+			if !errors.Is(err, state.ErrNotLoaded) || !strings.Contains(err.Error(), path+": aegis data path is not loaded: it is owned by uid 65534") {
+				t.Fatalf("open after chown of %s: %v", path, err)
+			}
+		})
+	}
+
+	t.Run("symlink", func(t *testing.T) {
+		pin := tu.PinDir(t)
+		tu.PinMaps(t, pin, tu.PinOptions{})
+		alias := pin + "-alias"
+		if err := os.Symlink(pin, alias); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(alias) })
+		if _, err := state.Open(alias, state.OpenOptions{}); !errors.Is(err, state.ErrNotLoaded) {
+			t.Fatalf("open through a symlink: %v", err)
+		}
+	})
 }
