@@ -142,7 +142,7 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err
 	}
-	if err := pd.ensureSubdir(state.LinksDir, 0o700, 0); err != nil {
+	if err := pd.ensureSubdir(state.LinksPath(pd.path), 0o700, 0); err != nil {
 		return res, err
 	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {

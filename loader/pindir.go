@@ -186,10 +186,10 @@ func (d *pinDir) fail() {
 	d.Unlock()
 }
 
-// ensureSubdir creates the directory name under the pin directory if
-// needed and (re)sets its owner and mode, through its fd.
-func (d *pinDir) ensureSubdir(name string, mode uint32, gid int) error {
-	path := filepath.Join(d.path, name)
+// ensureSubdir creates the directory at path, an entry of the pin
+// directory, if needed and (re)sets its owner and mode, through its fd.
+func (d *pinDir) ensureSubdir(path string, mode uint32, gid int) error {
+	name := filepath.Base(path)
 	fd, _, err := openDir(d.fd(), path, name, true, mode)
 	if err != nil {
 		return err
