@@ -51,17 +51,19 @@ demo: setup build ## Show a client blocked, a login, the client passing, idle ex
 BINDIR      ?= $(PREFIX)/bin
 UNITDIR     ?= $(PREFIX)/lib/systemd/system
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 SYSCONFDIR  ?= /etc
 
 .PHONY: install
-install: build ## Install binaries, systemd units, sysusers.d and /etc/aegis/aegis.env (DESTDIR-aware).
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR)
+install: build ## Install binaries, systemd units, sysusers.d, tmpfiles.d and /etc/aegis/aegis.env (DESTDIR-aware).
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/aegis $(DESTDIR)$(SYSCONFDIR)/aegis/tls
 	install -m 0755 $(addprefix bin/,$(notdir $(CMDS))) $(DESTDIR)$(BINDIR)/
 	for u in deploy/systemd/*; do \
 		sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u) && \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); done
 	install -m 0644 deploy/sysusers.d/aegis.conf $(DESTDIR)$(SYSUSERSDIR)/aegis.conf
+	install -m 0644 deploy/tmpfiles.d/aegis.conf $(DESTDIR)$(TMPFILESDIR)/aegis.conf
 	test -e $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env || install -m 0640 deploy/aegis.env $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env
 
 .PHONY: lint

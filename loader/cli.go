@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -35,7 +36,7 @@ type LoadCmd struct {
 	GRPCPort    uint16        `short:"g" name:"grpc-port" default:"50001" help:"Agent gRPC port the controller connects to (TCP)."`
 	RuleTimeout time.Duration `short:"r" default:"60s" help:"Default session idle timeout."`
 	Mode        string        `default:"auto" enum:"auto,native,generic" help:"XDP attach mode: ${enum}."`
-	MaxSessions uint32        `default:"262144" help:"Capacity of each sessions map (IPv4 and IPv6)."`
+	MaxSessions uint32        `default:"${max_sessions}" help:"Capacity of each sessions map (IPv4 and IPv6)."`
 	Allow       []string      `sep:" " placeholder:"RULE" help:"Static allow rule CIDR[,PROTO[/PORT]], PROTO tcp|udp|any (repeatable; space-separated in the environment)."`
 	Monitor     bool          `help:"Monitor mode: count would-be drops as 'monitor' and pass them."`
 	Group       string        `default:"aegis" help:"Group that owns the pins; the daemons run in it."`
@@ -63,7 +64,7 @@ func MainWith(ctx context.Context, args []string, stdio cli.IO, customize func(*
 	return cli.Run(ctx, "aegis-loader",
 		"Loads the Aegis XDP data path, pins its state under bpffs, and upgrades it in place.",
 		&c, &c.Globals, args, stdio,
-		kong.Vars{"pin_path": state.DefaultPinPath},
+		kong.Vars{"pin_path": state.DefaultPinPath, "max_sessions": defaultMaxSessions()},
 		kong.Bind(&c),
 		kong.BindToProvider(func(log zerolog.Logger) (*Loader, error) {
 			l := New(log)
@@ -73,6 +74,16 @@ func MainWith(ctx context.Context, args []string, stdio cli.IO, customize func(*
 			return l, nil
 		}),
 	)
+}
+
+// defaultMaxSessions is the sessions maps' capacity in the object, so that
+// the flag's default is the C program's.
+func defaultMaxSessions() string {
+	spec, err := state.Spec()
+	if err != nil {
+		return "0" // not for a build whose tests passed: they parse the same object
+	}
+	return strconv.FormatUint(uint64(spec.Maps[state.MapSessionsV4].MaxEntries), 10)
 }
 
 // Run loads.

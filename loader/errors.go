@@ -12,6 +12,14 @@ import (
 var (
 	// ErrNoBPFFS means the pin path is not on a mounted bpf filesystem.
 	ErrNoBPFFS = errors.New("no bpf filesystem")
+	// ErrUnsafePinPath means the pin directory, a directory on the way to
+	// it, or an entry in it is a symlink, of the wrong type, not owned by
+	// root, or in a directory other users may write without the sticky
+	// bit: another user could have the loader chown, chmod or pin on their
+	// behalf.
+	ErrUnsafePinPath = errors.New("unsafe pin path")
+	// ErrNotRoot means the loader does not run as root, whose pins it makes.
+	ErrNotRoot = errors.New("not running as root")
 	// ErrNoInterface means a named interface does not exist.
 	ErrNoInterface = errors.New("interface not found")
 	// ErrNoGroup means the group that should own the pins does not exist.

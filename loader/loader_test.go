@@ -6,12 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -304,6 +306,9 @@ func TestFailedUpgradeKeepsRunningProgram(t *testing.T) {
 	if p := e.xdpProgram("a0"); p != uint32(before.program) {
 		t.Fatalf("kernel runs %d after a failed upgrade, want %d", p, before.program)
 	}
+	if _, err := os.Lstat(state.ProgramNextPath(e.pin)); !os.IsNotExist(err) {
+		t.Fatalf("a failed upgrade left the staged program pinned: %v", err)
+	}
 	e.mustHaveSession(testSession)
 }
 
@@ -363,7 +368,7 @@ func TestConcurrentLoadersSerialize(t *testing.T) {
 		if attached != 1 {
 			t.Fatalf("%d loaders attached; exactly one should have", attached)
 		}
-		links, _ := os.ReadDir(filepath.Join(e.pin, state.LinksDir))
+		links, _ := os.ReadDir(state.LinksPath(e.pin))
 		if len(links) != 1 {
 			t.Fatalf("%d links pinned", len(links))
 		}
@@ -438,25 +443,46 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	const gid = 4242 // a numeric group need not exist in /etc/group
 	e.mustLoad(nil, "--group", fmt.Sprint(gid))
 	want := map[string]os.FileMode{
-		e.pin: 0o750 | os.ModeDir, filepath.Join(e.pin, state.LinksDir): 0o700 | os.ModeDir,
-		state.LinkPath(e.pin, "a0"): 0o600,
+		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o700 | os.ModeDir,
+		state.LinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
 	}
 	for _, name := range state.MapNames {
 		want[state.MapPath(e.pin, name)] = 0o640
 	}
 	want[state.MapPath(e.pin, state.MapSessionsV4)] = 0o660
 	want[state.MapPath(e.pin, state.MapSessionsV6)] = 0o660
-	for path, mode := range want {
-		fi, err := os.Stat(path)
+	// Every entry, not only the expected ones: nothing is world-accessible
+	// and everything is root's.
+	seen := 0
+	err := filepath.WalkDir(e.pin, func(path string, _ fs.DirEntry, err error) error {
 		if err != nil {
-			t.Fatal(err)
+			return err
 		}
-		if fi.Mode() != mode {
+		fi, err := os.Lstat(path)
+		if err != nil {
+			return err
+		}
+		seen++
+		mode, ok := want[path]
+		switch {
+		case !ok:
+			t.Errorf("unexpected %s (%v)", path, fi.Mode())
+		case fi.Mode() != mode:
 			t.Errorf("%s: mode %v, want %v", path, fi.Mode(), mode)
 		}
-		if fi.Mode().Perm()&0o002 != 0 {
-			t.Errorf("%s is world-writable", path)
+		if fi.Mode().Perm()&0o007 != 0 {
+			t.Errorf("%s is world-accessible: %v", path, fi.Mode())
 		}
+		if uid := fi.Sys().(*syscall.Stat_t).Uid; uid != 0 {
+			t.Errorf("%s is owned by uid %d", path, uid)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seen != len(want) {
+		t.Errorf("%d entries, want %d", seen, len(want))
 	}
 	out := tu.MustRun(t, "stat", "-c", "%u %g", state.MapPath(e.pin, state.MapSessionsV4), e.pin)
 	if out != fmt.Sprintf("0 %d\n0 %d\n", gid, gid) {
@@ -804,7 +830,7 @@ func TestInterruptedUpgradeConverges(t *testing.T) {
 	if a0.program != a1.program || a0.program == old.program {
 		t.Fatalf("not converged: a0 runs %d, a1 runs %d (old %d)", a0.program, a1.program, old.program)
 	}
-	p, err := ebpf.LoadPinnedProgram(filepath.Join(e.pin, state.ProgramPin), nil)
+	p, err := ebpf.LoadPinnedProgram(state.ProgramPath(e.pin), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -813,7 +839,7 @@ func TestInterruptedUpgradeConverges(t *testing.T) {
 	if id, _ := info.ID(); id != a0.program {
 		t.Fatalf("program pin holds %d, links run %d", id, a0.program)
 	}
-	if _, err := os.Stat(filepath.Join(e.pin, state.ProgramNextPin)); !os.IsNotExist(err) {
+	if _, err := os.Stat(state.ProgramNextPath(e.pin)); !os.IsNotExist(err) {
 		t.Fatalf("staging pin left behind: %v", err)
 	}
 	e.mustHaveSession(testSession)

@@ -1,12 +1,8 @@
 package loader
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"net"
-	"os"
-	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -77,22 +73,21 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	linksDir := filepath.Join(pinPath, state.LinksDir)
-	entries, err := os.ReadDir(linksDir)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("read %s: %w", linksDir, err)
+	linked, err := state.LinkedInterfaces(pinPath)
+	if err != nil {
+		return nil, err
 	}
 	var pinned programStatus
-	if p, err := ebpf.LoadPinnedProgram(filepath.Join(pinPath, state.ProgramPin), nil); err == nil {
+	if p, err := ebpf.LoadPinnedProgram(state.ProgramPath(pinPath), nil); err == nil {
 		if info, err := p.Info(); err == nil {
 			pinned.id, _ = info.ID()
 			pinned.tag = info.Tag
-			pinned.current = spec.Programs[progName].Compatible(info) == nil
+			pinned.current = sameBuild(spec, p)
 		}
 		p.Close()
 	}
-	for _, e := range entries {
-		is, err := l.interfaceStatus(filepath.Join(linksDir, e.Name()), state.IfnameFromLinkPin(e.Name()), pinned)
+	for _, name := range linked {
+		is, err := l.interfaceStatus(state.LinkPath(pinPath, name), name, pinned)
 		if err != nil {
 			return nil, err
 		}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -25,24 +24,20 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 	if err := checkBPFFS(pinPath); err != nil {
 		return nil, err
 	}
-	lock, err := lockPinDir(pinPath, 0, false)
+	pd, err := lockPinDir(pinPath, 0, false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoadedHere)
 	}
 	if err != nil {
 		return nil, err
 	}
-	defer lock.Unlock()
+	defer pd.Unlock()
 
-	linksDir := filepath.Join(pinPath, state.LinksDir)
+	linksDir := state.LinksPath(pinPath)
 	targets := ifaces
 	if len(targets) == 0 {
-		entries, err := os.ReadDir(linksDir)
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("read %s: %w", linksDir, err)
-		}
-		for _, e := range entries {
-			targets = append(targets, state.IfnameFromLinkPin(e.Name()))
+		if targets, err = state.LinkedInterfaces(pinPath); err != nil {
+			return nil, err
 		}
 	}
 	for _, name := range targets {
@@ -62,8 +57,8 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 		return detached, nil
 	}
 
-	for _, name := range append([]string{state.ProgramPin, state.ProgramNextPin}, state.MapNames...) {
-		if err := os.Remove(state.MapPath(pinPath, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	for _, path := range state.FilePins(pinPath) {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return detached, fmt.Errorf("remove pin: %w", err)
 		}
 	}

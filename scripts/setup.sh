@@ -46,6 +46,11 @@ if ! command -v go >/dev/null 2>&1; then
   exit 1
 fi
 
+# mode=0711, not bpffs's default 1777: only root may create names at the
+# root (no other user can squat the pin directory), and the unprivileged
+# daemons may still traverse it to their group's pins, which systemd's
+# mode=0700 would forbid. An existing mount is left alone: the loader
+# refuses a pin path another user could have made whatever the root's mode.
 if ! mountpoint -q /sys/fs/bpf; then
-  mount -t bpf bpf /sys/fs/bpf
+  mount -t bpf -o mode=0711 bpf /sys/fs/bpf
 fi

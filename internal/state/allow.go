@@ -89,11 +89,15 @@ type AllowEntries struct {
 	V6 map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue
 }
 
+// MaxAllowPorts is the number of (protocol, port) pairs an allow-list
+// prefix's value holds, from the value's layout in the object.
+const MaxAllowPorts = len(bpf.AegisAllowValue{}.Ports)
+
 // CompileAllow turns rules into LPM-trie entries. The data path makes one
 // longest-prefix lookup per packet, so each prefix's value carries its own
 // (protocol, port) pairs and those of every shorter prefix that covers it.
 // Returns an error wrapping ErrInvalid if a prefix would need more than
-// bpf.MaxAllowPorts pairs.
+// MaxAllowPorts pairs.
 func CompileAllow(rules []AllowRule) (AllowEntries, error) {
 	out := AllowEntries{
 		V4: make(map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue),
@@ -113,9 +117,9 @@ func CompileAllow(rules []AllowRule) (AllowEntries, error) {
 			ports = append(ports, bpf.AegisAllowPort{Proto: r.Proto, Port: r.Port})
 		}
 		ports = simplifyPorts(ports)
-		if len(ports) > bpf.MaxAllowPorts {
+		if len(ports) > MaxAllowPorts {
 			return out, fmt.Errorf("%w: %d protocol/port pairs apply to %s, at most %d fit: merge rules or widen them",
-				ErrInvalid, len(ports), p, bpf.MaxAllowPorts)
+				ErrInvalid, len(ports), p, MaxAllowPorts)
 		}
 		var v bpf.AegisAllowValue
 		v.Count = uint32(len(ports))

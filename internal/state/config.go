@@ -1,9 +1,15 @@
 package state
 
 import (
+	"encoding/binary"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/aegis-agent/aegis/bpf"
 )
@@ -57,8 +63,8 @@ func (c *Config) Value() (bpf.AegisConfigValue, error) {
 	return v, nil
 }
 
-// ConfigFromValue decodes a config map value.
-func ConfigFromValue(v *bpf.AegisConfigValue) Config {
+// configFromValue decodes a config map value.
+func configFromValue(v *bpf.AegisConfigValue) Config {
 	c := Config{
 		ControllerPort:     v.ControllerPort,
 		GRPCPort:           v.GrpcPort,
@@ -74,4 +80,68 @@ func ConfigFromValue(v *bpf.AegisConfigValue) Config {
 		c.Controller = netip.AddrFrom16(v.ControllerV6)
 	}
 	return c
+}
+
+// The layout version must be the config value's first field: it is read
+// from maps of any layout, whose values may be of another size.
+var _ [0]struct{} = [unsafe.Offsetof(bpf.AegisConfigValue{}.LayoutVersion)]struct{}{}
+
+// ReadLayoutVersion returns the layout version recorded in a config map, 0
+// if the config was never written. It reads only the first field, so it
+// works on the config map of any layout version.
+func ReadLayoutVersion(config *ebpf.Map) (uint32, error) {
+	raw, err := config.LookupBytes(uint32(0))
+	if err != nil {
+		return 0, fmt.Errorf("read config: %w", err)
+	}
+	if len(raw) < 4 {
+		return 0, fmt.Errorf("read config: %w: value of %d bytes has no layout version", ErrIncompatible, len(raw))
+	}
+	return binary.NativeEndian.Uint32(raw), nil
+}
+
+// PinnedLayoutVersion returns the layout version of the config map pinned
+// under pinPath, and ok=false if there is none.
+func PinnedLayoutVersion(pinPath string) (v uint32, ok bool, err error) {
+	path := MapPath(pinPath, MapConfig)
+	m, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: true})
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, openError(path, err)
+	}
+	defer m.Close()
+	v, err = ReadLayoutVersion(m)
+	return v, err == nil, err
+}
+
+// ReadConfig returns the config map's content.
+func (m *Maps) ReadConfig() (Config, error) {
+	var v bpf.AegisConfigValue
+	if err := m.Config.Lookup(uint32(0), &v); err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	return configFromValue(&v), nil
+}
+
+// WriteConfig writes c to the config map unless it already holds it, and
+// reports whether it wrote. The data path reads the value on every packet;
+// an array map update replaces it whole, so no packet sees half a config.
+func (m *Maps) WriteConfig(c Config) (written bool, err error) {
+	want, err := c.Value()
+	if err != nil {
+		return false, err
+	}
+	var have bpf.AegisConfigValue
+	if err := m.Config.Lookup(uint32(0), &have); err != nil {
+		return false, fmt.Errorf("read config: %w", err)
+	}
+	if have == want {
+		return false, nil
+	}
+	if err := m.Config.Put(uint32(0), &want); err != nil {
+		return false, fmt.Errorf("write config: %w", err)
+	}
+	return true, nil
 }

@@ -18,6 +18,14 @@ func LockDir(dir string, exclusive bool) (*Lock, error) {
 	if err != nil {
 		return nil, err
 	}
+	return LockOpenDir(f, exclusive)
+}
+
+// LockOpenDir is LockDir on a directory the caller opened itself (the
+// loader opens it without following symlinks). The lock owns f: Unlock
+// closes it, and so does a failure.
+func LockOpenDir(f *os.File, exclusive bool) (*Lock, error) {
+	var err error
 	how := unix.LOCK_SH
 	if exclusive {
 		how = unix.LOCK_EX
@@ -30,7 +38,7 @@ func LockDir(dir string, exclusive bool) (*Lock, error) {
 	}
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", dir, err)
+		return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
 	}
 	return &Lock{f: f}, nil
 }

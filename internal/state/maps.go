@@ -8,6 +8,7 @@ import (
 	"iter"
 	"os"
 	"sync"
+	"syscall"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -51,10 +52,14 @@ func Spec() (*ebpf.CollectionSpec, error) {
 // lock shared while it opens them, so it never sees a loader's half-done
 // work.
 //
-// Returns ErrNotLoaded if the directory or a map is missing, ErrPermission
-// if the caller may not open them, and ErrIncompatible if a map's layout is
-// not this build's.
+// Returns ErrNotLoaded if the directory or a map is missing or is not the
+// loader's (a symlink, or not owned by root), ErrPermission if the caller
+// may not open them, and ErrIncompatible if a map's layout is not this
+// build's.
 func Open(pinPath string, opts OpenOptions) (*Maps, error) {
+	if err := checkRootsPin(pinPath); err != nil {
+		return nil, err
+	}
 	lock, err := LockDir(pinPath, false)
 	if err != nil {
 		return nil, openError(pinPath, err)
@@ -67,37 +72,29 @@ func Open(pinPath string, opts OpenOptions) (*Maps, error) {
 	}
 
 	m := &Maps{PinPath: pinPath}
-	targets := []struct {
-		name     string
-		dst      **ebpf.Map
-		writable bool
-	}{
-		{MapSessionsV4, &m.SessionsV4, opts.Writable},
-		{MapSessionsV6, &m.SessionsV6, opts.Writable},
-		{MapAllowV4, &m.AllowV4, false},
-		{MapAllowV6, &m.AllowV6, false},
-		{MapConfig, &m.Config, false},
-		{MapStats, &m.Stats, false},
-	}
-	for _, t := range targets {
+	for _, t := range m.slots() {
 		path := MapPath(pinPath, t.name)
-		mp, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: !t.writable})
+		if err := checkRootsPin(path); err != nil {
+			m.Close()
+			return nil, err
+		}
+		mp, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: !(opts.Writable && DaemonWritable(t.name))})
 		if err != nil {
 			m.Close()
 			return nil, openError(path, err)
 		}
-		*t.dst = mp
+		*t.p = mp
 		if err := CheckLayout(spec.Maps[t.name], mp); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("open %s: %w", path, err)
 		}
 	}
-	var cfg bpf.AegisConfigValue
-	if err := m.Config.Lookup(uint32(0), &cfg); err != nil {
+	v, err := ReadLayoutVersion(m.Config)
+	if err != nil {
 		m.Close()
-		return nil, fmt.Errorf("read config: %w", err)
+		return nil, err
 	}
-	switch cfg.LayoutVersion {
+	switch v {
 	case bpf.LayoutVersion:
 		return m, nil
 	case 0:
@@ -106,8 +103,25 @@ func Open(pinPath string, opts OpenOptions) (*Maps, error) {
 	default:
 		m.Close()
 		return nil, fmt.Errorf("%s: %w: maps have layout version %d, this build speaks version %d: run binaries of one release",
-			pinPath, ErrIncompatible, cfg.LayoutVersion, bpf.LayoutVersion)
+			pinPath, ErrIncompatible, v, bpf.LayoutVersion)
 	}
+}
+
+// checkRootsPin refuses a pin or pin directory that the loader, running as
+// root and refusing symlinks, cannot have made: another user's map would
+// take the grants. A missing one is left for the open to report.
+func checkRootsPin(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil
+	}
+	if fi.Mode()&fs.ModeSymlink != 0 {
+		return fmt.Errorf("open %s: %w: it is a symbolic link, not the loader's pins", path, ErrNotLoaded)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 {
+		return fmt.Errorf("open %s: %w: it is owned by uid %d, not root, so not the loader's pins", path, ErrNotLoaded, st.Uid)
+	}
+	return nil
 }
 
 func openError(path string, err error) error {
@@ -132,24 +146,57 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 	return nil
 }
 
+// DaemonWritable reports whether the daemons write the named map: only the
+// sessions maps. The loader alone writes the config and the allow rules.
+func DaemonWritable(name string) bool { return name == MapSessionsV4 || name == MapSessionsV6 }
+
+type slot struct {
+	name string
+	p    **ebpf.Map
+}
+
+// slots lists the set's maps with their pin names, in MapNames order.
+func (m *Maps) slots() []slot {
+	return []slot{
+		{MapSessionsV4, &m.SessionsV4}, {MapSessionsV6, &m.SessionsV6},
+		{MapAllowV4, &m.AllowV4}, {MapAllowV6, &m.AllowV6},
+		{MapConfig, &m.Config}, {MapStats, &m.Stats},
+	}
+}
+
+// Set puts mp into the set under its pin name, for the loader, which opens
+// or creates each map itself. It panics on a name not in MapNames.
+func (m *Maps) Set(name string, mp *ebpf.Map) {
+	for _, s := range m.slots() {
+		if s.name == name {
+			*s.p = mp
+			return
+		}
+	}
+	panic("state: no map named " + name)
+}
+
+// ByName returns the set's maps keyed by pin name, which is also the name
+// the program refers to them by (ebpf.CollectionOptions.MapReplacements).
+func (m *Maps) ByName() map[string]*ebpf.Map {
+	out := make(map[string]*ebpf.Map, len(MapNames))
+	for _, s := range m.slots() {
+		if *s.p != nil {
+			out[s.name] = *s.p
+		}
+	}
+	return out
+}
+
 // Close releases the maps; the pins stay.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.SessionsV4, m.SessionsV6, m.AllowV4, m.AllowV6, m.Config, m.Stats} {
-		if mp != nil {
-			errs = append(errs, mp.Close())
+	for _, s := range m.slots() {
+		if *s.p != nil {
+			errs = append(errs, (*s.p).Close())
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// ReadConfig returns the config map's content.
-func (m *Maps) ReadConfig() (Config, error) {
-	var v bpf.AegisConfigValue
-	if err := m.Config.Lookup(uint32(0), &v); err != nil {
-		return Config{}, fmt.Errorf("read config: %w", err)
-	}
-	return ConfigFromValue(&v), nil
 }
 
 // Grant inserts or refreshes a session. A refresh replaces the timestamps,

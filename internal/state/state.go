@@ -7,61 +7,7 @@
 // package spells a pin path or a map layout.
 package state
 
-import (
-	"errors"
-	"path/filepath"
-	"strings"
-)
-
-// DefaultPinPath is where the loader pins its maps and links unless told
-// otherwise (flag --pin-path, environment AEGIS_PIN_PATH).
-const DefaultPinPath = "/sys/fs/bpf/aegis"
-
-// Map names: the pin file names under the pin path, and the names the kernel
-// and bpftool show.
-const (
-	MapSessionsV4 = "sessions_v4"
-	MapSessionsV6 = "sessions_v6"
-	MapAllowV4    = "allow_v4"
-	MapAllowV6    = "allow_v6"
-	MapConfig     = "config"
-	MapStats      = "stats"
-)
-
-// MapNames lists every pinned map.
-var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats}
-
-// ProgramPin is the pin of the XDP program the links run. An upgrade pins
-// the new build as ProgramNextPin, moves the links to it, then renames it
-// over ProgramPin.
-const (
-	ProgramPin     = "program"
-	ProgramNextPin = "program_next"
-)
-
-// LinksDir is the directory under the pin path holding one pinned XDP
-// bpf_link per interface, named after the interface.
-const LinksDir = "links"
-
-// MapPath returns the pin of the named map.
-func MapPath(pinPath, name string) string { return filepath.Join(pinPath, name) }
-
-// LinkPath returns the pin of the XDP link on the named interface.
-func LinkPath(pinPath, ifname string) string {
-	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname))
-}
-
-// LinkPinName is the pin file name for an interface. bpffs refuses names
-// containing a dot, which interface names may have (eth0.100), so "%" and
-// "." are escaped as %25 and %2e.
-func LinkPinName(ifname string) string {
-	return strings.NewReplacer("%", "%25", ".", "%2e").Replace(ifname)
-}
-
-// IfnameFromLinkPin reverses LinkPinName.
-func IfnameFromLinkPin(name string) string {
-	return strings.NewReplacer("%2e", ".", "%25", "%").Replace(name)
-}
+import "errors"
 
 // Errors returned by this package; test for them with errors.Is.
 var (

@@ -93,7 +93,7 @@ func TestCompileAllowMatchesRules(t *testing.T) {
 
 func TestCompileAllowRefusesTooManyPairs(t *testing.T) {
 	var rules []state.AllowRule
-	for port := 1; port <= bpf.MaxAllowPorts+1; port++ {
+	for port := 1; port <= state.MaxAllowPorts+1; port++ {
 		rules = append(rules, state.AllowRule{Prefix: netip.MustParsePrefix("198.51.100.0/24"), Proto: 6, Port: uint16(port)})
 	}
 	if _, err := state.CompileAllow(rules); !errors.Is(err, state.ErrInvalid) {

@@ -46,8 +46,8 @@ type Reason = bpf.Reason
 var Reasons = bpf.Reasons
 
 // MaxUserLen is the longest user name a session can carry: the value's
-// user field is 32 bytes, NUL-padded, and always NUL-terminated.
-const MaxUserLen = 31
+// user field, NUL-padded and always NUL-terminated.
+const MaxUserLen = len(bpf.AegisSessionValue{}.User) - 1
 
 // Key identifies a session: traffic from Src to Dst, destination port Port,
 // protocol Proto. Src and Dst are both IPv4 or both IPv6.
@@ -189,7 +189,7 @@ func sessionFrom(k Key, v *bpf.AegisSessionValue) Session {
 	}
 }
 
-func userString(u *[32]int8) string {
+func userString(u *[MaxUserLen + 1]int8) string {
 	b := make([]byte, 0, len(u))
 	for _, c := range u {
 		if c == 0 {

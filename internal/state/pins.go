@@ -1,0 +1,109 @@
+package state
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// The layout of a pin directory:
+//
+//	<pin path>/               0750 root:aegis
+//	    sessions_v4 ...       one pin per map (MapNames)
+//	    program               the XDP program the links run
+//	    program_next          the next build, only during an upgrade
+//	    links/                0700 root:root
+//	        <ifname>          one XDP bpf_link per interface (LinkPinName)
+//
+// Every path into it is built here, so that the loader, the daemons and
+// the tests agree on it.
+
+// DefaultPinPath is where the loader pins its maps and links unless told
+// otherwise (flag --pin-path, environment AEGIS_PIN_PATH).
+const DefaultPinPath = "/sys/fs/bpf/aegis"
+
+// Map names: the pin file names under the pin path, and the names the kernel
+// and bpftool show. They are the names of the maps in aegis.c; a test checks
+// them against the object.
+const (
+	MapSessionsV4 = "sessions_v4"
+	MapSessionsV6 = "sessions_v6"
+	MapAllowV4    = "allow_v4"
+	MapAllowV6    = "allow_v6"
+	MapConfig     = "config"
+	MapStats      = "stats"
+)
+
+// MapNames lists every pinned map.
+var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats}
+
+// ProgramPin is the pin of the XDP program the links run. An upgrade pins
+// the new build as ProgramNextPin, moves the links to it, then renames it
+// over ProgramPin.
+const (
+	ProgramPin     = "program"
+	ProgramNextPin = "program_next"
+)
+
+// LinksDir is the directory under the pin path holding one pinned XDP
+// bpf_link per interface, named after the interface.
+const LinksDir = "links"
+
+// MapPath returns the pin of the named map.
+func MapPath(pinPath, name string) string { return filepath.Join(pinPath, name) }
+
+// ProgramPath returns the pin of the program the links run.
+func ProgramPath(pinPath string) string { return filepath.Join(pinPath, ProgramPin) }
+
+// ProgramNextPath returns the pin an upgrade stages the next build at.
+func ProgramNextPath(pinPath string) string { return filepath.Join(pinPath, ProgramNextPin) }
+
+// LinksPath returns the directory of the link pins.
+func LinksPath(pinPath string) string { return filepath.Join(pinPath, LinksDir) }
+
+// LinkPath returns the pin of the XDP link on the named interface.
+func LinkPath(pinPath, ifname string) string {
+	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname))
+}
+
+// FilePins returns every pin directly under the pin path, programs first:
+// what a full unload removes besides the links.
+func FilePins(pinPath string) []string {
+	out := []string{ProgramPath(pinPath), ProgramNextPath(pinPath)}
+	for _, name := range MapNames {
+		out = append(out, MapPath(pinPath, name))
+	}
+	return out
+}
+
+// LinkedInterfaces returns the names of the interfaces that have a pinned
+// link, in directory order; none if the links directory does not exist.
+func LinkedInterfaces(pinPath string) ([]string, error) {
+	entries, err := os.ReadDir(LinksPath(pinPath))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", LinksPath(pinPath), err)
+	}
+	names := make([]string, 0, len(entries))
+	for _, e := range entries {
+		names = append(names, IfnameFromLinkPin(e.Name()))
+	}
+	return names, nil
+}
+
+// LinkPinName is the pin file name for an interface. bpffs refuses names
+// containing a dot, which interface names may have (eth0.100), so "%" and
+// "." are escaped as %25 and %2e.
+func LinkPinName(ifname string) string {
+	return strings.NewReplacer("%", "%25", ".", "%2e").Replace(ifname)
+}
+
+// IfnameFromLinkPin reverses LinkPinName.
+func IfnameFromLinkPin(name string) string {
+	return strings.NewReplacer("%2e", ".", "%25", "%").Replace(name)
+}
