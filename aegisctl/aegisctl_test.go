@@ -54,9 +54,11 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	e := &env{pin: tu.PinDir(t), dir: t.TempDir()}
+	e := &env{pin: tu.PinDir(t), dir: filepath.Join(t.TempDir(), "tls")}
 	tu.PinMaps(t, e.pin, tu.PinOptions{DefaultIdleTimeout: time.Minute})
-	mustRun(t, "certs", "--dir", e.dir, "--client", "aegis-controller")
+	mustRun(t, "certs", "--dir", e.dir, "init")
+	mustRun(t, "certs", "--dir", e.dir, "server", "--ip", "127.0.0.1")
+	mustRun(t, "certs", "--dir", e.dir, "client", "aegis-controller")
 
 	log := zerolog.Nop()
 	certs, err := controlplane.LoadCertificates(e.file("server.crt"), e.file("server.key"), e.file("ca.crt"), log)
