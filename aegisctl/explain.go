@@ -27,7 +27,8 @@ var ErrTransport = errors.New("transport failure")
 type ConnError struct {
 	Cause string
 	Msg   string
-	// Err is what gRPC reported.
+	// Err is what gRPC reported. It is not unwrapped: the explanation
+	// replaces gRPC's status, whose message is the transport's own.
 	Err error
 }
 
@@ -35,9 +36,6 @@ func (e *ConnError) Error() string { return e.Msg }
 
 // Is makes errors.Is(err, ErrTransport) true for every cause.
 func (e *ConnError) Is(target error) bool { return target == ErrTransport }
-
-// Unwrap returns gRPC's error.
-func (e *ConnError) Unwrap() error { return e.Err }
 
 // Retryable tells whether the cause can go away by itself (a daemon
 // restarting), as opposed to a configuration that must be fixed.
