@@ -28,6 +28,7 @@ type CLI struct {
 	Stats    StatsCmd    `cmd:"" help:"Show the data path's verdict counters and map fill."`
 	Watch    WatchCmd    `cmd:"" help:"Live view of counters and sessions, refreshed every --interval."`
 	Local    LocalCmd    `cmd:"" help:"Read the pinned maps directly (on the gateway, as root): sessions, stats."`
+	Config   ConfigCmd   `cmd:"" help:"Show the connection settings (flag > AEGISCTL_* variable > profile > default) and where each comes from."`
 	Certs    CertsCmd    `cmd:"" help:"The certificates of mutual TLS: CA, the agent's server certificate, client certificates."`
 }
 
@@ -55,5 +56,6 @@ func Main(ctx context.Context, args []string, stdio cli.IO) int {
 			fmt.Fprintf(stdio.Stderr, "aegisctl: %s is not read any more: rename it AEGISCTL_%s\n", name, strings.TrimPrefix(name, "AEGIS_CTL_"))
 		}
 	}
-	return cli.Run(ctx, Spec(), &c, &c.Globals, args, stdio, kong.Resolvers(&profileResolver{}))
+	profiles := &profileResolver{}
+	return cli.Run(ctx, Spec(), &c, &c.Globals, args, stdio, kong.Resolvers(profiles), kong.Bind(profiles))
 }

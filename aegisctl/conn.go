@@ -42,8 +42,10 @@ type Conn struct {
 	Timeout    time.Duration `env:"AEGISCTL_TIMEOUT" profile:"timeout" default:"10s" help:"Deadline of each call."`
 
 	// diag holds the transport's last failure, with its error types,
-	// for explain.
-	diag *transportDiag
+	// for explain; tlsCfg is the configuration dialed with, nil for
+	// plaintext.
+	diag   *transportDiag
+	tlsCfg *tls.Config
 }
 
 // target is the address to dial: addr with DefaultPort if it has none.
@@ -127,6 +129,7 @@ func (c *Conn) dial() (*grpc.ClientConn, error) {
 		if err != nil {
 			return nil, err
 		}
+		c.tlsCfg = cfg.Clone()
 		creds = credentials.NewTLS(cfg)
 	}
 	var d net.Dialer

@@ -128,6 +128,13 @@ func classify(c *Conn, addr, stage string, err error) *ConnError {
 	if c.Insecure && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) && speaksTLS(addr, c.Timeout) {
 		return mk(CausePlainToTLS, "the control plane at %s speaks TLS and --insecure is plaintext: drop --insecure and give --tls-cert, --tls-key and --tls-ca", addr)
 	}
+	// gRPC may have closed the connection on a failed write before its
+	// reader saw the server's alert: ask again, on a connection of our own.
+	if c.tlsCfg != nil {
+		if a, ok := probeAlert(addr, c.tlsCfg, c.Timeout); ok {
+			return alertCause(c, addr, a)
+		}
+	}
 	return mk(CauseClosed, "lost the connection to the control plane at %s: %v", addr, err)
 }
 
@@ -252,4 +259,35 @@ func speaksTLS(addr string, timeout time.Duration) bool {
 	var record tls.RecordHeaderError
 	_, alerted := remoteAlert(err)
 	return alerted && !errors.As(err, &record)
+}
+
+// probeAlert makes a TLS connection to addr with cfg and reads until the
+// server sends data, an alert, or the deadline: the alert of a server
+// that refuses the client certificate once the handshake is done (TLS
+// 1.3).
+func probeAlert(addr string, cfg *tls.Config, timeout time.Duration) (tls.AlertError, bool) {
+	timeout = min(timeout, 3*time.Second)
+	d := net.Dialer{Timeout: timeout}
+	raw, err := d.Dial("tcp", addr)
+	if err != nil {
+		return 0, false
+	}
+	defer raw.Close()
+	_ = raw.SetDeadline(time.Now().Add(timeout))
+	cfg = cfg.Clone()
+	cfg.NextProtos = []string{"h2"}
+	conn := tls.Client(raw, cfg)
+	if err := conn.Handshake(); err != nil {
+		return remoteAlert(err)
+	}
+	// The client's HTTP/2 preface, so that a server that accepts the
+	// certificate answers with its settings rather than waiting.
+	if _, err := conn.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")); err != nil {
+		if a, ok := remoteAlert(err); ok {
+			return a, true
+		}
+	}
+	var b [1]byte
+	_, err = conn.Read(b[:])
+	return remoteAlert(err)
 }

@@ -98,10 +98,8 @@ func (r *profileResolver) Resolve(kctx *kong.Context, parent *kong.Path, flag *k
 	if key == "" {
 		return nil, nil
 	}
-	for _, env := range flag.Envs {
-		if _, ok := os.LookupEnv(env); ok {
-			return nil, nil
-		}
+	if envSet(flag) {
+		return nil, nil
 	}
 	r.once.Do(func() { r.load(kctx, parent) })
 	if r.err != nil || r.values == nil {

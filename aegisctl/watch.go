@@ -70,7 +70,7 @@ func (cmd *WatchCmd) Run(ctx context.Context, stdio cli.IO) error {
 	for frame := 1; ; frame++ {
 		st, rows, matched, err := cmd.fetch(ctx, client)
 		if err != nil && frame > 1 && retryable(err) && ctx.Err() == nil {
-			fmt.Fprintf(stdio.Stderr, "aegisctl: watch: %v; reconnecting\n", err)
+			fmt.Fprintf(stdio.Stderr, "aegisctl: watch: lost the control plane at %s, reconnecting: %v\n", cmd.Address, err)
 			done()
 			if client, done, err = cmd.reconnect(ctx, stdio.Stderr); err != nil {
 				return err
