@@ -44,7 +44,9 @@ func TestWatchReconnects(t *testing.T) {
 	}
 	waitFor("first frames", func() bool { return frames() >= 2 })
 	stop()
-	waitFor("line for the lost connection", func() bool { return strings.Contains(stderr.String(), "lost the control plane at "+addr+", reconnecting: get stats: ") })
+	waitFor("line for the lost connection", func() bool {
+		return strings.Contains(stderr.String(), "lost the control plane at "+addr+", reconnecting: get stats: ")
+	})
 	before := frames()
 	time.Sleep(700 * time.Millisecond) // an attempt or two fail
 	startControlPlane(t, pin, loadCerts(t, dir), nil, addr)
