@@ -141,6 +141,7 @@ func (c *Conn) dial() (*grpc.ClientConn, error) {
 				c.diag.set(stageDial, err)
 				return nil, err
 			}
+			c.diag.set(stageConnected, nil)
 			return nc, nil
 		}),
 		grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
@@ -173,6 +174,7 @@ func (c *Conn) ctx(parent context.Context) (context.Context, context.CancelFunc)
 // Transport stages whose failure transportDiag keeps.
 const (
 	stageDial      = "dial"
+	stageConnected = "connected" // no failure: TCP is up, the handshake pending
 	stageHandshake = "handshake"
 	stageRead      = "read"
 )

@@ -59,6 +59,12 @@ func TestDaemonVariablesDoNotReachAegisctl(t *testing.T) {
 	if r := run("certs", "--dir", e.dir, "init"); r.code != 1 || !strings.Contains(r.stderr, "pass --force") {
 		t.Errorf("certs init over an existing CA: %+v", r)
 	}
+	// The names of the former scheme are not read, and said so.
+	t.Setenv("AEGIS_CTL_ADDRESS", e.addr)
+	if r := run("config"); r.code != 0 || r.stderr != "aegisctl: AEGIS_CTL_ADDRESS is not read any more: rename it AEGISCTL_ADDRESS\n" ||
+		!strings.Contains(r.stdout, "dials localhost:50001") {
+		t.Errorf("with AEGIS_CTL_ADDRESS: %+v", r)
+	}
 }
 
 // profile writes a profile file for e with mode perm and returns its path.

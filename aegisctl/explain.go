@@ -84,6 +84,14 @@ func (c *Conn) explain(addr string, err error) error {
 	}
 	stage, terr := c.diag.get()
 	if terr == nil {
+		if st.Code() == codes.DeadlineExceeded && stage == stageConnected {
+			what := "a TLS handshake"
+			if c.Insecure {
+				what = "an HTTP/2 greeting"
+			}
+			return &ConnError{Cause: CauseUnreachable, Err: err, Msg: fmt.Sprintf(
+				"the control plane at %s accepted the connection but did not complete %s within %v: is that port the control plane's?", addr, what, c.Timeout)}
+		}
 		if st.Code() == codes.DeadlineExceeded {
 			return &ConnError{Cause: CauseUnreachable, Err: err, Msg: fmt.Sprintf(
 				"cannot reach the control plane at %s: no answer within %v: check the address, and that nothing drops the packets", addr, c.Timeout)}
@@ -182,6 +190,9 @@ func classifyTLS(c *Conn, addr string, err error) *ConnError {
 	}
 	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
 		return mk(CauseClosed, "the control plane at %s closed the connection during the TLS handshake: %v", addr, err)
+	}
+	if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+		return mk(CauseUnreachable, "the control plane at %s accepted the connection but did not complete a TLS handshake within %v: is that port the control plane's?", addr, c.Timeout)
 	}
 	return mk(CauseOtherHandshake, "TLS handshake with the control plane at %s failed: %v", addr, err)
 }

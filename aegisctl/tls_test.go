@@ -125,6 +125,22 @@ func TestTLSFailuresExplained(t *testing.T) {
 	}
 	closed := ln.Addr().String()
 	ln.Close()
+	// Accepts connections and never says a word.
+	silentLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { silentLn.Close() })
+	go func() {
+		for {
+			c, err := silentLn.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+	silent := silentLn.Addr().String()
 
 	for _, c := range []struct {
 		golden, addr string
@@ -140,6 +156,7 @@ func TestTLSFailuresExplained(t *testing.T) {
 		{"insecure-against-tls", mtls, []string{"--insecure", "--timeout", "5s"}},
 		{"tls-against-plaintext", plain, controller},
 		{"connection-refused", closed, controller},
+		{"no-answer", silent, append(controller, "--timeout", "1s")},
 	} {
 		t.Run(c.golden, func(t *testing.T) {
 			args := append([]string{"stats", "--address", c.addr}, c.args...)
