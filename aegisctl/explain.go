@@ -203,7 +203,12 @@ func alertCause(c *Conn, addr string, a tls.AlertError) *ConnError {
 	var why string
 	switch a {
 	case alertCertificateRequired, alertHandshakeFailure:
+		// aegisctl always has a certificate: TLS sends none when the
+		// server asks for one from CAs that did not issue it.
 		why = "it requires a client certificate: give --tls-cert and --tls-key"
+		if issuer := certIssuer(c.tlsCfg); issuer != "" {
+			why = fmt.Sprintf("it asks for a certificate of its --tls-client-ca, and %s is issued by %q, so none was sent: use a certificate from the gateway's CA (aegisctl certs client NAME there)", c.TLSCert, issuer)
+		}
 	case alertUnknownCA:
 		why = fmt.Sprintf("%s is not issued by the CA it trusts (its --tls-client-ca): use a certificate from that CA (aegisctl certs client NAME on the gateway)", c.TLSCert)
 	case alertCertificateExpired:
@@ -301,4 +306,16 @@ func probeAlert(addr string, cfg *tls.Config, timeout time.Duration) (tls.AlertE
 	var b [1]byte
 	_, err = conn.Read(b[:])
 	return remoteAlert(err)
+}
+
+// certIssuer is the issuer's name of the client certificate in cfg.
+func certIssuer(cfg *tls.Config) string {
+	if cfg == nil || len(cfg.Certificates) == 0 || len(cfg.Certificates[0].Certificate) == 0 {
+		return ""
+	}
+	leaf, err := x509.ParseCertificate(cfg.Certificates[0].Certificate[0])
+	if err != nil {
+		return ""
+	}
+	return leaf.Issuer.CommonName
 }

@@ -26,8 +26,14 @@ import (
 // clients aegis-controller and ops.
 func pkiDir(t *testing.T) string {
 	t.Helper()
+	return pkiDirOf(t, "Aegis Agent CA")
+}
+
+// pkiDirOf is pkiDir with a CA named caName.
+func pkiDirOf(t *testing.T, caName string) string {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), "tls")
-	mustRun(t, "certs", "--dir", dir, "init")
+	mustRun(t, "certs", "--dir", dir, "init", "--name", caName)
 	mustRun(t, "certs", "--dir", dir, "server", "--ip", "127.0.0.1")
 	mustRun(t, "certs", "--dir", dir, "client", "aegis-controller", "ops")
 	return dir
@@ -106,7 +112,9 @@ func loadCerts(t *testing.T, dir string) *controlplane.Certificates {
 func TestTLSFailuresExplained(t *testing.T) {
 	pin := tu.PinDir(t)
 	tu.PinMaps(t, pin, tu.PinOptions{DefaultIdleTimeout: time.Minute})
-	good, other := pkiDir(t), pkiDir(t)
+	// other's CA has the same name as good's: the server cannot tell them
+	// apart before verifying; foreign's has its own.
+	good, other, foreign := pkiDir(t), pkiDir(t), pkiDirOf(t, "Example Corp CA")
 	f := func(dir, name string) string { return filepath.Join(dir, name) }
 	client := func(dir, name, ca string) []string {
 		return []string{"--tls-cert", f(dir, name+".crt"), "--tls-key", f(dir, name+".key"), "--tls-ca", ca, "--timeout", "5s"}
@@ -151,6 +159,7 @@ func TestTLSFailuresExplained(t *testing.T) {
 		{"server-expired", expired, controller},
 		{"server-not-yet-valid", future, controller},
 		{"client-other-ca", mtls, client(other, "aegis-controller", f(good, "ca.crt"))},
+		{"client-foreign-ca", mtls, client(foreign, "aegis-controller", f(good, "ca.crt"))},
 		{"client-not-a-client-certificate", mtls, client(good, "server", f(good, "ca.crt"))},
 		{"client-not-allowed", mtls, client(good, "ops", f(good, "ca.crt"))},
 		{"insecure-against-tls", mtls, []string{"--insecure", "--timeout", "5s"}},
@@ -164,7 +173,7 @@ func TestTLSFailuresExplained(t *testing.T) {
 			if r.code != 1 {
 				t.Fatalf("aegisctl %s: exit %d, want 1\n%s%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
 			}
-			line := strings.NewReplacer(c.addr, "ADDR", good, "GOOD", other, "OTHER").Replace(r.stderr)
+			line := strings.NewReplacer(c.addr, "ADDR", good, "GOOD", other, "OTHER", foreign, "FOREIGN").Replace(r.stderr)
 			golden(t, filepath.Join("tls", c.golden+".golden"), line)
 		})
 	}
