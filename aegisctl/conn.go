@@ -33,7 +33,7 @@ const DefaultPort = 50001
 type Conn struct {
 	Config     string        `env:"AEGISCTL_CONFIG" default:"${config_file}" placeholder:"FILE" help:"Profile file (default ${default})."`
 	Profile    string        `env:"AEGISCTL_PROFILE" placeholder:"NAME" help:"Profile of the profile file to use; default: its default-profile."`
-	Address    string        `short:"a" env:"AEGISCTL_ADDRESS" profile:"address" default:"localhost:${default_port}" placeholder:"HOST[:PORT]" help:"Control plane address; the port defaults to ${default_port}. IPv6 as [2001:db8::1]:PORT or bare."`
+	Address    string        `short:"a" env:"AEGISCTL_ADDRESS" profile:"address" default:"localhost:${default_port}" placeholder:"HOST[:PORT]" help:"Control plane address (default ${default}); the port defaults to ${default_port}. IPv6 bare or as [2001:db8::1]:PORT."`
 	TLSCert    string        `name:"tls-cert" env:"AEGISCTL_TLS_CERT" profile:"tls-cert" placeholder:"FILE" help:"Client certificate (PEM) issued by the CA the control plane trusts (its --tls-client-ca)."`
 	TLSKey     string        `name:"tls-key" env:"AEGISCTL_TLS_KEY" profile:"tls-key" placeholder:"FILE" help:"Client certificate's private key (PEM)."`
 	TLSCA      string        `name:"tls-ca" env:"AEGISCTL_TLS_CA" profile:"tls-ca" placeholder:"FILE" help:"CA (PEM) that issued the control plane's server certificate."`

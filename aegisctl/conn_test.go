@@ -152,3 +152,21 @@ func TestProfiles(t *testing.T) {
 		t.Errorf("without a file:\n%s", out)
 	}
 }
+
+// A profile's booleans and durations reach the flags as well as its strings.
+func TestProfileInsecureAndTimeout(t *testing.T) {
+	e := newEnv(t)
+	plain, _ := startControlPlane(t, e.pin, nil, nil, "127.0.0.1:0")
+	path := filepath.Join(t.TempDir(), "aegisctl.toml")
+	body := fmt.Sprintf("[profile.lo]\naddress = %q\ninsecure = true\ntimeout = \"3s\"\n", plain)
+	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "stats", "--config", path, "--profile", "lo")
+	out := mustRun(t, "config", "--config", path, "--profile", "lo")
+	for _, want := range []string{"--insecure     true", "--timeout      3s", "dials " + plain} {
+		if !strings.Contains(out, want) {
+			t.Errorf("config lacks %q:\n%s", want, out)
+		}
+	}
+}
