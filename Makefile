@@ -57,7 +57,8 @@ SYSCONFDIR  ?= /etc
 .PHONY: install
 install: build ## Install binaries, systemd units, sysusers.d, tmpfiles.d and /etc/aegis/aegis.env (DESTDIR-aware).
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
-	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/aegis $(DESTDIR)$(SYSCONFDIR)/aegis/tls
+	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/aegis
+	install -d -m 0700 $(DESTDIR)$(SYSCONFDIR)/aegis/tls
 	install -m 0755 $(addprefix bin/,$(notdir $(CMDS))) $(DESTDIR)$(BINDIR)/
 	for u in deploy/systemd/*; do \
 		sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u) && \

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unicode"
@@ -57,34 +58,50 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	e := &env{pin: tu.PinDir(t), dir: t.TempDir()}
+	e := &env{pin: tu.PinDir(t), dir: filepath.Join(t.TempDir(), "tls")}
 	tu.PinMaps(t, e.pin, tu.PinOptions{DefaultIdleTimeout: time.Minute})
-	mustRun(t, "certs", "--dir", e.dir, "--client", "aegis-controller")
+	mustRun(t, "certs", "--dir", e.dir, "init")
+	mustRun(t, "certs", "--dir", e.dir, "server", "--ip", "127.0.0.1")
+	mustRun(t, "certs", "--dir", e.dir, "client", "aegis-controller")
 
-	log := zerolog.Nop()
-	certs, err := controlplane.LoadCertificates(e.file("server.crt"), e.file("server.key"), e.file("ca.crt"), log)
+	certs, err := controlplane.LoadCertificates(e.file("server.crt"), e.file("server.key"), e.file("ca.crt"), zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := state.NewHandle(e.pin, state.OpenOptions{Writable: true}, log)
+	e.addr, _ = startControlPlane(t, e.pin, certs, nil, "127.0.0.1:0")
+	return e
+}
+
+// startControlPlane serves a real control plane over the maps at pin on
+// addr (mutual TLS with certs, plaintext if nil). It returns the address
+// and a stop that the test may call before its cleanup does.
+func startControlPlane(t *testing.T, pin string, certs *controlplane.Certificates, allowed []string, addr string) (string, func()) {
+	t.Helper()
+	log := zerolog.Nop()
+	h := state.NewHandle(pin, state.OpenOptions{Writable: true}, log)
 	t.Cleanup(func() { h.Close() })
-	srv, err := controlplane.New(controlplane.Options{Maps: h, Log: log, Certificates: certs,
+	srv, err := controlplane.New(controlplane.Options{Maps: h, Log: log, Certificates: certs, AllowedClientNames: allowed,
 		MonitorInterval: time.Second, RefreshInterval: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.addr = ln.Addr().String()
-	go func() { _ = srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-	})
-	return e
+	served := make(chan struct{})
+	go func() { _ = srv.Serve(ln); close(served) }()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			srv.Shutdown(ctx)
+			<-served
+		})
+	}
+	t.Cleanup(stop)
+	return ln.Addr().String(), stop
 }
 
 func (e *env) file(name string) string { return filepath.Join(e.dir, name) }
@@ -223,75 +240,6 @@ func TestRefusedCallsAreClear(t *testing.T) {
 	}
 	if n4, n6, _ := e.maps(t).Count(); n4+n6 != 0 {
 		t.Fatalf("refused calls changed the map: %d sessions", n4+n6)
-	}
-}
-
-func TestCerts(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "tls")
-	out := mustRun(t, "certs", "--dir", dir, "--server-name", "gw1.example.org", "--server-ip", "192.0.2.1",
-		"--client", "aegis-controller", "--client", "ops")
-	if !strings.Contains(out, "new CA") {
-		t.Fatalf("first run: %s", out)
-	}
-	files := []string{"ca.crt", "ca.key", "server.crt", "server.key", "aegis-controller.crt", "aegis-controller.key", "ops.crt", "ops.key"}
-	for _, f := range files {
-		fi, err := os.Stat(filepath.Join(dir, f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if fi.Mode().Perm() != 0o600 {
-			t.Errorf("%s has mode %v, want 0600", f, fi.Mode().Perm())
-		}
-	}
-	if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
-		t.Errorf("directory mode %v, want 0700", fi.Mode().Perm())
-	}
-	server := readCert(t, filepath.Join(dir, "server.crt"))
-	if strings.Join(server.DNSNames, ",") != "aegis-agent,gw1.example.org" || len(server.IPAddresses) != 1 ||
-		!server.IPAddresses[0].Equal(net.ParseIP("192.0.2.1")) {
-		t.Fatalf("server SANs %v %v", server.DNSNames, server.IPAddresses)
-	}
-	if len(server.ExtKeyUsage) != 1 || server.ExtKeyUsage[0] != x509.ExtKeyUsageServerAuth {
-		t.Fatalf("server key usage %v", server.ExtKeyUsage)
-	}
-	client := readCert(t, filepath.Join(dir, "aegis-controller.crt"))
-	if client.Subject.CommonName != "aegis-controller" || client.ExtKeyUsage[0] != x509.ExtKeyUsageClientAuth {
-		t.Fatalf("client certificate %v %v", client.Subject, client.ExtKeyUsage)
-	}
-	if d := time.Until(client.NotAfter); d < 364*24*time.Hour || d > 366*24*time.Hour {
-		t.Fatalf("client certificate lifetime ends in %v", d)
-	}
-	ca := readCert(t, filepath.Join(dir, "ca.crt"))
-	if err := client.CheckSignatureFrom(ca); err != nil {
-		t.Fatal(err)
-	}
-
-	// A second run refuses to replace certificates, then reuses the CA.
-	if r := run("certs", "--dir", dir); r.code != 1 || !strings.Contains(r.stderr, "pass --force") {
-		t.Fatalf("second run without --force: %+v", r)
-	}
-	if out := mustRun(t, "certs", "--dir", dir, "--force"); !strings.Contains(out, "using the existing CA") {
-		t.Fatalf("--force run: %s", out)
-	}
-	if again := readCert(t, filepath.Join(dir, "ca.crt")); !again.Equal(ca) {
-		t.Fatal("the CA was replaced")
-	}
-	if err := readCert(t, filepath.Join(dir, "server.crt")).CheckSignatureFrom(ca); err != nil {
-		t.Fatalf("new server certificate not from the kept CA: %v", err)
-	}
-
-	// Client names that would write elsewhere, replace the CA, or could
-	// not be a compat session's user are usage errors, and write nothing.
-	for _, name := range []string{"../outside", "ca", "server", "..", "ctl\x1b[2J", "ctl\u202e", " ops"} {
-		if r := run("certs", "--dir", dir, "--force", "--client", name); r.code != 2 || !strings.Contains(r.stderr, "--client") {
-			t.Errorf("--client %q: %+v", name, r)
-		}
-	}
-	if again := readCert(t, filepath.Join(dir, "ca.crt")); !again.Equal(ca) {
-		t.Fatal("the CA was replaced")
-	}
-	if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "outside.crt")); err == nil {
-		t.Fatal("a client certificate was written outside the directory")
 	}
 }
 

@@ -13,7 +13,7 @@ import (
 // LocalCmd reads the pinned maps directly: for an operator on the gateway,
 // as root, when the control plane is down or not to be trusted.
 type LocalCmd struct {
-	PinPath  string           `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps."`
+	PinPath  string           `default:"${pin_path}" env:"AEGISCTL_PIN_PATH" placeholder:"DIR" help:"bpffs directory holding the pinned maps."`
 	Sessions LocalSessionsCmd `cmd:"" help:"List the sessions in the pinned maps."`
 	Stats    LocalStatsCmd    `cmd:"" help:"Show the data path's verdict counters and map fill."`
 }

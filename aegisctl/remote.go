@@ -3,13 +3,10 @@ package aegisctl
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/netip"
-	"os"
 	"strings"
 	"time"
 
-	"github.com/mattn/go-isatty"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -259,85 +256,4 @@ func getStats(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient
 		{Family: "v6", Entries: resp.GetSessionsV6().GetEntries(), Capacity: resp.GetSessionsV6().GetCapacity()},
 	}
 	return st, nil
-}
-
-// WatchCmd is "aegisctl watch".
-type WatchCmd struct {
-	Conn     `embed:""`
-	Interval time.Duration `default:"2s" help:"Refresh period."`
-	Count    int           `help:"Stop after this many refreshes; 0 runs until interrupted."`
-	User     string        `short:"u" help:"Only this user's sessions."`
-}
-
-// Run refreshes the view until ctx ends or Count refreshes were shown.
-// On a terminal each frame replaces the last; otherwise frames follow each
-// other, separated by a line.
-func (cmd *WatchCmd) Run(ctx context.Context, stdio cli.IO) error {
-	if cmd.Interval <= 0 {
-		return &cli.UsageError{Err: fmt.Errorf("--interval must be positive")}
-	}
-	client, done, err := cmd.agent()
-	if err != nil {
-		return err
-	}
-	defer done()
-	tty := false
-	if f, ok := stdio.Stdout.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
-		tty = true
-	}
-	var prev *Stats
-	var prevAt time.Time
-	tick := time.NewTicker(cmd.Interval)
-	defer tick.Stop()
-	for frame := 1; ; frame++ {
-		st, err := getStats(ctx, &cmd.Conn, client)
-		if err != nil {
-			return err
-		}
-		rows, matched, err := listSessions(ctx, &cmd.Conn, client, &agentv1.ListSessionsRequest{User: cmd.User, Limit: 50})
-		if err != nil {
-			return err
-		}
-		now := time.Now()
-		if tty {
-			fmt.Fprint(stdio.Stdout, "\x1b[H\x1b[2J")
-		} else if frame > 1 {
-			fmt.Fprintln(stdio.Stdout, "---")
-		}
-		fmt.Fprintf(stdio.Stdout, "aegisctl watch  %s  every %v  %s\n\n", cmd.Address, cmd.Interval, now.Format(time.TimeOnly))
-		writeRates(stdio.Stdout, st, prev, now.Sub(prevAt))
-		fmt.Fprintln(stdio.Stdout)
-		if err := WriteSessions(stdio.Stdout, rows, now); err != nil {
-			return err
-		}
-		if matched > uint64(len(rows)) {
-			fmt.Fprintf(stdio.Stdout, "%d more not shown\n", matched-uint64(len(rows)))
-		}
-		prev, prevAt = &st, now
-		if cmd.Count > 0 && frame >= cmd.Count {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-tick.C:
-		}
-	}
-}
-
-// writeRates prints the counters with packets per second since prev.
-func writeRates(w io.Writer, st Stats, prev *Stats, elapsed time.Duration) {
-	rate := func(i int, c CounterRow) string {
-		if prev == nil || i >= len(prev.Counters) || elapsed <= 0 {
-			return "-"
-		}
-		return fmt.Sprintf("%.0f", float64(c.Packets-prev.Counters[i].Packets)/elapsed.Seconds())
-	}
-	fmt.Fprintf(w, "%-7s %-16s %14s %10s\n", "VERDICT", "REASON", "PACKETS", "PKT/S")
-	for i, c := range st.Counters {
-		fmt.Fprintf(w, "%-7s %-16s %14d %10s\n", c.Verdict, c.Reason, c.Packets, rate(i, c))
-	}
-	for _, m := range st.Maps {
-		fmt.Fprintf(w, "sessions_%s: %d of %d\n", m.Family, m.Entries, m.Capacity)
-	}
 }

@@ -47,11 +47,20 @@ type CLI struct {
 // SIGINT arrives, and returns its exit code.
 func Main(ctx context.Context, args []string, stdio cli.IO) int {
 	var c CLI
-	return cli.Run(ctx, "aegis-controlplane",
-		"Serves the Aegis session gRPC APIs over mutual TLS and writes grants into the data path's pinned maps.",
-		&c, &c.Globals, args, stdio,
-		kong.Vars{"pin_path": state.DefaultPinPath},
-	)
+	return cli.Run(ctx, Spec(), &c, &c.Globals, args, stdio)
+}
+
+// Spec is aegis-controlplane's command line: every flag reads
+// AEGIS_<FLAG>, or AEGIS_CONTROLPLANE_<FLAG> where the reaper has a flag
+// of the same name.
+func Spec() cli.Spec {
+	return cli.Spec{
+		Name:        "aegis-controlplane",
+		Description: "Serves the Aegis session gRPC APIs over mutual TLS and writes grants into the data path's pinned maps.",
+		EnvPrefix:   "AEGIS",
+		EveryFlag:   true,
+		Vars:        kong.Vars{"pin_path": state.DefaultPinPath},
+	}
 }
 
 // check validates the flags that kong cannot, as usage errors.

@@ -238,7 +238,9 @@ func TestSystemdUnits(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(c.root, "etc/aegis/aegis.env"), []byte(env), 0o640); err != nil {
 		t.Fatal(err)
 	}
-	c.run("/usr/local/bin/aegisctl", "certs", "--dir", "/etc/aegis/tls", "--server-ip", "198.51.100.1")
+	c.run("/usr/local/bin/aegisctl", "certs", "init")
+	c.run("/usr/local/bin/aegisctl", "certs", "server", "--ip", "198.51.100.1")
+	c.run("/usr/local/bin/aegisctl", "certs", "client", "aegis-controller")
 	tlsDir := filepath.Join(c.root, "etc/aegis/tls")
 	// The watchdog test hook: a short WatchdogSec for the reaper.
 	dropin := filepath.Join(c.root, "etc/systemd/system/aegis-reaper.service.d")

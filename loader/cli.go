@@ -40,17 +40,32 @@ type LoadCmd struct {
 	Allow       []string      `sep:" " placeholder:"RULE" help:"Static allow rule CIDR[,PROTO[/PORT]], PROTO tcp|udp|any (repeatable; space-separated in the environment)."`
 	Monitor     bool          `help:"Monitor mode: count would-be drops as 'monitor' and pass them."`
 	Group       string        `default:"aegis" help:"Group that owns the pins; the daemons run in it."`
-	JSON        bool          `name:"json" help:"Print the result as JSON."`
+	JSON        bool          `name:"json" env:"-" help:"Print the result as JSON."`
 }
 
-// UnloadCmd is "aegis-loader unload".
+// UnloadCmd is "aegis-loader unload". Its --iface does not read
+// AEGIS_IFACE: that names the interfaces to filter, and an environment
+// sourced from aegis.env must not turn "remove everything" into "detach
+// eth0".
 type UnloadCmd struct {
-	Iface []string `short:"i" placeholder:"IFACE" help:"Interface to detach (repeatable); none: detach all and remove every pin."`
+	Iface []string `short:"i" placeholder:"IFACE" env:"-" help:"Interface to detach (repeatable); none: detach all and remove every pin."`
 }
 
 // StatusCmd is "aegis-loader status".
 type StatusCmd struct {
-	JSON bool `name:"json" help:"Print JSON."`
+	JSON bool `name:"json" env:"-" help:"Print JSON."`
+}
+
+// Spec is aegis-loader's command line: every flag reads AEGIS_<FLAG>,
+// except those of one invocation (--json, unload --iface).
+func Spec() cli.Spec {
+	return cli.Spec{
+		Name:        "aegis-loader",
+		Description: "Loads the Aegis XDP data path, pins its state under bpffs, and upgrades it in place.",
+		EnvPrefix:   "AEGIS",
+		EveryFlag:   true,
+		Vars:        kong.Vars{"pin_path": state.DefaultPinPath, "max_sessions": defaultMaxSessions()},
+	}
 }
 
 // Main runs aegis-loader with args and returns its exit code.
@@ -61,10 +76,7 @@ func Main(ctx context.Context, args []string, stdio cli.IO) int {
 // MainWith is Main with a Loader customizer, for tests that inject faults.
 func MainWith(ctx context.Context, args []string, stdio cli.IO, customize func(*Loader)) int {
 	var c CLI
-	return cli.Run(ctx, "aegis-loader",
-		"Loads the Aegis XDP data path, pins its state under bpffs, and upgrades it in place.",
-		&c, &c.Globals, args, stdio,
-		kong.Vars{"pin_path": state.DefaultPinPath, "max_sessions": defaultMaxSessions()},
+	return cli.Run(ctx, Spec(), &c, &c.Globals, args, stdio,
 		kong.Bind(&c),
 		kong.BindToProvider(func(log zerolog.Logger) (*Loader, error) {
 			l := New(log)

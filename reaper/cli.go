@@ -30,12 +30,19 @@ type CLI struct {
 // Main runs aegis-reaper with args and returns its exit code.
 func Main(ctx context.Context, args []string, stdio cli.IO) int {
 	var c CLI
-	return cli.Run(ctx, "aegis-reaper",
-		"Deletes expired sessions from the pinned sessions maps of the Aegis data path.",
-		&c, &c.Globals, args, stdio,
-		kong.Vars{"pin_path": state.DefaultPinPath},
-		kong.Bind(&c),
-	)
+	return cli.Run(ctx, Spec(), &c, &c.Globals, args, stdio, kong.Bind(&c))
+}
+
+// Spec is aegis-reaper's command line: every flag reads AEGIS_<FLAG>, or
+// AEGIS_REAPER_<FLAG> where the control plane has a flag of the same name.
+func Spec() cli.Spec {
+	return cli.Spec{
+		Name:        "aegis-reaper",
+		Description: "Deletes expired sessions from the pinned sessions maps of the Aegis data path.",
+		EnvPrefix:   "AEGIS",
+		EveryFlag:   true,
+		Vars:        kong.Vars{"pin_path": state.DefaultPinPath},
+	}
 }
 
 // Run sweeps once or runs the daemon. SIGTERM and SIGINT stop it between

@@ -82,9 +82,10 @@ expect_blocked() {
   ok "$3: blocked"
 }
 
+# The controller's aegisctl takes its connection from a profile (written
+# below, once the certificates exist).
 aegisctl_as_controller() {
-  private "$BIN/aegisctl" "$@" --address 198.51.100.1:50001 --tls-ca "$WORK/tls/ca.crt" \
-    --tls-cert "$WORK/tls/aegis-controller.crt" --tls-key "$WORK/tls/aegis-controller.key"
+  private "$BIN/aegisctl" "$@" --config "$WORK/aegisctl.toml"
 }
 counter() { # counter REASON: packets the data path counted for it
   "$BIN/aegisctl" local stats --pin-path "$PIN" | awk -v r="$1" '$2 == r { print $3 }'
@@ -122,8 +123,23 @@ gateway "$BIN/aegis-loader" load --pin-path "$PIN" -i pub0 -c 198.51.100.5 -p 44
   --group "$DAEMON_UID" --log-format json 2>"$WORK/loader.log" | show
 gateway "$BIN/aegis-loader" status --pin-path "$PIN" | sed -n '3,4p' | show
 
-say "Certificates for mutual TLS (aegisctl certs)"
-"$BIN/aegisctl" certs --dir "$WORK/tls" --server-ip 198.51.100.1 | sed "s|$WORK/||g" | show
+say "Certificates for mutual TLS (aegisctl certs init, server, client, list)"
+{
+  "$BIN/aegisctl" certs --dir "$WORK/tls" init
+  "$BIN/aegisctl" certs --dir "$WORK/tls" server --ip 198.51.100.1
+  "$BIN/aegisctl" certs --dir "$WORK/tls" client aegis-controller
+  "$BIN/aegisctl" certs --dir "$WORK/tls" list
+} 2>&1 | sed "s|$WORK/||g" | show
+cat >"$WORK/aegisctl.toml" <<EOF
+default-profile = "demo"
+
+[profile.demo]
+address = "198.51.100.1"   # port 50001 when none is given
+tls-cert = "tls/aegis-controller.crt"
+tls-key = "tls/aegis-controller.key"
+tls-ca = "tls/ca.crt"
+EOF
+chmod 0600 "$WORK/aegisctl.toml"
 # The control plane runs as $DAEMON_UID and reads its own certificate.
 chown "$DAEMON_UID:$DAEMON_UID" "$WORK/tls/server.crt" "$WORK/tls/server.key" "$WORK/tls/ca.crt"
 chmod 0711 "$WORK" "$WORK/tls"

@@ -1,7 +1,25 @@
 // Package cli is what every Aegis command has in common: kong parsing with
-// an AEGIS_* environment variable for every flag, --log-level,
-// --log-format, --version, and a Run that returns an exit code instead of
-// calling os.Exit, so that tests drive the real command line.
+// one environment scheme (see Spec), --log-level, --log-format, --version,
+// and a Run that returns an exit code instead of calling os.Exit, so that
+// tests drive the real command line.
+//
+// The environment scheme, checked by env_test.go over every flag of every
+// binary:
+//
+//   - The loader and the daemons read AEGIS_<FLAG> for every flag (the
+//     variables /etc/aegis/aegis.env carries), except flags marked
+//     env:"-": those that choose what one invocation does or prints rather
+//     than how the gateway is configured (aegis-loader unload --iface,
+//     --json).
+//   - aegisctl reads AEGISCTL_* only, and only for settings: where and how
+//     to connect, where the pins and the certificates are, logging. A flag
+//     that says what to do (a user to revoke, --force, --json) never reads
+//     the environment: aegisctl declares each variable it reads, so a new
+//     flag reads none until someone decides it should.
+//   - No variable means two things: one variable may be read by several
+//     flags only if they are the same setting (same name, type and help),
+//     or a setting several binaries share by design (the pin path, the
+//     agent's gRPC port).
 package cli
 
 import (
@@ -49,10 +67,11 @@ func Version() string {
 	return "dev"
 }
 
-// Globals are the flags every command has.
+// Globals are the flags every command has. Their variables take the
+// binary's prefix (Spec.EnvPrefix).
 type Globals struct {
-	LogLevel  string           `default:"info" enum:"trace,debug,info,warn,error" help:"Log level: ${enum}."`
-	LogFormat string           `default:"auto" enum:"auto,json,console" help:"Log format: json, console, or auto (console on a terminal, json otherwise)."`
+	LogLevel  string           `default:"info" enum:"trace,debug,info,warn,error" env:"${env_prefix}_LOG_LEVEL" help:"Log level: ${enum}."`
+	LogFormat string           `default:"auto" enum:"auto,json,console" env:"${env_prefix}_LOG_FORMAT" help:"Log format: json, console, or auto (console on a terminal, json otherwise)."`
 	Version   kong.VersionFlag `env:"-" help:"Print the version and exit."`
 }
 
@@ -83,12 +102,55 @@ type IO struct {
 
 type exitCode int
 
+// Spec is what identifies one binary's command line.
+type Spec struct {
+	Name        string
+	Description string
+	// EnvPrefix is the prefix of the binary's environment variables.
+	EnvPrefix string
+	// EveryFlag makes every flag without an env tag read
+	// EnvPrefix_<FLAG> (the daemons' scheme); without it only flags that
+	// declare env:"..." read the environment (aegisctl's).
+	EveryFlag bool
+	Vars      kong.Vars
+}
+
+// New builds the parser of grammar as Run uses it; tests walk its Model.
+func (s Spec) New(grammar any, stdio IO, opts ...kong.Option) (*kong.Kong, error) {
+	vars := kong.Vars{"version": s.Name + " " + Version(), "env_prefix": s.EnvPrefix}
+	for k, v := range s.Vars {
+		vars[k] = v
+	}
+	options := []kong.Option{
+		kong.Name(s.Name),
+		kong.Description(s.Description),
+		kong.Writers(stdio.Stdout, stdio.Stderr),
+		kong.Exit(func(c int) { panic(exitCode(c)) }),
+		vars,
+		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+	}
+	if s.EveryFlag {
+		options = append(options, kong.DefaultEnvars(s.EnvPrefix))
+	}
+	// env:"-" means no variable in either scheme; DefaultEnvars already
+	// honours it, this hook (after it) does for the explicit scheme.
+	options = append(options, kong.PostBuild(func(k *kong.Kong) error {
+		return kong.Visit(k.Model, func(n kong.Visitable, next kong.Next) error {
+			if f, ok := n.(*kong.Flag); ok && len(f.Envs) == 1 && f.Envs[0] == "-" {
+				f.Envs, f.Value.Tag.Envs = nil, nil
+			}
+			return next(nil)
+		})
+	}))
+	return kong.New(grammar, append(options, opts...)...)
+}
+
 // Run parses args into grammar (a kong struct embedding Globals) and calls
 // the selected command's Run method, binding ctx, the IO and the logger.
-// Errors are printed as one line on stderr, prefixed with name. It returns
-// the process exit code: 0 on success, 1 when the command failed, 2 for a
-// usage error.
-func Run(ctx context.Context, name, description string, grammar any, globals *Globals,
+// Errors are printed as one line on stderr, prefixed with the name. It
+// returns the process exit code: 0 on success, 1 when the command failed,
+// 2 for a usage error.
+func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 	args []string, stdio IO, opts ...kong.Option) (code int) {
 	defer func() {
 		if r := recover(); r != nil {
@@ -99,16 +161,8 @@ func Run(ctx context.Context, name, description string, grammar any, globals *Gl
 			panic(r)
 		}
 	}()
-	options := append([]kong.Option{
-		kong.Name(name),
-		kong.Description(description),
-		kong.Writers(stdio.Stdout, stdio.Stderr),
-		kong.Exit(func(c int) { panic(exitCode(c)) }),
-		kong.DefaultEnvars("AEGIS"),
-		kong.Vars{"version": name + " " + Version()},
-		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
-	}, opts...)
-	parser, err := kong.New(grammar, options...)
+	name := spec.Name
+	parser, err := spec.New(grammar, stdio, opts...)
 	if err != nil {
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
 		return 2

@@ -1,16 +1,20 @@
 package main
 
 import (
-	"github.com/aegis-agent/aegis/aegisctl"
-	"github.com/aegis-agent/aegis/controlplane"
-	"github.com/aegis-agent/aegis/loader"
-	"github.com/aegis-agent/aegis/reaper"
+	"github.com/aegis-agent/aegis/internal/binaries"
+	"github.com/aegis-agent/aegis/internal/cli"
 )
 
-var commands = []command{
-	{"aegis-loader", loader.Main, [][]string{{"load"}, {"unload"}, {"status"}}},
-	{"aegis-controlplane", controlplane.Main, [][]string{{}}},
-	{"aegis-reaper", reaper.Main, [][]string{{}}},
-	{"aegisctl", aegisctl.Main, [][]string{{"login"}, {"logout"}, {"sessions"}, {"stats"}, {"watch"},
-		{"local", "sessions"}, {"local", "stats"}, {"certs"}}},
+// commands are every command of every binary, in the order of
+// binaries.All and of their declaration.
+func commands() ([]command, error) {
+	var out []command
+	for _, b := range binaries.All {
+		k, err := b.Parser(cli.IO{})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, command{b.Spec.Name, b.Main, binaries.Commands(k)})
+	}
+	return out, nil
 }

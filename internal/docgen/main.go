@@ -47,9 +47,13 @@ func run(path string) error {
 	if i < 0 || j < i {
 		return fmt.Errorf("%s lacks the %q and %q markers", path, begin, end)
 	}
+	cmds, err := commands()
+	if err != nil {
+		return err
+	}
 	var ref strings.Builder
 	ref.WriteString(begin + "\n")
-	for _, c := range commands {
+	for _, c := range cmds {
 		for _, sub := range c.subs {
 			var out, errb bytes.Buffer
 			args := append(append([]string{}, sub...), "--help")

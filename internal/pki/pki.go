@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -144,6 +145,35 @@ func (ca *CA) IssueClient(name string, lifetime time.Duration) (*Pair, error) {
 	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
 	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	return ca.issue(tmpl)
+}
+
+// Renew issues a new certificate for what old certifies: its subject,
+// names, addresses and key usages, with a new key, a new serial number
+// and lifetime from now (0 for DefaultLeafLifetime). old need not be from
+// ca, so that renewing under a new CA moves a certificate to it. A CA
+// certificate is not renewed this way: a new CA needs new leaves.
+func (ca *CA) Renew(old *x509.Certificate, lifetime time.Duration) (*Pair, error) {
+	if old.IsCA {
+		return nil, fmt.Errorf("%w: %q is a CA certificate: create a new CA instead", ErrInvalid, old.Subject.CommonName)
+	}
+	tmpl, err := template(old.Subject.CommonName, lifetime, DefaultLeafLifetime)
+	if err != nil {
+		return nil, err
+	}
+	tmpl.Subject = old.Subject
+	tmpl.DNSNames = slices.Clone(old.DNSNames)
+	tmpl.IPAddresses = slices.Clone(old.IPAddresses)
+	tmpl.KeyUsage = old.KeyUsage
+	tmpl.ExtKeyUsage = slices.Clone(old.ExtKeyUsage)
+	return ca.issue(tmpl)
+}
+
+// Verify checks that cert was issued by ca and is valid now, for any key
+// usage. The error is x509's (UnknownAuthorityError,
+// CertificateInvalidError, ...).
+func (ca *CA) Verify(cert *x509.Certificate) error {
+	_, err := cert.Verify(x509.VerifyOptions{Roots: ca.CertPool(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return err
 }
 
 func (ca *CA) issue(tmpl *x509.Certificate) (*Pair, error) {

@@ -261,3 +261,44 @@ func TestMutualTLSHandshake(t *testing.T) {
 		t.Fatalf("server saw %q", got)
 	}
 }
+
+func TestRenewKeepsNamesAndChangesKey(t *testing.T) {
+	ca, err := pki.NewCA("aegis test CA", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := ca.IssueServer(pki.ServerOptions{DNSNames: []string{"gw1.example.net"}, IPs: []net.IP{net.ParseIP("2001:db8::1")}, Lifetime: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := pki.NewCA("another CA", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Renewed under another CA: the way a certificate moves to a new CA.
+	renewed, err := other.Renew(old.Cert, 48*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := renewed.Cert
+	if !slices.Equal(c.DNSNames, old.Cert.DNSNames) || len(c.IPAddresses) != 1 || !c.IPAddresses[0].Equal(old.Cert.IPAddresses[0]) ||
+		c.Subject.CommonName != pki.ServerName || !slices.Equal(c.ExtKeyUsage, old.Cert.ExtKeyUsage) || c.KeyUsage != old.Cert.KeyUsage {
+		t.Fatalf("renewed %+v", c)
+	}
+	if renewed.Key.PublicKey.Equal(&old.Key.PublicKey) || c.SerialNumber.Cmp(old.Cert.SerialNumber) == 0 {
+		t.Fatal("renewal kept the key or the serial number")
+	}
+	if d := time.Until(c.NotAfter); d < 47*time.Hour || d > 49*time.Hour {
+		t.Fatalf("renewed certificate ends in %v", d)
+	}
+	if err := other.Verify(c); err != nil {
+		t.Fatalf("renewed certificate does not verify under its new CA: %v", err)
+	}
+	var unknown x509.UnknownAuthorityError
+	if err := ca.Verify(c); !errors.As(err, &unknown) {
+		t.Fatalf("verify under the old CA: %v, want UnknownAuthorityError", err)
+	}
+	if _, err := ca.Renew(ca.Cert, 0); !errors.Is(err, pki.ErrInvalid) {
+		t.Fatalf("renewing a CA: %v, want ErrInvalid", err)
+	}
+}
