@@ -52,8 +52,20 @@ type Options struct {
 	// AllowedClientNames, when not empty, is the allowlist of client
 	// certificate names (CN or DNS SAN) that may call any RPC.
 	AllowedClientNames []string
-	// MonitorInterval is the period of MonitorSessions snapshots.
+	// MonitorInterval is the period of MonitorSessions snapshots (with
+	// jitter, see monitor.go).
 	MonitorInterval time.Duration
+	// MonitorSendTimeout is how long a MonitorSessions send may block on
+	// a client that does not read before the stream is dropped; 0 for two
+	// intervals.
+	MonitorSendTimeout time.Duration
+	// MonitorStreamsPerPeer and MonitorStreams cap the MonitorSessions
+	// streams of one client name and of all clients; 0 for the defaults.
+	MonitorStreamsPerPeer int
+	MonitorStreams        int
+	// MonitorMaxMessageSize is the largest snapshot sent, in bytes; 0 for
+	// DefaultMonitorMaxMessageSize, what a gRPC client accepts by default.
+	MonitorMaxMessageSize int
 	// RefreshInterval is how often the pinned maps are checked for an
 	// unload or a reload.
 	RefreshInterval time.Duration
@@ -69,6 +81,7 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 	m      *metrics
+	mon    *monitor
 
 	// bulk serializes the operations that read sessions and then write
 	// them by key (revoking a user, IpChange, a revoke checked against a
@@ -102,6 +115,18 @@ func New(opts Options) (*Server, error) {
 	if opts.RefreshInterval <= 0 {
 		opts.RefreshInterval = DefaultRefreshInterval
 	}
+	if opts.MonitorSendTimeout <= 0 {
+		opts.MonitorSendTimeout = 2 * opts.MonitorInterval
+	}
+	if opts.MonitorStreamsPerPeer <= 0 {
+		opts.MonitorStreamsPerPeer = DefaultMonitorStreamsPerPeer
+	}
+	if opts.MonitorStreams <= 0 {
+		opts.MonitorStreams = DefaultMonitorStreams
+	}
+	if opts.MonitorMaxMessageSize <= 0 {
+		opts.MonitorMaxMessageSize = DefaultMonitorMaxMessageSize
+	}
 	s := &Server{
 		opts:     opts,
 		log:      opts.Log,
@@ -110,6 +135,7 @@ func New(opts Options) (*Server, error) {
 		stopping: make(chan struct{}),
 	}
 	s.lastRefresh.Store(time.Now().UnixNano())
+	s.mon = newMonitor(s, &opts)
 	s.m = newMetrics(s)
 
 	grpcMetrics := grpcprom.NewServerMetrics(
@@ -134,6 +160,10 @@ func New(opts Options) (*Server, error) {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// A client gets 10 s for its TLS handshake, not the default 120.
 		grpc.ConnectionTimeout(10 * time.Second),
+		// MonitorSessions snapshots go out pre-encoded, and a dropped
+		// stream learns when its connection ends (monitor.go).
+		grpc.ForceServerCodecV2(newServerCodec()),
+		grpc.StatsHandler(connTracker{}),
 	}
 	if opts.Certificates != nil {
 		serverOpts = append(serverOpts, grpc.Creds(opts.Certificates.credentials()))
@@ -164,6 +194,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	done := make(chan struct{})
 	defer close(done)
 	go s.refreshLoop(done)
+	go s.mon.run(done)
 	if err := s.grpc.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		return fmt.Errorf("serve gRPC on %s: %w", ln.Addr(), err)
 	}
