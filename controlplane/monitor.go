@@ -97,6 +97,10 @@ type compatSnapshot struct {
 	omitted  int       // sessions left out to fit the size limit
 	writes   uint64    // compat writes applied before the walk began
 	taken    time.Time // when the walk began
+	// err, when the maps could not be read, ends the streams with it
+	// (Unavailable when the loader has not run), as the controller
+	// expects; it reconnects.
+	err error
 }
 
 type monitor struct {
@@ -122,6 +126,8 @@ type monitor struct {
 	// Owned by run.
 	entries   []compatEntry
 	truncated bool
+	// afterWalk, set by tests, runs between a walk and its publication.
+	afterWalk func()
 
 	snapshots  prometheus.Counter
 	failures   prometheus.Counter
@@ -258,9 +264,14 @@ func (m *monitor) take(start time.Time) {
 		return err
 	})
 	m.s.bulk.RUnlock()
+	if m.afterWalk != nil {
+		m.afterWalk()
+	}
 	if err != nil {
 		m.failures.Inc()
-		m.log.Debug().Err(err).Msg("MonitorSessions snapshot failed; streams keep the last one")
+		m.log.Debug().Err(err).Msg("MonitorSessions snapshot failed: the streams end")
+		snap.err = statusOf(err)
+		m.publish(snap)
 		return
 	}
 	all := len(m.entries)
@@ -287,6 +298,10 @@ func (m *monitor) take(start time.Time) {
 	if cap(m.entries) > 1024 && len(m.entries) < cap(m.entries)/4 {
 		m.entries = nil
 	}
+	m.publish(snap)
+}
+
+func (m *monitor) publish(snap *compatSnapshot) {
 	m.mu.Lock()
 	m.latest = snap
 	close(m.changed)
@@ -366,6 +381,9 @@ func (m *monitor) serve(stream grpc.ServerStream) error {
 	lastSent := time.Now() // a new stream waits at most an interval for a fresh snapshot
 	for {
 		snap, changed := m.current()
+		if snap != nil && snap.err != nil && !snap.taken.Before(notBefore) {
+			return snap.err
+		}
 		if !inflight && snap != nil && snap != sent && !snap.taken.Before(notBefore) {
 			now := time.Now()
 			if m.sendable(snap, lastSent, now) {

@@ -20,24 +20,25 @@ import (
 //
 // The existing controller replaces its view with each message, so the list
 // must be one message, and its gRPC client accepts at most 4 MiB
-// (MaxCallRecvMsgSize's default). One entry of the list is
+// (MaxCallRecvMsgSize's default). One entry of the list, in bytes:
 //
-//	field 1 tag (1) + length (1) + Session, Session =
-//	  src_ip   tag (1) + varint (1-5: 5 for an address >= 16.0.0.0)
-//	  dst_ip   tag (1) + varint (1-5)
-//	  dst_port tag (1) + varint (1-3: 3 from port 16384)
-//	  time_left tag (1) + varint (1-5: 1 up to 127 s, 2 up to 4.5 h); absent when 0
+//	field 1 tag 1 + length 1 + Session, where Session is
+//	  src_ip    tag 1 + varint 1-5 (5 for an address from 16.0.0.0 up)
+//	  dst_ip    tag 1 + varint 1-5
+//	  dst_port  tag 1 + varint 1-3 (2 from port 128, 3 from 16384)
+//	  time_left tag 1 + varint 1-5 (1 up to 127 s, 2 up to 4.5 h); absent when 0
 //
-// so at most MaxCompatEntrySize = 23 bytes, and 19 for the usual case of
-// public addresses, a port from 128 to 16383 and the 60 s default idle
-// timeout. 4 MiB hold 182,361 entries in the worst case and 220,752 in the
-// usual one: less than the 262,144 sessions of a full default map whenever
-// each session is its own entry (agent API sessions, or one any-protocol
-// session per compat grant). A TCP+UDP pair of a compat grant is one entry,
-// so a map full of pairs (131,072 entries) fits. Proto3 offers no shorter
-// encoding the controller's standard decoding reads: varints are already
-// minimal, a fixed32 address would not be read as the uint32 field, and
-// grpc-go limits the decompressed size too.
+// so at most MaxCompatEntrySize = 24 bytes, and 19 in the usual case of
+// addresses from 16.0.0.0 up, a port from 128 to 16383 and the 60 s default
+// idle timeout. 4 MiB (4,194,304 bytes) hold 174,762 entries in the worst
+// case and 220,752 in the usual one: fewer than the 262,144 sessions of a
+// full default map whenever each session is an entry of its own (agent API
+// sessions, or one any-protocol session per compat grant). The TCP and UDP
+// sessions of a compat grant share one entry, so a map full of such pairs
+// (131,072 entries) fits, in any case. Proto3 offers no shorter encoding
+// that the controller's standard decoding reads: the varints are minimal, a
+// fixed32 address would not be read as the uint32 field, and grpc-go limits
+// the decompressed size as well.
 //
 // When the list does not fit, it is cut to the entries that do, the most
 // recently active first (then in key order), so that what is left out are
@@ -46,7 +47,7 @@ import (
 
 // MaxCompatEntrySize is the largest encoded size of one entry of a compat
 // SessionList, its field tag and length included.
-const MaxCompatEntrySize = 23
+const MaxCompatEntrySize = 24
 
 // compatEntry is one (source, destination, port) of the compat list.
 type compatEntry struct {

@@ -68,3 +68,16 @@ func SessionOf4(k *bpf.AegisSessionKeyV4, v *bpf.AegisSessionValue) Session {
 func SessionOf6(k *bpf.AegisSessionKeyV6, v *bpf.AegisSessionValue) Session {
 	return sessionFrom(keyFromV6(k), v)
 }
+
+// UserIs reports whether a raw value's user is user, without decoding it.
+func UserIs(v *bpf.AegisSessionValue, user string) bool {
+	if len(user) >= len(v.User) {
+		return false
+	}
+	for i := 0; i < len(user); i++ {
+		if byte(v.User[i]) != user[i] {
+			return false
+		}
+	}
+	return v.User[len(user)] == 0
+}
