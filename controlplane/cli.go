@@ -162,6 +162,12 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(gcPercent)
 	}
+	// GOGC=400 would let the heap grow to five times what is live; the
+	// soft limit keeps it within the bound the MonitorSessions caps give
+	// (docs/operations.md), collecting harder near it. GOMEMLIMIT wins.
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(MemoryBound(c.MonitorMaxStreams, c.MonitorMaxMessageSize))
+	}
 	// --insecure needs a loopback listen address; say so before binding
 	// anything (socket activation is checked on the socket itself).
 	if c.Insecure && os.Getenv("LISTEN_FDS") == "" {

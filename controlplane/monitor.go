@@ -56,6 +56,19 @@ const (
 	DefaultMonitorMaxMessageSize = 4 << 20 // gRPC's default MaxCallRecvMsgSize
 )
 
+// memoryBase is the daemon's memory besides snapshots: the process, gRPC,
+// TLS, metrics, and the walk's scratch space (24 bytes per IPv4 session,
+// 6 MiB for a full map of the default capacity).
+const memoryBase = 64 << 20
+
+// MemoryBound is the most memory the daemon holds with streams
+// MonitorSessions slots taken and snapshots of at most maxMessage bytes:
+// the base, the latest snapshot, and two per slot (the one its transport
+// is writing, the next one waiting for HTTP/2 flow control).
+func MemoryBound(streams, maxMessage int) int64 {
+	return memoryBase + int64(1+2*streams)*int64(maxMessage)
+}
+
 // monitorJitter is the largest relative deviation of one snapshot period.
 const monitorJitter = 0.2
 

@@ -21,11 +21,11 @@ import (
 	"github.com/aegis-agent/aegis/proto/session"
 )
 
-// The bound on the control plane's memory with a full map of the default
-// capacity and 64 MonitorSessions slots taken, as docs/operations.md
-// states it: 40 MiB for the process and the walk, plus at most two
-// snapshots of at most 4 MiB per slot and the latest one.
-const monitorMemoryBound = 40<<20 + (2*64+1)*4<<20
+// The bound on the control plane's memory with 64 MonitorSessions slots,
+// as docs/operations.md states it (controlplane.MemoryBound): 64 MiB for
+// the process and the walk, the latest snapshot and two per slot, each at
+// most 4 MiB.
+const monitorMemoryBound = 64<<20 + (2*64+1)*4<<20
 
 // 50 MonitorSessions streams whose client never reads, on a full map of
 // 262,144 sessions: the real daemon's memory stays within the stated
