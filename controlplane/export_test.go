@@ -42,3 +42,7 @@ func MonitorMinGap(interval time.Duration) time.Duration { return monitorMinGap(
 // SetAfterWalk makes the snapshot clock call f between each walk and its
 // publication. Set it before the first stream opens.
 func SetAfterWalk(s *Server, f func()) { s.mon.afterWalk = f }
+
+// SendStaleSnapshots turns off the rule that a stream sends no snapshot
+// older than the last compat write.
+func SendStaleSnapshots(s *Server) { s.mon.sendStale = true }

@@ -141,6 +141,9 @@ type monitor struct {
 	truncated bool
 	// afterWalk, set by tests, runs between a walk and its publication.
 	afterWalk func()
+	// sendStale, set by tests, turns off the freshness rule, to show the
+	// race it prevents.
+	sendStale bool
 
 	snapshots  prometheus.Counter
 	failures   prometheus.Counter
@@ -355,7 +358,7 @@ func (m *monitor) release(peer string) {
 // snap now: snap's walk began after the last compat write, or the stream
 // has waited a whole interval.
 func (m *monitor) sendable(snap *compatSnapshot, lastSent, now time.Time) bool {
-	return snap.writes >= m.writes.Load() || now.Sub(lastSent) >= m.interval
+	return snap.writes >= m.writes.Load() || now.Sub(lastSent) >= m.interval || m.sendStale
 }
 
 // serve runs one MonitorSessions stream.
@@ -375,9 +378,11 @@ func (m *monitor) serve(stream grpc.ServerStream) error {
 		}
 	}()
 	// A snapshot older than two intervals is from before the clock went
-	// idle: the stream waits for the fresh one it asks for.
+	// idle, and a failed one may be past: the stream waits for the fresh
+	// one it asks for.
 	notBefore := time.Now().Add(-2 * m.interval)
-	if snap, _ := m.current(); snap == nil || snap.taken.Before(notBefore) {
+	if snap, _ := m.current(); snap == nil || snap.err != nil || snap.taken.Before(notBefore) {
+		notBefore = time.Now()
 		m.poke()
 	}
 

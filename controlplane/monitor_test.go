@@ -409,8 +409,25 @@ func TestMonitorSessionsSharedClock(t *testing.T) {
 
 // The controller race: a snapshot whose walk ran before an IpChange, and
 // that would go out after the IpChange's reply, is not sent; the stream
-// gets a snapshot taken after the move, promptly.
+// gets a snapshot taken after the move, promptly. Without the rule, the
+// stale snapshot does go out: the test sees the race.
 func TestMonitorSessionsNoSnapshotOlderThanAWrite(t *testing.T) {
+	t.Run("rule", func(t *testing.T) {
+		if stale := snapshotAfterIpChange(t, false); stale {
+			t.Fatal("after the IpChange's reply the stream got a snapshot taken before it")
+		}
+	})
+	t.Run("without the rule", func(t *testing.T) {
+		if stale := snapshotAfterIpChange(t, true); !stale {
+			t.Fatal("without the freshness rule the stale snapshot did not go out: the test does not see the race")
+		}
+	})
+}
+
+// snapshotAfterIpChange holds a walk that ran before an IpChange until the
+// IpChange has been answered, then reports whether the next snapshot the
+// stream receives still shows the session at its old destination.
+func snapshotAfterIpChange(t *testing.T, sendStale bool) bool {
 	walked := make(chan struct{})
 	proceed := make(chan struct{})
 	var hold atomic.Bool
@@ -421,6 +438,9 @@ func TestMonitorSessionsNoSnapshotOlderThanAWrite(t *testing.T) {
 				<-proceed
 			}
 		})
+		if sendStale {
+			controlplane.SendStaleSnapshots(s)
+		}
 	}})
 	_, compat := e.controller()
 	c := ctx(t)
@@ -451,13 +471,37 @@ func TestMonitorSessionsNoSnapshotOlderThanAWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range l.GetSessions() {
-		if s.GetDstIp() == ip4(svcA4) {
-			t.Fatalf("after the IpChange's reply the stream got a snapshot taken before it: %v", l)
-		}
-	}
 	if len(l.GetSessions()) != 2 {
 		t.Fatalf("snapshot after the IpChange: %v", l)
 	}
-	t.Logf("fresh snapshot %v after the IpChange (interval 1h)", time.Since(start).Round(time.Millisecond))
+	t.Logf("next snapshot %v after the IpChange (interval 1h)", time.Since(start).Round(time.Millisecond))
+	for _, s := range l.GetSessions() {
+		if s.GetDstIp() == ip4(svcA4) {
+			return true
+		}
+	}
+	return false
+}
+
+// Without pins a stream ends with Unavailable; once the loader has run, a
+// new stream gets a snapshot at once, not the failure of before.
+func TestMonitorSessionsAfterTheLoaderRuns(t *testing.T) {
+	e := newEnv(t, envOptions{noPins: true, refresh: 50 * time.Millisecond, interval: time.Hour})
+	_, compat := e.controller()
+	c := ctx(t)
+	recv := func() error {
+		s, err := compat.MonitorSessions(c, &session.Empty{})
+		if err == nil {
+			_, err = s.Recv()
+		}
+		return err
+	}
+	if err := recv(); code(err) != codes.Unavailable {
+		t.Fatalf("without pins: %v, want Unavailable", err)
+	}
+	tu.PinMaps(t, e.pin, tu.PinOptions{})
+	time.Sleep(200 * time.Millisecond) // a few refreshes
+	if err := recv(); err != nil {
+		t.Fatalf("after the loader ran: %v", err)
+	}
 }

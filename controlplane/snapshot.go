@@ -57,8 +57,16 @@ type compatEntry struct {
 	port     uint16
 }
 
+// compareCompat orders entries by key. It is on the hot path of the
+// snapshot (a sort of every session), so it compares lazily.
 func compareCompat(a, b compatEntry) int {
-	return cmp.Or(cmp.Compare(a.src, b.src), cmp.Compare(a.dst, b.dst), cmp.Compare(a.port, b.port))
+	switch {
+	case a.src != b.src:
+		return cmp.Compare(a.src, b.src)
+	case a.dst != b.dst:
+		return cmp.Compare(a.dst, b.dst)
+	}
+	return cmp.Compare(a.port, b.port)
 }
 
 func varintFieldSize(v uint64) int {
@@ -99,7 +107,10 @@ func encodeCompat(entries []compatEntry, maxBytes int) (data []byte, kept int) {
 	}
 	if total > maxBytes {
 		slices.SortFunc(entries, func(a, b compatEntry) int {
-			return cmp.Or(cmp.Compare(b.lastSeen, a.lastSeen), compareCompat(a, b))
+			if a.lastSeen != b.lastSeen {
+				return cmp.Compare(b.lastSeen, a.lastSeen)
+			}
+			return compareCompat(a, b)
 		})
 		total = 0
 		for kept < len(entries) {
