@@ -1,11 +1,12 @@
 // Package controlplane is aegis-controlplane: the gRPC server through which
 // the Aegis controller grants and revokes sessions in the data path's
 // pinned maps. It serves the original agent's session.SessionManager
-// (compat.go), the full aegis.agent.v1.AgentService (agent.go), the
-// standard health service and server reflection on one listener, over
-// mutual TLS (tls.go, auth.go), and exports Prometheus metrics
-// (metrics.go). The command line and the systemd integration are in
-// cli.go.
+// (compat.go; its MonitorSessions stream in monitor.go, snapshot.go and
+// codec.go), the full aegis.agent.v1.AgentService (agent.go; the pages of
+// ListSessions in list.go), the standard health service and server
+// reflection on one listener, over mutual TLS (tls.go, auth.go), and
+// exports Prometheus metrics (metrics.go). The command line and the
+// systemd integration are in cli.go.
 package controlplane
 
 import (
