@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"flag"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -383,5 +384,34 @@ func TestHostileUserInTheMapsIsEscaped(t *testing.T) {
 				t.Errorf("%s: user %q, want %q", what, r.User, want)
 			}
 		}
+	}
+}
+
+// "aegisctl sessions" follows the pages: a map of more sessions than the
+// largest page is listed whole, in the table and in JSON, and --limit cuts
+// across pages.
+func TestSessionsFollowsPages(t *testing.T) {
+	e := newEnv(t)
+	const n = 25000
+	tu.FillSessionsV4(t, e.pin, n, "bulk", state.Now())
+	table := mustRun(t, e.cmd("sessions")...)
+	lines := strings.Split(strings.TrimSpace(table), "\n")
+	if len(lines) != n+2 || lines[len(lines)-1] != fmt.Sprintf("%d session(s)", n) {
+		t.Fatalf("sessions table of %d lines, ends %q", len(lines), lines[len(lines)-1])
+	}
+	var rows []aegisctl.SessionRow
+	if err := json.Unmarshal([]byte(mustRun(t, e.cmd("sessions", "--json")...)), &rows); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, r := range rows {
+		seen[r.Source.String()+" "+r.Dest.String()] = true
+	}
+	if len(rows) != n || len(seen) != n {
+		t.Fatalf("json: %d rows, %d distinct, want %d", len(rows), len(seen), n)
+	}
+	out := mustRun(t, e.cmd("sessions", "--limit", "12000")...)
+	if !strings.HasSuffix(out, "12000 session(s)\n13000 more not shown (--limit)\n") {
+		t.Fatalf("--limit 12000 ends %q", out[max(0, len(out)-80):])
 	}
 }

@@ -156,7 +156,7 @@ type SessionsCmd struct {
 }
 
 func (cmd *SessionsCmd) request() *agentv1.ListSessionsRequest {
-	return &agentv1.ListSessionsRequest{User: cmd.User, SrcIp: cmd.Src, DstIp: cmd.Dst, DstPort: cmd.Port, Limit: cmd.Limit}
+	return &agentv1.ListSessionsRequest{User: cmd.User, SrcIp: cmd.Src, DstIp: cmd.Dst, DstPort: cmd.Port}
 }
 
 // Run lists.
@@ -166,7 +166,7 @@ func (cmd *SessionsCmd) Run(ctx context.Context, stdio cli.IO) error {
 		return err
 	}
 	defer done()
-	rows, matched, err := listSessions(ctx, &cmd.Conn, client, cmd.request())
+	rows, matched, err := listSessions(ctx, &cmd.Conn, client, cmd.request(), int(cmd.Limit))
 	if err != nil {
 		return err
 	}
@@ -183,18 +183,41 @@ func (cmd *SessionsCmd) Run(ctx context.Context, stdio cli.IO) error {
 	return nil
 }
 
-func listSessions(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient, req *agentv1.ListSessionsRequest) ([]SessionRow, uint64, error) {
-	c, cancel := conn.ctx(ctx)
-	defer cancel()
-	resp, err := client.ListSessions(c, req)
-	if err != nil {
-		return nil, 0, callError("list sessions", conn.Address, err)
+// listPageSize is the page size aegisctl asks for: the server's largest,
+// so that a full map takes few round trips.
+const listPageSize = 10000
+
+// listSessions lists the sessions req matches, following the pages, at
+// most limit of them (0 for all). It also returns how many matched.
+func listSessions(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient, req *agentv1.ListSessionsRequest, limit int) ([]SessionRow, uint64, error) {
+	var rows []SessionRow
+	var matched uint64
+	req.PageSize = listPageSize
+	if limit > 0 {
+		req.PageSize = uint32(min(limit, listPageSize))
 	}
-	rows := make([]SessionRow, 0, len(resp.GetSessions()))
-	for _, s := range resp.GetSessions() {
-		rows = append(rows, rowFromProto(s))
+	for {
+		// Each page gets the call timeout of its own.
+		resp, err := func() (*agentv1.ListSessionsResponse, error) {
+			c, cancel := conn.ctx(ctx)
+			defer cancel()
+			return client.ListSessions(c, req)
+		}()
+		if err != nil {
+			return nil, 0, callError("list sessions", conn.Address, err)
+		}
+		for _, s := range resp.GetSessions() {
+			rows = append(rows, rowFromProto(s))
+		}
+		matched = resp.GetMatched()
+		if limit > 0 && len(rows) >= limit {
+			return rows[:limit], matched, nil
+		}
+		if resp.GetNextPageToken() == "" {
+			return rows, matched, nil
+		}
+		req.PageToken = resp.GetNextPageToken()
 	}
-	return rows, resp.GetMatched(), nil
 }
 
 func rowFromProto(s *agentv1.Session) SessionRow {

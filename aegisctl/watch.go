@@ -120,7 +120,7 @@ func (cmd *WatchCmd) fetch(ctx context.Context, client agentv1.AgentServiceClien
 	if err != nil {
 		return Stats{}, nil, 0, err
 	}
-	rows, matched, err := listSessions(ctx, &cmd.Conn, client, &agentv1.ListSessionsRequest{User: cmd.User, Limit: 50})
+	rows, matched, err := listSessions(ctx, &cmd.Conn, client, &agentv1.ListSessionsRequest{User: cmd.User}, 50)
 	if err != nil {
 		return Stats{}, nil, 0, err
 	}

@@ -52,8 +52,19 @@ type cpServer struct {
 
 func startCPServer(b *testing.B) *cpServer {
 	b.Helper()
+	return startCPServerWith(b, 1<<20, nil)
+}
+
+// startCPServerWith is startCPServer over maps of the given capacity, with
+// extra command-line arguments; fill runs on the pins before the daemon
+// starts.
+func startCPServerWith(b *testing.B, capacity uint32, fill func(pin string), args ...string) *cpServer {
+	b.Helper()
 	pin := tu.PinDir(b)
-	tu.PinMaps(b, pin, tu.PinOptions{Capacity: 1 << 20})
+	tu.PinMaps(b, pin, tu.PinOptions{Capacity: capacity})
+	if fill != nil {
+		fill(pin)
+	}
 	dir := b.TempDir()
 	build := exec.Command("go", "build", "-o", dir, "./cmd/aegis-controlplane")
 	build.Dir = ".."
@@ -91,6 +102,7 @@ func startCPServer(b *testing.B) *cpServer {
 	cmd := exec.Command(filepath.Join(dir, "aegis-controlplane"), "--listen-address", "127.0.0.1", "-g", strconv.Itoa(port),
 		"--tls-cert", filepath.Join(dir, "s.crt"), "--tls-key", filepath.Join(dir, "s.key"), "--tls-client-ca", filepath.Join(dir, "ca.crt"),
 		"--allowed-client-name", "controller", "--metrics-address", metricsAddr, "--pin-path", pin, "--log-format", "json")
+	cmd.Args = append(cmd.Args, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)

@@ -1,12 +1,10 @@
 package controlplane
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"io"
 	"net/netip"
-	"slices"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -236,54 +234,36 @@ func (a *agentService) ListSessions(ctx context.Context, req *agentv1.ListSessio
 	if req.GetDstPort() > 65535 {
 		return nil, invalidf("dst_port %d: want 1 to 65535, or 0 for any", req.GetDstPort())
 	}
-	match := func(s *state.Session) bool {
-		return (req.GetUser() == "" || s.User == req.GetUser()) &&
-			(!src.IsValid() || s.Src == src) &&
-			(!dst.IsValid() || s.Dst == dst) &&
-			(req.GetDstPort() == 0 || uint32(s.Port) == req.GetDstPort())
+	f := listFilter{user: req.GetUser(), src: src, dst: dst, port: uint16(req.GetDstPort())}
+	var after *listKey
+	if tok := req.GetPageToken(); tok != "" {
+		k, err := parsePageToken(tok)
+		if err != nil {
+			return nil, err
+		}
+		after = &k
 	}
-	var matched []state.Session
+	size := pageSize(req.GetPageSize(), req.GetLimit())
+	var pg page
 	var cfg state.Config
 	err = a.s.maps.Do(func(m *state.Maps) error {
 		var err error
 		if cfg, err = m.ReadConfig(); err != nil {
 			return err
 		}
-		for sess, err := range m.Sessions() {
-			if err != nil {
-				return err
-			}
-			if match(&sess) {
-				matched = append(matched, sess)
-			}
-		}
-		return nil
+		pg, err = listPage(m, &f, after, size)
+		return err
 	})
 	if err != nil {
 		return nil, statusOf(err)
 	}
-	slices.SortFunc(matched, compareSessions)
-	resp := &agentv1.ListSessionsResponse{Matched: uint64(len(matched))}
-	if limit := int(req.GetLimit()); limit > 0 && len(matched) > limit {
-		matched = matched[:limit]
-	}
+	resp := &agentv1.ListSessionsResponse{Matched: pg.matched, NextPageToken: pg.next}
 	now := state.Now()
-	resp.Sessions = make([]*agentv1.Session, len(matched))
-	for i := range matched {
-		resp.Sessions[i] = sessionProto(&matched[i], cfg.DefaultIdleTimeout, now)
+	resp.Sessions = make([]*agentv1.Session, len(pg.sessions))
+	for i := range pg.sessions {
+		resp.Sessions[i] = sessionProto(&pg.sessions[i], cfg.DefaultIdleTimeout, now)
 	}
 	return resp, nil
-}
-
-// compareSessions orders sessions by user, then key.
-func compareSessions(a, b state.Session) int {
-	return cmp.Or(
-		cmp.Compare(a.User, b.User),
-		a.Src.Compare(b.Src),
-		a.Dst.Compare(b.Dst),
-		cmp.Compare(a.Port, b.Port),
-		cmp.Compare(a.Proto, b.Proto),
-	)
 }
 
 func (a *agentService) GetStats(ctx context.Context, _ *agentv1.GetStatsRequest) (*agentv1.GetStatsResponse, error) {

@@ -229,7 +229,8 @@ func TestAgentListSessionsAndStats(t *testing.T) {
 		users   string
 		matched uint64
 	}{
-		{&agentv1.ListSessionsRequest{}, "alice alice bob carol dave", 5},
+		// Key order: IPv4 before IPv6, then source, destination, port.
+		{&agentv1.ListSessionsRequest{}, "alice alice bob dave carol", 5},
 		{&agentv1.ListSessionsRequest{User: "alice"}, "alice alice", 2},
 		{&agentv1.ListSessionsRequest{SrcIp: other4.String()}, "bob dave", 2},
 		{&agentv1.ListSessionsRequest{DstIp: svcA4.String()}, "alice bob", 2},

@@ -28,17 +28,21 @@ import (
 // CLI is aegis-controlplane's command line.
 type CLI struct {
 	cli.Globals
-	GRPCPort          uint16        `short:"g" name:"grpc-port" default:"50001" help:"TCP port of the gRPC server (the port the Aegis controller dials)."`
-	ListenAddress     string        `placeholder:"IP" help:"IP address to listen on; empty for all. Must be a loopback address with --insecure."`
-	TLSCert           string        `name:"tls-cert" placeholder:"FILE" help:"Server certificate (PEM); the controller expects the DNS name aegis-agent. Re-read on SIGHUP."`
-	TLSKey            string        `name:"tls-key" placeholder:"FILE" help:"Server certificate's private key (PEM). Re-read on SIGHUP."`
-	TLSClientCA       string        `name:"tls-client-ca" placeholder:"FILE" help:"CA (PEM) that issues client certificates; clients must present one. Re-read on SIGHUP."`
-	AllowedClientName []string      `name:"allowed-client-name" placeholder:"NAME" help:"Only clients whose certificate has this CN or DNS SAN may call (repeatable; comma-separated in the environment). Default: any client of the client CA."`
-	Insecure          bool          `help:"Serve plaintext gRPC without client authentication, only on a loopback --listen-address (local testing)."`
-	MonitorInterval   time.Duration `default:"5s" help:"Period of session.SessionManager/MonitorSessions snapshots."`
-	MetricsAddress    string        `env:"AEGIS_CONTROLPLANE_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on http://HOST:PORT/metrics; off when empty."`
-	ShutdownTimeout   time.Duration `env:"AEGIS_CONTROLPLANE_SHUTDOWN_TIMEOUT" default:"10s" help:"On SIGTERM, how long in-flight calls may take before connections are closed."`
-	PinPath           string        `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps (aegis-loader --pin-path)."`
+	GRPCPort                 uint16        `short:"g" name:"grpc-port" default:"50001" help:"TCP port of the gRPC server (the port the Aegis controller dials)."`
+	ListenAddress            string        `placeholder:"IP" help:"IP address to listen on; empty for all. Must be a loopback address with --insecure."`
+	TLSCert                  string        `name:"tls-cert" placeholder:"FILE" help:"Server certificate (PEM); the controller expects the DNS name aegis-agent. Re-read on SIGHUP."`
+	TLSKey                   string        `name:"tls-key" placeholder:"FILE" help:"Server certificate's private key (PEM). Re-read on SIGHUP."`
+	TLSClientCA              string        `name:"tls-client-ca" placeholder:"FILE" help:"CA (PEM) that issues client certificates; clients must present one. Re-read on SIGHUP."`
+	AllowedClientName        []string      `name:"allowed-client-name" placeholder:"NAME" help:"Only clients whose certificate has this CN or DNS SAN may call (repeatable; comma-separated in the environment). Default: any client of the client CA."`
+	Insecure                 bool          `help:"Serve plaintext gRPC without client authentication, only on a loopback --listen-address (local testing)."`
+	MonitorInterval          time.Duration `default:"5s" help:"Period of session.SessionManager/MonitorSessions snapshots (one daemon-wide clock, ±20% jitter; a compat write triggers one at once)."`
+	MonitorSendTimeout       time.Duration `placeholder:"DURATION" help:"Drop a MonitorSessions stream whose client has not read a snapshot within this time; 0 for two --monitor-interval."`
+	MonitorMaxStreamsPerPeer int           `default:"4" help:"Most MonitorSessions streams one client (certificate name) may hold open; more get ResourceExhausted."`
+	MonitorMaxStreams        int           `default:"16" help:"Most MonitorSessions streams of all clients together; more get ResourceExhausted."`
+	MonitorMaxMessageSize    int           `default:"4194304" placeholder:"BYTES" help:"Largest MonitorSessions snapshot in bytes: the controller's gRPC receive limit (4 MiB by default). Past it the least recently active sessions are left out."`
+	MetricsAddress           string        `env:"AEGIS_CONTROLPLANE_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on http://HOST:PORT/metrics; off when empty."`
+	ShutdownTimeout          time.Duration `env:"AEGIS_CONTROLPLANE_SHUTDOWN_TIMEOUT" default:"10s" help:"On SIGTERM, how long in-flight calls may take before connections are closed."`
+	PinPath                  string        `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps (aegis-loader --pin-path)."`
 
 	AllowSessionTakeover bool `help:"Let a grant take over a live session of another user on the same key (source, destination, port, protocol); by default it is refused with AlreadyExists until that session expires or is revoked."`
 }
@@ -67,6 +71,15 @@ func Spec() cli.Spec {
 func (c *CLI) check() error {
 	if c.MonitorInterval <= 0 {
 		return &cli.UsageError{Err: fmt.Errorf("--monitor-interval %v: must be positive", c.MonitorInterval)}
+	}
+	if c.MonitorSendTimeout < 0 {
+		return &cli.UsageError{Err: fmt.Errorf("--monitor-send-timeout %v: must not be negative", c.MonitorSendTimeout)}
+	}
+	if c.MonitorMaxStreamsPerPeer < 1 || c.MonitorMaxStreams < 1 {
+		return &cli.UsageError{Err: fmt.Errorf("--monitor-max-streams-per-peer %d, --monitor-max-streams %d: must be at least 1", c.MonitorMaxStreamsPerPeer, c.MonitorMaxStreams)}
+	}
+	if c.MonitorMaxMessageSize < 1024 {
+		return &cli.UsageError{Err: fmt.Errorf("--monitor-max-message-size %d: want at least 1024 bytes", c.MonitorMaxMessageSize)}
 	}
 	if c.ShutdownTimeout < 0 {
 		return &cli.UsageError{Err: fmt.Errorf("--shutdown-timeout %v: must not be negative", c.ShutdownTimeout)}
@@ -160,6 +173,12 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(gcPercent)
 	}
+	// GOGC=400 would let the heap grow to five times what is live; the
+	// soft limit keeps it within the bound the MonitorSessions caps give
+	// (docs/operations.md), collecting harder near it. GOMEMLIMIT wins.
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(MemoryBound(c.MonitorMaxStreams, c.MonitorMaxMessageSize))
+	}
 	// --insecure needs a loopback listen address; say so before binding
 	// anything (socket activation is checked on the socket itself).
 	if c.Insecure && os.Getenv("LISTEN_FDS") == "" {
@@ -199,12 +218,16 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	srv, err := New(Options{
-		Maps:               maps,
-		Log:                log,
-		Certificates:       certs,
-		AllowedClientNames: c.AllowedClientName,
-		MonitorInterval:    c.MonitorInterval,
-		Registerer:         reg,
+		Maps:                  maps,
+		Log:                   log,
+		Certificates:          certs,
+		AllowedClientNames:    c.AllowedClientName,
+		MonitorInterval:       c.MonitorInterval,
+		MonitorSendTimeout:    c.MonitorSendTimeout,
+		MonitorStreamsPerPeer: c.MonitorMaxStreamsPerPeer,
+		MonitorStreams:        c.MonitorMaxStreams,
+		MonitorMaxMessageSize: c.MonitorMaxMessageSize,
+		Registerer:            reg,
 
 		AllowSessionTakeover: c.AllowSessionTakeover,
 	})

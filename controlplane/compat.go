@@ -1,14 +1,11 @@
 package controlplane
 
 import (
-	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
-	"math"
 	"net/netip"
 	"slices"
-	"time"
 
 	"github.com/aegis-agent/aegis/internal/state"
 	"github.com/aegis-agent/aegis/proto/session"
@@ -93,6 +90,7 @@ func (c *compatService) grant(p *peerInfo, user string, keys [2]state.Key) (*ses
 	unlock()
 	s.bulk.RUnlock()
 	previous, takeover := cl.previous, cl.takeover
+	s.mon.wrote()
 	if err != nil {
 		err = statusOf(err)
 		for i := range keys {
@@ -123,6 +121,7 @@ func (c *compatService) revoke(p *peerInfo, keys [2]state.Key) (*session.Ack, er
 		return nil
 	})
 	s.bulk.RUnlock()
+	s.mon.wrote()
 	if err != nil {
 		err = statusOf(err)
 		for i := range keys {
@@ -149,70 +148,7 @@ func (c *compatService) revoke(p *peerInfo, keys [2]state.Key) (*session.Ack, er
 }
 
 func (c *compatService) MonitorSessions(_ *session.Empty, stream session.SessionManager_MonitorSessionsServer) error {
-	s := c.s
-	tick := time.NewTicker(s.opts.MonitorInterval)
-	defer tick.Stop()
-	for {
-		list, err := c.snapshot()
-		if err != nil {
-			return statusOf(err)
-		}
-		if err := stream.Send(list); err != nil {
-			return err
-		}
-		select {
-		case <-stream.Context().Done():
-			return stream.Context().Err()
-		case <-s.stopping:
-			return errShuttingDown
-		case <-tick.C:
-		}
-	}
-}
-
-// snapshot lists the IPv4 sessions the data path passes, one entry per
-// (source, destination, port) as the compat API has no protocol: where
-// TCP and UDP are both open, time_left is the longer of the two.
-func (c *compatService) snapshot() (*session.SessionList, error) {
-	type compatKey struct {
-		src, dst netip.Addr
-		port     uint16
-	}
-	left := make(map[compatKey]time.Duration)
-	err := c.s.maps.Do(func(m *state.Maps) error {
-		cfg, err := m.ReadConfig()
-		if err != nil {
-			return err
-		}
-		now := state.Now()
-		for sess, err := range m.Sessions() {
-			if err != nil {
-				return err
-			}
-			if !sess.Is4() || !sess.Verdict(cfg.DefaultIdleTimeout, now).Pass() {
-				continue
-			}
-			k := compatKey{sess.Src, sess.Dst, sess.Port}
-			left[k] = max(left[k], sess.TimeLeft(cfg.DefaultIdleTimeout, now))
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	list := &session.SessionList{Sessions: make([]*session.Session, 0, len(left))}
-	for k, d := range left {
-		list.Sessions = append(list.Sessions, &session.Session{
-			SrcIp:    compatValue(k.src),
-			DstIp:    compatValue(k.dst),
-			DstPort:  uint32(k.port),
-			TimeLeft: int32(min(d/time.Second, math.MaxInt32)),
-		})
-	}
-	slices.SortFunc(list.Sessions, func(a, b *session.Session) int {
-		return cmp.Or(cmp.Compare(a.SrcIp, b.SrcIp), cmp.Compare(a.DstIp, b.DstIp), cmp.Compare(a.DstPort, b.DstPort))
-	})
-	return list, nil
+	return c.s.mon.serve(stream)
 }
 
 func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList) (*session.Ack, error) {
@@ -248,6 +184,7 @@ func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList)
 		return err
 	})
 	s.bulk.Unlock()
+	s.mon.wrote()
 	changes := make([]string, 0, len(moves))
 	for from, to := range moves {
 		changes = append(changes, from.String()+"->"+to.String())

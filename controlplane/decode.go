@@ -8,7 +8,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
-	protocodec "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -54,7 +53,7 @@ type requestCodec struct {
 }
 
 func newRequestCodec() *requestCodec {
-	return &requestCodec{CodecV2: encoding.GetCodecV2(protocodec.Name)}
+	return &requestCodec{CodecV2: newServerCodec()}
 }
 
 func (c *requestCodec) Unmarshal(data mem.BufferSlice, v any) error {

@@ -47,7 +47,12 @@ type envOptions struct {
 	refresh   time.Duration
 	defIdle   time.Duration
 	serverDNS []string
-	takeover  bool // --allow-session-takeover
+	// MonitorSessions options; zero for the defaults.
+	perPeer, streams int
+	sendTimeout      time.Duration
+	// setup runs on the server before it serves.
+	setup    func(*controlplane.Server)
+	takeover bool // --allow-session-takeover
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -78,18 +83,24 @@ func newEnv(t *testing.T, o envOptions) *env {
 	e.handle = state.NewHandle(e.pin, state.OpenOptions{Writable: true}, log)
 	t.Cleanup(func() { e.handle.Close() })
 	e.srv, err = controlplane.New(controlplane.Options{
-		Maps:               e.handle,
-		Log:                log,
-		Certificates:       e.certs,
-		AllowedClientNames: o.allowed,
-		MonitorInterval:    o.interval,
-		RefreshInterval:    o.refresh,
-		Registerer:         e.reg,
+		Maps:                  e.handle,
+		Log:                   log,
+		Certificates:          e.certs,
+		AllowedClientNames:    o.allowed,
+		MonitorInterval:       o.interval,
+		RefreshInterval:       o.refresh,
+		Registerer:            e.reg,
+		MonitorStreamsPerPeer: o.perPeer,
+		MonitorStreams:        o.streams,
+		MonitorSendTimeout:    o.sendTimeout,
 
 		AllowSessionTakeover: o.takeover,
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if o.setup != nil {
+		o.setup(e.srv)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

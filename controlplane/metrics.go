@@ -22,6 +22,7 @@ import (
 //	aegis_controlplane_tls_certificate_expiry_timestamp_seconds
 //	aegis_controlplane_tls_reloads_total{result}
 //	aegis_controlplane_build_info{version}
+//	aegis_controlplane_monitor_*              MonitorSessions snapshots and streams (monitor.go)
 //	aegis_grpc_server_*                       go-grpc-middleware's server metrics
 type metrics struct {
 	s                *Server
@@ -98,6 +99,7 @@ func (m *metrics) collectors() []prometheus.Collector {
 			ConstLabels: prometheus.Labels{"version": cli.Version()},
 		}, func() float64 { return 1 }),
 	}
+	cs = append(cs, m.s.mon.collectors()...)
 	if c := m.s.opts.Certificates; c != nil {
 		cs = append(cs,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{

@@ -1,11 +1,12 @@
 // Package controlplane is aegis-controlplane: the gRPC server through which
 // the Aegis controller grants and revokes sessions in the data path's
 // pinned maps. It serves the original agent's session.SessionManager
-// (compat.go), the full aegis.agent.v1.AgentService (agent.go), the
-// standard health service and server reflection on one listener, over
-// mutual TLS (tls.go, auth.go), and exports Prometheus metrics
-// (metrics.go). The command line and the systemd integration are in
-// cli.go.
+// (compat.go; its MonitorSessions stream in monitor.go, snapshot.go and
+// codec.go), the full aegis.agent.v1.AgentService (agent.go; the pages of
+// ListSessions in list.go), the standard health service and server
+// reflection on one listener, over mutual TLS (tls.go, auth.go), and
+// exports Prometheus metrics (metrics.go). The command line and the
+// systemd integration are in cli.go.
 package controlplane
 
 import (
@@ -53,8 +54,20 @@ type Options struct {
 	// AllowedClientNames, when not empty, is the allowlist of client
 	// certificate names (CN or DNS SAN) that may call any RPC.
 	AllowedClientNames []string
-	// MonitorInterval is the period of MonitorSessions snapshots.
+	// MonitorInterval is the period of MonitorSessions snapshots (with
+	// jitter, see monitor.go).
 	MonitorInterval time.Duration
+	// MonitorSendTimeout is how long a MonitorSessions send may block on
+	// a client that does not read before the stream is dropped; 0 for two
+	// intervals.
+	MonitorSendTimeout time.Duration
+	// MonitorStreamsPerPeer and MonitorStreams cap the MonitorSessions
+	// streams of one client name and of all clients; 0 for the defaults.
+	MonitorStreamsPerPeer int
+	MonitorStreams        int
+	// MonitorMaxMessageSize is the largest snapshot sent, in bytes; 0 for
+	// DefaultMonitorMaxMessageSize, what a gRPC client accepts by default.
+	MonitorMaxMessageSize int
 	// RefreshInterval is how often the pinned maps are checked for an
 	// unload or a reload.
 	RefreshInterval time.Duration
@@ -75,6 +88,7 @@ type Server struct {
 	m      *metrics
 	auth   *authorizer
 	codec  *requestCodec
+	mon    *monitor
 
 	// keys serializes this process's grants of one key, so that the
 	// check of who holds a session and the write that replaces it are
@@ -116,6 +130,18 @@ func New(opts Options) (*Server, error) {
 	if opts.RefreshInterval <= 0 {
 		opts.RefreshInterval = DefaultRefreshInterval
 	}
+	if opts.MonitorSendTimeout <= 0 {
+		opts.MonitorSendTimeout = 2 * opts.MonitorInterval
+	}
+	if opts.MonitorStreamsPerPeer <= 0 {
+		opts.MonitorStreamsPerPeer = DefaultMonitorStreamsPerPeer
+	}
+	if opts.MonitorStreams <= 0 {
+		opts.MonitorStreams = DefaultMonitorStreams
+	}
+	if opts.MonitorMaxMessageSize <= 0 {
+		opts.MonitorMaxMessageSize = DefaultMonitorMaxMessageSize
+	}
 	s := &Server{
 		opts:     opts,
 		log:      opts.Log,
@@ -126,6 +152,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s.keys.seed = maphash.MakeSeed()
 	s.lastRefresh.Store(time.Now().UnixNano())
+	s.mon = newMonitor(s, &opts)
 	s.m = newMetrics(s)
 
 	grpcMetrics := grpcprom.NewServerMetrics(
@@ -138,7 +165,8 @@ func New(opts Options) (*Server, error) {
 	s.auth = newAuthorizer(opts.AllowedClientNames, opts.Certificates != nil, opts.Log)
 	serverOpts := []grpc.ServerOption{
 		// Requests that do not decode are refused by the guards, not by
-		// grpc-go (decode.go).
+		// grpc-go (decode.go); MonitorSessions snapshots go out
+		// pre-encoded (codec.go).
 		grpc.ForceServerCodecV2(s.codec),
 		// Metrics outermost, so that refused calls are counted with their
 		// code; the unary guard before anything that may refuse a call.
@@ -153,6 +181,9 @@ func New(opts Options) (*Server, error) {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// A client gets 10 s for its TLS handshake, not the default 120.
 		grpc.ConnectionTimeout(10 * time.Second),
+		// A dropped MonitorSessions stream learns when its connection
+		// ends (monitor.go).
+		grpc.StatsHandler(connTracker{}),
 	}
 	if opts.Certificates != nil {
 		serverOpts = append(serverOpts, grpc.Creds(opts.Certificates.credentials()))
@@ -183,6 +214,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	done := make(chan struct{})
 	defer close(done)
 	go s.refreshLoop(done)
+	go s.mon.run(done)
 	if err := s.grpc.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		return fmt.Errorf("serve gRPC on %s: %w", ln.Addr(), err)
 	}

@@ -491,8 +491,14 @@ type ListSessionsRequest struct {
 	SrcIp   string `protobuf:"bytes,2,opt,name=src_ip,json=srcIp,proto3" json:"src_ip,omitempty"`
 	DstIp   string `protobuf:"bytes,3,opt,name=dst_ip,json=dstIp,proto3" json:"dst_ip,omitempty"`
 	DstPort uint32 `protobuf:"varint,4,opt,name=dst_port,json=dstPort,proto3" json:"dst_port,omitempty"`
-	// At most this many sessions are returned; 0 for all.
-	Limit         uint32 `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`
+	// The page size when page_size is 0 (older clients); 0 for the default.
+	Limit uint32 `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`
+	// Sessions per page: 0 for 1000, at most 10000 (larger is cut to 10000).
+	PageSize uint32 `protobuf:"varint,6,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Empty for the first page, else next_page_token of the previous page.
+	// A page starts after the last key of the previous one, so a walk of a
+	// changing map lists every session that exists throughout exactly once.
+	PageToken     string `protobuf:"bytes,7,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -562,11 +568,29 @@ func (x *ListSessionsRequest) GetLimit() uint32 {
 	return 0
 }
 
+func (x *ListSessionsRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSessionsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListSessionsResponse struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	Sessions []*Session             `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
-	// Sessions that matched the filters, including those over the limit.
-	Matched       uint64 `protobuf:"varint,2,opt,name=matched,proto3" json:"matched,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The page, in key order.
+	Sessions []*Session `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	// Sessions that matched the filters in the whole map, those of other
+	// pages included.
+	Matched uint64 `protobuf:"varint,2,opt,name=matched,proto3" json:"matched,omitempty"`
+	// The token of the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,3,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -613,6 +637,13 @@ func (x *ListSessionsResponse) GetMatched() uint64 {
 		return x.Matched
 	}
 	return 0
+}
+
+func (x *ListSessionsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type Session struct {
@@ -1015,16 +1046,20 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\bdst_port\x18\x04 \x01(\rR\adstPort\x124\n" +
 	"\bprotocol\x18\x05 \x01(\x0e2\x18.aegis.agent.v1.ProtocolR\bprotocol\"/\n" +
 	"\x13LogoutEventResponse\x12\x18\n" +
-	"\arevoked\x18\x01 \x01(\rR\arevoked\"\x88\x01\n" +
+	"\arevoked\x18\x01 \x01(\rR\arevoked\"\xc4\x01\n" +
 	"\x13ListSessionsRequest\x12\x12\n" +
 	"\x04user\x18\x01 \x01(\tR\x04user\x12\x15\n" +
 	"\x06src_ip\x18\x02 \x01(\tR\x05srcIp\x12\x15\n" +
 	"\x06dst_ip\x18\x03 \x01(\tR\x05dstIp\x12\x19\n" +
 	"\bdst_port\x18\x04 \x01(\rR\adstPort\x12\x14\n" +
-	"\x05limit\x18\x05 \x01(\rR\x05limit\"e\n" +
+	"\x05limit\x18\x05 \x01(\rR\x05limit\x12\x1b\n" +
+	"\tpage_size\x18\x06 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\a \x01(\tR\tpageToken\"\x8d\x01\n" +
 	"\x14ListSessionsResponse\x123\n" +
 	"\bsessions\x18\x01 \x03(\v2\x17.aegis.agent.v1.SessionR\bsessions\x12\x18\n" +
-	"\amatched\x18\x02 \x01(\x04R\amatched\"\xe8\x03\n" +
+	"\amatched\x18\x02 \x01(\x04R\amatched\x12&\n" +
+	"\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken\"\xe8\x03\n" +
 	"\aSession\x12\x12\n" +
 	"\x04user\x18\x01 \x01(\tR\x04user\x12\x15\n" +
 	"\x06src_ip\x18\x02 \x01(\tR\x05srcIp\x12\x15\n" +

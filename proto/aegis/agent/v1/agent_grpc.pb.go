@@ -43,7 +43,9 @@ type AgentServiceClient interface {
 	StreamLoginEvents(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[LoginEventRequest, StreamLoginEventsResponse], error)
 	// LogoutEvent revokes one session, or every session of a user.
 	LogoutEvent(ctx context.Context, in *LogoutEventRequest, opts ...grpc.CallOption) (*LogoutEventResponse, error)
-	// ListSessions lists the sessions in the data path's maps, filtered.
+	// ListSessions lists the sessions in the data path's maps, filtered, one
+	// page at a time in key order (IPv4 before IPv6, then source,
+	// destination, port, protocol).
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
 	// GetStats returns the data path's verdict counters and the map fill.
 	GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error)
@@ -123,7 +125,9 @@ type AgentServiceServer interface {
 	StreamLoginEvents(grpc.ClientStreamingServer[LoginEventRequest, StreamLoginEventsResponse]) error
 	// LogoutEvent revokes one session, or every session of a user.
 	LogoutEvent(context.Context, *LogoutEventRequest) (*LogoutEventResponse, error)
-	// ListSessions lists the sessions in the data path's maps, filtered.
+	// ListSessions lists the sessions in the data path's maps, filtered, one
+	// page at a time in key order (IPv4 before IPv6, then source,
+	// destination, port, protocol).
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
 	// GetStats returns the data path's verdict counters and the map fill.
 	GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error)
