@@ -71,27 +71,69 @@ func Version() string {
 // binary's prefix (Spec.EnvPrefix).
 type Globals struct {
 	LogLevel  string           `default:"info" enum:"trace,debug,info,warn,error" env:"${env_prefix}_LOG_LEVEL" help:"Log level: ${enum}."`
-	LogFormat string           `default:"auto" enum:"auto,json,console" env:"${env_prefix}_LOG_FORMAT" help:"Log format: json, console, or auto (console on a terminal, json otherwise)."`
+	LogFormat string           `default:"auto" enum:"auto,journal,json,console" env:"${env_prefix}_LOG_FORMAT" help:"Log format: journal (native journald entries with priorities and AEGIS_* fields), json, console, or auto (journal when stderr is the systemd journal, console on a terminal, json otherwise)."`
 	Version   kong.VersionFlag `env:"-" help:"Print the version and exit."`
+
+	// name is the binary's, for the journal's SYSLOG_IDENTIFIER.
+	name string
+	// journalSocket overrides JournalSocket: a test seam.
+	journalSocket string
 }
 
-// Logger builds the process's logger on w.
+// TimeFormat is the time field of JSON log lines: RFC 3339 in UTC with
+// microseconds, fixed width, so that lines sort as text and two events of
+// one second keep their order.
+const TimeFormat = "2006-01-02T15:04:05.000000Z07:00"
+
+func init() {
+	zerolog.TimeFieldFormat = TimeFormat
+	zerolog.TimestampFunc = func() time.Time { return time.Now().UTC() }
+}
+
+// Logger builds the process's logger on w (see journal.go for the
+// journal format and how auto detects systemd).
 func (g *Globals) Logger(w io.Writer) zerolog.Logger {
 	level, err := zerolog.ParseLevel(g.LogLevel)
 	if err != nil {
 		level = zerolog.InfoLevel
 	}
-	console := g.LogFormat == "console"
-	if g.LogFormat == "auto" || g.LogFormat == "" {
-		if f, ok := w.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
-			console = true
+	format := g.LogFormat
+	if format == "auto" || format == "" {
+		switch f, ok := w.(*os.File); {
+		case underJournal(w):
+			format = "journal"
+		case ok && isatty.IsTerminal(f.Fd()):
+			format = "console"
+		default:
+			format = "json"
 		}
 	}
-	out := w
-	if console {
-		out = zerolog.ConsoleWriter{Out: w, TimeFormat: time.TimeOnly}
+	var out io.Writer = w
+	var journalErr error
+	switch format {
+	case "console":
+		out = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05.000"}
+	case "journal":
+		socket := g.journalSocket
+		if socket == "" {
+			socket = JournalSocket
+		}
+		name := g.name
+		if name == "" {
+			name = programName()
+		}
+		jw, err := newJournalWriter(socket, name, w)
+		if err != nil {
+			journalErr = err
+		} else {
+			out = jw
+		}
 	}
-	return zerolog.New(out).Level(level).With().Timestamp().Logger()
+	log := zerolog.New(out).Level(level).With().Timestamp().Logger()
+	if journalErr != nil {
+		log.Warn().Err(journalErr).Msg("--log-format journal: no journal; logging JSON to stderr")
+	}
+	return log
 }
 
 // IO is what a command reads and writes besides its arguments.
@@ -172,6 +214,7 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
 		return 2
 	}
+	globals.name = name
 	log := globals.Logger(stdio.Stderr)
 	kctx.BindTo(ctx, (*context.Context)(nil))
 	kctx.Bind(stdio, log)
