@@ -142,22 +142,31 @@ func (a *authorizer) check(ctx context.Context, method string) error {
 	switch {
 	case p.leaf == nil:
 		err = status.Error(codes.Unauthenticated, "a client certificate issued by the agent's client CA is required")
-	case len(a.allowed) == 0:
+	case a.allows(p.leaf):
 		return nil
 	default:
-		if a.allowed[strings.ToLower(p.leaf.Subject.CommonName)] {
-			return nil
-		}
-		for _, n := range p.leaf.DNSNames {
-			if a.allowed[strings.ToLower(n)] {
-				return nil
-			}
-		}
 		err = status.Errorf(codes.PermissionDenied, "client %q is not an allowed client name of this agent", p.identity())
 	}
 	var buf [64]byte
 	a.log.Warn().Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("method", method).Err(err).Msg("call refused")
 	return err
+}
+
+// allows reports whether a verified client certificate passes the name
+// allowlist: its CN or a DNS SAN is on it, or the list is empty.
+func (a *authorizer) allows(leaf *x509.Certificate) bool {
+	if len(a.allowed) == 0 {
+		return true
+	}
+	if a.allowed[strings.ToLower(leaf.Subject.CommonName)] {
+		return true
+	}
+	for _, n := range leaf.DNSNames {
+		if a.allowed[strings.ToLower(n)] {
+			return true
+		}
+	}
+	return false
 }
 
 func (a *authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {

@@ -3,6 +3,8 @@ package controlplane
 import (
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/aegis-agent/aegis/proto/session"
 )
 
@@ -54,3 +56,16 @@ func SetAfterWalk(s *Server, f func()) { s.mon.afterWalk = f }
 // SendStaleSnapshots turns off the rule that a stream sends no snapshot
 // older than the last compat write.
 func SendStaleSnapshots(s *Server) { s.mon.sendStale = true }
+
+// HandshakeReason is the reason label of a TLS handshake error.
+func HandshakeReason(err error) string { return handshakeReason(err) }
+
+// LimitedLog is the rate-limited warn log of refused handshakes.
+type LimitedLog = limitedLog
+
+// NewLimitedLog returns a limitedLog on a clock of the test's.
+func NewLimitedLog(log zerolog.Logger, n int, period time.Duration, now func() time.Time) *LimitedLog {
+	l := newLimitedLog(log, n, period)
+	l.now = now
+	return l
+}

@@ -89,6 +89,8 @@ type Server struct {
 	auth   *authorizer
 	codec  *requestCodec
 	mon    *monitor
+	// tlsFailures counts refused handshakes (tlsmetrics.go).
+	tlsFailures *prometheus.CounterVec
 
 	// keys serializes this process's grants of one key, so that the
 	// check of who holds a session and the write that replaces it are
@@ -153,6 +155,7 @@ func New(opts Options) (*Server, error) {
 	s.keys.seed = maphash.MakeSeed()
 	s.lastRefresh.Store(time.Now().UnixNano())
 	s.mon = newMonitor(s, &opts)
+	s.tlsFailures = newTLSFailures()
 	s.m = newMetrics(s)
 
 	grpcMetrics := grpcprom.NewServerMetrics(
@@ -186,7 +189,8 @@ func New(opts Options) (*Server, error) {
 		grpc.StatsHandler(connTracker{}),
 	}
 	if opts.Certificates != nil {
-		serverOpts = append(serverOpts, grpc.Creds(opts.Certificates.credentials()))
+		serverOpts = append(serverOpts, grpc.Creds(
+			newHandshakeObserver(opts.Certificates.credentials(), s.tlsFailures, s.auth.allows, opts.Log)))
 	}
 	s.grpc = grpc.NewServer(serverOpts...)
 	session.RegisterSessionManagerServer(s.grpc, &compatService{s: s})

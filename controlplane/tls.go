@@ -29,8 +29,11 @@ type Certificates struct {
 
 	cur      atomic.Pointer[tls.Config]
 	notAfter atomic.Int64 // unix seconds: the server certificate's expiry
-	reloads  atomic.Uint64
-	failures atomic.Uint64
+	// caNotAfter is the earliest expiry of the client CA file's
+	// certificates, unix seconds (tlsmetrics.go).
+	caNotAfter atomic.Int64
+	reloads    atomic.Uint64
+	failures   atomic.Uint64
 }
 
 // LoadCertificates reads the server certificate and key and the client CA.
@@ -96,6 +99,7 @@ func (c *Certificates) load() error {
 		NextProtos: []string{"h2"},
 	})
 	c.notAfter.Store(leaf.NotAfter.Unix())
+	c.caNotAfter.Store(earliestExpiry(caPEM))
 	c.log.Info().Str("cert", c.certFile).Str("client_ca", c.clientCAFile).Str("subject", leaf.Subject.CommonName).
 		Time("not_after", leaf.NotAfter).Msg("loaded TLS files")
 	return nil

@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
@@ -65,7 +66,7 @@ func newMetrics() *metrics {
 		m.scanned.WithLabelValues(f)
 		m.restored.WithLabelValues(f)
 	}
-	m.reg.MustRegister(m.reaped, m.scanned, m.restored, m.duration, m.errors, m.last,
+	m.reg.MustRegister(m.reaped, m.scanned, m.restored, m.duration, m.errors, m.last, daemon.BuildInfo(),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

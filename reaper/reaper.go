@@ -69,7 +69,14 @@ func (r *Reaper) Once(ctx context.Context) error {
 // Health, for the systemd watchdog: the last sweep succeeded (or found no
 // maps to sweep) and the loop has run within two intervals and a minute.
 func (r *Reaper) Run(ctx context.Context, metricsAddr string) error {
+	h := state.NewHandle(r.pinPath, state.OpenOptions{Writable: true}, r.log)
+	defer h.Close()
+
 	if metricsAddr != "" {
+		// The data path's series come from this process (exporter.go).
+		if err := r.metrics.reg.Register(newExporter(h, r.log)); err != nil {
+			return fmt.Errorf("register metrics: %w", err)
+		}
 		srv, err := daemon.ListenMetrics(metricsAddr, r.metrics.reg)
 		if err != nil {
 			return err
@@ -82,9 +89,6 @@ func (r *Reaper) Run(ctx context.Context, metricsAddr string) error {
 		}()
 		r.log.Info().Stringer("address", srv.Addr()).Msg("serving metrics")
 	}
-
-	h := state.NewHandle(r.pinPath, state.OpenOptions{Writable: true}, r.log)
-	defer h.Close()
 
 	err := r.tick(ctx, h)
 	switch {

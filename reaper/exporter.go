@@ -1,0 +1,160 @@
+package reaper
+
+import (
+	"errors"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"github.com/aegis-agent/aegis/internal/state"
+)
+
+// The reaper is the data path's exporter: the aegis_datapath_* series
+// (verdict counters, map fill and capacity, monitor mode) are read from
+// the pinned maps at scrape time here, and only here.
+//
+// Why this process: it already holds the maps open and follows the
+// loader's unload and reload of them, it needs only the pins (never the
+// control plane), and it is the daemon whose failure matters least to the
+// data path, so the counters keep flowing while the control plane is down,
+// restarting, or refusing connections. A fourth daemon would add a unit,
+// a user of the pins and a port for no gain; the control plane exporting
+// the same series too would give two processes one name with different
+// scrape times (and different values whenever one lags), which breaks
+// every sum() over a job-less selector.
+type exporter struct {
+	maps *state.Handle
+	log  zerolog.Logger
+
+	packets, bytes           *prometheus.Desc
+	active, entries, sessCap *prometheus.Desc
+	allow, allowCap          *prometheus.Desc
+	monitor, loaded          *prometheus.Desc
+
+	// lastErr is the read error last logged: a broken map is said once
+	// per change, not once per scrape.
+	mu      sync.Mutex
+	lastErr string
+}
+
+func newExporter(maps *state.Handle, log zerolog.Logger) *exporter {
+	vr := []string{"verdict", "reason"}
+	fam := []string{"family"}
+	return &exporter{
+		maps: maps, log: log,
+		packets: prometheus.NewDesc("aegis_datapath_packets_total",
+			"Packets the XDP program passed or dropped, by verdict and reason, summed over CPUs at scrape time.", vr, nil),
+		bytes: prometheus.NewDesc("aegis_datapath_bytes_total",
+			"Bytes of the packets the XDP program passed or dropped, by verdict and reason.", vr, nil),
+		active: prometheus.NewDesc("aegis_datapath_sessions_active",
+			"Sessions the data path passes traffic for now, by address family.", fam, nil),
+		entries: prometheus.NewDesc("aegis_datapath_sessions_entries",
+			"Entries of the sessions maps, expired sessions not yet reaped included, by address family.", fam, nil),
+		sessCap: prometheus.NewDesc("aegis_datapath_sessions_capacity",
+			"Capacity of the sessions maps (aegis-loader --max-sessions), by address family.", fam, nil),
+		allow: prometheus.NewDesc("aegis_datapath_allow_entries",
+			"Prefixes in the static allow maps, by address family (one prefix holds every port rule of its source).", fam, nil),
+		allowCap: prometheus.NewDesc("aegis_datapath_allow_capacity",
+			"Capacity of the static allow maps in prefixes, by address family.", fam, nil),
+		monitor: prometheus.NewDesc("aegis_datapath_monitor_mode",
+			"1 when the data path runs in monitor mode (would-be drops pass and count as reason monitor), 0 when it enforces.", nil, nil),
+		loaded: prometheus.NewDesc("aegis_datapath_loaded",
+			"1 when the reaper can read the pinned maps; 0 when they are missing or unreadable (the other aegis_datapath_ series are then absent).", nil, nil),
+	}
+}
+
+func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.active, e.entries, e.sessCap, e.allow, e.allowCap, e.monitor, e.loaded} {
+		ch <- d
+	}
+}
+
+// Collect reads everything before sending anything, so a scrape sees all
+// of the data path's series or none of them, never half.
+func (e *exporter) Collect(ch chan<- prometheus.Metric) {
+	var out []prometheus.Metric
+	err := e.maps.Do(func(m *state.Maps) error {
+		var err error
+		out, err = e.read(m)
+		return err
+	})
+	e.mu.Lock()
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if msg != e.lastErr && err != nil && !errors.Is(err, state.ErrNotLoaded) {
+		e.log.Warn().Err(err).Msg("metrics: read the data path's maps")
+	}
+	e.lastErr = msg
+	e.mu.Unlock()
+	if err != nil {
+		ch <- prometheus.MustNewConstMetric(e.loaded, prometheus.GaugeValue, 0)
+		return
+	}
+	for _, m := range out {
+		ch <- m
+	}
+	ch <- prometheus.MustNewConstMetric(e.loaded, prometheus.GaugeValue, 1)
+}
+
+func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
+	cfg, err := m.ReadConfig()
+	if err != nil {
+		return nil, err
+	}
+	counters, err := m.ReadStats()
+	if err != nil {
+		return nil, err
+	}
+	v4, v6, err := m.Fill(cfg.DefaultIdleTimeout, state.Now())
+	if err != nil {
+		return nil, err
+	}
+	a4, err := countKeys(m.AllowV4)
+	if err != nil {
+		return nil, err
+	}
+	a6, err := countKeys(m.AllowV6)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]prometheus.Metric, 0, 2*len(state.Reasons)+11)
+	for _, r := range state.Reasons {
+		out = append(out,
+			prometheus.MustNewConstMetric(e.packets, prometheus.CounterValue, float64(counters[r].Packets), r.Verdict(), r.String()),
+			prometheus.MustNewConstMetric(e.bytes, prometheus.CounterValue, float64(counters[r].Bytes), r.Verdict(), r.String()))
+	}
+	for _, f := range []struct {
+		family string
+		fill   state.Fill
+		allow  int
+		allowM *ebpf.Map
+	}{{familyV4, v4, a4, m.AllowV4}, {familyV6, v6, a6, m.AllowV6}} {
+		out = append(out,
+			prometheus.MustNewConstMetric(e.active, prometheus.GaugeValue, float64(f.fill.Active), f.family),
+			prometheus.MustNewConstMetric(e.entries, prometheus.GaugeValue, float64(f.fill.Entries), f.family),
+			prometheus.MustNewConstMetric(e.sessCap, prometheus.GaugeValue, float64(f.fill.Capacity), f.family),
+			prometheus.MustNewConstMetric(e.allow, prometheus.GaugeValue, float64(f.allow), f.family),
+			prometheus.MustNewConstMetric(e.allowCap, prometheus.GaugeValue, float64(f.allowM.MaxEntries()), f.family))
+	}
+	mon := 0.0
+	if cfg.Monitor {
+		mon = 1
+	}
+	return append(out, prometheus.MustNewConstMetric(e.monitor, prometheus.GaugeValue, mon)), nil
+}
+
+// countKeys counts an LPM trie's prefixes; tries have no batch lookup.
+// The allow maps hold tens of entries, written by the loader only.
+func countKeys(m *ebpf.Map) (int, error) {
+	n := 0
+	var k, v []byte
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n, it.Err()
+}
