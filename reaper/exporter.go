@@ -73,13 +73,21 @@ func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect reads everything before sending anything, so a scrape sees all
 // of the data path's series or none of them, never half.
+//
+// It first follows the pins (an unload, a reload), as the sweep loop does
+// on its own interval: a scrape must not report maps the loader removed
+// an interval ago. Behind a sweep in progress that waits for the sweep's
+// end; Prometheus's scrape timeout bounds it.
 func (e *exporter) Collect(ch chan<- prometheus.Metric) {
 	var out []prometheus.Metric
-	err := e.maps.Do(func(m *state.Maps) error {
-		var err error
-		out, err = e.read(m)
-		return err
-	})
+	err := e.maps.Refresh()
+	if err == nil {
+		err = e.maps.Do(func(m *state.Maps) error {
+			var err error
+			out, err = e.read(m)
+			return err
+		})
+	}
 	e.mu.Lock()
 	msg := ""
 	if err != nil {

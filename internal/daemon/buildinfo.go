@@ -53,7 +53,7 @@ func ProgramTag() string {
 		if err != nil {
 			return
 		}
-		if t, err := programTag(ps.Instructions, tagHash(kernelRelease())); err == nil {
+		if t, err := programTag(ps.Instructions, spec.ByteOrder, tagHash(kernelRelease())); err == nil {
 			tagVal = t
 		}
 	})
@@ -74,13 +74,13 @@ func tagHash(major, minor int) func() hash.Hash {
 // the constant of each map load zeroed (it holds a descriptor, which
 // differs from load to load), cut to the kernel's 8 bytes. cilium/ebpf's
 // own hash is unexported.
-func programTag(insns asm.Instructions, newHash func() hash.Hash) (string, error) {
+func programTag(insns asm.Instructions, bo binary.ByteOrder, newHash func() hash.Hash) (string, error) {
 	h := newHash()
 	for i, ins := range insns {
 		if ins.IsLoadFromMap() {
 			ins.Constant = 0
 		}
-		if _, err := ins.Marshal(h, binary.NativeEndian); err != nil {
+		if _, err := ins.Marshal(h, bo); err != nil {
 			return "", fmt.Errorf("hash instruction %d: %w", i, err)
 		}
 	}
