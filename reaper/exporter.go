@@ -3,6 +3,7 @@ package reaper
 import (
 	"errors"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
@@ -165,4 +166,16 @@ func countKeys(m *ebpf.Map) (int, error) {
 		n++
 	}
 	return n, it.Err()
+}
+
+// intervalGauge is aegis_reaper_sweep_interval_seconds, --cleanup-interval:
+// what a "last sweep too long ago" alert compares with, so the rule needs
+// no copy of the flag.
+func intervalGauge(d time.Duration) prometheus.Collector {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "aegis_reaper_sweep_interval_seconds",
+		Help: "Time between two sweeps (--cleanup-interval).",
+	})
+	g.Set(d.Seconds())
+	return g
 }

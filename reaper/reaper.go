@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"github.com/aegis-agent/aegis/internal/daemon"
@@ -74,8 +75,10 @@ func (r *Reaper) Run(ctx context.Context, metricsAddr string) error {
 
 	if metricsAddr != "" {
 		// The data path's series come from this process (exporter.go).
-		if err := r.metrics.reg.Register(newExporter(h, r.log)); err != nil {
-			return fmt.Errorf("register metrics: %w", err)
+		for _, c := range []prometheus.Collector{newExporter(h, r.log), intervalGauge(r.interval)} {
+			if err := r.metrics.reg.Register(c); err != nil {
+				return fmt.Errorf("register metrics: %w", err)
+			}
 		}
 		srv, err := daemon.ListenMetrics(metricsAddr, r.metrics.reg)
 		if err != nil {
