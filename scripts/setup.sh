@@ -23,6 +23,7 @@ declare -A need=(
   [socat]=socat          # the demo's small services and client
   [/usr/bin/time]=time   # the reaper benchmark's peak RSS
   [systemd-socket-activate]=systemd # control plane socket-activation test
+  [promtool]=prometheus  # alert rule tests and the metrics lint (only promtool is used)
 )
 missing=()
 for cmd in "${!need[@]}"; do
@@ -36,6 +37,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The package also ships a Prometheus server, enabled on install: the
+  # tests need promtool only, and the systemd test boots this machine's
+  # root in a container, where an enabled server would start too.
+  if printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 
 if ! command -v go >/dev/null 2>&1; then
