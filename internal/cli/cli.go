@@ -189,8 +189,10 @@ func (s Spec) New(grammar any, stdio IO, opts ...kong.Option) (*kong.Kong, error
 
 // Run parses args into grammar (a kong struct embedding Globals) and calls
 // the selected command's Run method, binding ctx, the IO and the logger.
-// Errors are printed as one line on stderr, prefixed with the name. It
-// returns the process exit code: 0 on success, 1 when the command failed,
+// Errors are printed as one line on stderr, prefixed with the name (and,
+// when stderr is the journal, with the sd-daemon "<3>" that gives the line
+// error priority: a daemon's last words are the line journalctl -p err
+// must show). It returns the process exit code: 0 on success, 1 when the command failed,
 // 2 for a usage error.
 func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 	args []string, stdio IO, opts ...kong.Option) (code int) {
@@ -204,14 +206,15 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 		}
 	}()
 	name := spec.Name
+	failed := func(err error) { fmt.Fprintf(stdio.Stderr, "%s%s: %v\n", errorPrefix(stdio.Stderr), name, err) }
 	parser, err := spec.New(grammar, stdio, opts...)
 	if err != nil {
-		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
+		failed(err)
 		return 2
 	}
 	kctx, err := parser.Parse(args)
 	if err != nil {
-		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
+		failed(err)
 		return 2
 	}
 	globals.name = name
@@ -219,7 +222,7 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 	kctx.BindTo(ctx, (*context.Context)(nil))
 	kctx.Bind(stdio, log)
 	if err := kctx.Run(); err != nil {
-		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
+		failed(err)
 		if u := (*UsageError)(nil); errors.As(err, &u) {
 			return 2
 		}

@@ -215,3 +215,13 @@ func underJournal(w io.Writer) bool {
 
 // programName is the journal's SYSLOG_IDENTIFIER for this process.
 func programName() string { return filepath.Base(os.Args[0]) }
+
+// errorPrefix is "<3>" when w is the journal stream: journald reads an
+// sd-daemon priority prefix off each stream line (SyslogLevelPrefix=, on
+// by default) and strips it.
+func errorPrefix(w io.Writer) string {
+	if underJournal(w) {
+		return "<3>"
+	}
+	return ""
+}

@@ -2,9 +2,12 @@ package cli_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -240,5 +243,50 @@ func TestJSONTimestamp(t *testing.T) {
 	}
 	if d := time.Since(ts); d < 0 || d > time.Minute {
 		t.Fatalf("time %s is %s off", line.Time, d)
+	}
+}
+
+type failing struct {
+	cli.Globals
+}
+
+func (f *failing) Run() error { return errors.New("open pins: permission denied") }
+
+// A command's final error line carries the journal's error priority when
+// stderr is the journal stream, and nothing otherwise.
+func TestErrorLinePriority(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	saved, err := unix.Dup(unix.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restore := func() { _ = unix.Dup2(saved, unix.Stderr); unix.Close(saved) }
+	if err := unix.Dup2(int(w.Fd()), unix.Stderr); err != nil {
+		restore()
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	_ = unix.Fstat(unix.Stderr, &st)
+	t.Setenv("JOURNAL_STREAM", fmt.Sprintf("%d:%d", st.Dev, st.Ino))
+	var f failing
+	f.SetJournalSocket(filepath.Join(t.TempDir(), "none.sock"))
+	code := cli.Run(context.Background(), cli.Spec{Name: "aegis-test"}, &f, &f.Globals, []string{"--log-format", "json"},
+		cli.IO{Stdout: os.Stdout, Stderr: os.Stderr})
+	restore()
+	w.Close()
+	out, _ := io.ReadAll(r)
+	if code != 1 || string(out) != "<3>aegis-test: open pins: permission denied\n" {
+		t.Fatalf("exit %d, stderr %q", code, out)
+	}
+
+	var buf bytes.Buffer
+	var g failing
+	cli.Run(context.Background(), cli.Spec{Name: "aegis-test"}, &g, &g.Globals, nil, cli.IO{Stdout: &buf, Stderr: &buf})
+	if buf.String() != "aegis-test: open pins: permission denied\n" {
+		t.Fatalf("not the journal: %q", buf.String())
 	}
 }
