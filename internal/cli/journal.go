@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"unicode"
 
 	"github.com/coreos/go-systemd/v22/journal"
 	"golang.org/x/sys/unix"
@@ -156,7 +157,10 @@ func encodeEntry(out *bytes.Buffer, event []byte, identifier string) error {
 	text := msg
 	for _, f := range fields {
 		v := f[1]
-		if v == "" || strings.ContainsAny(v, " \"=") {
+		// Quoted when it would not read as one key=value word: with a
+		// space, a quote, an equals sign, or anything unprintable (a
+		// newline must not start what looks like another line).
+		if v == "" || strings.ContainsAny(v, " \"=") || strings.ContainsFunc(v, func(r rune) bool { return !unicode.IsPrint(r) }) {
 			v = strconv.Quote(v)
 		}
 		text += " " + f[0] + "=" + v
