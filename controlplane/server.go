@@ -5,7 +5,8 @@
 // codec.go), the full aegis.agent.v1.AgentService (agent.go; the pages of
 // ListSessions in list.go), the standard health service and server
 // reflection on one listener, over mutual TLS (tls.go, auth.go), and
-// exports Prometheus metrics (metrics.go). The command line and the
+// exports Prometheus metrics (metrics.go; refused TLS handshakes in
+// tlsmetrics.go). The command line and the
 // systemd integration are in cli.go.
 package controlplane
 

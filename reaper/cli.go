@@ -24,7 +24,7 @@ type CLI struct {
 	Once            bool          `help:"Sweep once and exit: 0 when the sweep completed, 1 when the maps could not be opened or the sweep failed."`
 	// The control plane has a flag of the same name, and both daemons read
 	// one environment file: each gets its own variable.
-	MetricsAddress string `env:"AEGIS_REAPER_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on this address; off when empty. Ignored with --once."`
+	MetricsAddress string `env:"AEGIS_REAPER_METRICS_ADDRESS" placeholder:"HOST:PORT" help:"Serve Prometheus metrics on http://HOST:PORT/metrics: the data path's counters, map fill and monitor mode, and the sweeps; off when empty. Ignored with --once."`
 }
 
 // Main runs aegis-reaper with args and returns its exit code.

@@ -6,7 +6,8 @@
 // pinned maps (CAP_BPF and the pins' group), never the control plane:
 // either can run while the other is down. The map mechanics, and why a
 // sweep never deletes a session that is still live, are in
-// internal/state/sweep.go.
+// internal/state/sweep.go. With --metrics-address it is also the data
+// path's exporter (exporter.go).
 package reaper
 
 import (
