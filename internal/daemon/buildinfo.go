@@ -22,8 +22,10 @@ import (
 // binary's version and the kernel tag of the XDP program compiled into it.
 //
 // The tag is computed from the embedded object, not read from the kernel:
-// the pinned program is root's alone (0600), and the kernel hands out the
-// tag only through a program descriptor. It is the tag aegis-loader
+// the kernel hands out a program's tag only through a descriptor of the
+// program or of its link (or a lookup by id, which needs CAP_SYS_ADMIN),
+// and the pinned program and links are root's alone on purpose: a
+// descriptor of a link can detach the filter. It is the tag aegis-loader
 // status and bpftool print for this build once loaded, so an operator can
 // tell whether the daemons and the attached program are one build
 // (aegis-loader status says "current" for the loader's own build).
