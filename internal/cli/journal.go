@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"unicode"
 
@@ -115,94 +114,212 @@ func (w *journalWriter) send(entry []byte) error {
 }
 
 // encodeEntry writes the journal entry of one zerolog JSON event: the
-// fields in the event's order, strings unquoted, other values as JSON.
+// fields in the event's order, strings unquoted, other values as their
+// JSON text. It scans the flat object zerolog writes by hand rather than
+// through encoding/json, which cost ten times as much per audit line.
 func encodeEntry(out *bytes.Buffer, event []byte, identifier string) error {
-	dec := json.NewDecoder(bytes.NewReader(event))
-	dec.UseNumber()
-	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
-		return errors.New("not a JSON object")
-	}
-	var msg, level string
-	var fields [][2]string
-	for dec.More() {
-		t, err := dec.Token()
-		if err != nil {
-			return err
-		}
-		key, _ := t.(string)
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return err
-		}
-		val := string(raw)
-		if len(raw) > 0 && raw[0] == '"' {
-			if err := json.Unmarshal(raw, &val); err != nil {
-				return err
-			}
-		}
-		switch key {
+	var fieldsBuf [32]field
+	fields := fieldsBuf[:0]
+	var msg, level []byte
+	err := scanObject(event, func(key, val []byte) {
+		switch string(key) {
 		case "message":
 			msg = val
 		case "level":
 			level = val
 		case "time":
 		default:
-			fields = append(fields, [2]string{key, val})
+			fields = append(fields, field{key, val})
 		}
+	})
+	if err != nil {
+		return err
 	}
-	pri, ok := priorities[level]
+	pri, ok := priorities[string(level)]
 	if !ok {
 		pri = journal.PriInfo
 	}
-	text := msg
+	text := make([]byte, 0, len(event))
+	text = append(text, msg...)
 	for _, f := range fields {
-		v := f[1]
+		text = append(text, ' ')
+		text = append(text, f.key...)
+		text = append(text, '=')
 		// Quoted when it would not read as one key=value word: with a
 		// space, a quote, an equals sign, or anything unprintable (a
 		// newline must not start what looks like another line).
-		if v == "" || strings.ContainsAny(v, " \"=") || strings.ContainsFunc(v, func(r rune) bool { return !unicode.IsPrint(r) }) {
-			v = strconv.Quote(v)
+		if len(f.val) == 0 || bytes.ContainsAny(f.val, " \"=") || bytes.ContainsFunc(f.val, func(r rune) bool { return !unicode.IsPrint(r) }) {
+			text = strconv.AppendQuote(text, string(f.val))
+		} else {
+			text = append(text, f.val...)
 		}
-		text += " " + f[0] + "=" + v
 	}
 	appendField(out, "MESSAGE", text)
-	appendField(out, "PRIORITY", strconv.Itoa(int(pri)))
-	appendField(out, "SYSLOG_IDENTIFIER", identifier)
+	appendField(out, "PRIORITY", []byte{'0' + byte(pri)})
+	appendField(out, "SYSLOG_IDENTIFIER", []byte(identifier))
+	var name [64]byte
 	for _, f := range fields {
-		appendField(out, journalFieldName(f[0]), f[1])
+		appendField(out, journalFieldName(name[:0], f.key), f.val)
 	}
 	return nil
 }
 
-// journalFieldName is AEGIS_ and the key upper-cased, with every
-// character a journal field name may not hold replaced by '_'.
-func journalFieldName(key string) string {
-	b := []byte("AEGIS_" + strings.ToUpper(key))
-	for i, c := range b {
-		if !(c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_') {
-			b[i] = '_'
+type field struct{ key, val []byte }
+
+var errNotObject = errors.New("not a flat JSON object")
+
+// scanObject calls fn with each key and value of the JSON object in p:
+// strings unquoted, any other value (number, boolean, null, array,
+// object) as its text. The slices may point into p.
+func scanObject(p []byte, fn func(key, val []byte)) error {
+	i := skipSpace(p, 0)
+	if i >= len(p) || p[i] != '{' {
+		return errNotObject
+	}
+	i = skipSpace(p, i+1)
+	if i < len(p) && p[i] == '}' {
+		return nil
+	}
+	for {
+		if i >= len(p) || p[i] != '"' {
+			return errNotObject
+		}
+		key, next, err := scanString(p, i)
+		if err != nil {
+			return err
+		}
+		i = skipSpace(p, next)
+		if i >= len(p) || p[i] != ':' {
+			return errNotObject
+		}
+		i = skipSpace(p, i+1)
+		if i >= len(p) {
+			return errNotObject
+		}
+		var val []byte
+		if p[i] == '"' {
+			if val, next, err = scanString(p, i); err != nil {
+				return err
+			}
+		} else {
+			start := i
+			if next, err = scanValue(p, i); err != nil {
+				return err
+			}
+			val = p[start:next]
+		}
+		fn(key, val)
+		i = skipSpace(p, next)
+		if i >= len(p) {
+			return errNotObject
+		}
+		switch p[i] {
+		case ',':
+			i = skipSpace(p, i+1)
+		case '}':
+			return nil
+		default:
+			return errNotObject
 		}
 	}
-	if len(b) > 64 {
-		b = b[:64]
+}
+
+func skipSpace(p []byte, i int) int {
+	for i < len(p) && (p[i] == ' ' || p[i] == '\t' || p[i] == '\n' || p[i] == '\r') {
+		i++
 	}
-	return string(b)
+	return i
+}
+
+// scanString reads the JSON string starting at p[i] (a quote) and returns
+// its contents and the index after it. Only a string with escapes is
+// copied and decoded.
+func scanString(p []byte, i int) ([]byte, int, error) {
+	escaped := false
+	for j := i + 1; j < len(p); j++ {
+		switch p[j] {
+		case '\\':
+			escaped = true
+			j++
+		case '"':
+			if !escaped {
+				return p[i+1 : j], j + 1, nil
+			}
+			var s string
+			if err := json.Unmarshal(p[i:j+1], &s); err != nil {
+				return nil, 0, err
+			}
+			return []byte(s), j + 1, nil
+		}
+	}
+	return nil, 0, errNotObject
+}
+
+// scanValue returns the index after the non-string JSON value at p[i].
+func scanValue(p []byte, i int) (int, error) {
+	depth := 0
+	for i < len(p) {
+		switch c := p[i]; c {
+		case '"':
+			_, next, err := scanString(p, i)
+			if err != nil {
+				return 0, err
+			}
+			i = next
+			continue
+		case '[', '{':
+			depth++
+		case ']', '}':
+			if depth == 0 {
+				return i, nil
+			}
+			depth--
+		case ',':
+			if depth == 0 {
+				return i, nil
+			}
+		}
+		i++
+	}
+	return 0, errNotObject
+}
+
+// journalFieldName appends to dst AEGIS_ and key upper-cased, with every
+// character a journal field name may not hold replaced by '_', cut to
+// the 64 bytes journald allows.
+func journalFieldName(dst, key []byte) string {
+	dst = append(dst, "AEGIS_"...)
+	for _, c := range key {
+		if len(dst) == 64 {
+			break
+		}
+		switch {
+		case c >= 'a' && c <= 'z':
+			c -= 'a' - 'A'
+		case c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_':
+		default:
+			c = '_'
+		}
+		dst = append(dst, c)
+	}
+	return string(dst)
 }
 
 // appendField writes one field in the native protocol: NAME=value, or,
 // for a value with a newline, the name, its length and the raw bytes.
-func appendField(out *bytes.Buffer, name, value string) {
-	if !strings.ContainsRune(value, '\n') {
-		out.WriteString(name)
+func appendField(out *bytes.Buffer, name string, value []byte) {
+	out.WriteString(name)
+	if bytes.IndexByte(value, '\n') < 0 {
 		out.WriteByte('=')
-		out.WriteString(value)
+		out.Write(value)
 		out.WriteByte('\n')
 		return
 	}
-	out.WriteString(name)
 	out.WriteByte('\n')
-	_ = binary.Write(out, binary.LittleEndian, uint64(len(value)))
-	out.WriteString(value)
+	var n [8]byte
+	binary.LittleEndian.PutUint64(n[:], uint64(len(value)))
+	out.Write(n[:])
+	out.Write(value)
 	out.WriteByte('\n')
 }
 

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/internal/cli"
@@ -292,5 +293,64 @@ func TestErrorLinePriority(t *testing.T) {
 	cli.Run(context.Background(), cli.Spec{Name: "aegis-test"}, &g, &g.Globals, nil, cli.IO{Stdout: &buf, Stderr: &buf})
 	if buf.String() != "aegis-test: open pins: permission denied\n" {
 		t.Fatalf("not the journal: %q", buf.String())
+	}
+}
+
+// The cost of one audit line in the journal format, to a socket that
+// reads as fast as it can, against the JSON format to a discarding
+// writer.
+func BenchmarkAuditLine(b *testing.B) {
+	audit := func(log zerolog.Logger) {
+		log.Info().Str("audit", "grant").Str("api", "agent").Str("user", "alice").Str("proto", "tcp").
+			Str("src", "192.0.2.10").Str("dst", "198.51.100.10").Uint16("port", 22).
+			Str("peer", "aegis-controller").Str("peer_addr", "198.51.100.5:41234").Str("result", "created").Msg("grant")
+	}
+	b.Run("journal", func(b *testing.B) {
+		path := filepath.Join(b.TempDir(), "journal.sock")
+		conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		go func() {
+			buf := make([]byte, 1<<16)
+			for {
+				if _, err := conn.Read(buf); err != nil {
+					return
+				}
+			}
+		}()
+		g := cli.Globals{LogLevel: "info", LogFormat: "journal"}
+		g.SetJournalSocket(path)
+		log := g.Logger(io.Discard)
+		b.ReportAllocs()
+		for b.Loop() {
+			audit(log)
+		}
+	})
+	b.Run("json", func(b *testing.B) {
+		g := cli.Globals{LogLevel: "info", LogFormat: "json"}
+		log := g.Logger(io.Discard)
+		b.ReportAllocs()
+		for b.Loop() {
+			audit(log)
+		}
+	})
+}
+
+func BenchmarkEncodeEntry(b *testing.B) {
+	var line bytes.Buffer
+	log := zerolog.New(&line).With().Timestamp().Logger()
+	log.Info().Str("audit", "grant").Str("api", "agent").Str("user", "alice").Str("proto", "tcp").
+		Str("src", "192.0.2.10").Str("dst", "198.51.100.10").Uint16("port", 22).
+		Str("peer", "aegis-controller").Str("peer_addr", "198.51.100.5:41234").Str("result", "created").Msg("grant")
+	event := line.Bytes()
+	var out bytes.Buffer
+	b.ReportAllocs()
+	for b.Loop() {
+		out.Reset()
+		if err := cli.EncodeEntry(&out, event, "aegis-controlplane"); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
