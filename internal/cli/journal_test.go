@@ -354,3 +354,33 @@ func BenchmarkEncodeEntry(b *testing.B) {
 		}
 	}
 }
+
+// Every zerolog value type comes through: escaped strings decoded,
+// numbers, booleans, arrays and objects as their JSON text.
+func TestJournalValueTypes(t *testing.T) {
+	j := newFakeJournal(t)
+	g := journalLogger(t, j)
+	var stderr bytes.Buffer
+	log := g.Logger(&stderr)
+	log.Warn().Str("quoted", `say "hi"\now`).Strs("names", []string{"a,b", "c]"}).
+		Dict("nested", zerolog.Dict().Str("k", "v}").Int("n", -3)).Bool("ok", true).Float64("f", 1.5).
+		Interface("nil", nil).Err(errors.New("tab\there")).Msg("types")
+	e := j.next(t)
+	for k, want := range map[string]string{
+		"AEGIS_QUOTED": `say "hi"\now`, "AEGIS_NAMES": `["a,b","c]"]`, "AEGIS_NESTED": `{"k":"v}","n":-3}`,
+		"AEGIS_OK": "true", "AEGIS_F": "1.5", "AEGIS_NIL": "null", "AEGIS_ERROR": "tab\there", "PRIORITY": "4",
+	} {
+		if e[k] != want {
+			t.Errorf("%s = %q, want %q", k, e[k], want)
+		}
+	}
+	if stderr.Len() != 0 {
+		t.Errorf("fell back: %s", stderr.String())
+	}
+	// What is not a JSON object is refused (and Write sends it to stderr).
+	for _, bad := range []string{`{"a":`, `["x"]`, `{"a" "b"}`, `{"a":"b"`} {
+		if err := cli.EncodeEntry(&bytes.Buffer{}, []byte(bad), "x"); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
+	}
+}
