@@ -198,12 +198,17 @@ func pinAll(b *testing.B, m *state.Maps) string {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		b.Fatal(err)
 	}
+	if err := state.EnsureSweepLock(dir, 0); err != nil {
+		b.Fatal(err)
+	}
 	for name, mp := range map[string]*ebpf.Map{state.MapSessionsV4: m.SessionsV4, state.MapSessionsV6: m.SessionsV6,
-		state.MapAllowV4: m.AllowV4, state.MapAllowV6: m.AllowV6, state.MapConfig: m.Config, state.MapStats: m.Stats} {
+		state.MapAllowV4: m.AllowV4, state.MapAllowV6: m.AllowV6, state.MapConfig: m.Config, state.MapStats: m.Stats,
+		state.MapSweepSeq: m.SweepSeq} {
 		if err := mp.Pin(state.MapPath(dir, name)); err != nil {
 			b.Fatal(err)
 		}
 	}
+	m.PinPath = dir // where sweeps find the sweep lock
 	return dir
 }
 

@@ -205,6 +205,9 @@ func (l *Loader) Load(cfg Config) (*Result, error) {
 		return res, err
 	}
 	defer closeMaps(maps)
+	if err := state.EnsureSweepLock(cfg.PinPath, gid); err != nil {
+		return res, err
+	}
 
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err
@@ -311,9 +314,10 @@ func lockPinDir(pinPath string, gid int, create bool) (*state.Lock, error) {
 }
 
 // pinMode is the file mode of each pin: the daemons (group aegis) write
-// sessions and only read the rest; nothing is world-accessible.
+// sessions and the sweep sequence and only read the rest; nothing is
+// world-accessible.
 func pinMode(name string) os.FileMode {
-	if name == state.MapSessionsV4 || name == state.MapSessionsV6 {
+	if name == state.MapSessionsV4 || name == state.MapSessionsV6 || name == state.MapSweepSeq {
 		return 0o660
 	}
 	return 0o640

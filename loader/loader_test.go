@@ -446,6 +446,8 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	}
 	want[state.MapPath(e.pin, state.MapSessionsV4)] = 0o660
 	want[state.MapPath(e.pin, state.MapSessionsV6)] = 0o660
+	want[state.MapPath(e.pin, state.MapSweepSeq)] = 0o660
+	want[state.SweepLockPath(e.pin)] = 0o750 | os.ModeDir
 	for path, mode := range want {
 		fi, err := os.Stat(path)
 		if err != nil {

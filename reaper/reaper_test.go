@@ -311,7 +311,7 @@ func TestDaemonSweepsAndFollowsTheLoader(t *testing.T) {
 		`aegis_reaper_sessions_reaped_total{family="ipv4",reason="idle"}`:     1,
 		`aegis_reaper_sessions_reaped_total{family="ipv6",reason="lifetime"}`: 1,
 		`aegis_reaper_sessions_reaped_total{family="ipv4",reason="lifetime"}`: 0,
-		`aegis_reaper_sessions_restored_total{family="ipv4"}`:                 0,
+		`aegis_reaper_sessions_regranted_total{family="ipv4"}`:                0,
 		`aegis_reaper_sweep_errors_total`:                                     0,
 	} {
 		if got := metric(body, series); got != want {

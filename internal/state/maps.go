@@ -32,6 +32,11 @@ type Maps struct {
 	AllowV6    *ebpf.Map
 	Config     *ebpf.Map
 	Stats      *ebpf.Map
+	// SweepSeq is the sweep sequence that every session write reads
+	// before and after writing (see sweep.go).
+	SweepSeq *ebpf.Map
+
+	stats guardStats
 }
 
 var (
@@ -78,6 +83,7 @@ func Open(pinPath string, opts OpenOptions) (*Maps, error) {
 		{MapAllowV6, &m.AllowV6, false},
 		{MapConfig, &m.Config, false},
 		{MapStats, &m.Stats, false},
+		{MapSweepSeq, &m.SweepSeq, opts.Writable},
 	}
 	for _, t := range targets {
 		path := MapPath(pinPath, t.name)
@@ -135,7 +141,7 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 // Close releases the maps; the pins stay.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.SessionsV4, m.SessionsV6, m.AllowV4, m.AllowV6, m.Config, m.Stats} {
+	for _, mp := range []*ebpf.Map{m.SessionsV4, m.SessionsV6, m.AllowV4, m.AllowV6, m.Config, m.Stats, m.SweepSeq} {
 		if mp != nil {
 			errs = append(errs, mp.Close())
 		}
@@ -176,11 +182,14 @@ func updateError(err error) error {
 	return fmt.Errorf("update session: %w", err)
 }
 
-// Revoke deletes a session. Returns ErrNotFound if there is none.
+// Revoke deletes a session. Returns ErrNotFound if there is none. A
+// revoke is a plain delete, never undone: a grant of the same key by this
+// process runs before it or after it, and no sweep puts anything back.
 func (m *Maps) Revoke(k Key) error {
 	if err := k.Validate(); err != nil {
 		return err
 	}
+	defer lockKey(k).Unlock()
 	var err error
 	if k.Is4() {
 		kk := k.v4()

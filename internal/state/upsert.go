@@ -15,8 +15,10 @@ import (
 // Upsert grants or refreshes a session: a refresh
 // replaces the timestamps, lifetime, idle timeout and user, and keeps the
 // creation time. It returns the session as the map now holds it and
-// whether it is new. A new session costs one syscall (an insert that fails
-// if the key exists), a refresh three. When Upsert returns nil the data
+// whether it is new. A new session costs three syscalls (an insert that
+// fails if the key exists, between two reads of the sweep sequence), a
+// refresh five; one that overlapped a sweep deleting sessions waits for
+// it and checks its write (see sweep.go). When Upsert returns nil the data
 // path already passes the session's next packet.
 //
 // Returns ErrInvalid for a malformed session and ErrFull if the map is at
@@ -33,13 +35,17 @@ func (m *Maps) Upsert(s Session) (stored Session, created bool, err error) {
 // it replaced (when it could read it).
 func (m *Maps) upsert(s Session) (stored Session, created bool, old *bpf.AegisSessionValue, err error) {
 	v := s.value()
-	if s.Is4() {
-		k := s.v4()
-		created, old, err = upsert(m.SessionsV4, &k, &v)
-	} else {
-		k := s.v6()
-		created, old, err = upsert(m.SessionsV6, &k, &v)
-	}
+	err = m.guarded(s.Key, func() (*bpf.AegisSessionValue, error) {
+		var err error
+		if s.Is4() {
+			k := s.v4()
+			created, old, err = upsert(m.SessionsV4, &k, &v)
+		} else {
+			k := s.v6()
+			created, old, err = upsert(m.SessionsV6, &k, &v)
+		}
+		return &v, err
+	})
 	if err != nil {
 		return Session{}, false, nil, err
 	}
@@ -104,15 +110,12 @@ func (m *Maps) GrantAll(ss []Session) (created []bool, err error) {
 func (m *Maps) undo(undos []grantUndo) {
 	for i := len(undos) - 1; i >= 0; i-- {
 		u := undos[i]
-		switch {
-		case u.old == nil:
+		if u.old == nil {
 			_ = m.Revoke(u.key)
-		case u.key.Is4():
-			k := u.key.v4()
-			_ = m.SessionsV4.Update(&k, u.old, ebpf.UpdateAny)
-		default:
-			k := u.key.v6()
-			_ = m.SessionsV6.Update(&k, u.old, ebpf.UpdateAny)
+			continue
 		}
+		_ = m.guarded(u.key, func() (*bpf.AegisSessionValue, error) {
+			return u.old, updateError(m.update(u.key, u.old, ebpf.UpdateAny))
+		})
 	}
 }
