@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -554,5 +556,223 @@ func mustGrantRaw(t *testing.T, m *state.Maps, k state.Key) {
 	v := bpf.AegisSessionValue{LastSeenNs: state.Now(), CreatedNs: state.Now(), IdleTimeoutNs: uint64(time.Hour)}
 	if err := m.SessionsV4.Update(&kk, &v, ebpf.UpdateNoExist); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// stressPairs is the number of grant/revoke pairs of
+// TestSweepStressGrantRevoke; AEGIS_STRESS_PAIRS overrides it.
+func stressPairs(t *testing.T, def int) int {
+	if v := os.Getenv("AEGIS_STRESS_PAIRS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			t.Fatalf("AEGIS_STRESS_PAIRS=%q: want a positive number", v)
+		}
+		return n
+	}
+	return def
+}
+
+// stressResult is what a stress run saw.
+type stressResult struct {
+	pairs, resurrected, lost  int
+	sweeps, reaped, regranted int
+	overlaps, repaired        uint64
+	failures                  []string
+}
+
+// stressGrantRevoke runs grant/revoke pairs on sessions at the edge of
+// expiry while two sweepers sweep continuously. Each worker owns its
+// keys and, round after round, for each of them: checks that the key is
+// absent (revoked in the previous round, granted by no one since), grants
+// it expired, so that the sweeps find it expired; then grants it live
+// (acknowledged); then checks that it is there, revokes it (which must
+// find it) and checks that it is gone. A revoked key found present again
+// is a resurrection; an acknowledged grant found absent, or a revoke that
+// does not find it, is a lost grant.
+//
+// widen, if not nil, runs inside every sweep at the point of its design's
+// window (see SetBeforeDelete, SetLegacySweep), to make it wide enough to
+// hit in a bounded run.
+func stressGrantRevoke(t *testing.T, pairs int, legacy bool, widen func()) stressResult {
+	m, _ := sweepMaps(t, time.Minute)
+	const workers, perWorker = 4, 128
+	var res stressResult
+	var mu sync.Mutex
+	fail := func(kind *int, f string, args ...any) {
+		mu.Lock()
+		defer mu.Unlock()
+		*kind++
+		if len(res.failures) < 10 {
+			res.failures = append(res.failures, fmt.Sprintf(f, args...))
+		}
+	}
+
+	stop := make(chan struct{})
+	var sweepers sync.WaitGroup
+	var sweepErr error
+	for range 2 {
+		sweepers.Add(1)
+		go func() {
+			defer sweepers.Done()
+			sw := state.NewSweeper()
+			if legacy {
+				state.SetLegacySweep(sw, widen)
+			} else if widen != nil {
+				state.SetBeforeDelete(sw, widen)
+			}
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				r, err := sw.Sweep(context.Background(), m, nil)
+				mu.Lock()
+				if err != nil && sweepErr == nil {
+					sweepErr = err
+				}
+				res.sweeps++
+				res.reaped += r.Reaped()
+				res.regranted += r.V4.Regranted + r.V6.Regranted
+				mu.Unlock()
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+
+	rounds := (pairs + workers*perWorker - 1) / (workers * perWorker)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			keys := make([]state.Key, perWorker)
+			for i := range keys {
+				if i%2 == 0 {
+					keys[i] = key4(w*perWorker + i)
+				} else {
+					keys[i] = key6(w*perWorker + i)
+				}
+			}
+			absent := func(k state.Key, when string) {
+				if _, err := m.Lookup(k); err == nil {
+					fail(&res.resurrected, "%v: revoked, then present %s", k, when)
+				} else if !errors.Is(err, state.ErrNotFound) {
+					fail(&res.lost, "lookup %v: %v", k, err)
+				}
+			}
+			for round := range rounds {
+				for _, k := range keys {
+					if round > 0 {
+						absent(k, "at the start of the next round")
+					}
+					if err := m.Grant(state.Session{Key: k, User: "stale", LastSeen: state.Now() - uint64(time.Hour), IdleTimeout: time.Second}); err != nil {
+						fail(&res.lost, "grant %v: %v", k, err)
+					}
+				}
+				user := fmt.Sprintf("w%d-r%d", w, round)
+				for _, k := range keys {
+					if err := m.Grant(state.Session{Key: k, User: user, LastSeen: state.Now(), IdleTimeout: time.Hour}); err != nil {
+						fail(&res.lost, "grant %v: %v", k, err)
+					}
+				}
+				for _, k := range keys {
+					if s, err := m.Lookup(k); err != nil || s.User != user {
+						fail(&res.lost, "%v: acknowledged grant %s: found %q, %v", k, user, s.User, err)
+					}
+					if err := m.Revoke(k); err != nil {
+						fail(&res.lost, "%v: revoke of acknowledged grant %s: %v", k, user, err)
+					}
+					absent(k, "right after the revoke")
+				}
+			}
+			mu.Lock()
+			res.pairs += rounds * len(keys)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	sweepers.Wait()
+	if sweepErr != nil {
+		t.Fatal(sweepErr)
+	}
+	// A put-back may land after the workers' last look.
+	for w := range workers {
+		for i := range perWorker {
+			k := key4(w*perWorker + i)
+			if i%2 == 1 {
+				k = key6(w*perWorker + i)
+			}
+			if present(t, m, k) {
+				fail(&res.resurrected, "%v: revoked, then present after the run", k)
+			}
+		}
+	}
+	res.overlaps, res.repaired = state.GuardStats(m)
+	return res
+}
+
+func (r stressResult) String() string {
+	return fmt.Sprintf("%d pairs, %d resurrected, %d lost; %d sweeps reaped %d and kept %d re-granted; "+
+		"%d writes overlapped a section, %d written again", r.pairs, r.resurrected, r.lost, r.sweeps, r.reaped,
+		r.regranted, r.overlaps, r.repaired)
+}
+
+// widenEvery sleeps 50µs on every nth call: a preempted sweeping thread.
+func widenEvery(n int) func() {
+	var calls atomic.Int64
+	return func() {
+		if calls.Add(1)%int64(n) == 0 {
+			time.Sleep(50 * time.Microsecond)
+		}
+	}
+}
+
+// Grant/revoke pairs on sessions at the edge of expiry against continuous
+// sweeps: nothing resurrected, nothing lost, both with the window between
+// a section's re-read and its delete widened (grants land in it and must
+// repair) and without.
+func TestSweepStressGrantRevoke(t *testing.T) {
+	pairs := stressPairs(t, 200_000)
+	for _, c := range []struct {
+		name  string
+		widen func()
+	}{{"plain", nil}, {"widened", widenEvery(4)}} {
+		t.Run(c.name, func(t *testing.T) {
+			n := pairs
+			if c.widen != nil {
+				n = pairs / 4
+			}
+			start := time.Now()
+			r := stressGrantRevoke(t, n, false, c.widen)
+			t.Logf("%v in %v", r, time.Since(start).Round(time.Millisecond))
+			for _, f := range r.failures {
+				t.Error(f)
+			}
+			if r.resurrected != 0 || r.lost != 0 {
+				t.Fatalf("%d resurrected, %d lost", r.resurrected, r.lost)
+			}
+			if r.reaped == 0 || r.overlaps == 0 {
+				t.Fatalf("the sweeps did not race the grants: %v", r)
+			}
+			if c.widen != nil && r.repaired == 0 {
+				t.Fatalf("no grant landed in a section's window: %v", r)
+			}
+		})
+	}
+}
+
+// The same stress against the earlier design, with its window (between
+// LookupAndDelete and the put-back) widened as above: it resurrects
+// revoked sessions and loses acknowledged grants, which is what the
+// sections fix. Shows that the stress can fail.
+func TestSweepStressFindsLegacyFlaws(t *testing.T) {
+	r := stressGrantRevoke(t, stressPairs(t, 200_000)/4, true, widenEvery(1))
+	t.Logf("earlier design: %v", r)
+	if r.resurrected == 0 || r.lost == 0 {
+		t.Fatalf("the stress found %d resurrected and %d lost with the earlier design; want both", r.resurrected, r.lost)
 	}
 }
