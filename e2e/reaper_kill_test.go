@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -16,125 +18,96 @@ import (
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
-// kill -9 of the real aegis-reaper at random points of its sweeps, kill
-// after kill, while grants keep re-granting sessions the sweeps find
-// expired: after each kill every acknowledged grant that nothing has
-// replaced since is in the map. A kill inside a deleting section leaves
-// the sweep sequence odd; grants that overlapped it write their value
-// again once the kernel has released the dead reaper's lock.
+// kill -9 of the real aegis-reaper at random points of its deleting
+// sections, while grants re-grant the near-expiry sessions it is deleting:
+// after each kill every acknowledged grant is in the map.
+//
+// Each round grants every key expired, starts the reaper, and stops it
+// (SIGSTOP) at a random point once its first section is open: often
+// between the re-read of one of those sessions and its delete. Then it
+// grants every key live, each grant in its own goroutine, lets the reaper
+// run on for a random moment, and kills it: the reaper deletes the one
+// session it had re-read expired, now re-granted, and dies with the
+// section open. The grants that overlapped the section wait for the dead
+// reaper's lock and write their value again. Without that repair the
+// test loses grants.
 func TestReaperKilledDuringGrants(t *testing.T) {
-	const kills, granters, perGranter, fillers = 100, 2, 256, 20_000
+	const kills, keys = 100, 256
 	g := loadedPins(t, "--group", "root")
 	m := g.maps()
-
-	// Expired sessions that the sweeps delete, refilled before each run,
-	// so that each run spends its time in deleting sections.
-	fill := func() {
-		t.Helper()
-		keys := make([]bpf.AegisSessionKeyV4, fillers)
-		vals := make([]bpf.AegisSessionValue, fillers)
-		old := state.Now() - uint64(time.Hour)
-		for i := range keys {
-			keys[i] = bpf.AegisSessionKeyV4{Src: [4]byte{203, 0, 113, byte(i)}, Dst: [4]byte{198, 51, 100, byte(i >> 8)},
-				Dport: uint16(1 + i>>16), Proto: 17}
-			vals[i] = bpf.AegisSessionValue{LastSeenNs: old, CreatedNs: old, IdleTimeoutNs: uint64(time.Second)}
-		}
-		if _, err := m.SessionsV4.BatchUpdate(keys, vals, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
 	seq := func() uint64 {
-		t.Helper()
 		var v bpf.AegisSweepSeqValue
 		if err := m.SweepSeq.LookupWithFlags(uint32(0), &v, ebpf.LookupLock); err != nil {
-			t.Fatal(err)
+			panic(err) // also called off the test's goroutine
 		}
 		return v.Seq
 	}
-
-	// The grant loop: each granter grants its keys expired, then live,
-	// round after round. live[k] is the user of k's last acknowledged live
-	// grant, "" while an expired grant (which a sweep may delete) is the
-	// last. Grants run under pause, read-locked, so that the check sees
-	// no grant half done.
-	var pause sync.RWMutex
-	keys := make([][]state.Key, granters)
-	live := make([][]string, granters) // written by its granter, read by the check
-	acked := make([]int, granters)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var grantErr error
-	var errOnce sync.Once
-	for gr := range granters {
-		keys[gr], live[gr] = make([]state.Key, perGranter), make([]string, perGranter)
-		for i := range keys[gr] {
-			keys[gr][i] = state.Key{Src: netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}),
-				Dst: netip.AddrFrom4([4]byte{198, 51, 100, byte(200 + gr)}), Port: 443, Proto: state.TCP}
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			grant := func(i int, s state.Session, isLive bool) bool {
-				pause.RLock()
-				defer pause.RUnlock()
-				if !isLive {
-					live[gr][i] = ""
-				}
-				if err := m.Grant(s); err != nil {
-					errOnce.Do(func() { grantErr = fmt.Errorf("grant %v: %w", s.Key, err) })
-					return false
-				}
-				if isLive {
-					live[gr][i] = s.User
-					acked[gr]++
-				}
-				return true
-			}
-			for round := 0; ; round++ {
-				for i, k := range keys[gr] {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					if !grant(i, state.Session{Key: k, User: "stale", LastSeen: state.Now() - uint64(time.Hour), IdleTimeout: time.Second}, false) {
-						return
-					}
-				}
-				user := fmt.Sprintf("g%d-r%d", gr, round)
-				for i, k := range keys[gr] {
-					if !grant(i, state.Session{Key: k, User: user, LastSeen: state.Now(), IdleTimeout: time.Hour}, true) {
-						return
-					}
-				}
-			}
-		}()
+	ks := make([]state.Key, keys)
+	for i := range ks {
+		ks[i] = state.Key{Src: netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), Dst: netip.AddrFrom4([4]byte{198, 51, 100, 10}),
+			Port: 443, Proto: state.TCP}
 	}
-	defer func() { close(stop); wg.Wait() }()
+	// spin waits about d without leaving the CPU, for the sub-millisecond
+	// waits a sleep cannot time.
+	spin := func(d time.Duration) {
+		for start := time.Now(); time.Since(start) < d; {
+		}
+	}
 
-	inSection, checked := 0, 0
+	inSection, stoppedInSection, acked := 0, 0, 0
 	deadline := time.Now().Add(3 * time.Minute)
 	for kill := range kills {
 		if time.Now().After(deadline) {
 			t.Fatalf("only %d kills within the time allowed", kill)
 		}
-		fill()
-		before := seq()
+		for _, k := range ks {
+			if err := m.Grant(state.Session{Key: k, User: "stale", LastSeen: state.Now() - uint64(time.Hour), IdleTimeout: time.Second}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Hold the sweep lock until the reaper waits for it at its first
+		// section, then let it go and stop the reaper a moment later.
+		hold, err := state.LockDir(state.SweepLockPath(g.pin), false)
+		if err != nil {
+			t.Fatal(err)
+		}
 		cmd := exec.Command(bin("aegis-reaper"), "--pin-path", g.pin, "--cleanup-interval", "1ms", "--log-level", "error")
+		var out strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		// Once it has started sweeping, at a random point of the sweeps.
-		started := time.Now()
-		for seq() == before {
-			if time.Since(started) > 10*time.Second {
-				_ = cmd.Process.Kill()
-				_ = cmd.Wait()
-				t.Fatalf("kill %d: aegis-reaper did not start a section within 10s", kill)
-			}
-			time.Sleep(100 * time.Microsecond)
+		waitLockWaiter(t, state.SweepLockPath(g.pin), func() string { return out.String() })
+		hold.Unlock()
+		spin(time.Duration(rand.Int64N(int64(600 * time.Microsecond))))
+		if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(time.Duration(rand.Int64N(int64(5 * time.Millisecond))))
+		var ws syscall.WaitStatus
+		if _, err := syscall.Wait4(cmd.Process.Pid, &ws, syscall.WUNTRACED, nil); err != nil || !ws.Stopped() {
+			t.Fatalf("kill %d: wait for the stopped reaper: %v, status %v\n%s", kill, err, ws, out.String())
+		}
+		if seq()%2 == 1 {
+			stoppedInSection++
+		}
+
+		user := fmt.Sprintf("round%d", kill)
+		errs := make([]error, keys)
+		var wg sync.WaitGroup
+		for i, k := range ks {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[i] = m.Grant(state.Session{Key: k, User: user, LastSeen: state.Now(), IdleTimeout: time.Hour})
+			}()
+		}
+		// Let the grants write (those that overlap the open section then
+		// wait for its lock), then the reaper delete a little more.
+		time.Sleep(20 * time.Millisecond)
+		if err := cmd.Process.Signal(syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		spin(time.Duration(rand.Int64N(int64(200 * time.Microsecond))))
 		if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
@@ -142,34 +115,48 @@ func TestReaperKilledDuringGrants(t *testing.T) {
 		if seq()%2 == 1 {
 			inSection++
 		}
+		wg.Wait()
 
-		pause.Lock()
-		for gr := range granters {
-			for i, user := range live[gr] {
-				if user == "" {
-					continue
-				}
-				checked++
-				if s, err := m.Lookup(keys[gr][i]); err != nil || s.User != user {
-					pause.Unlock()
-					t.Fatalf("after kill %d: acknowledged grant %s of %v: found %q, %v", kill, user, keys[gr][i], s.User, err)
-				}
+		for i, k := range ks {
+			if errs[i] != nil {
+				t.Fatalf("kill %d: grant %v: %v", kill, k, errs[i])
+			}
+			acked++
+			if s, err := m.Lookup(k); err != nil || s.User != user {
+				t.Fatalf("after kill %d: acknowledged grant %s of %v: found %q, %v", kill, user, k, s.User, err)
 			}
 		}
-		pause.Unlock()
-		if grantErr != nil {
-			t.Fatal(grantErr)
+	}
+	t.Logf("%d kills, %d of them with a deleting section open (%d stopped in one); %d acknowledged grants, none lost",
+		kills, inSection, stoppedInSection, acked)
+	if stoppedInSection < kills/10 || inSection < kills/10 {
+		t.Fatalf("only %d of %d kills landed inside a deleting section (%d stops)", inSection, kills, stoppedInSection)
+	}
+}
+
+// waitLockWaiter waits until a process waits for an exclusive flock on
+// dir, as /proc/locks shows it ("->" marks a blocked request).
+func waitLockWaiter(t *testing.T, dir string, log func() string) {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	ino := fmt.Sprintf(":%d ", st.Ino)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		locks, err := os.ReadFile("/proc/locks")
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	pause.Lock()
-	n := 0
-	for _, a := range acked {
-		n += a
-	}
-	pause.Unlock()
-	t.Logf("%d kills, %d of them inside a deleting section; %d live grants acknowledged, %d checks after kills, none lost",
-		kills, inSection, n, checked)
-	if inSection == 0 {
-		t.Fatal("no kill landed inside a deleting section")
+		for _, l := range strings.Split(string(locks), "\n") {
+			if strings.Contains(l, "->") && strings.Contains(l, "FLOCK") && strings.Contains(l, "WRITE") && strings.Contains(l, ino) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("aegis-reaper did not wait for the sweep lock within 10s\n%s", log())
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

@@ -776,3 +776,42 @@ func TestSweepStressFindsLegacyFlaws(t *testing.T) {
 		t.Fatalf("the stress found %d resurrected and %d lost with the earlier design; want both", r.resurrected, r.lost)
 	}
 }
+
+// A revoke of a key whose grant is waiting to repair an overlapping
+// section's delete runs after the repair, not before: otherwise it would
+// find nothing and the repair would then bring the session back.
+func TestRevokeWaitsForOverlappingGrant(t *testing.T) {
+	m, dir := sweepMaps(t, time.Minute)
+	k := key4(1)
+	mustGrant(t, m, state.Session{Key: k, User: "alice", LastSeen: state.Now() - uint64(time.Hour), IdleTimeout: time.Second})
+	die := openSection(t, m, dir)
+	granted := make(chan error, 1)
+	go func() {
+		granted <- m.Grant(state.Session{Key: k, User: "bob", LastSeen: state.Now(), Created: state.Now(), IdleTimeout: time.Hour})
+	}()
+	for !present(t, m, k) || mustLookup(t, m, k).User != "bob" {
+		time.Sleep(100 * time.Microsecond)
+	}
+	// The section deletes the key, as a sweep that re-read alice's value.
+	kk := bpf.AegisSessionKeyV4{Src: k.Src.As4(), Dst: k.Dst.As4(), Dport: k.Port, Proto: uint8(k.Proto)}
+	if err := m.SessionsV4.Delete(&kk); err != nil {
+		t.Fatal(err)
+	}
+	revoked := make(chan error, 1)
+	go func() { revoked <- m.Revoke(k) }()
+	select {
+	case err := <-revoked:
+		t.Fatalf("the revoke returned (%v) while a grant of its key was unfinished", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	die()
+	if err := <-granted; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-revoked; err != nil {
+		t.Fatalf("revoke after the grant's repair: %v, want it to find bob's session", err)
+	}
+	if present(t, m, k) {
+		t.Fatal("the revoked session is back")
+	}
+}
