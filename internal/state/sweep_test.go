@@ -21,7 +21,7 @@ import (
 
 // sweepMaps pins the data path's maps in a fresh directory, writes a config
 // with the given default idle timeout, and opens them as the reaper does.
-func sweepMaps(t *testing.T, defaultIdle time.Duration) (*state.Maps, string) {
+func sweepMaps(t testing.TB, defaultIdle time.Duration) (*state.Maps, string) {
 	t.Helper()
 	dir := tu.PinDir(t)
 	pinMaps(t, dir)
@@ -35,7 +35,7 @@ func sweepMaps(t *testing.T, defaultIdle time.Duration) (*state.Maps, string) {
 }
 
 // setDefaultIdle rewrites the config map as the loader does.
-func setDefaultIdle(t *testing.T, dir string, d time.Duration) {
+func setDefaultIdle(t testing.TB, dir string, d time.Duration) {
 	t.Helper()
 	cfg, err := ebpf.LoadPinnedMap(state.MapPath(dir, state.MapConfig), nil)
 	if err != nil {
