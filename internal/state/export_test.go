@@ -21,3 +21,6 @@ func SetLegacySweep(s *Sweeper, beforePutBack func()) {
 func GuardStats(m *Maps) (overlaps, repaired uint64) {
 	return m.stats.overlaps.Load(), m.stats.repaired.Load()
 }
+
+// ReadSweepSeq reads the sweep sequence as a grant does.
+func ReadSweepSeq(m *Maps) (uint64, error) { return readSeq(m.SweepSeq) }

@@ -45,10 +45,12 @@ import (
 //     section's re-read L and its delete D is deleted with the key. The
 //     sequence makes G see that: G reads the sequence (R1), writes (U),
 //     and reads it again (R2), each a syscall that completes before the
-//     next starts, and each read and write of the sequence is atomic:
-//     BPF_F_LOCK copies the value under its bpf_spin_lock, where a plain
-//     array lookup is a memcpy that may see half of an update. The
-//     section's write of the odd value S comes before L
+//     next starts. Every read and write of the sequence takes its
+//     bpf_spin_lock (BPF_F_LOCK): a plain array lookup is a memcpy that
+//     may see half of an update, and the lock's acquire and release also
+//     carry this order across CPUs on weakly ordered machines, where the
+//     RCU lookup L could otherwise be performed before the odd write
+//     before it is visible. The section's write of the odd value S comes before L
 //     in its thread, and L < U < D on the element; so R2, after U, reads S
 //     or later. If R1 came before S it read less: R1 != R2. Otherwise R1
 //     read S (odd) or the section's closing even value, which comes after

@@ -70,3 +70,39 @@ func BenchmarkSweep(b *testing.B) { benchmarkSweep(b, nil) }
 func BenchmarkSweepLegacy(b *testing.B) {
 	benchmarkSweep(b, func(s *state.Sweeper) { state.SetLegacySweep(s, nil) })
 }
+
+// What the write protocol adds to a grant: two reads of the sweep
+// sequence (BenchmarkSweepSeqRead, one read), against the grant itself,
+// a new session (BenchmarkGrantNew: an insert) or a refresh
+// (BenchmarkGrantRefresh: a failed insert, a lookup and an update).
+func BenchmarkSweepSeqRead(b *testing.B) {
+	m, _ := sweepMaps(b, time.Minute)
+	for b.Loop() {
+		if _, err := state.ReadSweepSeq(m); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkGrantNew(b *testing.B) {
+	m, _ := sweepMaps(b, time.Minute)
+	s := state.Session{Key: key4(1), User: "bench", LastSeen: state.Now(), Created: state.Now(), IdleTimeout: time.Hour}
+	for b.Loop() {
+		b.StopTimer()
+		_ = m.Revoke(s.Key)
+		b.StartTimer()
+		if err := m.Grant(s); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkGrantRefresh(b *testing.B) {
+	m, _ := sweepMaps(b, time.Minute)
+	s := state.Session{Key: key4(1), User: "bench", LastSeen: state.Now(), Created: state.Now(), IdleTimeout: time.Hour}
+	for b.Loop() {
+		if err := m.Grant(s); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
