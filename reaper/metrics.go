@@ -22,6 +22,7 @@ type metrics struct {
 	reaped   *prometheus.CounterVec
 	scanned  *prometheus.CounterVec
 	regrant  *prometheus.CounterVec
+	closed   prometheus.Counter
 	duration prometheus.Histogram
 	errors   prometheus.Counter
 	last     prometheus.Gauge
@@ -42,6 +43,10 @@ func newMetrics() *metrics {
 			Name: "aegis_reaper_sessions_regranted_total",
 			Help: "Sessions found expired by a sweep's scan and live when read again before the delete (granted again meanwhile), and kept.",
 		}, []string{"family"}),
+		closed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "aegis_reaper_interrupted_sections_total",
+			Help: "Deleting sections left open by a reaper that died inside one, closed by a later sweep.",
+		}),
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "aegis_reaper_sweep_duration_seconds",
 			Help: "Wall time of one sweep over both sessions maps.",
@@ -65,7 +70,7 @@ func newMetrics() *metrics {
 		m.scanned.WithLabelValues(f)
 		m.regrant.WithLabelValues(f)
 	}
-	m.reg.MustRegister(m.reaped, m.scanned, m.regrant, m.duration, m.errors, m.last,
+	m.reg.MustRegister(m.reaped, m.scanned, m.regrant, m.closed, m.duration, m.errors, m.last,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -81,6 +86,7 @@ func (m *metrics) observe(res state.SweepResult, took time.Duration, complete bo
 		m.scanned.WithLabelValues(f.name).Add(float64(f.r.Scanned))
 		m.regrant.WithLabelValues(f.name).Add(float64(f.r.Regranted))
 	}
+	m.closed.Add(float64(res.Interrupted))
 	if complete {
 		m.duration.Observe(took.Seconds())
 		m.last.SetToCurrentTime()
