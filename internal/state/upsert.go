@@ -9,8 +9,9 @@ import (
 )
 
 // This file holds the grant paths: Upsert (behind Grant too), which costs
-// one syscall for a new session and reports what it did, and GrantAll,
-// which applies several sessions or none.
+// three syscalls for a new session and reports what it did, and GrantAll,
+// which applies several sessions or none. Both write through guarded (see
+// guard.go).
 
 // Upsert grants or refreshes a session: a refresh
 // replaces the timestamps, lifetime, idle timeout and user, and keeps the
@@ -22,7 +23,9 @@ import (
 // path already passes the session's next packet.
 //
 // Returns ErrInvalid for a malformed session and ErrFull if the map is at
-// capacity; in both cases the map is unchanged.
+// capacity; in both cases the map is unchanged. ErrFull also reports a
+// session that a sweep deleted while it was written and that no longer
+// fits when it is written again.
 func (m *Maps) Upsert(s Session) (stored Session, created bool, err error) {
 	if err := s.Validate(); err != nil {
 		return Session{}, false, err
