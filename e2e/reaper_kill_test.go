@@ -24,13 +24,13 @@ import (
 //
 // Each round grants every key expired, starts the reaper, and stops it
 // (SIGSTOP) at a random point once its first section is open: often
-// between the re-read of one of those sessions and its delete. Then it
-// grants every key live, each grant in its own goroutine, lets the reaper
-// run on for a random moment, and kills it: the reaper deletes the one
-// session it had re-read expired, now re-granted, and dies with the
-// section open. The grants that overlapped the section wait for the dead
-// reaper's lock and write their value again. Without that repair the
-// test loses grants.
+// after it re-read some of those sessions and before it deleted them.
+// Then it grants every key live, each grant in its own goroutine, lets the
+// reaper run on for a random moment, and kills it: the reaper deletes the
+// sessions it had re-read expired, now re-granted, and often dies with the
+// section open. The grants that overlapped the section wait for its lock
+// (released by the kernel when the reaper dies) and write their value
+// again. Without that repair the test loses grants.
 func TestReaperKilledDuringGrants(t *testing.T) {
 	const kills, keys = 100, 256
 	g := loadedPins(t, "--group", "root")
