@@ -227,6 +227,28 @@ struct {
 	__type(value, struct stats_value);
 } stats SEC(".maps");
 
+/*
+ * The reaper's sweep sequence: odd while a sweep deletes sessions, even
+ * otherwise. Grants read it before and after they write a session to learn
+ * whether a sweep may have deleted what they wrote (see
+ * internal/state/sweep.go). This program does not use it; it is here so
+ * that the loader creates and pins it with the other maps and bpftool
+ * prints it. User space reads and writes it with BPF_F_LOCK, so that no
+ * read sees half of a write.
+ */
+struct sweep_seq_value {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 seq;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sweep_seq_value);
+} sweep_seq SEC(".maps");
+
 /* The L4 facts the policy needs, after parsing. */
 struct flow {
 	__u16 dport; /* host order */

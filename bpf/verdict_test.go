@@ -40,7 +40,7 @@ func newHarness(t testing.TB) *harness {
 		maps: &state.Maps{
 			SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6,
 			AllowV4: objs.AllowV4, AllowV6: objs.AllowV6,
-			Config: objs.Config, Stats: objs.Stats,
+			Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq,
 		},
 	}
 }

@@ -138,6 +138,9 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 		return res, err
 	}
 	defer maps.Close()
+	if err := state.EnsureSweepLock(cfg.PinPath, gid); err != nil {
+		return res, err
+	}
 
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err

@@ -451,6 +451,8 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	}
 	want[state.MapPath(e.pin, state.MapSessionsV4)] = 0o660
 	want[state.MapPath(e.pin, state.MapSessionsV6)] = 0o660
+	want[state.MapPath(e.pin, state.MapSweepSeq)] = 0o660
+	want[state.SweepLockPath(e.pin)] = 0o750 | os.ModeDir
 	// Every entry, not only the expected ones: nothing is world-accessible
 	// and everything is root's.
 	seen := 0

@@ -62,6 +62,9 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 			return detached, fmt.Errorf("remove pin: %w", err)
 		}
 	}
+	if err := os.Remove(state.SweepLockPath(pinPath)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return detached, fmt.Errorf("remove pin: %w", err)
+	}
 	if err := os.Remove(linksDir); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return detached, fmt.Errorf("remove %s: %w", linksDir, err)
 	}

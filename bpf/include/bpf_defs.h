@@ -45,6 +45,12 @@ enum {
 	BPF_MAP_TYPE_LPM_TRIE = 11,
 };
 
+/* UAPI: the lock the kernel finds by name in a map value's BTF, taken by
+ * BPF_F_LOCK lookups and updates from user space. */
+struct bpf_spin_lock {
+	__u32 val;
+};
+
 /* UAPI: map creation flags. */
 #define BPF_F_NO_PREALLOC (1U << 0)
 

@@ -85,6 +85,16 @@ type AegisStatsValue struct {
 	Bytes   uint64
 }
 
+type AegisSweepSeqValue struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad uint32
+	Seq uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -95,6 +105,7 @@ const (
 	AegisMapSessionsV4 = "sessions_v4"
 	AegisMapSessionsV6 = "sessions_v6"
 	AegisMapStats      = "stats"
+	AegisMapSweepSeq   = "sweep_seq"
 	AegisProgAegisXdp  = "aegis_xdp"
 )
 
@@ -153,6 +164,7 @@ type AegisMapSpecs struct {
 	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
+	SweepSeq   *ebpf.MapSpec `ebpf:"sweep_seq"`
 }
 
 // AegisVariableSpecs contains global variables before they are loaded into the kernel.
@@ -187,6 +199,7 @@ type AegisMaps struct {
 	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
 	Stats      *ebpf.Map `ebpf:"stats"`
+	SweepSeq   *ebpf.Map `ebpf:"sweep_seq"`
 }
 
 func (m *AegisMaps) Close() error {
@@ -197,6 +210,7 @@ func (m *AegisMaps) Close() error {
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,
+		m.SweepSeq,
 	)
 }
 

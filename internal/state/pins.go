@@ -35,10 +35,11 @@ const (
 	MapAllowV6    = "allow_v6"
 	MapConfig     = "config"
 	MapStats      = "stats"
+	MapSweepSeq   = "sweep_seq"
 )
 
 // MapNames lists every pinned map.
-var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats}
+var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapSweepSeq}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
