@@ -11,8 +11,17 @@
  *   1. Parse Ethernet, up to two 802.1Q/802.1ad tags, IPv4 (honouring IHL)
  *      or IPv6 (skipping up to IPV6_MAX_EXT extension headers), then TCP,
  *      UDP or ICMP/ICMPv6 (for an ICMP error also the header it quotes).
- *   2. Bypass ARP, IPv6 neighbour discovery, TCP to the controller's login
- *      port and TCP from the controller to the agent's gRPC port.
+ *   2. Bypass, each as narrow as its purpose:
+ *      - ARP;
+ *      - IPv6 neighbour discovery (ICMPv6 133-137) with code 0 and hop
+ *        limit 255, to a link-local (fe80::/10), link-scope multicast
+ *        (ff02::/16) or local destination;
+ *      - TCP to the controller's address and login port (the controller
+ *        is behind the gateway: letting users reach it is the purpose);
+ *      - TCP from the controller's address to the agent's gRPC port, when
+ *        the destination is local.
+ *      "Local" is the kernel's routing table's answer; see
+ *      delivered_locally_v4().
  *   3. A later fragment passes, under its first fragment's reason, if that
  *      first fragment passed within FRAG_TIMEOUT_NS (`frags`).
  *   4. TCP and UDP: a live session for (src, dst, dport, proto) in
@@ -433,6 +442,7 @@ struct ip_info {
 	__u32 frag_id;
 	__u8 frag_proto;
 	__u8 frag; /* enum frag_state */
+	__u8 hop_limit;
 };
 
 enum frag_state {
@@ -622,14 +632,93 @@ static __always_inline int allowed(const struct tuple *t, const struct config_va
 	return av && ports_match(av, t->proto, port);
 }
 
-static __always_inline int controller_bypass(const struct tuple *t, const struct config_value *cfg)
+/*
+ * Whether the stack delivers a packet for daddr to the gateway itself
+ * rather than forwarding it: the test that keeps the bypasses from opening
+ * a path to the hosts behind the gateway to anyone who can write the
+ * controller's address (or anything) into a source field.
+ *
+ * The answer is the kernel's own, from bpf_fib_lookup(), so it follows
+ * address and route changes with no configuration: a list of the gateway's
+ * addresses in the config map would have to be rewritten by the loader on
+ * every change (DHCP, SLAAC, an added interface) and would change the
+ * map's layout. The lookup is the one
+ * the stack's input path makes: an input lookup from the ingress interface
+ * (not BPF_FIB_LOOKUP_OUTPUT), through the policy rules (not
+ * BPF_FIB_LOOKUP_DIRECT), tot_len 0 so no MTU check. The source is left
+ * unspecified so that the answer depends on the destination alone: an
+ * IPv6 lookup answers NOT_FWDED for any destination when the source is
+ * link-local, and the source is the sender's to choose. (With the kernel's
+ * default rule set the local table is consulted first, whatever the
+ * source.)
+ *
+ * Only BPF_FIB_LKUP_RET_NOT_FWDED counts as local. It means the route is
+ * not a unicast route: one of the gateway's addresses (RTN_LOCAL), a
+ * broadcast or anycast address, an IPv6 link-local destination (which the
+ * kernel never forwards off the link it came from), or no route at all.
+ * Passing the no-route case opens nothing: the stack finds no route either
+ * and drops the packet. The other results:
+ *   SUCCESS, NO_NEIGH, FRAG_NEEDED, UNSUPP_LWT: the stack would forward it.
+ *   BLACKHOLE, UNREACHABLE, PROHIBIT: the stack would drop it too.
+ *   FWD_DISABLED: returned before any lookup, when forwarding is off; it
+ *     says nothing about the destination. For IPv6 the flag it reads (on
+ *     recent kernels the ingress interface's) is not the one the stack's
+ *     forwarding obeys (net.ipv6.conf.all.forwarding), so it cannot be
+ *     read as "will not be forwarded" either. A gateway forwards on its
+ *     public interface; elsewhere these bypasses fail closed.
+ *   negative (no such interface): not local.
+ *
+ * Multicast destinations are never local here. The IPv4 stack routes them
+ * apart from the FIB (so its "no route" says nothing), the IPv6 lookup
+ * answers NOT_FWDED for all of them, and with multicast routing on either
+ * may be forwarded. No TCP connection goes to a multicast address, and
+ * neighbour discovery's multicast destinations are checked on their own.
+ *
+ * The lookup runs only for bypass candidates, never for session traffic.
+ */
+static __always_inline int delivered_locally_v4(struct xdp_md *ctx, __be32 daddr)
+{
+	if ((((const __u8 *)&daddr)[0] & 0xF0) == 0xE0)
+		return 0;
+
+	struct bpf_fib_lookup p = {
+		.family = AF_INET,
+		.ifindex = ctx->ingress_ifindex,
+		.ipv4_dst = daddr,
+	};
+	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+static __always_inline int delivered_locally_v6(struct xdp_md *ctx, const __u8 *daddr)
+{
+	if (daddr[0] == 0xFF)
+		return 0;
+
+	struct bpf_fib_lookup p = {
+		.family = AF_INET6,
+		.ifindex = ctx->ingress_ifindex,
+	};
+	__builtin_memcpy(p.ipv6_dst, daddr, 16);
+	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+static __always_inline int delivered_locally(struct xdp_md *ctx, const struct tuple *t)
+{
+	if (t->family == 4)
+		return delivered_locally_v4(ctx, *(const __be32 *)t->dst);
+	return delivered_locally_v6(ctx, t->dst);
+}
+
+static __always_inline int controller_bypass(struct xdp_md *ctx, const struct tuple *t,
+					     const struct config_value *cfg)
 {
 	if (t->proto != IPPROTO_TCP || cfg->controller_family != t->family)
 		return 0;
 	const __u8 *ctl = t->family == 4 ? cfg->controller_v4 : cfg->controller_v6;
 	if (t->dport == cfg->controller_port && addr_eq(t->family, t->dst, ctl))
 		return 1;
-	return t->dport == cfg->grpc_port && addr_eq(t->family, t->src, ctl);
+	return t->dport == cfg->grpc_port && addr_eq(t->family, t->src, ctl) &&
+	       delivered_locally(ctx, t);
 }
 
 /*
@@ -662,14 +751,14 @@ static __always_inline int related(const struct tuple *q, const struct config_va
  * The policy for an inbound packet that parsed completely; q is the quoted
  * header of an ICMP error. Shared by IPv4 and IPv6.
  */
-static __always_inline int policy(const struct tuple *t, const struct tuple *q,
-				  const struct config_value *cfg)
+static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
+				  const struct tuple *q, const struct config_value *cfg)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	int r = REASON_NO_SESSION;
 
 	if (t->kind == L4_PORTS) {
-		if (controller_bypass(t, cfg))
+		if (controller_bypass(ctx, t, cfg))
 			return REASON_CONTROLLER;
 		struct session_value *v = session_find(t, t->proto);
 		if (v) {
@@ -908,6 +997,7 @@ static __always_inline int parse_v6(void *data, void *data_end, __u64 len, __u64
 		return REASON_MALFORMED;
 
 	p->t.family = 6;
+	p->hop_limit = ip6->hop_limit;
 	__builtin_memcpy(p->t.src, ip6->saddr, 16);
 	__builtin_memcpy(p->t.dst, ip6->daddr, 16);
 	p->l3end = l3end;
@@ -955,8 +1045,8 @@ static __always_inline int parse_v6(void *data, void *data_end, __u64 len, __u64
 }
 
 /* The part of the ingress verdict shared by IPv4 and IPv6. */
-static __always_inline int classify_ip(void *data, void *data_end, struct ip_info *p,
-				       const struct config_value *cfg)
+static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *data_end,
+				       struct ip_info *p, const struct config_value *cfg)
 {
 	if (p->frag == FRAG_LATER)
 		return frag_verdict(p);
@@ -973,14 +1063,41 @@ static __always_inline int classify_ip(void *data, void *data_end, struct ip_inf
 			return r;
 	}
 
-	r = policy(&p->t, &q, cfg);
+	r = policy(ctx, &p->t, &q, cfg);
 	if (p->frag == FRAG_FIRST && passes(r))
 		frag_remember(p, r);
 	return r;
 }
 
-static __always_inline int classify_v6(void *data, void *data_end, __u64 len, __u64 l3off,
-				       const struct config_value *cfg)
+/*
+ * Neighbour discovery must pass to keep the public link working, and must
+ * not become a way past the filter. RFC 4861 has receivers discard these
+ * messages unless the hop limit is 255 (so they cannot have been routed:
+ * a router decrements it) and the code is 0. Their destinations are on
+ * the link by nature: link-local addresses, the link's multicast groups
+ * (all-nodes, all-routers, solicited-node: all in ff02::/16, which
+ * multicast routing never forwards), or, for unicast solicitations and
+ * advertisements, the gateway's own addresses. A hop limit of 255 says the
+ * packet was not forwarded to the gateway; the destination check keeps the
+ * gateway from forwarding it on (with 254 left) to a host behind it.
+ */
+static __always_inline int ndp_bypass(struct xdp_md *ctx, const struct ip_info *p,
+				      const struct icmp6hdr *ic)
+{
+	if (ic->type < NDISC_ROUTER_SOLICITATION || ic->type > NDISC_REDIRECT)
+		return 0;
+	if (ic->code != 0 || p->hop_limit != 255)
+		return 0;
+	const __u8 *d = p->t.dst;
+	if (d[0] == 0xFE && (d[1] & 0xC0) == 0x80) /* fe80::/10 */
+		return 1;
+	if (d[0] == 0xFF && d[1] == 0x02) /* ff02::/16 */
+		return 1;
+	return delivered_locally_v6(ctx, d);
+}
+
+static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *data_end,
+				       __u64 len, __u64 l3off, const struct config_value *cfg)
 {
 	struct ip_info p = {};
 	int r = parse_v6(data, data_end, len, l3off, &p);
@@ -991,10 +1108,10 @@ static __always_inline int classify_v6(void *data, void *data_end, __u64 len, __
 		struct icmp6hdr *ic = data + p.l4off;
 		if ((void *)(ic + 1) > data_end || p.l4off + sizeof(*ic) > p.l3end)
 			return REASON_MALFORMED;
-		if (ic->type >= NDISC_ROUTER_SOLICITATION && ic->type <= NDISC_REDIRECT)
+		if (ndp_bypass(ctx, &p, ic))
 			return REASON_NDP;
 	}
-	return classify_ip(data, data_end, &p, cfg);
+	return classify_ip(ctx, data, data_end, &p, cfg);
 }
 
 /* Skips Ethernet and up to two VLAN tags. Returns the EtherType (network
@@ -1022,7 +1139,7 @@ static __always_inline __be16 parse_l2(void *data, void *data_end, __u64 *l3off)
 	return proto;
 }
 
-static __always_inline int classify(void *data, void *data_end, __u64 len,
+static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
 				    const struct config_value *cfg)
 {
 	__u64 off = 0;
@@ -1035,10 +1152,10 @@ static __always_inline int classify(void *data, void *data_end, __u64 len,
 		int r = parse_v4(data, data_end, len, off, &p);
 		if (r)
 			return r;
-		return classify_ip(data, data_end, &p, cfg);
+		return classify_ip(ctx, data, data_end, &p, cfg);
 	}
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return classify_v6(data, data_end, len, off, cfg);
+		return classify_v6(ctx, data, data_end, len, off, cfg);
 	if (proto == bpf_htons(ETH_P_ARP))
 		return REASON_ARP;
 	/* Includes a third VLAN tag. */
@@ -1063,7 +1180,7 @@ int aegis_xdp(struct xdp_md *ctx)
 		return XDP_DROP; /* unreachable: an array always has slot 0 */
 
 	__u64 len = bpf_xdp_get_buff_len(ctx);
-	__u32 reason = classify(data, data_end, len, cfg);
+	__u32 reason = classify(ctx, data, data_end, len, cfg);
 	__u32 action = passes(reason) ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
 		reason = REASON_MONITOR;

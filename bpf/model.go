@@ -192,6 +192,13 @@ type Env struct {
 	FlowsV6    map[AegisFlowKeyV6]*AegisFlowValue
 	Frags      map[AegisFragKey]*AegisFragValue
 	Allow      []AllowRule
+	// Local is the gateway's routing table as the data path asks it
+	// (bpf_fib_lookup from the ingress interface): whether a packet for
+	// the unicast address dst is not forwarded (BPF_FIB_LKUP_RET_NOT_FWDED):
+	// one of the gateway's own, broadcast or anycast addresses, an IPv6
+	// link-local or loopback address, or an address with no route. Nil:
+	// nothing is, as on a gateway with forwarding off (FWD_DISABLED).
+	Local func(dst netip.Addr) bool
 
 	// Late, when set, is the latest the program's clock can read for this
 	// packet (Now the earliest). A decision that differs between the two
@@ -310,6 +317,7 @@ const (
 	ipv6HdrLen        = 40
 	ipv6PayloadLenOff = 4
 	ipv6NextOff       = 6
+	ipv6HopLimitOff   = 7
 	ipv6SrcOff        = 8
 	ipv6DstOff        = 24
 	ipv6ExtMinLen     = 8 // every extension header; exactly the fragment header
@@ -423,6 +431,7 @@ type ipInfo struct {
 	fragID    uint32
 	fragProto uint8
 	frag      fragState
+	hopLimit  uint8
 }
 
 func (p *ipInfo) fragKey() AegisFragKey {
@@ -490,7 +499,41 @@ func (env *Env) controllerBypass(t *tuple) bool {
 	if t.dport == cfg.ControllerPort && string(t.dst[:n]) == string(ctl) {
 		return true
 	}
-	return t.dport == cfg.GrpcPort && string(t.src[:n]) == string(ctl)
+	return t.dport == cfg.GrpcPort && string(t.src[:n]) == string(ctl) && env.deliveredLocally(t)
+}
+
+// deliveredLocally mirrors delivered_locally_v4 and _v6: a unicast
+// destination that the routing table does not forward. Addresses are
+// tested as bytes, as the C does; netip's predicates would treat
+// IPv4-mapped IPv6 addresses as IPv4 ones.
+func (env *Env) deliveredLocally(t *tuple) bool {
+	if t.family == 4 {
+		if t.dst[0]&0xF0 == 0xE0 { // 224.0.0.0/4
+			return false
+		}
+		return env.Local != nil && env.Local(netip.AddrFrom4([4]byte(t.dst[:4])))
+	}
+	if t.dst[0] == 0xFF { // ff00::/8
+		return false
+	}
+	return env.Local != nil && env.Local(netip.AddrFrom16(t.dst))
+}
+
+// ndpBypass mirrors ndp_bypass: neighbour discovery that was not routed
+// (RFC 4861: hop limit 255, code 0) to a destination on the link it came
+// from: link-local, link-scope multicast or the gateway's own.
+func (env *Env) ndpBypass(typ, code uint8, ip *ipInfo) bool {
+	if typ < ndpRouterSolicit || typ > ndpRedirect || code != 0 || ip.hopLimit != 255 {
+		return false
+	}
+	dst := ip.t.dst
+	switch {
+	case dst[0] == 0xFE && dst[1]&0xC0 == 0x80: // fe80::/10
+		return true
+	case dst[0] == 0xFF && dst[1] == 0x02: // ff02::/16
+		return true
+	}
+	return env.deliveredLocally(&ip.t)
 }
 
 // related reports whether q, the header an ICMP error quotes, is the
@@ -569,7 +612,7 @@ func (env *Env) classify(pkt []byte) Reason {
 			if ip.l4off+icmp6MinLen > len(pkt) || ip.l4off+icmp6MinLen > ip.l3end {
 				return ReasonMalformed
 			}
-			if t := pkt[ip.l4off]; t >= ndpRouterSolicit && t <= ndpRedirect {
+			if env.ndpBypass(pkt[ip.l4off], pkt[ip.l4off+1], &ip) {
 				return ReasonNDP
 			}
 		}
@@ -676,6 +719,7 @@ func parseIPv6(pkt []byte, off int) (ipInfo, Reason) {
 		return p, ReasonMalformed
 	}
 	p.t.family = 6
+	p.hopLimit = pkt[off+ipv6HopLimitOff]
 	copy(p.t.src[:], pkt[off+ipv6SrcOff:])
 	copy(p.t.dst[:], pkt[off+ipv6DstOff:])
 

@@ -18,9 +18,10 @@ import (
 
 // TestModelMatchesProgram runs generated frames (valid, truncated, mutated
 // and random; VLAN-tagged; IPv4 with options, IPv6 with extension headers;
-// fragments) through the real program with BPF_PROG_TEST_RUN and through
-// the Go model, under three configurations, and requires the same action
-// and the same counted reason for every one.
+// fragments; bypass candidates to local, routed, unrouted, dropping,
+// link-local and multicast destinations) through the real program with
+// BPF_PROG_TEST_RUN and through the Go model, under three configurations,
+// and requires the same action and the same counted reason for every one.
 func TestModelMatchesProgram(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("AEGIS_DIFF_SEED"); s != "" {
@@ -57,6 +58,12 @@ func TestModelMatchesProgram(t *testing.T) {
 			FlowsV6:    map[bpf.AegisFlowKeyV6]*bpf.AegisFlowValue{},
 			Frags:      map[bpf.AegisFragKey]*bpf.AegisFragValue{},
 		}
+		var asked [2]int // the model's routing questions, answered false and true
+		env.Local = func(a netip.Addr) bool {
+			l := fibLocal(a)
+			asked[b2i(l)]++
+			return l
+		}
 		var a4, a6 uint16
 		if ph.allow {
 			a4, a6 = h.setAllow(t, allowRules...)
@@ -81,7 +88,7 @@ func TestModelMatchesProgram(t *testing.T) {
 			wantAction, wantReason := bpf.Verdict(pkt, env)
 
 			before := readCounter(t, h.maps.Stats, wantReason)
-			gotAction, err := h.prog.Run(&ebpf.RunOptions{Data: pkt})
+			gotAction, err := h.fib.run(h.prog, pkt)
 			if err != nil {
 				t.Fatalf("run: %v", err)
 			}
@@ -109,11 +116,24 @@ func TestModelMatchesProgram(t *testing.T) {
 				t.Logf("%s: %-15v %6d", ph.name, r, counts[r])
 			}
 		}
+		// Both answers of the routing table, on both bypasses, often
+		// enough to have met each kind of destination.
+		t.Logf("%s: local destinations %d, forwarded or dropping %d", ph.name, asked[1], asked[0])
+		if asked[0] < 150 || asked[1] < 150 || counts[bpf.ReasonNDP] < 300 {
+			t.Fatalf("%s: the bypasses were barely exercised", ph.name)
+		}
 		total += perPhase
 	}
 	if total < 100_000 {
 		t.Fatalf("only %d packets compared", total)
 	}
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func readCounter(t *testing.T, stats *ebpf.Map, r bpf.Reason) uint64 {
@@ -153,13 +173,31 @@ func newGenerator(rng *rand.Rand) *generator {
 		g.src6 = append(g.src6, netip.MustParseAddr("2001:db8:1::"+strconv.Itoa(i)))
 	}
 	g.src4 = append(g.src4, netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("203.0.113.8"), g.ctl4)
-	g.src6 = append(g.src6, netip.MustParseAddr("2001:db8:3::7"), netip.MustParseAddr("2001:db8:3::8"), g.ctl6)
+	g.src6 = append(g.src6, netip.MustParseAddr("2001:db8:3::7"), netip.MustParseAddr("2001:db8:3::8"), g.ctl6,
+		netip.MustParseAddr("fe80::2"))
+	// Destinations of every kind fibLocal tells apart (see fib_test.go):
+	// 198.51.100.1 is the gateway's, .2 has a neighbour entry, .3 and the
+	// controller are on a connected subnet.
 	for i := 1; i <= 3; i++ {
 		g.dst4 = append(g.dst4, netip.AddrFrom4([4]byte{198, 51, 100, byte(i)}))
 		g.dst6 = append(g.dst6, netip.MustParseAddr("2001:db8:2::"+strconv.Itoa(i)))
 	}
 	g.dst4 = append(g.dst4, g.ctl4)
 	g.dst6 = append(g.dst6, g.ctl6)
+	g.dst4 = append(g.dst4, addrs(
+		"192.0.2.1", "192.0.2.255", "127.0.0.1", // local, broadcast, loopback
+		"203.0.113.9", "203.0.113.70", "203.0.113.130", "203.0.113.200", // via a gateway, prohibit, unreachable, blackhole
+		"203.0.113.250",          // no route
+		"224.0.0.1", "239.1.2.3", // multicast
+	)...)
+	g.dst6 = append(g.dst6, addrs(
+		"2001:db8:1::1", "2001:db8:1::", "::1", // local, anycast, loopback
+		"2001:db8:3::9", "2001:db8:5::1", "2001:db8:6::1", "2001:db8:7::1", // via a gateway, prohibit, unreachable, blackhole
+		"2001:db8:9::1",      // no route
+		"fe80::1", "fe80::2", // link-local
+		"ff02::1", "ff02::2", "ff02::1:ff00:1", // link-scope multicast: all nodes, all routers, solicited-node
+		"ff05::2", "ff12::1", // other multicast
+	)...)
 	return g
 }
 
@@ -255,7 +293,7 @@ func (g *generator) frame() []byte {
 	switch n := rng.IntN(20); {
 	case n < 8:
 		f.Proto = tu.ProtoTCP
-	case n < 16:
+	case n < 14:
 		f.Proto = tu.ProtoUDP
 	case n < 18:
 		f.Proto = tu.ProtoICMP
@@ -263,13 +301,38 @@ func (g *generator) frame() []byte {
 			f.Proto = tu.ProtoICMPv6
 		}
 		f.ICMPType = uint8(128 + rng.IntN(12))
+		if rng.IntN(2) == 0 {
+			f.ICMPType = uint8(133 + rng.IntN(5)) // neighbour discovery
+		}
+		if rng.IntN(6) == 0 {
+			f.ICMPCode = uint8(1 + rng.IntN(255))
+		}
 	default:
 		f.Proto = pick(rng, []uint8{tu.ProtoSCTP, 59, 47, 0})
+	}
+	// Hop limit 255 (neighbour discovery's) for most, one hop less, or
+	// anything.
+	switch n := rng.IntN(6); {
+	case n < 4:
+		f.HopLimit = 255
+	case n < 5:
+		f.HopLimit = 254
+	default:
+		f.HopLimit = uint8(rng.Uint32())
 	}
 	f.SrcPort = uint16(rng.Uint32())
 	f.DstPort = pick(rng, g.ports)
 	if rng.IntN(8) == 0 {
 		f.DstPort = uint16(rng.Uint32())
+	}
+	// A candidate for the controller's gRPC bypass, to any destination.
+	if f.Proto == tu.ProtoTCP && rng.IntN(4) == 0 {
+		f.DstPort = 50001
+		if f.Src.Is4() {
+			f.Src = g.ctl4
+		} else {
+			f.Src = g.ctl6
+		}
 	}
 	if rng.IntN(10) == 0 {
 		f.FragOffset = uint16(rng.IntN(3)) * uint16(1+rng.IntN(100))

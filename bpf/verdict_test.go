@@ -14,10 +14,12 @@ import (
 )
 
 // harness is the XDP program loaded with fresh, unpinned maps, run with
-// BPF_PROG_TEST_RUN and never attached.
+// BPF_PROG_TEST_RUN and never attached, in a namespace of its own whose
+// routing table the model knows (fib_test.go).
 type harness struct {
 	prog *ebpf.Program
 	maps *state.Maps
+	fib  *fibNetns
 }
 
 func newHarness(t testing.TB) *harness {
@@ -33,6 +35,7 @@ func newHarness(t testing.TB) *harness {
 	}
 	t.Cleanup(func() { objs.Close() })
 	return &harness{
+		fib:  newFibNetns(t),
 		prog: objs.AegisXdp,
 		maps: &state.Maps{
 			SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6,
@@ -97,7 +100,7 @@ func (h *harness) run(t testing.TB, pkt []byte) (bpf.Action, bpf.Reason) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ret, err := h.prog.Run(&ebpf.RunOptions{Data: pkt})
+	ret, err := h.fib.run(h.prog, pkt)
 	if err != nil {
 		t.Fatalf("run: %v", err)
 	}
@@ -134,6 +137,9 @@ var (
 	svc6     = netip.MustParseAddr("2001:db8:2::10")
 	ctl6     = netip.MustParseAddr("2001:db8:2::5")
 	mgmt6    = netip.MustParseAddr("2001:db8:3::7")
+	gw4      = netip.MustParseAddr("192.0.2.1")     // the gateway's, on pub0
+	gw6      = netip.MustParseAddr("2001:db8:1::1") // the gateway's, on pub0
+	gwLL     = netip.MustParseAddr("fe80::1")
 	hour     = uint64(time.Hour)
 	ctlPort  = uint16(443)
 	grpcPort = uint16(50001)
@@ -145,6 +151,12 @@ func tcp(src, dst netip.Addr, dport uint16) tu.Frame {
 
 func udp(src, dst netip.Addr, dport uint16) tu.Frame {
 	return tu.Frame{Src: src, Dst: dst, Proto: tu.ProtoUDP, SrcPort: 40000, DstPort: dport, Payload: 4}
+}
+
+// ndp is a neighbour discovery message of the given type, code 0, with
+// the hop limit RFC 4861 requires.
+func ndp(typ uint8, src, dst netip.Addr) tu.Frame {
+	return tu.Frame{Src: src, Dst: dst, Proto: tu.ProtoICMPv6, ICMPType: typ, HopLimit: 255, Payload: 16}
 }
 
 func with(f tu.Frame, mod func(*tu.Frame)) tu.Frame { mod(&f); return f }
@@ -178,7 +190,19 @@ func TestVerdicts(t *testing.T) {
 		{"session ip options", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.IPv4Options = 40 }).Bytes(), bpf.ReasonSession},
 		{"session first fragment", with(udp(client4, svc4, 5353), func(f *tu.Frame) { f.MoreFragments = true }).Bytes(), bpf.ReasonSession},
 		{"controller login", tcp(client4, ctl4, ctlPort).Bytes(), bpf.ReasonController},
-		{"controller to agent grpc", tcp(ctl4, svc4, grpcPort).Bytes(), bpf.ReasonController},
+		{"controller to the gateway's grpc", tcp(ctl4, gw4, grpcPort).Bytes(), bpf.ReasonController},
+		{"controller to the gateway's inside address", tcp(ctl4, netip.MustParseAddr("198.51.100.1"), grpcPort).Bytes(), bpf.ReasonController},
+		{"controller to the public subnet broadcast", tcp(ctl4, netip.MustParseAddr("192.0.2.255"), grpcPort).Bytes(), bpf.ReasonController},
+		// No route: the stack drops it itself.
+		{"controller to an unrouted address", tcp(ctl4, netip.MustParseAddr("203.0.113.250"), grpcPort).Bytes(), bpf.ReasonController},
+		{"spoofed controller to a protected host", tcp(ctl4, svc4, grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to a host with a neighbour entry", tcp(ctl4, netip.MustParseAddr("198.51.100.2"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller via a gateway route", tcp(ctl4, netip.MustParseAddr("203.0.113.9"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to a prohibit route", tcp(ctl4, netip.MustParseAddr("203.0.113.70"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to an unreachable route", tcp(ctl4, netip.MustParseAddr("203.0.113.130"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to a blackhole route", tcp(ctl4, netip.MustParseAddr("203.0.113.200"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to multicast", tcp(ctl4, netip.MustParseAddr("224.0.0.1"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"controller to the gateway over udp", udp(ctl4, gw4, grpcPort).Bytes(), bpf.ReasonNoSession},
 		{"controller port over udp", udp(client4, ctl4, ctlPort).Bytes(), bpf.ReasonNoSession},
 		{"allowlist tcp/22", tcp(mgmt4, svc4, 22).Bytes(), bpf.ReasonAllowlist},
 		{"allowlist wrong port", tcp(mgmt4, svc4, 23).Bytes(), bpf.ReasonNoSession},
@@ -216,13 +240,37 @@ func TestVerdicts(t *testing.T) {
 		{"session first fragment", with(udp(client6, svc6, 5353), func(f *tu.Frame) { f.IPv6Ext = []uint8{44}; f.MoreFragments = true }).Bytes(), bpf.ReasonSession},
 		{"session six ext headers", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 60, 43, 60, 51, 60} }).Bytes(), bpf.ReasonSession},
 		{"controller login", tcp(client6, ctl6, ctlPort).Bytes(), bpf.ReasonController},
-		{"controller to agent grpc", tcp(ctl6, svc6, grpcPort).Bytes(), bpf.ReasonController},
+		{"controller to the gateway's grpc", tcp(ctl6, gw6, grpcPort).Bytes(), bpf.ReasonController},
+		{"controller to the gateway's inside address", tcp(ctl6, netip.MustParseAddr("2001:db8:2::1"), grpcPort).Bytes(), bpf.ReasonController},
+		{"controller to a link-local address", tcp(ctl6, gwLL, grpcPort).Bytes(), bpf.ReasonController},
+		{"spoofed controller to a protected host", tcp(ctl6, svc6, grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to a host with a neighbour entry", tcp(ctl6, netip.MustParseAddr("2001:db8:2::2"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller via a gateway route", tcp(ctl6, mgmt6, grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to a prohibit route", tcp(ctl6, netip.MustParseAddr("2001:db8:5::1"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to an unreachable route", tcp(ctl6, netip.MustParseAddr("2001:db8:6::1"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to a blackhole route", tcp(ctl6, netip.MustParseAddr("2001:db8:7::1"), grpcPort).Bytes(), bpf.ReasonNoSession},
+		{"spoofed controller to multicast", tcp(ctl6, netip.MustParseAddr("ff02::1"), grpcPort).Bytes(), bpf.ReasonNoSession},
 		{"allowlist tcp/22", tcp(mgmt6, svc6, 22).Bytes(), bpf.ReasonAllowlist},
 		{"allowlist wrong port", tcp(mgmt6, svc6, 23).Bytes(), bpf.ReasonNoSession},
 		{"allowlist udp any port", udp(mgmt6, svc6, 9999).Bytes(), bpf.ReasonAllowlist},
-		{"ndp neighbour solicitation", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 135}.Bytes(), bpf.ReasonNDP},
-		{"ndp router advertisement", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 134}.Bytes(), bpf.ReasonNDP},
-		{"ndp after hop-by-hop", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 136, IPv6Ext: []uint8{0}}.Bytes(), bpf.ReasonNDP},
+		{"ndp solicitation to solicited-node multicast", ndp(135, client6, netip.MustParseAddr("ff02::1:ff00:1")).Bytes(), bpf.ReasonNDP},
+		{"ndp duplicate address detection", ndp(135, netip.IPv6Unspecified(), netip.MustParseAddr("ff02::1:ff00:10")).Bytes(), bpf.ReasonNDP},
+		{"ndp router advertisement to all nodes", ndp(134, netip.MustParseAddr("fe80::2"), netip.MustParseAddr("ff02::1")).Bytes(), bpf.ReasonNDP},
+		{"ndp router solicitation to all routers", ndp(133, netip.MustParseAddr("fe80::2"), netip.MustParseAddr("ff02::2")).Bytes(), bpf.ReasonNDP},
+		{"ndp solicitation to the gateway's link-local", ndp(135, netip.MustParseAddr("fe80::2"), gwLL).Bytes(), bpf.ReasonNDP},
+		{"ndp unicast solicitation to the gateway", ndp(135, client6, gw6).Bytes(), bpf.ReasonNDP},
+		{"ndp advertisement to the gateway", ndp(136, client6, gw6).Bytes(), bpf.ReasonNDP},
+		{"ndp redirect to link-local", ndp(137, netip.MustParseAddr("fe80::2"), netip.MustParseAddr("fe80::3")).Bytes(), bpf.ReasonNDP},
+		{"ndp after hop-by-hop", with(ndp(136, client6, gw6), func(f *tu.Frame) { f.IPv6Ext = []uint8{0} }).Bytes(), bpf.ReasonNDP},
+		{"ndp with hop limit 64", with(ndp(136, client6, gw6), func(f *tu.Frame) { f.HopLimit = 64 }).Bytes(), bpf.ReasonUnsupportedL4},
+		{"ndp with hop limit 254", with(ndp(135, client6, netip.MustParseAddr("ff02::1:ff00:1")), func(f *tu.Frame) { f.HopLimit = 254 }).Bytes(), bpf.ReasonUnsupportedL4},
+		{"ndp with code 1", with(ndp(135, client6, gw6), func(f *tu.Frame) { f.ICMPCode = 1 }).Bytes(), bpf.ReasonUnsupportedL4},
+		{"ndp to a protected host", ndp(136, client6, svc6).Bytes(), bpf.ReasonUnsupportedL4},
+		{"ndp to a protected host, hop limit 64", with(ndp(135, client6, svc6), func(f *tu.Frame) { f.HopLimit = 64 }).Bytes(), bpf.ReasonUnsupportedL4},
+		{"ndp to an unreachable route", ndp(136, client6, netip.MustParseAddr("2001:db8:6::1")).Bytes(), bpf.ReasonUnsupportedL4},
+		{"ndp to site-scope multicast", ndp(135, client6, netip.MustParseAddr("ff05::1:ff00:1")).Bytes(), bpf.ReasonUnsupportedL4},
+		{"ndp to an unrouted address", ndp(136, client6, netip.MustParseAddr("2001:db8:9::1")).Bytes(), bpf.ReasonNDP},
+		{"icmpv6 echo with hop limit 255 to link-local", ndp(128, client6, gwLL).Bytes(), bpf.ReasonUnsupportedL4},
 		{"no session other client", tcp(other6, svc6, 8080).Bytes(), bpf.ReasonNoSession},
 		{"no session other protocol", udp(client6, svc6, 8080).Bytes(), bpf.ReasonNoSession},
 		{"expired idle", tcp(client6, svc6, 9001).Bytes(), bpf.ReasonExpired},
@@ -414,5 +462,42 @@ func TestMultiBufferFrames(t *testing.T) {
 				t.Fatal("the model disagrees")
 			}
 		})
+	}
+}
+
+// With forwarding off on the ingress interface the routing table's answer
+// is FWD_DISABLED, which says nothing about the destination: the bypasses
+// that need a local destination fail closed, as the model does with no
+// Local. Neighbour discovery to link-local and link-scope multicast
+// destinations, which needs no lookup, still passes.
+func TestBypassesWithoutForwarding(t *testing.T) {
+	h := newHarness(t)
+	h.fib.ns.Run(t, "sysctl", "-qw", "net.ipv4.conf.pub0.forwarding=0", "net.ipv6.conf.pub0.forwarding=0")
+	for _, ctl := range []netip.Addr{ctl4, ctl6} {
+		cfg := state.Config{Controller: ctl, ControllerPort: ctlPort, GRPCPort: grpcPort, DefaultIdleTimeout: time.Minute}
+		h.setConfig(t, cfg)
+		v, _ := cfg.Value()
+		env := &bpf.Env{Config: v}
+		client, gw := client4, gw4
+		if ctl.Is6() {
+			client, gw = client6, gw6
+		}
+		for _, c := range []struct {
+			name   string
+			pkt    []byte
+			reason bpf.Reason
+		}{
+			{"controller to the gateway", tcp(ctl, gw, grpcPort).Bytes(), bpf.ReasonNoSession},
+			{"login", tcp(client, ctl, ctlPort).Bytes(), bpf.ReasonController},
+			{"ndp advertisement to the gateway", ndp(136, client6, gw6).Bytes(), bpf.ReasonUnsupportedL4},
+			{"ndp solicitation to solicited-node multicast", ndp(135, client6, netip.MustParseAddr("ff02::1:ff00:1")).Bytes(), bpf.ReasonNDP},
+			{"ndp advertisement to link-local", ndp(136, netip.MustParseAddr("fe80::2"), gwLL).Bytes(), bpf.ReasonNDP},
+		} {
+			_, got := h.run(t, c.pkt)
+			_, model := bpf.Verdict(c.pkt, env)
+			if got != c.reason || model != c.reason {
+				t.Errorf("%v controller, %s: program %v, model %v, want %v", ctl, c.name, got, model, c.reason)
+			}
+		}
 	}
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"regexp"
 	"strings"
@@ -279,4 +280,164 @@ func TestJumboFrames(t *testing.T) {
 	g.expectBlocked("8000-byte UDP without a session", bpf.ReasonNoSession, big)
 	g.grant(state.Session{Key: udpKey(tu.ClientV4, tu.ServiceAV4, 5353), User: "alice", IdleTimeout: time.Minute})
 	g.expectPass("8000-byte UDP with a session", bpf.ReasonSession, big)
+}
+
+// spoofWait is how long a test waits for a packet that must not arrive.
+const spoofWait = time.Second
+
+// mac returns the hardware address of an interface in a namespace.
+func mac(t *testing.T, ns *tu.Netns, iface string) net.HardwareAddr {
+	t.Helper()
+	var hw net.HardwareAddr
+	if err := ns.Do(func() error {
+		ifc, err := net.InterfaceByName(iface)
+		if err == nil {
+			hw = ifc.HardwareAddr
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return hw
+}
+
+// counted runs send and fails t unless the reason's counter moved.
+func (g *gateway) counted(what string, reason bpf.Reason, send func()) {
+	g.t.Helper()
+	before := g.stats()
+	send()
+	if after := g.stats(); after[reason].Packets == before[reason].Packets {
+		g.t.Fatalf("%s: no packet counted as %v", what, reason)
+	}
+}
+
+// Anyone on the public side can write the controller's address into a
+// source field. The bypass for the controller's connections to the agent
+// must take such a packet to the gateway's own gRPC port and nowhere else.
+func TestDataPathControllerBypassIsLocal(t *testing.T) {
+	for _, fam := range []struct {
+		name                 string
+		ctl, svc, gwPub, cli netip.Addr
+	}{
+		{"ipv4", tu.ControllerV4, tu.ServiceAV4, tu.GatewayPubV4, tu.ClientV4},
+		{"ipv6", tu.ControllerV6, tu.ServiceAV6, tu.GatewayPubV6, tu.ClientV6},
+	} {
+		t.Run(fam.name, func(t *testing.T) {
+			g := newGateway(t, "load", "-c", fam.ctl.String())
+			// The spoof arrives from the side opposite the controller's
+			// route, which strict reverse-path filtering would refuse on
+			// its own; the filter must refuse it without that help.
+			g.Gateway.Run(t, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.pub0.rp_filter=0")
+			var ln net.Listener
+			if err := g.Gateway.Do(func() (err error) {
+				ln, err = net.Listen("tcp", netip.AddrPortFrom(fam.gwPub, 50001).String())
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+
+			client := g.Client.OpenLink(t, "cli0")
+			private := g.Private.OpenLink(t, "srv0") // where the controller and the services are
+			gwMAC := mac(t, g.Gateway, tu.PublicIface)
+			from := netip.AddrPortFrom(fam.ctl, 40001)
+
+			// The gateway's listener gets the SYN: its SYN-ACK goes to the
+			// controller's address, on the private side. (The handshake
+			// cannot complete: the real controller never sent the SYN.)
+			g.counted("spoofed controller SYN to the gateway", bpf.ReasonController, func() {
+				client.Send(t, gwMAC, tu.TCPPacket(from, netip.AddrPortFrom(fam.gwPub, 50001), tu.TCPSyn, 64))
+				if !private.Expect(spoofWait, func(p tu.Packet) bool {
+					sp, dp, fl, ok := p.TCPPorts()
+					return ok && p.Src == fam.gwPub && p.Dst == fam.ctl && sp == 50001 && dp == 40001 && fl == tu.TCPSyn|tu.TCPAck
+				}) {
+					t.Fatal("no SYN-ACK from the gateway's gRPC listener to the controller")
+				}
+			})
+
+			// The same SYN to a protected host is dropped and never
+			// reaches the private side.
+			g.counted("spoofed controller SYN to a protected host", bpf.ReasonNoSession, func() {
+				client.Send(t, gwMAC, tu.TCPPacket(from, netip.AddrPortFrom(fam.svc, 50001), tu.TCPSyn, 64))
+				if private.Expect(spoofWait, func(p tu.Packet) bool {
+					_, dp, _, ok := p.TCPPorts()
+					return ok && p.Src == fam.ctl && p.Dst == fam.svc && dp == 50001
+				}) {
+					t.Fatal("a SYN from the controller's address reached a protected host")
+				}
+			})
+		})
+	}
+}
+
+// Neighbour discovery passes only as RFC 4861 lets a receiver accept it:
+// hop limit 255 and a destination on the link. A routable solicitation or
+// advertisement (hop limit 64, or a protected host's global address) must
+// not be forwarded to the private side, and neighbour discovery on the
+// public link must keep working.
+func TestDataPathNeighbourDiscovery(t *testing.T) {
+	g := newGateway(t, "load")
+	client := g.Client.OpenLink(t, "cli0")
+	private := g.Private.OpenLink(t, "srv0")
+	gwMAC := mac(t, g.Gateway, tu.PublicIface)
+	ns := func(dst, target netip.Addr, hop uint8) []byte {
+		return tu.ICMPv6Packet(tu.ClientV6, dst, hop, tu.NDPNeighbourSolicitation, 0, tu.NeighbourSolicitation(target, client.MAC))
+	}
+	na := func(dst netip.Addr, hop uint8) []byte {
+		return tu.ICMPv6Packet(tu.ClientV6, dst, hop, tu.NDPNeighbourAdvertisement, 0, tu.NeighbourAdvertisement(tu.ClientV6, client.MAC))
+	}
+	reachedService := func(p tu.Packet) bool {
+		return p.Proto == tu.ProtoICMPv6 && p.Dst == tu.ServiceAV6 && len(p.L4) > 0 &&
+			(p.L4[0] == tu.NDPNeighbourSolicitation || p.L4[0] == tu.NDPNeighbourAdvertisement)
+	}
+	for _, c := range []struct {
+		name string
+		pkt  []byte
+	}{
+		{"advertisement, hop limit 64, to a protected host", na(tu.ServiceAV6, 64)},
+		{"solicitation, hop limit 64, to a protected host", ns(tu.ServiceAV6, tu.ServiceAV6, 64)},
+		{"advertisement, hop limit 255, to a protected host", na(tu.ServiceAV6, 255)},
+		{"solicitation, hop limit 255, to a protected host", ns(tu.ServiceAV6, tu.ServiceAV6, 255)},
+	} {
+		g.counted(c.name, bpf.ReasonUnsupportedL4, func() {
+			client.Send(t, gwMAC, c.pkt)
+			if private.Expect(spoofWait, reachedService) {
+				t.Fatalf("%s: reached the private side", c.name)
+			}
+		})
+	}
+
+	// A unicast solicitation for the gateway's global address (as
+	// neighbour unreachability detection sends) is answered.
+	advertisesGateway := func(p tu.Packet) bool {
+		return p.Proto == tu.ProtoICMPv6 && p.Src == tu.GatewayPubV6 && p.Dst == tu.ClientV6 && p.HopLimit == 255 &&
+			len(p.L4) >= 24 && p.L4[0] == tu.NDPNeighbourAdvertisement && netip.AddrFrom16([16]byte(p.L4[8:24])) == tu.GatewayPubV6
+	}
+	g.counted("unicast solicitation for the gateway", bpf.ReasonNDP, func() {
+		client.Send(t, gwMAC, ns(tu.GatewayPubV6, tu.GatewayPubV6, 255))
+		if !client.Expect(spoofWait, advertisesGateway) {
+			t.Fatal("the gateway did not answer a unicast solicitation for its address")
+		}
+	})
+	g.counted("unicast solicitation for the gateway, hop limit 64", bpf.ReasonUnsupportedL4, func() {
+		client.Send(t, gwMAC, ns(tu.GatewayPubV6, tu.GatewayPubV6, 64))
+		if client.Expect(spoofWait, advertisesGateway) {
+			t.Fatal("a solicitation with hop limit 64 was answered")
+		}
+	})
+
+	// From empty neighbour caches, IPv6 through a session: both sides
+	// resolve each other across the filter.
+	g.Client.Run(t, "ip", "-6", "neigh", "flush", "dev", "cli0")
+	g.Gateway.Run(t, "ip", "-6", "neigh", "flush", "dev", tu.PublicIface)
+	svc := netip.AddrPortFrom(tu.ServiceAV6, 8080)
+	g.Serve(t, svc)
+	g.grant(state.Session{Key: tcpKey(tu.ClientV6, tu.ServiceAV6, 8080), User: "alice", IdleTimeout: time.Minute})
+	g.counted("neighbour discovery for a session", bpf.ReasonNDP, func() {
+		g.expectPass("TCP over IPv6 through a session", bpf.ReasonSession, func() error {
+			return g.TCP(tu.ClientV6, svc, probeTimeout)
+		})
+	})
+	dynamicNeighbour(t, g.Client, tu.GatewayPubV6)
+	dynamicNeighbour(t, g.Gateway, tu.ClientV6)
 }

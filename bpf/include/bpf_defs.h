@@ -78,10 +78,52 @@ enum {
 #define BPF_ANY 0
 #define BPF_NOEXIST 1
 
+/* UAPI: struct bpf_fib_lookup, the parameters of bpf_fib_lookup(). Only
+ * the input fields are named; the output fields overlay them. */
+#define AF_INET 2
+#define AF_INET6 10
+
+struct bpf_fib_lookup {
+	__u8 family;
+	__u8 l4_protocol;
+	__be16 sport;
+	__be16 dport;
+	__u16 tot_len; /* in: L3 length for the MTU check, 0: none */
+	__u32 ifindex; /* in: the ingress interface */
+	__u32 flowinfo; /* in: tos (IPv4) or flow label and class (IPv6) */
+	union {
+		__be32 ipv4_src;
+		__u32 ipv6_src[4];
+	};
+	union {
+		__be32 ipv4_dst;
+		__u32 ipv6_dst[4];
+	};
+	__u32 tbid; /* out: VLAN protocol and TCI */
+	__u8 macs[12]; /* in: mark; out: source and destination MAC */
+};
+_Static_assert(sizeof(struct bpf_fib_lookup) == 64, "struct bpf_fib_lookup is 64 bytes");
+
+/* UAPI: bpf_fib_lookup() results. */
+enum {
+	BPF_FIB_LKUP_RET_SUCCESS = 0,
+	BPF_FIB_LKUP_RET_BLACKHOLE = 1,
+	BPF_FIB_LKUP_RET_UNREACHABLE = 2,
+	BPF_FIB_LKUP_RET_PROHIBIT = 3,
+	BPF_FIB_LKUP_RET_NOT_FWDED = 4,
+	BPF_FIB_LKUP_RET_FWD_DISABLED = 5,
+	BPF_FIB_LKUP_RET_UNSUPP_LWT = 6,
+	BPF_FIB_LKUP_RET_NO_NEIGH = 7,
+	BPF_FIB_LKUP_RET_FRAG_NEEDED = 8,
+	BPF_FIB_LKUP_RET_NO_SRC_ADDR = 9,
+};
+
 /* UAPI: helper function numbers (enum bpf_func_id). */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
+static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen,
+			      __u32 flags) = (void *)69;
 static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
 static __u64 (*bpf_xdp_get_buff_len)(struct xdp_md *ctx) = (void *)188;
 

@@ -31,8 +31,11 @@ type Frame struct {
 	// insert before the upper-layer header. A fragment (44) header carries
 	// FragOffset and MoreFragments.
 	IPv6Ext []uint8
-	// ICMPType is the ICMP/ICMPv6 type when Proto is 1 or 58.
-	ICMPType uint8
+	// ICMPType and ICMPCode are the ICMP/ICMPv6 type and code when Proto
+	// is 1 or 58.
+	ICMPType, ICMPCode uint8
+	// HopLimit is the IPv4 TTL or IPv6 hop limit; zero means 64.
+	HopLimit uint8
 	// Payload is the number of payload bytes after the L4 header.
 	Payload int
 }
@@ -73,6 +76,13 @@ func (f Frame) Bytes() []byte {
 	}
 }
 
+func (f Frame) hopLimit() uint8 {
+	if f.HopLimit == 0 {
+		return 64
+	}
+	return f.HopLimit
+}
+
 func (f Frame) l4() []byte {
 	var h []byte
 	switch f.Proto {
@@ -89,7 +99,7 @@ func (f Frame) l4() []byte {
 		binary.BigEndian.PutUint16(h[4:], uint16(8+f.Payload))
 	case ProtoICMP, ProtoICMPv6:
 		h = make([]byte, 8)
-		h[0] = f.ICMPType
+		h[0], h[1] = f.ICMPType, f.ICMPCode
 	default:
 		h = make([]byte, 8)
 	}
@@ -107,7 +117,7 @@ func (f Frame) appendIPv4(b []byte) []byte {
 		frag |= 0x2000
 	}
 	binary.BigEndian.PutUint16(h[6:], frag)
-	h[8] = 64
+	h[8] = f.hopLimit()
 	h[9] = f.Proto
 	if f.Src.Is4() && f.Dst.Is4() {
 		src, dst := f.Src.As4(), f.Dst.As4()
@@ -156,7 +166,7 @@ func (f Frame) appendIPv6(b []byte) []byte {
 	if len(f.IPv6Ext) > 0 {
 		h[6] = f.IPv6Ext[0]
 	}
-	h[7] = 64
+	h[7] = f.hopLimit()
 	if f.Src.IsValid() && f.Dst.IsValid() {
 		src, dst := f.Src.As16(), f.Dst.As16()
 		copy(h[8:], src[:])

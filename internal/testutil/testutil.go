@@ -126,6 +126,47 @@ func (n *Netns) Do(fn func() error) error {
 	return <-errc
 }
 
+// Thread is one OS thread that has entered a namespace, for callers that
+// make many system calls there: Do starts (and discards) a thread per call.
+type Thread struct {
+	calls chan func()
+}
+
+// Thread starts a thread in the namespace; it ends when t ends.
+func (n *Netns) Thread(t testing.TB) *Thread {
+	t.Helper()
+	th := &Thread{calls: make(chan func())}
+	started := make(chan error, 1)
+	go func() {
+		// Never unlocked, as in Do: the runtime discards the thread.
+		runtime.LockOSThread()
+		f, err := os.Open(n.Path())
+		if err == nil {
+			err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+			f.Close()
+		}
+		started <- err
+		if err != nil {
+			return
+		}
+		for fn := range th.calls {
+			fn()
+		}
+	}()
+	if err := <-started; err != nil {
+		t.Fatalf("enter %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { close(th.calls) })
+	return th
+}
+
+// Do runs fn on the thread and returns when it has.
+func (th *Thread) Do(fn func()) {
+	done := make(chan struct{})
+	th.calls <- func() { defer close(done); fn() }
+	<-done
+}
+
 // Command returns cmd to run inside the namespace. It uses nsenter, not
 // "ip netns exec", which would remount /sys and hide bpffs pins.
 func (n *Netns) Command(name string, args ...string) *exec.Cmd {
