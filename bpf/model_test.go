@@ -173,7 +173,7 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 }
 
 func (d *diff) step(i int) error {
-	if d.g.rng.IntN(10) < 3 {
+	if d.g.rng.IntN(4) == 0 {
 		return d.egress(i)
 	}
 	return d.ingress(i)
@@ -710,9 +710,9 @@ func (g *generator) decorate(p *pkt) {
 func (g *generator) ingress() []byte {
 	v4 := g.rng.IntN(2) == 0
 	switch n := g.rng.IntN(20); {
-	case n < 11:
+	case n < 13:
 		return g.frame()
-	case n < 14: // a reply to a known flow, or nearly one
+	case n < 15: // a reply to a known flow, or nearly one
 		t := g.aFlow(v4)
 		switch g.rng.IntN(6) {
 		case 0:
