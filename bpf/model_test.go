@@ -63,7 +63,9 @@ func TestModelMatchesProgram(t *testing.T) {
 func TestModelMutationIsCaught(t *testing.T) {
 	for _, m := range []string{"egress-synack", "related-any-dst"} {
 		t.Run(m, func(t *testing.T) {
-			rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x5eed))
+			seed := uint64(time.Now().UnixNano())
+			t.Logf("seed %d", seed)
+			rng := rand.New(rand.NewPCG(seed, 0x5eed))
 			g := newGenerator(rng)
 			d := newDiff(t, g, diffPhases(g)[0])
 			restore := bpf.SetMutation(m)
