@@ -1,5 +1,7 @@
 package state
 
+import "github.com/aegis-agent/aegis/bpf"
+
 // SetAfterScan installs a hook that runs after each batch a sweep reads and
 // before it deletes that batch's expired sessions.
 func SetAfterScan(s *Sweeper, fn func()) { s.afterScan = fn }
@@ -24,3 +26,6 @@ func GuardStats(m *Maps) (overlaps, repaired uint64) {
 
 // ReadSweepSeq reads the sweep sequence as a grant does.
 func ReadSweepSeq(m *Maps) (uint64, error) { return readSeq(m.SweepSeq) }
+
+// ConfigFromValue decodes a config map value, for the encoding's tests.
+func ConfigFromValue(v *bpf.AegisConfigValue) Config { return configFromValue(v) }

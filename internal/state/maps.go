@@ -36,6 +36,12 @@ type Maps struct {
 	// SweepSeq is the sweep sequence that every session write reads
 	// before and after writing (see sweep.go).
 	SweepSeq *ebpf.Map
+	// FlowsV4 and FlowsV6 are the outbound flows whose replies pass;
+	// Frags the datagrams whose first fragment passed. The data path
+	// writes them; user space only reads them.
+	FlowsV4 *ebpf.Map
+	FlowsV6 *ebpf.Map
+	Frags   *ebpf.Map
 
 	stats guardStats
 }
@@ -170,6 +176,7 @@ func (m *Maps) slots() []slot {
 		{MapAllowV4, &m.AllowV4}, {MapAllowV6, &m.AllowV6},
 		{MapConfig, &m.Config}, {MapStats, &m.Stats},
 		{MapSweepSeq, &m.SweepSeq},
+		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
 	}
 }
 
