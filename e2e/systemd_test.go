@@ -31,6 +31,7 @@ import (
 type container struct {
 	t      *testing.T
 	root   string // the overlay, as the host sees it
+	upper  string // the overlay's upper layer: every file the container changed
 	nspawn *exec.Cmd
 	leader int // the container's PID 1, in the host's PID namespace
 	log    *tu.Buffer
@@ -49,7 +50,7 @@ func bootContainer(t *testing.T, g *gateway) *container {
 		t.Fatal(err)
 	}
 	base := t.TempDir()
-	c := &container{t: t, root: filepath.Join(base, "root"), log: &tu.Buffer{}}
+	c := &container{t: t, root: filepath.Join(base, "root"), upper: filepath.Join(base, "tmp", "upper"), log: &tu.Buffer{}}
 	for _, d := range []string{"tmp", "root"} {
 		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
 			t.Fatal(err)

@@ -167,6 +167,10 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
 		return 2
 	}
+	if fn, ok := ctx.Value(modelKey{}).(func(*kong.Kong)); ok {
+		fn(parser)
+		return 0
+	}
 	kctx, err := parser.Parse(args)
 	if err != nil {
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
@@ -183,6 +187,17 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 		return 1
 	}
 	return 0
+}
+
+type modelKey struct{}
+
+// WithModel returns a context under which Run builds the command's kong
+// parser, with the variables and options its Main gives it, hands it to
+// fn and returns 0 without parsing or running anything. The man pages and
+// shell completions are generated from that model, so they describe the
+// flags, defaults and environment variables the binary really has.
+func WithModel(ctx context.Context, fn func(*kong.Kong)) context.Context {
+	return context.WithValue(ctx, modelKey{}, fn)
 }
 
 // UsageError marks an error in the command line that kong's own checks
