@@ -38,6 +38,14 @@ type AegisAllowValue struct {
 	Ports [16]AegisAllowPort
 }
 
+type AegisAttachMode uint32
+
+const (
+	AegisAttachModeATTACH_MODE_AUTO    AegisAttachMode = 0
+	AegisAttachModeATTACH_MODE_NATIVE  AegisAttachMode = 1
+	AegisAttachModeATTACH_MODE_GENERIC AegisAttachMode = 2
+)
+
 type AegisConfigValue struct {
 	_                    structs.HostLayout
 	LayoutVersion        uint32
@@ -52,6 +60,19 @@ type AegisConfigValue struct {
 	AllowV4Rules         uint16
 	AllowV6Rules         uint16
 	Pad1                 uint16
+}
+
+type AegisIfaceKey struct {
+	_    structs.HostLayout
+	Name [16]int8
+}
+
+type AegisIfaceValue struct {
+	_                structs.HostLayout
+	Ifindex          uint32
+	ProgId           uint32
+	Mode             AegisAttachMode
+	OperatorDetached uint32
 }
 
 type AegisLayout uint32
@@ -117,6 +138,7 @@ const (
 	AegisMapAllowV4    = "allow_v4"
 	AegisMapAllowV6    = "allow_v6"
 	AegisMapConfig     = "config"
+	AegisMapIfaces     = "ifaces"
 	AegisMapSessionsV4 = "sessions_v4"
 	AegisMapSessionsV6 = "sessions_v6"
 	AegisMapStats      = "stats"
@@ -175,6 +197,7 @@ type AegisMapSpecs struct {
 	AllowV4    *ebpf.MapSpec `ebpf:"allow_v4"`
 	AllowV6    *ebpf.MapSpec `ebpf:"allow_v6"`
 	Config     *ebpf.MapSpec `ebpf:"config"`
+	Ifaces     *ebpf.MapSpec `ebpf:"ifaces"`
 	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
@@ -209,6 +232,7 @@ type AegisMaps struct {
 	AllowV4    *ebpf.Map `ebpf:"allow_v4"`
 	AllowV6    *ebpf.Map `ebpf:"allow_v6"`
 	Config     *ebpf.Map `ebpf:"config"`
+	Ifaces     *ebpf.Map `ebpf:"ifaces"`
 	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
 	Stats      *ebpf.Map `ebpf:"stats"`
@@ -219,6 +243,7 @@ func (m *AegisMaps) Close() error {
 		m.AllowV4,
 		m.AllowV6,
 		m.Config,
+		m.Ifaces,
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,

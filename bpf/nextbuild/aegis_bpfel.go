@@ -52,6 +52,19 @@ type AegisConfigValue struct {
 	Pad1                 uint16
 }
 
+type AegisIfaceKey struct {
+	_    structs.HostLayout
+	Name [16]int8
+}
+
+type AegisIfaceValue struct {
+	_                structs.HostLayout
+	Ifindex          uint32
+	ProgId           uint32
+	Mode             uint32
+	OperatorDetached uint32
+}
+
 type AegisSessionKeyV4 struct {
 	_     structs.HostLayout
 	Src   [4]uint8
@@ -92,6 +105,7 @@ const (
 	AegisMapAllowV4    = "allow_v4"
 	AegisMapAllowV6    = "allow_v6"
 	AegisMapConfig     = "config"
+	AegisMapIfaces     = "ifaces"
 	AegisMapSessionsV4 = "sessions_v4"
 	AegisMapSessionsV6 = "sessions_v6"
 	AegisMapStats      = "stats"
@@ -150,6 +164,7 @@ type AegisMapSpecs struct {
 	AllowV4    *ebpf.MapSpec `ebpf:"allow_v4"`
 	AllowV6    *ebpf.MapSpec `ebpf:"allow_v6"`
 	Config     *ebpf.MapSpec `ebpf:"config"`
+	Ifaces     *ebpf.MapSpec `ebpf:"ifaces"`
 	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
@@ -184,6 +199,7 @@ type AegisMaps struct {
 	AllowV4    *ebpf.Map `ebpf:"allow_v4"`
 	AllowV6    *ebpf.Map `ebpf:"allow_v6"`
 	Config     *ebpf.Map `ebpf:"config"`
+	Ifaces     *ebpf.Map `ebpf:"ifaces"`
 	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
 	Stats      *ebpf.Map `ebpf:"stats"`
@@ -194,6 +210,7 @@ func (m *AegisMaps) Close() error {
 		m.AllowV4,
 		m.AllowV6,
 		m.Config,
+		m.Ifaces,
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,
