@@ -22,9 +22,12 @@ import (
 // old or the new program) and renames its pin over the old one. Should it
 // stop half-way, the next load finds links on different programs and
 // converges them.
-func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, cfg *Config, ifaces map[string]int, res *Result) error {
+func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, cfg *Config, gid int, ifaces map[string]int, res *Result) error {
 	linksDir := filepath.Join(cfg.PinPath, state.LinksDir)
-	if err := ensureDir(linksDir, 0o700, 0); err != nil {
+	// Searchable, not listable, by the pins' group: the daemons stat
+	// links/<name> to tell a configured interface's link from none; the
+	// links themselves stay root's (see internal/state/filtered.go).
+	if err := ensureDir(linksDir, 0o710, gid); err != nil {
 		return err
 	}
 	progPath := filepath.Join(cfg.PinPath, state.ProgramPin)
@@ -46,6 +49,10 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 	if err != nil {
 		return err
 	}
+	records := state.NewInterfaces(maps[state.MapIfaces])
+	record := func(name string) error {
+		return records.Put(state.Interface{Name: name, Ifindex: ifaces[name], ProgramID: progID, Mode: cfg.Mode})
+	}
 
 	entries, err := os.ReadDir(linksDir)
 	if err != nil {
@@ -53,8 +60,12 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 	}
 	attached := make(map[string]bool)
 	for _, e := range entries {
-		name := state.IfnameFromLinkPin(e.Name())
 		path := filepath.Join(linksDir, e.Name())
+		if state.IsTempLinkPin(e.Name()) {
+			_ = os.Remove(path) // left by an interrupted attach; never the live pin
+			continue
+		}
+		name := state.IfnameFromLinkPin(e.Name())
 		lk, err := link.LoadPinnedLink(path, nil)
 		if err != nil {
 			return fmt.Errorf("open pinned link %s: %w", path, err)
@@ -70,7 +81,13 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 		attached[name] = true
 		if _, ok := ifaces[name]; !ok {
 			l.Log.Warn().Str("iface", name).
-				Msg("interface is attached but not in --iface; left attached (\"aegis-loader unload -i " + name + "\" detaches it)")
+				Msg("interface is attached but not in --iface; left attached and no longer watched (\"aegis-loader unload -i " + name + "\" detaches it)")
+			continue
+		}
+		// Right after an upgrade's link.Update, so that a process that
+		// may not open the link sees our new program id at once.
+		if err := record(name); err != nil {
+			return err
 		}
 	}
 
@@ -83,10 +100,29 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 		if attached[name] {
 			continue
 		}
-		if err := l.attach(prog, name, ifaces[name], cfg.Mode, state.LinkPath(cfg.PinPath, name)); err != nil {
+		if err := l.attach(prog, name, ifaces[name], cfg.Mode, cfg.PinPath); err != nil {
+			return err
+		}
+		if err := record(name); err != nil {
 			return err
 		}
 		res.Attached = append(res.Attached, name)
+	}
+	// The configured set is exactly -i: a load with fewer interfaces stops
+	// watching the others.
+	have, err := records.List()
+	if err != nil {
+		return err
+	}
+	for _, r := range have {
+		if _, ok := ifaces[r.Name]; ok {
+			continue
+		}
+		if err := records.Delete(r.Name); err != nil {
+			return err
+		}
+		res.Unconfigured = append(res.Unconfigured, r.Name)
+		l.Log.Info().Str("iface", r.Name).Msg("interface no longer configured")
 	}
 
 	if fresh {
@@ -151,8 +187,11 @@ func (l *Loader) convergeLink(lk link.Link, path, name string, ifaces map[string
 	return nil
 }
 
-func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode, path string) error {
-	lk, err := l.Attach(link.XDPOptions{Program: prog, Interface: ifindex, Flags: mode.flags()})
+// attach attaches prog to the interface through a new bpf_link and pins it
+// at the interface's link pin, replacing whatever is pinned there in one
+// rename: the link is pinned under a temporary name first.
+func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode, pinPath string) error {
+	lk, err := l.Attach(link.XDPOptions{Program: prog, Interface: ifindex, Flags: modeFlags(mode)})
 	if err != nil {
 		switch {
 		case errors.Is(err, ebpf.ErrNotSupported):
@@ -165,11 +204,16 @@ func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode,
 		}
 		return fmt.Errorf("attach XDP to %s: %w", name, err)
 	}
-	if err := lk.Pin(path); err != nil {
-		lk.Close() // detaches: nothing is left half-done
+	defer lk.Close() // the pin keeps it attached; without one this detaches
+	tmp, path := state.LinkTempPath(pinPath, name), state.LinkPath(pinPath, name)
+	_ = os.Remove(tmp)
+	if err := lk.Pin(tmp); err != nil {
+		return fmt.Errorf("pin link %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
 		return fmt.Errorf("pin link %s: %w", path, err)
 	}
-	lk.Close() // the pin keeps it attached
 	l.Log.Info().Str("iface", name).Int("ifindex", ifindex).Str("mode", string(mode)).Msg("attached XDP program")
 	return nil
 }

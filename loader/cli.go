@@ -123,6 +123,7 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	}{
 		{"created maps", res.CreatedMaps}, {"attached", res.Attached},
 		{"upgraded", res.Upgraded}, {"reattached", res.Reattached},
+		{"no longer configured", res.Unconfigured},
 	} {
 		if len(p.items) > 0 {
 			parts = append(parts, p.what+" "+strings.Join(p.items, ","))
@@ -157,19 +158,44 @@ func (cmd *UnloadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	return nil
 }
 
-// Run prints the status.
+// ExitNotFiltered is aegis-loader status's exit code when a configured
+// interface is not filtered: the data path is loaded but the gateway is
+// open somewhere. 1 stays "status could not be read".
+const ExitNotFiltered = 3
+
+// Run prints the status. While a configured interface is not filtered
+// the first line says which and why, and it exits ExitNotFiltered.
 func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	st, err := l.Status(c.PinPath)
 	if err != nil {
 		return err
 	}
+	var result error
+	if st.NotFiltered != "" {
+		result = &cli.ExitError{Code: ExitNotFiltered}
+	}
 	if cmd.JSON {
 		enc := json.NewEncoder(stdio.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(st)
+		if err := enc.Encode(st); err != nil {
+			return err
+		}
+		return result
+	}
+	if st.NotFiltered != "" {
+		fmt.Fprintf(stdio.Stdout, "NOT FILTERED: %s\n", st.NotFiltered)
 	}
 	w := tabwriter.NewWriter(stdio.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "pin path\t%s\n\n", st.PinPath)
+	fmt.Fprintln(w, "CONFIGURED\tMODE\tFILTERED")
+	for _, f := range st.Filtering {
+		verdict := "yes"
+		if !f.Filtered {
+			verdict = fmt.Sprintf("no: %s (%s)", f.Reason, f.Detail)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\n", f.Interface.Name, f.Interface.Mode, verdict)
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintln(w, "INTERFACE\tIFINDEX\tMODE\tLINK\tPROGRAM\tTAG\tBUILD")
 	for _, i := range st.Interfaces {
 		build := "this"
@@ -198,5 +224,8 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	for _, ct := range st.Counters {
 		fmt.Fprintf(w, "%s\t%s\t%d\t%d\n", ct.Verdict, ct.Reason, ct.Packets, ct.Bytes)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	return result
 }

@@ -16,7 +16,12 @@ import (
 
 // Status is what aegis-loader status reports.
 type Status struct {
-	PinPath    string            `json:"pin_path"`
+	PinPath string `json:"pin_path"`
+	// NotFiltered names every configured interface that is not filtered
+	// and why, in one line; empty when all are.
+	NotFiltered string `json:"not_filtered,omitempty"`
+	// Filtering is the verdict on each configured interface.
+	Filtering  []state.Filtering `json:"filtering"`
 	Interfaces []InterfaceStatus `json:"interfaces"`
 	Maps       []MapStatus       `json:"maps"`
 	Config     ConfigStatus      `json:"config"`
@@ -72,6 +77,17 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	}
 	defer maps.Close()
 	st := &Status{PinPath: pinPath}
+	st.Filtering, err = state.CheckInterfaces(pinPath)
+	switch {
+	case errors.Is(err, state.ErrNotLoaded):
+		st.NotFiltered = "no record of the configured interfaces (pins of an older aegis-loader): run aegis-loader load"
+	case err != nil:
+		return nil, err
+	case len(st.Filtering) == 0:
+		st.NotFiltered = "no interface is configured: run aegis-loader load -i IFACE"
+	default:
+		st.NotFiltered = state.Summary(st.Filtering)
+	}
 
 	spec, err := l.Spec()
 	if err != nil {

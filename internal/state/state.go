@@ -28,8 +28,10 @@ const (
 	MapStats      = "stats"
 )
 
+// MapIfaces (ifaces.go) is pinned beside them.
+
 // MapNames lists every pinned map.
-var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats}
+var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapIfaces}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
@@ -50,6 +52,15 @@ func MapPath(pinPath, name string) string { return filepath.Join(pinPath, name) 
 func LinkPath(pinPath, ifname string) string {
 	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname))
 }
+
+// LinkTempPath is where a new link for the interface is pinned before it
+// is renamed over LinkPath, so that the pin is replaced in one step. No
+// interface name contains ':', so it never collides with a LinkPath.
+func LinkTempPath(pinPath, ifname string) string { return LinkPath(pinPath, ifname) + ":new" }
+
+// IsTempLinkPin reports whether a file name in LinksDir is a LinkTempPath
+// left by an interrupted attach.
+func IsTempLinkPin(name string) bool { return strings.Contains(name, ":") }
 
 // LinkPinName is the pin file name for an interface. bpffs refuses names
 // containing a dot, which interface names may have (eth0.100), so "%" and
