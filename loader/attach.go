@@ -103,6 +103,7 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 		if err := l.attach(prog, name, ifaces[name], cfg.Mode, cfg.PinPath); err != nil {
 			return err
 		}
+		l.Log.Info().Str("iface", name).Int("ifindex", ifaces[name]).Str("mode", string(cfg.Mode)).Msg("attached XDP program")
 		if err := record(name); err != nil {
 			return err
 		}
@@ -214,6 +215,5 @@ func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode,
 		_ = os.Remove(tmp)
 		return fmt.Errorf("pin link %s: %w", path, err)
 	}
-	l.Log.Info().Str("iface", name).Int("ifindex", ifindex).Str("mode", string(mode)).Msg("attached XDP program")
 	return nil
 }

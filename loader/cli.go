@@ -6,12 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/signal"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/alecthomas/kong"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/state"
@@ -24,7 +27,23 @@ type CLI struct {
 
 	Load   LoadCmd   `cmd:"" help:"Install the data path, or bring it up to date: create missing maps, write the config, attach, upgrade in place."`
 	Unload UnloadCmd `cmd:"" help:"Detach from the given interfaces, or from all of them and remove every pin (drops all sessions)."`
-	Status StatusCmd `cmd:"" help:"Show interfaces, program, map fill, config and counters."`
+	Status StatusCmd `cmd:"" help:"Show interfaces, program, map fill, config and counters. Exits 3 while a configured interface is not filtered."`
+	Watch  WatchCmd  `cmd:"" help:"Run until stopped, re-attaching the pinned program to every configured interface that appears without it (re-created, renamed)."`
+}
+
+// WatchCmd is "aegis-loader watch".
+type WatchCmd struct {
+	ResyncInterval time.Duration `default:"10s" help:"Time between two full checks of every configured interface, besides the netlink events."`
+}
+
+// Run watches until SIGTERM or SIGINT.
+func (cmd *WatchCmd) Run(ctx context.Context, c *CLI, l *Loader) error {
+	if cmd.ResyncInterval <= 0 {
+		return &cli.UsageError{Err: fmt.Errorf("--resync-interval %v: must be positive", cmd.ResyncInterval)}
+	}
+	ctx, stop := signal.NotifyContext(ctx, unix.SIGTERM, os.Interrupt)
+	defer stop()
+	return l.NewWatcher(c.PinPath, cmd.ResyncInterval).Run(ctx)
 }
 
 // LoadCmd is "aegis-loader load".
