@@ -77,17 +77,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	}
 	defer maps.Close()
 	st := &Status{PinPath: pinPath}
-	st.Filtering, err = state.CheckInterfaces(pinPath)
-	switch {
-	case errors.Is(err, state.ErrNotLoaded):
-		st.NotFiltered = "no record of the configured interfaces (pins of an older aegis-loader): run aegis-loader load"
-	case err != nil:
-		return nil, err
-	case len(st.Filtering) == 0:
-		st.NotFiltered = "no interface is configured: run aegis-loader load -i IFACE"
-	default:
-		st.NotFiltered = state.Summary(st.Filtering)
-	}
+	st.Filtering, st.NotFiltered = state.NotFiltered(pinPath)
 
 	spec, err := l.Spec()
 	if err != nil {

@@ -195,14 +195,11 @@ func (w *Watcher) resyncAll(cause string) {
 			w.report(r.Name, err.Error(), func(e *zerolog.Event) *zerolog.Event { return e.Err(err) })
 		}
 	}
-	verdicts, err := state.CheckInterfaces(w.pinPath)
-	switch {
-	case err != nil:
-		w.setStatus("cannot check the interfaces: " + err.Error())
-	case state.Summary(verdicts) != "":
-		w.setStatus("NOT FILTERED: " + state.Summary(verdicts))
-	default:
-		w.setStatus(fmt.Sprintf("all %d configured interface(s) filtered", len(verdicts)))
+	verdicts, problem := state.NotFiltered(w.pinPath)
+	if problem != "" {
+		w.setStatus("NOT FILTERED: " + problem)
+	} else {
+		w.setStatus(fmt.Sprintf("%d configured interface(s), all filtered", len(verdicts)))
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
@@ -27,7 +28,7 @@ type metrics struct {
 	last     prometheus.Gauge
 }
 
-func newMetrics() *metrics {
+func newMetrics(pinPath string) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		reaped: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -65,7 +66,11 @@ func newMetrics() *metrics {
 		m.scanned.WithLabelValues(f)
 		m.restored.WithLabelValues(f)
 	}
+	// The reaper needs only the pins, never the control plane: the
+	// filter's state is exported from here so that it is visible while
+	// the control plane is down.
 	m.reg.MustRegister(m.reaped, m.scanned, m.restored, m.duration, m.errors, m.last,
+		daemon.NewAttachedCollector(pinPath),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

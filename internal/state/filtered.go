@@ -223,3 +223,20 @@ func Summary(verdicts []Filtering) string {
 	}
 	return strings.Join(parts, "; ")
 }
+
+// NotFiltered judges every configured interface under pinPath and returns
+// the verdicts and one line naming those that are not filtered and why:
+// "" when every configured interface is filtered, which is also the case
+// when none is configured (a load always configures at least one). Not
+// being able to tell is reported as not filtered: pins without the record
+// (made by an older loader; the next load adds it) or a failed check.
+func NotFiltered(pinPath string) ([]Filtering, string) {
+	verdicts, err := CheckInterfaces(pinPath)
+	switch {
+	case errors.Is(err, ErrNotLoaded):
+		return nil, "no record of the configured interfaces: run aegis-loader load"
+	case err != nil:
+		return nil, "cannot check the configured interfaces: " + err.Error()
+	}
+	return verdicts, Summary(verdicts)
+}
