@@ -97,7 +97,7 @@ func (m *metrics) revoke(api, result string) {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	cs := []prometheus.Collector{m.grants, m.revokes, mapsCollector{m}, daemon.NewAttachedCollector(m.s.maps.PinPath()),
+	cs := []prometheus.Collector{m.grants, m.revokes, mapsCollector{m}, daemon.NewAttachedCollector(m.s.maps.PinPath(), m.s.log),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name:        "aegis_controlplane_build_info",
 			Help:        "Always 1; the version label names the build.",

@@ -5,6 +5,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/rs/zerolog"
 
 	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
@@ -28,7 +29,7 @@ type metrics struct {
 	last     prometheus.Gauge
 }
 
-func newMetrics(pinPath string) *metrics {
+func newMetrics(pinPath string, log zerolog.Logger) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		reaped: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -70,7 +71,7 @@ func newMetrics(pinPath string) *metrics {
 	// filter's state is exported from here so that it is visible while
 	// the control plane is down.
 	m.reg.MustRegister(m.reaped, m.scanned, m.restored, m.duration, m.errors, m.last,
-		daemon.NewAttachedCollector(pinPath),
+		daemon.NewAttachedCollector(pinPath, log),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
