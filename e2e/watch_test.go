@@ -183,7 +183,6 @@ func runBatch(t *testing.T, ns *tu.Netns, batch string) {
 func TestWatchReattachesRecreatedInterface(t *testing.T) {
 	g := newDaemonGateway(t)
 	w := startWatch(t, g)
-	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
 	withSession := netip.AddrPortFrom(tu.ServiceAV4, 9001)
 	g.Serve(t, withSession)
 	g.grant(state.Session{Key: udpKey(tu.ClientV4, tu.ServiceAV4, 9001), User: "alice"})
@@ -191,55 +190,9 @@ func TestWatchReattachesRecreatedInterface(t *testing.T) {
 		t.Fatalf("session before the re-creations: %v", err)
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	p := &prober{}
-	done := make(chan error, 1)
-	go func() { done <- p.run(ctx, g.Topology, netip.AddrPortFrom(tu.ServiceBV4, 9000), 1000) }()
 	const recreations = 5
-	var (
-		windows []window
-		gaps    []time.Duration
-	)
-	for i := range recreations + 1 {
-		rename := i == recreations // the last one: another device renamed to the name
-		win, gap := recreatePublic(t, g.Topology, rename)
-		windows, gaps = append(windows, win), append(gaps, gap)
-		if err := udpRetry(g.Topology, withSession); err != nil {
-			t.Fatalf("re-creation %d (rename %v): the session's traffic does not pass: %v", i+1, rename, err)
-		}
-		time.Sleep(200 * time.Millisecond) // probes against the re-created interface
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(100 * time.Millisecond) // the last probes in flight
-	p.mu.Lock()
-	sent := p.sent
-	p.mu.Unlock()
-	inGap, after := 0, 0
-	for seq, at := range sent {
-		if !noSession.Seen(uint64(seq)) {
-			continue
-		}
-		unfiltered := false
-		for _, win := range windows {
-			if !at.Before(win.from) && !at.After(win.to) {
-				unfiltered = true
-			}
-		}
-		if unfiltered {
-			inGap++
-		} else {
-			after++
-			t.Errorf("probe %d, sent at %s, passed outside every unfiltered window", seq, at.Format("15:04:05.000000"))
-		}
-	}
-	t.Logf("%d re-creations and 1 rename: %d probes sent at 1000/s without a session; passed: %d sent before XDP was back, %d after; creation to XDP attached: %v",
-		recreations, len(sent), inGap, after, gaps)
-	if int64(inGap+after) != noSession.Packets() {
-		t.Errorf("the service got %d datagrams, %d of them stream probes", noSession.Packets(), inGap+after)
-	}
+	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
+	recreateUnderProbes(t, g, noSession, withSession, recreations)
 	lines := w.out.JSONLines(t, "re-attached XDP program")
 	if len(lines) < recreations+1 {
 		t.Errorf("%d re-attach lines, want %d", len(lines), recreations+1)
@@ -363,4 +316,62 @@ func (r *metricsReaper) attached(t *testing.T) float64 {
 	}
 	t.Errorf("no %s series in the reaper's metrics:\n%s", want, body)
 	return -1
+}
+
+// recreateUnderProbes re-creates the public interface recreations times
+// and then replaces it with a renamed device, while the client probes
+// noSession at 1000/s. It fails t if a probe sent after netlink showed
+// XDP back passed, or if withSession (a session's service) is not
+// reachable after each re-creation, and reports the probes that passed in
+// the unfiltered gaps and the time from creation to XDP attached.
+func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSession netip.AddrPort, recreations int) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &prober{}
+	done := make(chan error, 1)
+	go func() { done <- p.run(ctx, g.Topology, netip.AddrPortFrom(tu.ServiceBV4, 9000), 1000) }()
+	var (
+		windows []window
+		gaps    []time.Duration
+	)
+	for i := range recreations + 1 {
+		rename := i == recreations // the last one: another device renamed to the name
+		win, gap := recreatePublic(t, g.Topology, rename)
+		windows, gaps = append(windows, win), append(gaps, gap)
+		if err := udpRetry(g.Topology, withSession); err != nil {
+			t.Fatalf("re-creation %d (rename %v): the session's traffic does not pass: %v", i+1, rename, err)
+		}
+		time.Sleep(200 * time.Millisecond) // probes against the re-created interface
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // the last probes in flight
+	p.mu.Lock()
+	sent := p.sent
+	p.mu.Unlock()
+	inGap, after := 0, 0
+	for seq, at := range sent {
+		if !noSession.Seen(uint64(seq)) {
+			continue
+		}
+		unfiltered := false
+		for _, win := range windows {
+			if !at.Before(win.from) && !at.After(win.to) {
+				unfiltered = true
+			}
+		}
+		if unfiltered {
+			inGap++
+		} else {
+			after++
+			t.Errorf("probe %d, sent at %s, passed outside every unfiltered window", seq, at.Format("15:04:05.000000"))
+		}
+	}
+	t.Logf("%d re-creations and 1 rename: %d probes sent at 1000/s without a session; passed: %d sent before XDP was back, %d after; creation to XDP attached: %v",
+		recreations, len(sent), inGap, after, gaps)
+	if int64(inGap+after) != noSession.Packets() {
+		t.Errorf("the service got %d datagrams, %d of them stream probes", noSession.Packets(), inGap+after)
+	}
 }

@@ -8,7 +8,7 @@ import (
 )
 
 var commands = []command{
-	{"aegis-loader", loader.Main, [][]string{{"load"}, {"unload"}, {"status"}}},
+	{"aegis-loader", loader.Main, [][]string{{"load"}, {"unload"}, {"status"}, {"watch"}}},
 	{"aegis-controlplane", controlplane.Main, [][]string{{}}},
 	{"aegis-reaper", reaper.Main, [][]string{{}}},
 	{"aegisctl", aegisctl.Main, [][]string{{"login"}, {"logout"}, {"sessions"}, {"stats"}, {"watch"},
