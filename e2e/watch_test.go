@@ -103,7 +103,7 @@ type window struct{ from, to time.Time }
 // is created under another name and renamed to the configured one. It
 // returns the window in which the gateway was unfiltered, and how long
 // after the start of the creation netlink showed XDP on the new device.
-func recreatePublic(t *testing.T, topo *tu.Topology, rename bool) (window, time.Duration) {
+func recreatePublic(t *testing.T, topo *tu.Topology, rename, wait bool) (window, time.Duration) {
 	t.Helper()
 	deleted := time.Now()
 	topo.Gateway.Run(t, "ip", "link", "del", tu.PublicIface)
@@ -136,6 +136,9 @@ func recreatePublic(t *testing.T, topo *tu.Topology, rename bool) (window, time.
 	runBatch(t, topo.Gateway, batch)
 	runBatch(t, topo.Client, "addr add 192.0.2.10/24 dev cli0\naddr add 192.0.2.11/24 dev cli0\nlink set cli0 up\n"+
 		"route add default via 192.0.2.1\n")
+	if !wait {
+		return window{}, 0
+	}
 	select {
 	case at := <-attached:
 		return window{deleted, at}, at.Sub(start)
@@ -182,7 +185,6 @@ func runBatch(t *testing.T, ns *tu.Netns, batch string) {
 // health all say the interface is not filtered, and the watcher leaves it.
 func TestWatchReattachesRecreatedInterface(t *testing.T) {
 	g := newDaemonGateway(t)
-	w := startWatch(t, g)
 	withSession := netip.AddrPortFrom(tu.ServiceAV4, 9001)
 	g.Serve(t, withSession)
 	g.grant(state.Session{Key: udpKey(tu.ClientV4, tu.ServiceAV4, 9001), User: "alice"})
@@ -190,12 +192,42 @@ func TestWatchReattachesRecreatedInterface(t *testing.T) {
 		t.Fatalf("session before the re-creations: %v", err)
 	}
 
+	// Without the watcher, the problem: the re-created interface passes a
+	// service without a session, and status says why.
+	open := netip.AddrPortFrom(tu.ServiceBV4, 9002)
+	g.Serve(t, open)
+	recreatePublic(t, g.Topology, false, false)
+	var err error
+	for range 10 {
+		if err = g.UDP(tu.ClientV4, open, 300*time.Millisecond); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("without the watcher the re-created interface should pass everything: %v", err)
+	}
+	out, err := g.Gateway.Command(bin("aegis-loader"), "status", "--pin-path", g.pin).Output()
+	var exit *exec.ExitError
+	if !errAs(err, &exit) || exit.ExitCode() != loader.ExitNotFiltered ||
+		!strings.HasPrefix(string(out), "NOT FILTERED: "+tu.PublicIface+": defunct link") {
+		t.Fatalf("status with a defunct link: %v\n%s", err, out)
+	}
+
+	// The watcher's start resync repairs it.
+	w := startWatch(t, g)
+	if l := w.out.JSONLines(t, "re-attached XDP program"); len(l) != 1 || l[0]["cause"] != "start" {
+		t.Fatalf("no repair at start: %v", l)
+	}
+	if err := g.UDP(tu.ClientV4, open, 500*time.Millisecond); err == nil {
+		t.Fatal("a service without a session passes after the watcher started")
+	}
+
 	const recreations = 5
 	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
 	recreateUnderProbes(t, g, noSession, withSession, recreations)
 	lines := w.out.JSONLines(t, "re-attached XDP program")
-	if len(lines) < recreations+1 {
-		t.Errorf("%d re-attach lines, want %d", len(lines), recreations+1)
+	if len(lines) < recreations+2 {
+		t.Errorf("%d re-attach lines, want %d", len(lines), recreations+2)
 	}
 	for _, l := range lines {
 		t.Logf("watcher: was %v, event to attach %v ms", l["was"], l["event_to_attach_ms"])
@@ -210,8 +242,7 @@ func TestWatchReattachesRecreatedInterface(t *testing.T) {
 		t.Fatalf("aegis_datapath_attached before unload -i: %v", m)
 	}
 	g.loader("unload", "-i", tu.PublicIface)
-	out, err := g.Gateway.Command(bin("aegis-loader"), "status", "--pin-path", g.pin).Output()
-	var exit *exec.ExitError
+	out, err = g.Gateway.Command(bin("aegis-loader"), "status", "--pin-path", g.pin).Output()
 	if !errAs(err, &exit) || exit.ExitCode() != loader.ExitNotFiltered ||
 		!strings.HasPrefix(string(out), "NOT FILTERED: "+tu.PublicIface+": operator-detached") {
 		t.Errorf("status after unload -i: %v\n%s", err, out)
@@ -336,7 +367,7 @@ func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSes
 	)
 	for i := range recreations + 1 {
 		rename := i == recreations // the last one: another device renamed to the name
-		win, gap := recreatePublic(t, g.Topology, rename)
+		win, gap := recreatePublic(t, g.Topology, rename, true)
 		windows, gaps = append(windows, win), append(gaps, gap)
 		if err := udpRetry(g.Topology, withSession); err != nil {
 			t.Fatalf("re-creation %d (rename %v): the session's traffic does not pass: %v", i+1, rename, err)

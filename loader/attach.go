@@ -100,13 +100,10 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map,
 		if attached[name] {
 			continue
 		}
-		if err := l.attach(prog, name, ifaces[name], cfg.Mode, cfg.PinPath); err != nil {
+		if err := l.attach(prog, name, ifaces[name], cfg.Mode, cfg.PinPath, func() error { return record(name) }); err != nil {
 			return err
 		}
 		l.Log.Info().Str("iface", name).Int("ifindex", ifaces[name]).Str("mode", string(cfg.Mode)).Msg("attached XDP program")
-		if err := record(name); err != nil {
-			return err
-		}
 		res.Attached = append(res.Attached, name)
 	}
 	// The configured set is exactly -i: a load with fewer interfaces stops
@@ -190,8 +187,10 @@ func (l *Loader) convergeLink(lk link.Link, path, name string, ifaces map[string
 
 // attach attaches prog to the interface through a new bpf_link and pins it
 // at the interface's link pin, replacing whatever is pinned there in one
-// rename: the link is pinned under a temporary name first.
-func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode, pinPath string) error {
+// rename: the link is pinned under a temporary name first. record runs
+// between the two, so that the configured-interfaces record (which the
+// daemons judge by) describes the new link before the pin points at it.
+func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode, pinPath string, record func() error) error {
 	lk, err := l.Attach(link.XDPOptions{Program: prog, Interface: ifindex, Flags: modeFlags(mode)})
 	if err != nil {
 		switch {
@@ -210,6 +209,10 @@ func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode,
 	_ = os.Remove(tmp)
 	if err := lk.Pin(tmp); err != nil {
 		return fmt.Errorf("pin link %s: %w", tmp, err)
+	}
+	if err := record(); err != nil {
+		_ = os.Remove(tmp)
+		return err
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		_ = os.Remove(tmp)

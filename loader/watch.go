@@ -272,14 +272,11 @@ func (w *Watcher) repair(name string, seen time.Time, cause string) (bool, error
 	if err != nil {
 		return false, err
 	}
-	if err := w.l.attach(prog, name, o.Device.Ifindex, rec.Mode, w.pinPath); err != nil {
+	rec.Ifindex, rec.ProgramID = o.Device.Ifindex, progID
+	if err := w.l.attach(prog, name, o.Device.Ifindex, rec.Mode, w.pinPath, func() error { return records.Put(rec) }); err != nil {
 		return false, err
 	}
 	took := time.Since(seen)
-	rec.Ifindex, rec.ProgramID = o.Device.Ifindex, progID
-	if err := records.Put(rec); err != nil {
-		return true, err
-	}
 	w.reported[name] = ""
 	w.mu.Lock()
 	w.repaired++
