@@ -54,6 +54,21 @@ func startWatch(t *testing.T, g *gateway) *watcher {
 	return w
 }
 
+// waitLines waits up to 5 s for n log lines with the message (the
+// process's output is copied into the buffer by a goroutine, behind its
+// notifications) and returns those there are.
+func (w *watcher) waitLines(t *testing.T, msg string, n int) []map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		l := w.out.JSONLines(t, msg)
+		if len(l) >= n || time.Now().After(deadline) {
+			return l
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // prober sends numbered UDP datagrams from the client at a steady rate,
 // ignoring send errors (the client's interface disappears and comes back
 // under it), and records when it sent each.
@@ -215,7 +230,7 @@ func TestWatchReattachesRecreatedInterface(t *testing.T) {
 
 	// The watcher's start resync repairs it.
 	w := startWatch(t, g)
-	if l := w.out.JSONLines(t, "re-attached XDP program"); len(l) != 1 || l[0]["cause"] != "start" {
+	if l := w.waitLines(t, "re-attached XDP program", 1); len(l) != 1 || l[0]["cause"] != "start" {
 		t.Fatalf("no repair at start: %v", l)
 	}
 	if err := g.UDP(tu.ClientV4, open, 500*time.Millisecond); err == nil {
@@ -225,7 +240,7 @@ func TestWatchReattachesRecreatedInterface(t *testing.T) {
 	const recreations = 5
 	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
 	recreateUnderProbes(t, g, noSession, withSession, recreations)
-	lines := w.out.JSONLines(t, "re-attached XDP program")
+	lines := w.waitLines(t, "re-attached XDP program", recreations+2)
 	if len(lines) < recreations+2 {
 		t.Errorf("%d re-attach lines, want %d", len(lines), recreations+2)
 	}
