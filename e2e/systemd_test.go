@@ -280,7 +280,11 @@ func TestSystemdUnits(t *testing.T) {
 			if i < 0 {
 				t.Fatalf("%s: no exposure score:\n%s", u, out)
 			}
-			t.Logf("%s: exposure %s", u, strings.Fields(out[i+len("exposure level for "+u+": "):])[0])
+			score := strings.Fields(out[i+len("exposure level for "+u+": "):])[0]
+			if f, err := strconv.ParseFloat(score, 64); u == "aegis-watch.service" && (err != nil || f > 2.0) {
+				t.Errorf("%s: exposure %s, want at most 2.0", u, score)
+			}
+			t.Logf("%s: exposure %s", u, score)
 		}
 	})
 
@@ -470,6 +474,18 @@ func TestSystemdUnits(t *testing.T) {
 		}
 		if out, err := c.cmd("/usr/local/bin/aegis-loader", "status", "--pin-path", g.pin).CombinedOutput(); err != nil {
 			t.Errorf("status after the re-creations: %v\n%s", err, out)
+		}
+		// The sandboxed daemons can judge the interface too (netlink).
+		for u, want := range map[string]string{"aegis-watch.service": "1 configured interface(s), all filtered",
+			"aegis-controlplane.service": "serving; "} {
+			deadline := time.Now().Add(5 * time.Second)
+			for !strings.HasPrefix(c.prop(u, "StatusText"), want) {
+				if time.Now().After(deadline) {
+					t.Errorf("%s status %q, want %q...", u, c.prop(u, "StatusText"), want)
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
 		}
 	})
 

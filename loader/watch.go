@@ -175,6 +175,7 @@ func (w *Watcher) repairIfConfigured(name string, seen time.Time, cause string) 
 	if _, err := w.repair(name, seen, cause); err != nil {
 		w.report(name, err.Error(), func(e *zerolog.Event) *zerolog.Event { return e.Err(err) })
 	}
+	w.updateStatus()
 }
 
 // resyncAll repairs every configured interface and updates the systemd
@@ -195,6 +196,12 @@ func (w *Watcher) resyncAll(cause string) {
 			w.report(r.Name, err.Error(), func(e *zerolog.Event) *zerolog.Event { return e.Err(err) })
 		}
 	}
+	w.updateStatus()
+}
+
+// updateStatus sets the systemd status line to the configured interfaces'
+// state.
+func (w *Watcher) updateStatus() {
 	verdicts, problem := state.NotFiltered(w.pinPath)
 	if problem != "" {
 		w.setStatus("NOT FILTERED: " + problem)
