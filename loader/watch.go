@@ -55,6 +55,9 @@ type Watcher struct {
 	l       *Loader
 	pinPath string
 	resync  time.Duration
+	// Event queue between the netlink receiver and the loop, and the
+	// socket's receive buffer; tests shrink them to force an overrun.
+	queue, rcvbuf int
 
 	lastLoop atomic.Int64 // unix nanoseconds the event loop last ran
 	// Owned by the event loop: the last reported problem per interface,
@@ -70,7 +73,10 @@ type Watcher struct {
 // NewWatcher returns a watcher of the pins under pinPath that resyncs
 // every resync.
 func (l *Loader) NewWatcher(pinPath string, resync time.Duration) *Watcher {
-	return &Watcher{l: l, pinPath: pinPath, resync: resync, reported: map[string]string{}}
+	return &Watcher{l: l, pinPath: pinPath, resync: resync, reported: map[string]string{},
+		// Large enough that bursts (a bond with many slaves coming back)
+		// rarely overrun; an overrun only costs a resync.
+		queue: 4096, rcvbuf: 1 << 20}
 }
 
 // Run watches until ctx ends. It reports readiness to systemd once it is
@@ -79,14 +85,12 @@ func (w *Watcher) Run(ctx context.Context) error {
 	w.lastLoop.Store(time.Now().UnixNano())
 	ready, cause := false, "start"
 	for ctx.Err() == nil {
-		updates := make(chan netlink.LinkUpdate, 4096)
+		updates := make(chan netlink.LinkUpdate, w.queue)
 		done := make(chan struct{})
 		var closing atomic.Bool
 		err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{
-			ListExisting: true,
-			// Large enough that bursts (a bond with many slaves coming
-			// back) rarely overrun; an overrun only costs a resync.
-			ReceiveBufferSize: 1 << 20,
+			ListExisting:      true,
+			ReceiveBufferSize: w.rcvbuf,
 			ErrorCallback: func(err error) {
 				if !closing.Load() {
 					w.l.Log.Warn().Err(err).Msg("netlink link events")

@@ -2,6 +2,7 @@ package loader_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -16,10 +17,13 @@ import (
 )
 
 // startWatcher runs a watcher in the namespace until the test ends.
-func (e *env) startWatcher(resync time.Duration) (*loader.Watcher, *tu.Buffer) {
+func (e *env) startWatcher(resync time.Duration, setup ...func(*loader.Watcher)) (*loader.Watcher, *tu.Buffer) {
 	e.t.Helper()
 	logs := &tu.Buffer{}
 	w := loader.New(zerolog.New(logs)).NewWatcher(e.pin, resync)
+	for _, f := range setup {
+		f(w)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.ns.Do(func() error { return w.Run(ctx) }) }()
@@ -108,5 +112,55 @@ func TestWatchSkipsOperatorDetached(t *testing.T) {
 	e.waitFor("a repair", func() bool { return w.Repairs() == 1 })
 	if v := e.verdict("a0"); !v.Filtered {
 		t.Errorf("after the repair: %v", v)
+	}
+}
+
+// TestWatchResyncsAfterOverrun: link events lost to a netlink overrun
+// (ENOBUFS) end the subscription; the watcher subscribes again and
+// resyncs, repairing an interface whose events were lost.
+func TestWatchResyncsAfterOverrun(t *testing.T) {
+	e := newEnv(t)
+	e.ns.AddVeth(t, "b0", "b1")
+	e.mustLoad(nil, "-i", "b0")
+	// A one-event queue and the smallest receive buffer; an hour between
+	// periodic resyncs, so that only the overrun path can repair a0.
+	w, logs := e.startWatcher(time.Hour, func(w *loader.Watcher) { loader.SetEventBuffers(w, 1, 1) })
+
+	// Hold the pin directory's lock: b0's repair blocks on it while the
+	// events pile up.
+	lock, err := state.LockDir(e.pin, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Unlock() // before the watcher's cleanup, which waits for it
+	e.ns.Run(t, "ip", "link", "del", "b0")
+	e.ns.AddVeth(t, "b0", "b1")
+	time.Sleep(100 * time.Millisecond) // the watcher is in b0's repair
+	var batch strings.Builder
+	for i := range 50 {
+		fmt.Fprintf(&batch, "link add flood%d type veth peer name flood%dp\n", i, i)
+	}
+	cmd := e.ns.Command("ip", "-batch", "-")
+	cmd.Stdin = strings.NewReader(batch.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	e.ns.Run(t, "ip", "link", "del", "a0")
+	e.ns.AddVeth(t, "a0", "a1")
+	lock.Unlock()
+
+	e.waitFor("two repairs", func() bool { return w.Repairs() == 2 })
+	for _, name := range []string{"a0", "b0"} {
+		if v := e.verdict(name); !v.Filtered {
+			t.Errorf("%s: %v", name, v)
+		}
+	}
+	if !strings.Contains(logs.String(), "netlink subscription ended") {
+		t.Fatalf("no overrun:\n%s", logs.String())
+	}
+	for _, l := range logs.JSONLines(t, "re-attached XDP program") {
+		if l["iface"] == "a0" && l["cause"] != "resubscribe" {
+			t.Errorf("a0 repaired by %v, want the resync after the overrun", l["cause"])
+		}
 	}
 }
