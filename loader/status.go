@@ -98,6 +98,9 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 		p.Close()
 	}
 	for _, e := range entries {
+		if state.IsTempLinkPin(e.Name()) {
+			continue // an attach in progress, or left by an interrupted one
+		}
 		is, err := l.interfaceStatus(filepath.Join(linksDir, e.Name()), state.IfnameFromLinkPin(e.Name()), pinned)
 		if err != nil {
 			return nil, err
