@@ -118,6 +118,11 @@ func (w *Watcher) Run(ctx context.Context) error {
 			// subscription: events were lost, so resync.
 			w.l.Log.Warn().Msg("netlink subscription ended; subscribing again and resyncing")
 			cause = "resubscribe"
+			// A receive error that persists must not spin.
+			select {
+			case <-ctx.Done():
+			case <-time.After(50 * time.Millisecond):
+			}
 		}
 	}
 	daemon.Stopping(w.l.Log)
