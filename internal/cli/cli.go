@@ -180,6 +180,12 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 	kctx.BindTo(ctx, (*context.Context)(nil))
 	kctx.Bind(stdio, log)
 	if err := kctx.Run(); err != nil {
+		if e := (*ExitError)(nil); errors.As(err, &e) {
+			if e.Err != nil {
+				fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, e.Err)
+			}
+			return e.Code
+		}
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
 		if u := (*UsageError)(nil); errors.As(err, &u) {
 			return 2
@@ -206,3 +212,19 @@ type UsageError struct{ Err error }
 
 func (e *UsageError) Error() string { return e.Err.Error() }
 func (e *UsageError) Unwrap() error { return e.Err }
+
+// ExitError ends a command with a documented exit code of its own. Run
+// prints Err like any error; with a nil Err the command has already
+// reported on stdout.
+type ExitError struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitError) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+func (e *ExitError) Unwrap() error { return e.Err }
