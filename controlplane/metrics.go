@@ -12,6 +12,7 @@ import (
 // control plane does and sees:
 //
 //	aegis_controlplane_datapath_loaded        gauge: 1 when this process can use the pinned maps
+//	aegis_controlplane_datapath_filtered      gauge: 1 when, besides, every configured interface is filtered (health SERVING)
 //	aegis_controlplane_grants_total{api,result}
 //	aegis_controlplane_revokes_total{api,result}
 //	aegis_controlplane_certificate_expiry_timestamp_seconds{certificate}
@@ -25,6 +26,7 @@ type metrics struct {
 	grants, revokes *prometheus.CounterVec
 	grantC, revokeC map[[2]string]prometheus.Counter
 	loaded          *prometheus.Desc
+	filtered        *prometheus.Desc
 }
 
 func newMetrics(s *Server) *metrics {
@@ -42,6 +44,8 @@ func newMetrics(s *Server) *metrics {
 		revokeC: make(map[[2]string]prometheus.Counter),
 		loaded: prometheus.NewDesc("aegis_controlplane_datapath_loaded",
 			"1 when the data path's pinned maps are usable, 0 when they are missing or cannot be opened.", nil, nil),
+		filtered: prometheus.NewDesc("aegis_controlplane_datapath_filtered",
+			"1 when the maps are usable and every configured interface is filtered (health SERVING), 0 otherwise; as of the last check, once a second.", nil, nil),
 	}
 	// Children created up front: every series exists from the start, and
 	// the hot path does a read-only map lookup instead of hashing labels.
@@ -93,18 +97,24 @@ func (m *metrics) collectors() []prometheus.Collector {
 	return cs
 }
 
-// mapsCollector says whether this process can use the pinned maps: the
-// one data-path fact that is the control plane's own (its session RPCs
-// fail with Unavailable without them). It does not read the maps: the
-// refresh loop already did.
+// mapsCollector says whether this process can use the pinned maps and
+// whether the data path enforces as its health reports it: the data-path
+// facts that are the control plane's own (its session RPCs fail with
+// Unavailable without the maps). It reads nothing at scrape time: the
+// refresh loop already did. Per-interface attachment is the reaper's
+// aegis_datapath_attached.
 type mapsCollector struct{ m *metrics }
 
-func (c mapsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.m.loaded }
+func (c mapsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.m.loaded; ch <- c.m.filtered }
 
 func (c mapsCollector) Collect(ch chan<- prometheus.Metric) {
-	loaded := 0.0
-	if c.m.s.Loaded() {
-		loaded = 1
+	gauge := func(d *prometheus.Desc, on bool) {
+		v := 0.0
+		if on {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
 	}
-	ch <- prometheus.MustNewConstMetric(c.m.loaded, prometheus.GaugeValue, loaded)
+	gauge(c.m.loaded, c.m.s.Loaded())
+	gauge(c.m.filtered, c.m.s.Filtered())
 }

@@ -129,6 +129,7 @@ func TestMetrics(t *testing.T) {
 		{"aegis_controlplane_grants_total", []string{"api=compat", "result=full"}, 0},
 		{"aegis_controlplane_revokes_total", []string{"api=agent", "result=revoked"}, 1},
 		{"aegis_controlplane_datapath_loaded", nil, 1},
+		{"aegis_controlplane_datapath_filtered", nil, 1},
 		{"aegis_grpc_server_handled_total", []string{"grpc_service=aegis.agent.v1.AgentService", "grpc_method=LoginEvent", "grpc_code=OK"}, 5},
 		{"aegis_grpc_server_handled_total", []string{"grpc_service=aegis.agent.v1.AgentService", "grpc_method=LoginEvent", "grpc_code=InvalidArgument"}, 1},
 		{"aegis_build_info", []string{"version=" + cli.Version(), "program_tag=" + daemon.ProgramTag()}, 1},

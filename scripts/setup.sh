@@ -24,6 +24,9 @@ declare -A need=(
   [/usr/bin/time]=time   # the reaper benchmark's peak RSS
   [systemd-socket-activate]=systemd # control plane socket-activation test
   [promtool]=prometheus  # alert rule tests and the metrics lint (only promtool is used)
+  [lintian]=lintian      # make deb-lint and the package test
+  [zsh]=zsh              # the generated completions' test
+  [fish]=fish
 )
 missing=()
 for cmd in "${!need[@]}"; do
