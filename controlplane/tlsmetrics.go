@@ -65,8 +65,10 @@ func handshakeReason(err error) string {
 		return tlsUnknownCA
 	case strings.Contains(msg, "certificate expired"):
 		return tlsExpired
-	case errors.As(err, &verify), strings.Contains(msg, "bad certificate"),
-		strings.Contains(msg, "certificate"):
+	// Any other certificate trouble: a verification error of another
+	// kind, the client's "bad certificate" alert, a certificate that
+	// does not parse or signs with the wrong algorithm.
+	case errors.As(err, &verify), strings.Contains(msg, "certificate"):
 		return tlsBadCertificate
 	}
 	return tlsOther
