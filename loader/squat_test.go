@@ -48,6 +48,34 @@ func asNobody(t *testing.T, name string, args ...string) {
 	}
 }
 
+// newSquatEnv is newEnv with the pin path on a bpffs of the test's own,
+// mounted as bpffs is without mode= (a world-writable, sticky root), so that
+// the attacker's steps do not depend on how the host's /sys/fs/bpf is
+// mounted, and nothing another test does to the host's bpffs root changes
+// them.
+func newSquatEnv(t *testing.T) *env {
+	t.Helper()
+	e := newEnv(t)
+	base, err := os.MkdirTemp("", "aegis-squat-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(base) })
+	if err := os.Chmod(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(base, "bpffs")
+	if err := os.Mkdir(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "bpf", "-o", "mode=1777", "bpf", root).CombinedOutput(); err != nil {
+		t.Fatalf("mount bpffs: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", root).Run() })
+	e.pin = filepath.Join(root, "aegis")
+	return e
+}
+
 // attackerDir is a directory of the attacker's on bpffs, removed when t ends.
 func attackerDir(t *testing.T, e *env) string {
 	t.Helper()
@@ -163,7 +191,7 @@ func TestPinPathSquattingRefused(t *testing.T) {
 		}, "-parent is writable by other users and not sticky"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			e := newEnv(t)
+			e := newSquatEnv(t)
 			pinPath, target := c.setup(t, e)
 			before := snapshot(t, target)
 			r := e.cli(nil, "load", "--pin-path", pinPath, "-i", "a0", "--group", "root")
@@ -222,7 +250,7 @@ func exeForNobody(t *testing.T) string {
 // A load by an unprivileged user fails before it creates anything: an
 // empty directory it left would squat the pin path for the root loader.
 func TestNonRootLoadCreatesNothing(t *testing.T) {
-	e := newEnv(t)
+	e := newSquatEnv(t)
 	cmd := exec.Command(exeForNobody(t), "load", "--pin-path", e.pin, "-i", "lo", "--group", "root")
 	cmd.Env = append(os.Environ(), mainEnv+"=1")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
@@ -243,7 +271,7 @@ func TestNonRootLoadCreatesNothing(t *testing.T) {
 // it created, parents included; one that succeeds leaves the parents it
 // made traversable (0755) and nothing else.
 func TestFailedLoadRemovesWhatItCreated(t *testing.T) {
-	e := newEnv(t)
+	e := newSquatEnv(t)
 	pinPath := filepath.Join(e.pin, "x", "aegis")
 	brokenMap := func(l *loader.Loader) {
 		l.Spec = func() (*ebpf.CollectionSpec, error) {
@@ -318,7 +346,7 @@ func TestUnsearchableBPFFSRootWarns(t *testing.T) {
 // Unload refuses a pin path that is not the loader's, rather than detach
 // and remove what it leads to.
 func TestUnloadRefusesSymlinkedPinPath(t *testing.T) {
-	e := newEnv(t)
+	e := newSquatEnv(t)
 	e.mustLoad(nil)
 	alias := e.pin + "-alias"
 	t.Cleanup(func() { _ = os.Remove(alias) })
