@@ -180,6 +180,9 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 		if u := (*UsageError)(nil); errors.As(err, &u) {
 			return 2
 		}
+		if e := (*ExitError)(nil); errors.As(err, &e) {
+			return e.Code
+		}
 		return 1
 	}
 	return 0
@@ -191,3 +194,17 @@ type UsageError struct{ Err error }
 
 func (e *UsageError) Error() string { return e.Err.Error() }
 func (e *UsageError) Unwrap() error { return e.Err }
+
+// ExitError makes Run exit with Code: for a failure a supervisor should
+// tell apart, such as a configuration that retrying cannot fix (systemd's
+// RestartPreventExitStatus=).
+type ExitError struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitError) Error() string { return e.Err.Error() }
+func (e *ExitError) Unwrap() error { return e.Err }
+
+// ExitConfig is sysexits' EX_CONFIG: the configuration is incomplete.
+const ExitConfig = 78
