@@ -98,11 +98,14 @@ func dryRun(l *Loader, cfg Config, asJSON bool, stdio cli.IO) error {
 	}
 	w := tabwriter.NewWriter(stdio.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "dry run: nothing changed\n\npin path\t%s\n", p.PinPath)
-	fmt.Fprintf(w, "program\t%s (this build %s", p.Change, p.Tag)
-	if p.PinnedTag != "" && p.PinnedTag != p.Tag {
-		fmt.Fprintf(w, ", pinned %s", p.PinnedTag)
+	switch p.Change {
+	case "no change":
+		fmt.Fprintf(w, "program\tno change (this build, tag %s, is running)\n", p.Tag)
+	case "upgrade":
+		fmt.Fprintf(w, "program\tupgrade from tag %s to this build\n", p.PinnedTag)
+	default:
+		fmt.Fprintf(w, "program\t%s\n", p.Change)
 	}
-	fmt.Fprintln(w, ")")
 	fmt.Fprintf(w, "mode\t%s\nmonitor\t%v\nrule timeout\t%s\nmax sessions\t%d\n", p.Mode, p.Monitor, p.RuleTimeout, p.MaxSessions)
 	fmt.Fprintf(w, "bypasses\t%s\n", strings.Join(p.Bypasses, "; "))
 	allow := strings.Join(p.Allow, " ")

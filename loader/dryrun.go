@@ -33,9 +33,11 @@ type Plan struct {
 	RuleTimeout string          `json:"rule_timeout"`
 	MaxSessions uint32          `json:"max_sessions"`
 	// Change is the program change: "new install", "no change" (this
-	// build is pinned), or "upgrade" (from PinnedTag to Tag).
-	Change    string `json:"change"`
-	Tag       string `json:"tag"`
+	// build is pinned), or "upgrade" (from PinnedTag to this build).
+	Change string `json:"change"`
+	// Tag is this build's program tag, known once it is loaded: the
+	// kernel computes it over the instructions as relocated.
+	Tag       string `json:"tag,omitempty"`
 	PinnedTag string `json:"pinned_tag,omitempty"`
 	// ConfigChanges lists the config fields whose pinned value differs.
 	ConfigChanges []FieldChange `json:"config_changes,omitempty"`
@@ -77,9 +79,6 @@ func (l *Loader) Plan(cfg Config) (*Plan, error) {
 	}
 	p := &Plan{PinPath: cfg.PinPath, Mode: cfg.Mode, Monitor: cfg.Monitor,
 		RuleTimeout: cfg.RuleTimeout.String(), MaxSessions: cfg.MaxSessions}
-	if ps, err := state.ProgramSpec(spec); err == nil {
-		p.Tag, _ = ps.Tag()
-	}
 	p.Bypasses = bypasses(&cfg)
 	for _, r := range cfg.Allow {
 		p.Allow = append(p.Allow, state.FormatAllowRule(r))
@@ -95,6 +94,7 @@ func (l *Loader) Plan(cfg Config) (*Plan, error) {
 		}
 		if sameBuild(spec, prog) {
 			p.Change = "no change"
+			p.Tag = p.PinnedTag
 		} else {
 			p.Change = "upgrade"
 		}
@@ -163,7 +163,7 @@ func (p *Plan) refuse(why string) {
 
 // pinnedLinkID is the id of the link pinned for an interface, or 0.
 func pinnedLinkID(pinPath, name string) uint32 {
-	lk, err := link.LoadPinnedLink(state.LinkPath(pinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
+	lk, err := link.LoadPinnedLink(state.LinkPath(pinPath, name), nil)
 	if err != nil {
 		return 0
 	}
