@@ -147,11 +147,25 @@ func (g *gateway) observed() string {
 		}
 		return nil
 	})
-	run, _ := filepath.Glob("/run/aegis/confirm-" + strings.ReplaceAll(strings.Trim(g.pin, "/"), "/", "-") + "*")
+	// The rollback timer's log is a record the operator may read, kept.
+	run, _ := filepath.Glob(g.handshake() + ".*[^g]")
 	sort.Strings(run)
 	fmt.Fprintf(&b, "handshake %v\n", run)
 	fmt.Fprintf(&b, "xdp %+v\n", g.xdp())
 	return b.String()
+}
+
+// handshake is the stem of the confirm-or-rollback files of the pin
+// directory; they are removed when the test ends.
+func (g *gateway) handshake() string {
+	stem := "/run/aegis/confirm-" + strings.ReplaceAll(strings.Trim(g.pin, "/"), "/", "-")
+	g.t.Cleanup(func() {
+		files, _ := filepath.Glob(stem + ".*")
+		for _, f := range files {
+			_ = os.Remove(f)
+		}
+	})
+	return stem
 }
 
 // xdp is what netlink reports at the public interface's XDP hook.
