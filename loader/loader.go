@@ -126,7 +126,7 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	// (bpf_xdp_get_buff_len), and since 5.11 BPF memory is charged to the
 	// memory cgroup instead.
 
-	pd, err := lockPinDir(cfg.PinPath, gid, true)
+	pd, err := lockPinDir(cfg.PinPath, gid, true, l.lockNotice(cfg.PinPath))
 	if err != nil {
 		return nil, err
 	}

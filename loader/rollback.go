@@ -288,7 +288,7 @@ func (l *Loader) restore(snap *snapshot, prog *ebpf.Program) error {
 		}
 	}
 
-	pd, err := lockPinDir(snap.PinPath, 0, false)
+	pd, err := lockPinDir(snap.PinPath, 0, false, l.lockNotice(snap.PinPath))
 	if err != nil {
 		return err
 	}
