@@ -130,7 +130,7 @@ func (c *CLI) listen(log zerolog.Logger) (net.Listener, error) {
 		ln = l
 	}
 	if ln != nil {
-		log.Info().Stringer("addr", ln.Addr()).Msg("using the listening socket passed by systemd; --listen-address and --grpc-port are ignored")
+		log.Info().Stringer("address", ln.Addr()).Msg("using the listening socket passed by systemd; --listen-address and --grpc-port are ignored")
 	} else if len(lns) > 0 {
 		return nil, errors.New("socket activation: systemd passed no listening stream socket")
 	} else {
@@ -278,12 +278,12 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 			return err
 		}
 		go ms.Serve(log)
-		log.Info().Stringer("addr", ms.Addr()).Msg("serving metrics")
+		log.Info().Stringer("address", ms.Addr()).Msg("serving metrics")
 	}
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	log.Info().Stringer("addr", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
+	log.Info().Stringer("address", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
 		Bool("allow_session_takeover", c.AllowSessionTakeover).
 		Msg("serving session.SessionManager and aegis.agent.v1.AgentService")
 	daemon.Ready(log)
