@@ -356,7 +356,11 @@ func TestConfirmOrRollback(t *testing.T) {
 	t.Run("not confirmed: no filter before, none after", func(t *testing.T) {
 		start := time.Now()
 		code, out := make(chan int, 1), make(chan string, 1)
-		go func() { c, o := g.try(env, "load", "--no-lockout-check", "--confirm-within", "3s"); code <- c; out <- o }()
+		go func() {
+			c, o := g.try(env, "load", "--no-lockout-check", "--confirm-within", "3s")
+			code <- c
+			out <- o
+		}()
 		// Wait for the cut, then send into it.
 		for !g.xdp().Attached {
 			if time.Since(start) > 10*time.Second {
@@ -392,7 +396,7 @@ func TestConfirmOrRollback(t *testing.T) {
 			code, out := g.try(env, "status", "--json")
 			var st struct {
 				Interfaces []struct{ Tag string } `json:"interfaces"`
-				Allow      []string             `json:"allow"`
+				Allow      []string               `json:"allow"`
 			}
 			if err := json.Unmarshal([]byte(out), &st); err != nil || code != 0 || len(st.Interfaces) != 1 {
 				t.Fatalf("status: %v\n%s", err, out)
