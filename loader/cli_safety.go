@@ -117,6 +117,8 @@ func dryRun(l *Loader, cfg Config, asJSON bool, stdio cli.IO) error {
 	for _, i := range p.Interfaces {
 		now := "none"
 		switch {
+		case i.XDP.Attached && i.XDP.LinksUnknown:
+			now = fmt.Sprintf("program %d (%s)", i.XDP.ProgramID, i.XDP.Mode)
 		case i.XDP.Attached && i.XDP.LinkID != 0:
 			now = fmt.Sprintf("program %d via link %d (%s)", i.XDP.ProgramID, i.XDP.LinkID, i.XDP.Mode)
 		case i.XDP.Attached:

@@ -14,6 +14,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/state"
@@ -139,8 +140,8 @@ func takeSnapshot(pinPath string) (*snapshot, *ebpf.Program, error) {
 // outcome is known, nil (confirmed) or an error wrapping ErrRolledBack.
 // wait is called once the child waits, to tell the operator.
 func (l *Loader) LoadConfirmed(cfg Config, d time.Duration, exe string, args []string, wait func(*Result, string)) (*Result, error) {
-	if err := os.MkdirAll(RuntimeDir, 0o700); err != nil {
-		return nil, fmt.Errorf("create %s: %w", RuntimeDir, err)
+	if err := checkRuntimeDir(); err != nil {
+		return nil, err
 	}
 	pending := handshake(cfg.PinPath, "pending")
 	if _, err := os.Stat(pending); err == nil {
@@ -187,14 +188,22 @@ func (l *Loader) LoadConfirmed(cfg Config, d time.Duration, exe string, args []s
 		_ = os.Remove(pending)
 		return res, fmt.Errorf("start the rollback timer: %w", err)
 	}
+	pid := cmd.Process.Pid
 	_ = cmd.Process.Release()
-	l.Log.Info().Int("pid", cmd.Process.Pid).Stringer("deadline", d).Str("file", pending).
+	l.Log.Info().Int("pid", pid).Stringer("deadline", d).Str("file", pending).
 		Msg("waiting for \"aegis-loader confirm\"; the previous state comes back otherwise")
 	if wait != nil {
 		wait(res, logPath)
 	}
+	// The child reports within moments of the deadline; past this bound it
+	// died (killed, or the machine is shutting down) and rolled nothing back.
+	giveUp := snap.Deadline.Add(time.Minute)
 	for {
 		time.Sleep(100 * time.Millisecond)
+		if time.Now().After(giveUp) {
+			return res, fmt.Errorf("the rollback timer (pid %d) did not report by %s: see %s; the load stays as it is unless it rolled back",
+				pid, giveUp.Format(time.TimeOnly), logPath)
+		}
 		if _, err := os.Stat(pending); err == nil {
 			continue
 		}
@@ -207,6 +216,24 @@ func (l *Loader) LoadConfirmed(cfg Config, d time.Duration, exe string, args []s
 		}
 		return res, nil
 	}
+}
+
+// checkRuntimeDir creates RuntimeDir 0700 root, or checks that it is
+// root's alone: whoever could write in it could hand the rollback a forged
+// snapshot, allow rules included.
+func checkRuntimeDir() error {
+	if err := os.Mkdir(RuntimeDir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("create %s: %w", RuntimeDir, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(RuntimeDir, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", RuntimeDir, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Uid != 0 || st.Mode&0o022 != 0 {
+		return fmt.Errorf("%w: %s must be a directory of root's that only root may write (\"chown root: %s; chmod 0700 %s\"): the rollback trusts what it holds",
+			ErrUnsafePinPath, RuntimeDir, RuntimeDir, RuntimeDir)
+	}
+	return nil
 }
 
 // Confirm keeps the load waiting for confirmation of pinPath. Returns

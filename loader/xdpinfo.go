@@ -21,6 +21,9 @@ type XDPState struct {
 	// LinkID is the bpf_link holding the program; 0 for a netlink
 	// attachment.
 	LinkID uint32 `json:"link_id,omitempty"`
+	// LinksUnknown: the links could not be listed (that needs
+	// CAP_SYS_ADMIN), so a zero LinkID tells nothing.
+	LinksUnknown bool `json:"links_unknown,omitempty"`
 }
 
 // xdpState inspects the XDP hook of an interface.
@@ -55,6 +58,7 @@ func xdpState(ifindex int) (XDPState, error) {
 			break
 		}
 	}
+	st.LinksUnknown = st.LinkID == 0 && it.Err() != nil
 	return st, nil
 }
 
@@ -64,6 +68,9 @@ func foreignXDPHint(name string, ifindex int) string {
 	switch {
 	case err != nil || !st.Attached:
 		return fmt.Sprintf("inspect it with \"bpftool net show dev %s\"", name)
+	case st.LinksUnknown:
+		return fmt.Sprintf("program %d: \"bpftool net show dev %s\" shows it; if it is held by a bpf_link (\"bpftool link list\"), remove it with its owner or \"bpftool link detach id ID\", else \"bpftool net detach xdp dev %s\"",
+			st.ProgramID, name, name)
 	case st.LinkID != 0:
 		return fmt.Sprintf("program %d is held by bpf_link %d (another tool's): find its owner with \"bpftool link show id %d\" and remove it with that tool, or \"bpftool link detach id %d\" (\"ip link set dev %s xdp off\" cannot remove a bpf_link)",
 			st.ProgramID, st.LinkID, st.LinkID, st.LinkID, name)
