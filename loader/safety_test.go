@@ -178,4 +178,38 @@ func TestLockoutCheckUsesPinnedSessions(t *testing.T) {
 	if r := e.cli(conns, e.loadArgs("--rule-timeout", "2m")...); r.code != 1 || !strings.Contains(r.stderr, "refusing to cut") {
 		t.Fatalf("a config change with the session revoked was not refused: %+v", r)
 	}
+	// IPv6 the same way, through the model's IPv6 path.
+	e.ns.Run(t, "ip", "addr", "add", "2001:db8:1::1/64", "dev", "a0", "nodad")
+	peer6 := netip.MustParseAddrPort("[2001:db8:1::10]:40000")
+	conns6 := func(l *loader.Loader) {
+		l.OperatorConnections = func() ([]loader.Connection, error) {
+			return []loader.Connection{{Peer: peer6, Local: netip.MustParseAddrPort("[2001:db8:1::1]:22"), Source: "test"}}, nil
+		}
+	}
+	if r := e.cli(conns6, e.loadArgs("--rule-timeout", "2m")...); r.code != 1 || !strings.Contains(r.stderr, "--allow 2001:db8:1::10/128,tcp/22") {
+		t.Fatalf("%+v", r)
+	}
+	if r := e.cli(conns6, e.loadArgs("--rule-timeout", "2m", "--allow", "2001:db8:1::/64,tcp/22")...); r.code != 0 {
+		t.Fatalf("%+v", r)
+	}
+}
+
+// /proc/net/tcp{,6} print addresses as the kernel's 32-bit words in host
+// order; an IPv4 peer of a dual-stack sshd appears IPv4-mapped in tcp6.
+func TestParseProcAddr(t *testing.T) {
+	for in, want := range map[string]string{
+		"0A0200C0:0016":                         "192.0.2.10:22",
+		"B80D0120000001000000000010000000:0016": "[2001:db8:1::10]:22",
+		"0000000000000000FFFF00000A0200C0:9C40": "192.0.2.10:40000",
+	} {
+		got, ok := loader.ParseProcAddr(in)
+		if !ok || got.String() != want {
+			t.Errorf("%s: %v %v, want %s", in, got, ok, want)
+		}
+	}
+	for _, bad := range []string{"", "0A0200C0", "0A02:0016", "zz0200C0:0016", "0A0200C0:10000"} {
+		if got, ok := loader.ParseProcAddr(bad); ok {
+			t.Errorf("%q: parsed as %v", bad, got)
+		}
+	}
 }

@@ -1,0 +1,4 @@
+package loader
+
+// ParseProcAddr is parseProcAddr, for the table test of /proc/net/tcp.
+var ParseProcAddr = parseProcAddr
