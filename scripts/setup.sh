@@ -19,8 +19,9 @@ declare -A need=(
   [ip]=iproute2          # network namespaces
   [nsenter]=util-linux   # entering namespaces without remounting /sys
   [setpriv]=util-linux   # least-privilege tests
+  [flock]=util-linux     # the loader's lock-wait test
   [systemd-nspawn]=systemd-container # systemd integration test
-  [socat]=socat          # the demo's small services and client
+  [socat]=socat          # the demo's small services and client; a stand-in sshd
   [/usr/bin/time]=time   # the reaper benchmark's peak RSS
   [systemd-socket-activate]=systemd # control plane socket-activation test
 )
