@@ -20,7 +20,7 @@ import (
 // opened read-only, no lock is taken (a flock leaves nothing behind, but a
 // dry run must not wait on a running loader either), no directory is
 // created, nothing is written. What it prints can be stale by the time a
-// real load runs; the real load decides again under the lock.
+// real load runs, which checks everything again.
 
 // Plan is what a load of a config would do.
 type Plan struct {
