@@ -213,3 +213,29 @@ func TestParseProcAddr(t *testing.T) {
 		}
 	}
 }
+
+// A default route through a filtered interface: the next hop's replies to
+// this host would be dropped, which is a warning (not the operator's
+// session); an allow rule for the next hop silences it.
+func TestDefaultGatewayWarning(t *testing.T) {
+	e := newEnv(t)
+	e.ns.Run(t, "ip", "addr", "add", "192.0.2.1/24", "dev", "a0")
+	e.ns.Run(t, "ip", "route", "add", "default", "via", "192.0.2.254", "dev", "a0")
+	none := func(l *loader.Loader) {
+		l.OperatorConnections = func() ([]loader.Connection, error) { return nil, nil }
+	}
+	const warning = "the default route's next hop 192.0.2.254 is on a0"
+	r := e.cli(none, e.loadArgs("--dry-run", "--json", "--log-level", "error")...)
+	if r.code != 0 || !strings.Contains(r.stdout, `"what": "default gateway"`) || !strings.Contains(r.stdout, `"severity": "warn"`) ||
+		strings.Contains(r.stdout, `"refused"`) {
+		t.Fatalf("%+v", r)
+	}
+	r = e.mustLoad(none)
+	if !strings.Contains(r.stderr, warning) || !strings.Contains(r.stderr, "--allow 192.0.2.254/32") {
+		t.Fatalf("no warning: %+v", r)
+	}
+	r = e.mustLoad(none, "--allow", "192.0.2.254/32")
+	if strings.Contains(r.stderr, warning) {
+		t.Fatalf("warned despite the allow rule: %+v", r)
+	}
+}
