@@ -152,7 +152,7 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO, args cmdline) error {
 		return err
 	}
 	if cmd.DryRun {
-		return dryRun(l, cfg, cmd.JSON, stdio)
+		return dryRun(l, cfg, cmd.builtinNames(args), cmd.JSON, stdio)
 	}
 	var res *Result
 	var err error

@@ -65,6 +65,14 @@ func (cmd *LoadCmd) checkDefaults(l *Loader, args cmdline) error {
 	return nil
 }
 
+func (cmd *LoadCmd) builtinNames(args cmdline) []string {
+	var out []string
+	for _, f := range cmd.builtinDefaults(args) {
+		out = append(out, fmt.Sprintf("%s %s", f.long, f.value))
+	}
+	return out
+}
+
 // confirmed runs a load that rolls back unless confirmed within d.
 func confirmed(l *Loader, cfg Config, d time.Duration, c *CLI, stdio cli.IO) (*Result, error) {
 	exe, err := os.Executable()
@@ -86,11 +94,12 @@ func confirmed(l *Loader, cfg Config, d time.Duration, c *CLI, stdio cli.IO) (*R
 }
 
 // dryRun prints the plan of a load.
-func dryRun(l *Loader, cfg Config, asJSON bool, stdio cli.IO) error {
+func dryRun(l *Loader, cfg Config, builtin []string, asJSON bool, stdio cli.IO) error {
 	p, err := l.Plan(cfg)
 	if err != nil {
 		return err
 	}
+	p.BuiltinDefaults = builtin
 	if asJSON {
 		enc := json.NewEncoder(stdio.Stdout)
 		enc.SetIndent("", "  ")
@@ -139,6 +148,9 @@ func dryRun(l *Loader, cfg Config, asJSON bool, stdio cli.IO) error {
 		}
 	} else {
 		fmt.Fprintln(w, "\nlock-out check\tno SSH session or default route through these interfaces")
+	}
+	if len(p.BuiltinDefaults) > 0 {
+		fmt.Fprintf(w, "\nbuilt-in defaults\t%s (the original agent's network: check they are this gateway's)\n", strings.Join(p.BuiltinDefaults, ", "))
 	}
 	if p.Refused != "" {
 		fmt.Fprintf(w, "\nthe load would be REFUSED: %s\n", p.Refused)

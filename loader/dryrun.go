@@ -42,6 +42,9 @@ type Plan struct {
 	// ConfigChanges lists the config fields whose pinned value differs.
 	ConfigChanges []FieldChange `json:"config_changes,omitempty"`
 	Lockout       []Finding     `json:"lockout,omitempty"`
+	// BuiltinDefaults lists the flags that would take their built-in
+	// default (the original agent's eth0 and 172.21.0.5).
+	BuiltinDefaults []string `json:"builtin_defaults,omitempty"`
 	// Refused reports that the load would be refused, and why.
 	Refused string `json:"refused,omitempty"`
 }

@@ -49,6 +49,10 @@ func TestBuiltinDefaults(t *testing.T) {
 		t.Fatalf("%+v", r)
 	}
 	os.Unsetenv("AEGIS_IP")
+	r = e.cli(nil, "load", "--pin-path", e.pin, "--group", "root", "-i", "a0", "--dry-run")
+	if r.code != 0 || !strings.Contains(r.stdout, "built-in defaults  --ip 172.21.0.5") {
+		t.Fatalf("%+v", r)
+	}
 	r = e.cli(nil, "load", "--pin-path", e.pin, "--group", "root", "-i", "a0", "--log-format", "json")
 	if r.code != 0 || !strings.Contains(r.stderr, "loading with built-in defaults") || !strings.Contains(r.stderr, "--ip 172.21.0.5") {
 		t.Fatalf("%+v", r)
