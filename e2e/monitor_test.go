@@ -93,7 +93,8 @@ func TestControlPlaneMonitorMemory(t *testing.T) {
 	}()
 
 	// Grants meanwhile: new IPv6 sessions, and refreshes of IPv4 ones
-	// (the IPv4 map is full).
+	// (the IPv4 map is full) by their own user, since another user's
+	// grant would be refused as a takeover.
 	agent := agentv1.NewAgentServiceClient(cp.dial(p.controller))
 	var wg sync.WaitGroup
 	var grants atomic.Int64
@@ -108,7 +109,7 @@ func TestControlPlaneMonitorMemory(t *testing.T) {
 					DstIp: tu.ServiceAV6.String(), DstPort: 443}
 				if i%2 == 1 {
 					k := tu.FillKeyV4(w<<14 | i&0x3fff)
-					req.SrcIp, req.DstIp, req.DstPort = netip.AddrFrom4(k.Src).String(), netip.AddrFrom4(k.Dst).String(), uint32(k.Dport)
+					req.User, req.SrcIp, req.DstIp, req.DstPort = "bulk", netip.AddrFrom4(k.Src).String(), netip.AddrFrom4(k.Dst).String(), uint32(k.Dport)
 				}
 				c, cancel := context.WithTimeout(ctx, 10*time.Second)
 				_, err := agent.LoginEvent(c, req)

@@ -188,7 +188,13 @@ func TestLoadCreatesPinsAndAttaches(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := state.Config{Controller: netip.MustParseAddr("198.51.100.5"), ControllerPort: 443, GRPCPort: 50001, DefaultIdleTimeout: 60 * time.Second}
+	// Unset flow timeouts are stored as the data path's defaults.
+	defaults, err := (&state.Config{DefaultIdleTimeout: time.Second}).Value()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := state.Config{Controller: netip.MustParseAddr("198.51.100.5"), ControllerPort: 443, GRPCPort: 50001, DefaultIdleTimeout: 60 * time.Second,
+		FlowIdleTCP: time.Duration(defaults.FlowIdleTcpNs), FlowIdleUDP: time.Duration(defaults.FlowIdleUdpNs), FlowIdleICMP: time.Duration(defaults.FlowIdleIcmpNs)}
 	if cfg != want {
 		t.Fatalf("config %+v, want %+v", cfg, want)
 	}
@@ -443,7 +449,7 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	const gid = 4242 // a numeric group need not exist in /etc/group
 	e.mustLoad(nil, "--group", fmt.Sprint(gid))
 	want := map[string]os.FileMode{
-		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o700 | os.ModeDir,
+		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o710 | os.ModeDir,
 		state.LinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
 	}
 	for _, name := range state.MapNames {
@@ -451,6 +457,8 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	}
 	want[state.MapPath(e.pin, state.MapSessionsV4)] = 0o660
 	want[state.MapPath(e.pin, state.MapSessionsV6)] = 0o660
+	want[state.MapPath(e.pin, state.MapSweepSeq)] = 0o660
+	want[state.SweepLockPath(e.pin)] = 0o750 | os.ModeDir
 	// Every entry, not only the expected ones: nothing is world-accessible
 	// and everything is root's.
 	seen := 0
@@ -571,7 +579,7 @@ func TestIncompatiblePinnedMapIsKept(t *testing.T) {
 		{"layout version", func() *ebpf.MapSpec {
 			// A config map written by a release with another layout.
 			return spec.Maps[state.MapConfig].Copy()
-		}, "layout version 99 and this aegis-loader writes version 1"},
+		}, fmt.Sprintf("layout version 99 and this aegis-loader writes version %d", bpf.LayoutVersion)},
 		{"capacity", func() *ebpf.MapSpec {
 			ms := spec.Maps[state.MapSessionsV4].Copy()
 			ms.MaxEntries = 1000

@@ -163,13 +163,16 @@ func checkEntry(dirfd int, path string, kind uint32) (exists bool, err error) {
 }
 
 // checkEntries refuses any entry of the pin directory the loader uses that
-// another user made: the program and map pins, the links directory and
-// each link pin in it.
+// another user made: the program and map pins, the sweep lock directory,
+// the links directory and each link pin in it.
 func (d *pinDir) checkEntries() error {
 	for _, path := range state.FilePins(d.path) {
 		if _, err := checkEntry(d.fd(), path, unix.S_IFREG); err != nil {
 			return err
 		}
+	}
+	if _, err := checkEntry(d.fd(), state.SweepLockPath(d.path), unix.S_IFDIR); err != nil {
+		return err
 	}
 	links := state.LinksPath(d.path)
 	ok, err := checkEntry(d.fd(), links, unix.S_IFDIR)

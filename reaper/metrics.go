@@ -5,7 +5,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/rs/zerolog"
 
+	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
@@ -21,13 +23,14 @@ type metrics struct {
 	reg      *prometheus.Registry
 	reaped   *prometheus.CounterVec
 	scanned  *prometheus.CounterVec
-	restored *prometheus.CounterVec
+	regrant  *prometheus.CounterVec
+	closed   prometheus.Counter
 	duration prometheus.Histogram
 	errors   prometheus.Counter
 	last     prometheus.Gauge
 }
 
-func newMetrics() *metrics {
+func newMetrics(pinPath string, log zerolog.Logger) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		reaped: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -38,10 +41,14 @@ func newMetrics() *metrics {
 			Name: "aegis_reaper_sessions_scanned_total",
 			Help: "Session map entries read by sweeps, by address family.",
 		}, []string{"family"}),
-		restored: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "aegis_reaper_sessions_restored_total",
-			Help: "Sessions found expired by a sweep's scan but re-granted before its delete, and kept.",
+		regrant: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "aegis_reaper_sessions_regranted_total",
+			Help: "Sessions found expired by a sweep's scan and live when read again before the delete (granted again meanwhile), and kept.",
 		}, []string{"family"}),
+		closed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "aegis_reaper_interrupted_sections_total",
+			Help: "Deleting sections left open by a reaper that died inside one, closed by a later sweep.",
+		}),
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "aegis_reaper_sweep_duration_seconds",
 			Help: "Wall time of one sweep over both sessions maps.",
@@ -51,7 +58,7 @@ func newMetrics() *metrics {
 		}),
 		errors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "aegis_reaper_sweep_errors_total",
-			Help: "Sweeps that failed, or could not put back a session re-granted during the sweep.",
+			Help: "Sweeps that failed.",
 		}),
 		last: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "aegis_reaper_last_sweep_timestamp_seconds",
@@ -63,9 +70,13 @@ func newMetrics() *metrics {
 			m.reaped.WithLabelValues(f, r.String())
 		}
 		m.scanned.WithLabelValues(f)
-		m.restored.WithLabelValues(f)
+		m.regrant.WithLabelValues(f)
 	}
-	m.reg.MustRegister(m.reaped, m.scanned, m.restored, m.duration, m.errors, m.last,
+	// The reaper needs only the pins, never the control plane: the
+	// filter's state is exported from here so that it is visible while
+	// the control plane is down.
+	m.reg.MustRegister(m.reaped, m.scanned, m.regrant, m.closed, m.duration, m.errors, m.last,
+		daemon.NewAttachedCollector(pinPath, log),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -79,8 +90,9 @@ func (m *metrics) observe(res state.SweepResult, took time.Duration, complete bo
 		m.reaped.WithLabelValues(f.name, state.ExpiredIdle.String()).Add(float64(f.r.Idle))
 		m.reaped.WithLabelValues(f.name, state.ExpiredLifetime.String()).Add(float64(f.r.Lifetime))
 		m.scanned.WithLabelValues(f.name).Add(float64(f.r.Scanned))
-		m.restored.WithLabelValues(f.name).Add(float64(f.r.Restored))
+		m.regrant.WithLabelValues(f.name).Add(float64(f.r.Regranted))
 	}
+	m.closed.Add(float64(res.Interrupted))
 	if complete {
 		m.duration.Observe(took.Seconds())
 		m.last.SetToCurrentTime()

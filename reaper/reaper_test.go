@@ -17,6 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
@@ -311,7 +314,7 @@ func TestDaemonSweepsAndFollowsTheLoader(t *testing.T) {
 		`aegis_reaper_sessions_reaped_total{family="ipv4",reason="idle"}`:     1,
 		`aegis_reaper_sessions_reaped_total{family="ipv6",reason="lifetime"}`: 1,
 		`aegis_reaper_sessions_reaped_total{family="ipv4",reason="lifetime"}`: 0,
-		`aegis_reaper_sessions_restored_total{family="ipv4"}`:                 0,
+		`aegis_reaper_sessions_regranted_total{family="ipv4"}`:                0,
 		`aegis_reaper_sweep_errors_total`:                                     0,
 	} {
 		if got := metric(body, series); got != want {
@@ -485,5 +488,27 @@ func TestWithControlPlane(t *testing.T) {
 	t.Logf("control plane left %d live, %d short, %d revoked sessions; the reaper reaped %d", live, short, revoked, len(reaped))
 	if live == 0 || short == 0 || revoked == 0 || len(reaped) < short {
 		t.Fatal("the run did not exercise every case")
+	}
+}
+
+// A sweep sequence left odd (a reaper killed inside a deleting section)
+// is closed by the next sweep, which says so at warn level.
+func TestOnceClosesInterruptedSection(t *testing.T) {
+	e := newEnv(t)
+	m := e.maps()
+	var v bpf.AegisSweepSeqValue
+	v.Seq = 7
+	if err := m.SweepSeq.Update(uint32(0), &v, ebpf.UpdateLock); err != nil {
+		t.Fatal(err)
+	}
+	code, log := e.once()
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	if lines := log.JSONLines(t, "closed the deleting section of a sweep that died inside it"); len(lines) != 1 || lines[0]["level"] != "warn" {
+		t.Fatalf("want one warning about the open section:\n%s", log)
+	}
+	if err := m.SweepSeq.LookupWithFlags(uint32(0), &v, ebpf.LookupLock); err != nil || v.Seq != 8 {
+		t.Fatalf("sequence %d after the sweep (%v), want 8", v.Seq, err)
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/aegis-agent/aegis/bpf"
 )
 
 // This file holds the operations that touch many sessions at once: revoking
@@ -162,16 +164,11 @@ func checkMove(from, to netip.Addr) error {
 // ebpf.ErrKeyExist as is, ErrFull for a full map.
 func (m *Maps) put(k Key, s Session, flags ebpf.MapUpdateFlags) error {
 	v := s.value()
-	var err error
-	if k.Is4() {
-		kk := k.v4()
-		err = m.SessionsV4.Update(&kk, &v, flags)
-	} else {
-		kk := k.v6()
-		err = m.SessionsV6.Update(&kk, &v, flags)
-	}
-	if errors.Is(err, ebpf.ErrKeyExist) {
-		return err
-	}
-	return updateError(err)
+	return m.guarded(k, func() (*bpf.AegisSessionValue, error) {
+		err := m.update(k, &v, flags)
+		if errors.Is(err, ebpf.ErrKeyExist) {
+			return nil, err
+		}
+		return &v, updateError(err)
+	})
 }

@@ -28,7 +28,7 @@ func newMaps(t *testing.T, capacity uint32) *state.Maps {
 	}
 	t.Cleanup(func() { objs.Close() })
 	return &state.Maps{SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6, AllowV4: objs.AllowV4,
-		AllowV6: objs.AllowV6, Config: objs.Config, Stats: objs.Stats}
+		AllowV6: objs.AllowV6, Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq}
 }
 
 var (

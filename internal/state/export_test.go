@@ -1,9 +1,31 @@
 package state
 
+import "github.com/aegis-agent/aegis/bpf"
+
 // SetAfterScan installs a hook that runs after each batch a sweep reads and
 // before it deletes that batch's expired sessions.
 func SetAfterScan(s *Sweeper, fn func()) { s.afterScan = fn }
 
-// SetBeforePutBack installs a hook that runs before a sweep puts back a
-// session re-granted while it was being deleted.
-func SetBeforePutBack(s *Sweeper, fn func()) { s.beforePutBack = fn }
+// SetBeforeDelete installs a hook that runs inside a section, between the
+// re-read of an expired session and its delete.
+func SetBeforeDelete(s *Sweeper, fn func()) { s.beforeDelete = fn }
+
+// SetLegacySweep makes s sweep with the earlier design: LookupAndDelete of
+// each expired session and a put-back of one found live, with fn (if not
+// nil) running before the put-back.
+func SetLegacySweep(s *Sweeper, beforePutBack func()) {
+	s.legacy, s.beforePutBack = true, beforePutBack
+}
+
+// GuardStats returns how many session writes through m overlapped a sweep
+// section, and how many of those found their value deleted and wrote it
+// again.
+func GuardStats(m *Maps) (overlaps, repaired uint64) {
+	return m.stats.overlaps.Load(), m.stats.repaired.Load()
+}
+
+// ReadSweepSeq reads the sweep sequence as a grant does.
+func ReadSweepSeq(m *Maps) (uint64, error) { return readSeq(m.SweepSeq) }
+
+// ConfigFromValue decodes a config map value, for the encoding's tests.
+func ConfigFromValue(v *bpf.AegisConfigValue) Config { return configFromValue(v) }

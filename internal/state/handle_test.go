@@ -13,7 +13,7 @@ import (
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
-func pinMaps(t *testing.T, dir string) { tu.PinMaps(t, dir, tu.PinOptions{}) }
+func pinMaps(t testing.TB, dir string) { tu.PinMaps(t, dir, tu.PinOptions{}) }
 
 func TestHandleFollowsThePins(t *testing.T) {
 	dir := tu.PinDir(t)

@@ -33,6 +33,20 @@ type Maps struct {
 	AllowV6    *ebpf.Map
 	Config     *ebpf.Map
 	Stats      *ebpf.Map
+	// SweepSeq is the sweep sequence that every session write reads
+	// before and after writing (see sweep.go).
+	SweepSeq *ebpf.Map
+	// FlowsV4 and FlowsV6 are the outbound flows whose replies pass;
+	// Frags the datagrams whose first fragment passed. The data path
+	// writes them; user space only reads them.
+	FlowsV4 *ebpf.Map
+	FlowsV6 *ebpf.Map
+	Frags   *ebpf.Map
+	// Ifaces records the interfaces the loader was told to filter
+	// (ifaces.go).
+	Ifaces *ebpf.Map
+
+	stats guardStats
 }
 
 var (
@@ -146,9 +160,12 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 	return nil
 }
 
-// DaemonWritable reports whether the daemons write the named map: only the
-// sessions maps. The loader alone writes the config and the allow rules.
-func DaemonWritable(name string) bool { return name == MapSessionsV4 || name == MapSessionsV6 }
+// DaemonWritable reports whether the daemons write the named map: the
+// sessions maps, and the reaper's sweep counter (see sweep.go). The loader
+// alone writes the config and the allow rules.
+func DaemonWritable(name string) bool {
+	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq
+}
 
 type slot struct {
 	name string
@@ -161,6 +178,9 @@ func (m *Maps) slots() []slot {
 		{MapSessionsV4, &m.SessionsV4}, {MapSessionsV6, &m.SessionsV6},
 		{MapAllowV4, &m.AllowV4}, {MapAllowV6, &m.AllowV6},
 		{MapConfig, &m.Config}, {MapStats, &m.Stats},
+		{MapSweepSeq, &m.SweepSeq},
+		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
+		{MapIfaces, &m.Ifaces},
 	}
 }
 
@@ -223,11 +243,14 @@ func updateError(err error) error {
 	return fmt.Errorf("update session: %w", err)
 }
 
-// Revoke deletes a session. Returns ErrNotFound if there is none.
+// Revoke deletes a session. Returns ErrNotFound if there is none. A
+// revoke is a plain delete, never undone: a grant of the same key by this
+// process runs before it or after it, and no sweep puts anything back.
 func (m *Maps) Revoke(k Key) error {
 	if err := k.Validate(); err != nil {
 		return err
 	}
+	defer lockKey(k).Unlock()
 	var err error
 	if k.Is4() {
 		kk := k.v4()

@@ -35,10 +35,20 @@ const (
 	MapAllowV6    = "allow_v6"
 	MapConfig     = "config"
 	MapStats      = "stats"
+	MapSweepSeq   = "sweep_seq"
+	// MapFlowsV4 and MapFlowsV6 hold the flows the gateway opened outbound,
+	// keyed by their reply; written by the egress program.
+	MapFlowsV4 = "flows_v4"
+	MapFlowsV6 = "flows_v6"
+	// MapFrags holds the fragmented datagrams whose first fragment passed.
+	MapFrags = "frags"
 )
 
+// MapIfaces (ifaces.go) is pinned beside them.
+
 // MapNames lists every pinned map.
-var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats}
+var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapSweepSeq,
+	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
@@ -69,6 +79,15 @@ func LinkPath(pinPath, ifname string) string {
 	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname))
 }
 
+// LinkTempPath is where a new link for the interface is pinned before it
+// is renamed over LinkPath, so that the pin is replaced in one step. No
+// interface name contains ':', so it never collides with a LinkPath.
+func LinkTempPath(pinPath, ifname string) string { return LinkPath(pinPath, ifname) + ":new" }
+
+// IsTempLinkPin reports whether a file name in LinksDir is a LinkTempPath
+// left by an interrupted attach.
+func IsTempLinkPin(name string) bool { return strings.Contains(name, ":") }
+
 // FilePins returns every pin directly under the pin path, programs first:
 // what a full unload removes besides the links.
 func FilePins(pinPath string) []string {
@@ -91,9 +110,30 @@ func LinkedInterfaces(pinPath string) ([]string, error) {
 	}
 	names := make([]string, 0, len(entries))
 	for _, e := range entries {
-		names = append(names, IfnameFromLinkPin(e.Name()))
+		if !IsTempLinkPin(e.Name()) {
+			names = append(names, IfnameFromLinkPin(e.Name()))
+		}
 	}
 	return names, nil
+}
+
+// TempLinkPins returns the LinkTempPath pins in LinksDir: an attach in
+// progress, or left by an interrupted one.
+func TempLinkPins(pinPath string) ([]string, error) {
+	entries, err := os.ReadDir(LinksPath(pinPath))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", LinksPath(pinPath), err)
+	}
+	var paths []string
+	for _, e := range entries {
+		if IsTempLinkPin(e.Name()) {
+			paths = append(paths, filepath.Join(LinksPath(pinPath), e.Name()))
+		}
+	}
+	return paths, nil
 }
 
 // LinkPinName is the pin file name for an interface. bpffs refuses names

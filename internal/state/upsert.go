@@ -9,27 +9,32 @@ import (
 )
 
 // This file holds the grant paths: Upsert (behind Grant too), which costs
-// one syscall for a new session and reports what it did, and GrantAll,
-// which applies several sessions or none. Their Checked forms let the
-// caller refuse to replace the session a grant finds, at no extra cost.
+// three syscalls for a new session and reports what it did, and GrantAll,
+// which applies several sessions or none. Both write through guarded (see
+// guard.go). Their Checked forms let the caller refuse to replace the
+// session a grant finds, at no extra cost.
 
 // Check decides whether a grant may replace old, the session it found at
 // its key; an error refuses the grant and is returned as it is. It runs
 // only when the key holds a session, between reading it and overwriting
-// it: a caller that must not race another grant of the key serializes
-// its grants around the call.
+// it, under the key's lock (see guard.go), so no other grant of the key
+// through this process runs in between.
 type Check func(old *Session) error
 
 // Upsert grants or refreshes a session: a refresh
 // replaces the timestamps, lifetime, idle timeout and user, and keeps the
 // creation time if the user is the same (a session passed to another user
-// is that user's new session). It returns the session as the map now holds it and
-// whether it is new. A new session costs one syscall (an insert that fails
-// if the key exists), a refresh three. When Upsert returns nil the data
+// is that user's new session). It returns the session as the map now holds
+// it and whether it is new. A new session costs three syscalls (an insert
+// that fails if the key exists, between two reads of the sweep sequence), a
+// refresh five; one that overlapped a sweep deleting sessions waits for
+// it and checks its write (see sweep.go). When Upsert returns nil the data
 // path already passes the session's next packet.
 //
 // Returns ErrInvalid for a malformed session and ErrFull if the map is at
-// capacity; in both cases the map is unchanged.
+// capacity; in both cases the map is unchanged. ErrFull also reports a
+// session that a sweep deleted while it was written and that no longer
+// fits when it is written again.
 func (m *Maps) Upsert(s Session) (stored Session, created bool, err error) {
 	return m.UpsertChecked(s, nil)
 }
@@ -49,13 +54,17 @@ func (m *Maps) UpsertChecked(s Session, check Check) (stored Session, created bo
 // it replaced (when it could read it).
 func (m *Maps) upsert(s Session, check Check) (stored Session, created bool, old *bpf.AegisSessionValue, err error) {
 	v := s.value()
-	if s.Is4() {
-		k := s.v4()
-		created, old, err = upsert(m.SessionsV4, &k, &v, s.Key, check)
-	} else {
-		k := s.v6()
-		created, old, err = upsert(m.SessionsV6, &k, &v, s.Key, check)
-	}
+	err = m.guarded(s.Key, func() (*bpf.AegisSessionValue, error) {
+		var err error
+		if s.Is4() {
+			k := s.v4()
+			created, old, err = upsert(m.SessionsV4, &k, &v, s.Key, check)
+		} else {
+			k := s.v6()
+			created, old, err = upsert(m.SessionsV6, &k, &v, s.Key, check)
+		}
+		return &v, err
+	})
 	if err != nil {
 		return Session{}, false, nil, err
 	}
@@ -134,15 +143,12 @@ func (m *Maps) GrantAllChecked(ss []Session, check Check) (created []bool, err e
 func (m *Maps) undo(undos []grantUndo) {
 	for i := len(undos) - 1; i >= 0; i-- {
 		u := undos[i]
-		switch {
-		case u.old == nil:
+		if u.old == nil {
 			_ = m.Revoke(u.key)
-		case u.key.Is4():
-			k := u.key.v4()
-			_ = m.SessionsV4.Update(&k, u.old, ebpf.UpdateAny)
-		default:
-			k := u.key.v6()
-			_ = m.SessionsV6.Update(&k, u.old, ebpf.UpdateAny)
+			continue
 		}
+		_ = m.guarded(u.key, func() (*bpf.AegisSessionValue, error) {
+			return u.old, updateError(m.update(u.key, u.old, ebpf.UpdateAny))
+		})
 	}
 }

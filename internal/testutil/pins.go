@@ -39,6 +39,9 @@ func PinMaps(t testing.TB, dir string, opts PinOptions) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		t.Fatal(err)
 	}
+	if err := state.EnsureSweepLock(dir, 0); err != nil {
+		t.Fatal(err)
+	}
 	for _, name := range state.MapNames {
 		m, err := ebpf.NewMap(spec.Maps[name])
 		if err != nil {
