@@ -404,15 +404,21 @@ func TestConfirmOrRollback(t *testing.T) {
 			return st.Interfaces[0].Tag + " " + strings.Join(st.Allow, ",")
 		}
 		was := tag()
-		cmd := g.Gateway.Command(bin("aegis-loader-next"), "load", "-i", tu.PublicIface, "-c", tu.ControllerV4.String(),
+		// A new build, without the rule, on one more interface.
+		cmd := g.Gateway.Command(bin("aegis-loader-next"), "load", "-i", tu.PublicIface, "-i", "priv0", "-c", tu.ControllerV4.String(),
 			"--group", "root", "--pin-path", g.pin, "--no-lockout-check", "--confirm-within", "3s")
 		cmd.Env = env
 		out, err := cmd.CombinedOutput()
 		if err == nil || !strings.Contains(string(out), "rolled back") {
 			t.Fatalf("%v:\n%s", err, out)
 		}
+		// status exits 0 only if every configured interface is filtered:
+		// priv0 is neither attached nor configured any more.
 		if now := tag(); now != was {
 			t.Fatalf("after the rollback: %q, before the load: %q", now, was)
+		}
+		if _, err := os.Stat(state.LinkPath(g.pin, "priv0")); err == nil {
+			t.Fatal("the interface the load added is still attached")
 		}
 		if err := op.echo("restored", 5*time.Second); err != nil {
 			t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -61,11 +62,14 @@ type snapshot struct {
 	Links []string `json:"links"`
 	// Program is the id of the pinned program (0: none); the child holds
 	// it open as file descriptor 3.
-	Program  uint32                            `json:"program"`
-	Config   *state.Config                     `json:"config,omitempty"`
-	AllowV4  []allowEntry[bpf.AegisAllowKeyV4] `json:"allow_v4,omitempty"`
-	AllowV6  []allowEntry[bpf.AegisAllowKeyV6] `json:"allow_v6,omitempty"`
-	Deadline time.Time                         `json:"deadline"`
+	Program uint32                            `json:"program"`
+	Config  *state.Config                     `json:"config,omitempty"`
+	AllowV4 []allowEntry[bpf.AegisAllowKeyV4] `json:"allow_v4,omitempty"`
+	AllowV6 []allowEntry[bpf.AegisAllowKeyV6] `json:"allow_v6,omitempty"`
+	// Configured is the recorded set of configured interfaces (nil when
+	// there was none), which the watcher keeps filtered.
+	Configured []state.Interface `json:"configured,omitempty"`
+	Deadline   time.Time         `json:"deadline"`
 }
 
 type allowEntry[K any] struct {
@@ -116,6 +120,9 @@ func takeSnapshot(pinPath string) (*snapshot, *ebpf.Program, error) {
 				s.AllowV6 = append(s.AllowV6, allowEntry[bpf.AegisAllowKeyV6]{k, v})
 			}
 		}
+	}
+	if ifs, err := state.ReadInterfaces(pinPath); err == nil {
+		s.Configured = ifs
 	}
 	prog, err := ebpf.LoadPinnedProgram(state.ProgramPath(pinPath), nil)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -325,6 +332,9 @@ func (l *Loader) restore(snap *snapshot, prog *ebpf.Program) error {
 			return err
 		}
 	}
+	if err := restoreConfigured(snap); err != nil {
+		return err
+	}
 	if snap.Config == nil {
 		return nil
 	}
@@ -360,6 +370,37 @@ func (l *Loader) restore(snap *snapshot, prog *ebpf.Program) error {
 		return err
 	}
 	return syncAllow(maps.AllowV6, allow.V6, true, res)
+}
+
+// restoreConfigured puts the recorded set of configured interfaces back as
+// it was, so that the watcher keeps what was filtered before filtered and
+// leaves alone what this load added.
+func restoreConfigured(snap *snapshot) error {
+	if snap.Configured == nil {
+		return nil
+	}
+	set, err := state.OpenInterfaces(snap.PinPath, true)
+	if err != nil {
+		return fmt.Errorf("restore the configured interfaces: %w", err)
+	}
+	defer set.Close()
+	now, err := set.List()
+	if err != nil {
+		return err
+	}
+	for _, i := range now {
+		if !slices.ContainsFunc(snap.Configured, func(c state.Interface) bool { return c.Name == i.Name }) {
+			if err := set.Delete(i.Name); err != nil {
+				return err
+			}
+		}
+	}
+	for _, i := range snap.Configured {
+		if err := set.Put(i); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // restoreProgram moves every link back to the previous program and pins
