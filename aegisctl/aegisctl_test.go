@@ -160,6 +160,35 @@ func TestLoginSessionsLogout(t *testing.T) {
 		t.Fatalf("json: %+v", rows)
 	}
 
+	// "local sessions" takes the same filters, applied to the maps.
+	for _, tc := range []struct {
+		args []string
+		want []string // users, sorted
+	}{
+		{nil, []string{"alice", "bob"}},
+		{[]string{"--user", "bob"}, []string{"bob"}},
+		{[]string{"--src", "192.0.2.10"}, []string{"alice"}},
+		{[]string{"--dst", "2001:db8:2::10", "--port", "53"}, []string{"bob"}},
+		{[]string{"--dst", "2001:db8:2::10", "--port", "54"}, nil},
+		{[]string{"-u", "alice", "--src", "2001:db8:1::10"}, nil},
+	} {
+		var local []aegisctl.SessionRow
+		args := append([]string{"local", "sessions", "--json", "--pin-path", e.pin}, tc.args...)
+		if err := json.Unmarshal([]byte(mustRun(t, args...)), &local); err != nil {
+			t.Fatal(err)
+		}
+		var users []string
+		for _, r := range local {
+			users = append(users, r.User)
+		}
+		if strings.Join(users, ",") != strings.Join(tc.want, ",") {
+			t.Errorf("local sessions %v: %v, want %v", tc.args, users, tc.want)
+		}
+	}
+	if r := run("local", "sessions", "--pin-path", e.pin, "--src", "192.0.2"); r.code != 2 || !strings.Contains(r.stderr, "--src") {
+		t.Errorf("a malformed --src: %+v", r)
+	}
+
 	if out := mustRun(t, e.cmd("logout", "--user", "alice")...); out != "revoked 1 session(s)\n" {
 		t.Fatalf("logout: %q", out)
 	}
@@ -282,12 +311,24 @@ func TestGoldenTables(t *testing.T) {
 	var stats bytes.Buffer
 	st := aegisctl.Stats{
 		Counters: []aegisctl.CounterRow{{"pass", "session", 123456, 98765432}, {"pass", "controller", 7, 420}, {"drop", "no_session", 1234567890, 9}},
-		Maps:     []aegisctl.MapRow{{"v4", 3, 262144}, {"v6", 0, 262144}},
+		Maps:     []aegisctl.MapRow{{aegisctl.FamilyIPv4, 3, 262144}, {aegisctl.FamilyIPv6, 0, 262144}},
 	}
 	if err := aegisctl.WriteStats(&stats, st); err != nil {
 		t.Fatal(err)
 	}
 	golden(t, "stats.golden", stats.String())
+
+	// JSON speaks the documented field names (docs/operations.md).
+	var js bytes.Buffer
+	if err := aegisctl.WriteJSON(&js, rows); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "sessions.json.golden", js.String())
+	js.Reset()
+	if err := aegisctl.WriteJSON(&js, st); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "stats.json.golden", js.String())
 }
 
 func golden(t *testing.T, name, got string) {

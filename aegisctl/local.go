@@ -20,7 +20,36 @@ type LocalCmd struct {
 
 // LocalSessionsCmd is "aegisctl local sessions".
 type LocalSessionsCmd struct {
-	JSON bool `name:"json" help:"Print JSON."`
+	User string `short:"u" help:"Only this user's sessions."`
+	Src  string `placeholder:"IP" help:"Only sessions from this client address."`
+	Dst  string `placeholder:"IP" help:"Only sessions to this service address."`
+	Port uint16 `help:"Only sessions to this service port."`
+	JSON bool   `name:"json" help:"Print JSON."`
+}
+
+// filter returns the test a session must pass: the filters of the remote
+// "sessions" command, applied to the maps.
+func (cmd *LocalSessionsCmd) filter() (func(*state.Session) bool, error) {
+	var src, dst netip.Addr
+	for _, f := range []struct {
+		flag, v string
+		a       *netip.Addr
+	}{{"--src", cmd.Src, &src}, {"--dst", cmd.Dst, &dst}} {
+		if f.v == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(f.v)
+		if err != nil {
+			return nil, &cli.UsageError{Err: fmt.Errorf("%s %q: %w: not an IPv4 or IPv6 address", f.flag, f.v, state.ErrInvalid)}
+		}
+		*f.a = a.Unmap()
+	}
+	return func(s *state.Session) bool {
+		return (cmd.User == "" || s.User == cmd.User) &&
+			(!src.IsValid() || s.Src == src) &&
+			(!dst.IsValid() || s.Dst == dst) &&
+			(cmd.Port == 0 || s.Port == cmd.Port)
+	}, nil
 }
 
 // LocalStatsCmd is "aegisctl local stats".
@@ -38,12 +67,16 @@ func openLocal(pinPath string) (*state.Maps, error) {
 
 // Run lists the sessions.
 func (cmd *LocalSessionsCmd) Run(parent *LocalCmd, stdio cli.IO) error {
+	keep, err := cmd.filter()
+	if err != nil {
+		return err
+	}
 	m, err := openLocal(parent.PinPath)
 	if err != nil {
 		return err
 	}
 	defer m.Close()
-	rows, err := localSessions(m)
+	rows, err := localSessions(m, keep)
 	if err != nil {
 		return err
 	}
@@ -54,7 +87,7 @@ func (cmd *LocalSessionsCmd) Run(parent *LocalCmd, stdio cli.IO) error {
 	return WriteSessions(stdio.Stdout, rows, time.Now())
 }
 
-func localSessions(m *state.Maps) ([]SessionRow, error) {
+func localSessions(m *state.Maps, keep func(*state.Session) bool) ([]SessionRow, error) {
 	cfg, err := m.ReadConfig()
 	if err != nil {
 		return nil, err
@@ -64,6 +97,9 @@ func localSessions(m *state.Maps) ([]SessionRow, error) {
 	for s, err := range m.Sessions() {
 		if err != nil {
 			return nil, err
+		}
+		if keep != nil && !keep(&s) {
+			continue
 		}
 		rows = append(rows, rowFromState(&s, cfg.DefaultIdleTimeout, now))
 	}
@@ -129,8 +165,8 @@ func localStats(m *state.Maps) (Stats, error) {
 		return Stats{}, err
 	}
 	st.Maps = []MapRow{
-		{Family: "v4", Entries: uint64(v4), Capacity: uint64(m.SessionsV4.MaxEntries())},
-		{Family: "v6", Entries: uint64(v6), Capacity: uint64(m.SessionsV6.MaxEntries())},
+		{Family: FamilyIPv4, Entries: uint64(v4), Capacity: uint64(m.SessionsV4.MaxEntries())},
+		{Family: FamilyIPv6, Entries: uint64(v6), Capacity: uint64(m.SessionsV6.MaxEntries())},
 	}
 	return st, nil
 }

@@ -275,8 +275,8 @@ func getStats(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient
 		st.Counters = append(st.Counters, CounterRow{Verdict: v.GetVerdict(), Reason: v.GetReason(), Packets: v.GetPackets(), Bytes: v.GetBytes()})
 	}
 	st.Maps = []MapRow{
-		{Family: "v4", Entries: resp.GetSessionsV4().GetEntries(), Capacity: resp.GetSessionsV4().GetCapacity()},
-		{Family: "v6", Entries: resp.GetSessionsV6().GetEntries(), Capacity: resp.GetSessionsV6().GetCapacity()},
+		{Family: FamilyIPv4, Entries: resp.GetSessionsV4().GetEntries(), Capacity: resp.GetSessionsV4().GetCapacity()},
+		{Family: FamilyIPv6, Entries: resp.GetSessionsV6().GetEntries(), Capacity: resp.GetSessionsV6().GetCapacity()},
 	}
 	return st, nil
 }

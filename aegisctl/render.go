@@ -19,20 +19,69 @@ import (
 )
 
 // SessionRow is one session as aegisctl shows it, whether it came over
-// gRPC or straight from the pinned maps.
+// gRPC or straight from the pinned maps. Its JSON follows the field names
+// of docs/operations.md: src, dst, dport, proto, family.
 type SessionRow struct {
-	User     string         `json:"user"`
-	Protocol string         `json:"protocol"`
-	Source   netip.Addr     `json:"src_ip"`
-	Dest     netip.AddrPort `json:"dst"`
-	Created  time.Time      `json:"create_time"`
-	LastSeen time.Time      `json:"last_seen_time"`
+	User     string
+	Protocol string
+	Source   netip.Addr
+	Dest     netip.AddrPort
+	Created  time.Time
+	LastSeen time.Time
 	// Expires is the end of the lifetime; zero for none.
+	Expires     time.Time
+	IdleTimeout time.Duration
+	// Left is how long until the data path refuses the session.
+	Left    time.Duration
+	Expired bool
+}
+
+// sessionJSON is SessionRow's JSON form.
+type sessionJSON struct {
+	User        string        `json:"user"`
+	Proto       string        `json:"proto"`
+	Family      string        `json:"family"`
+	Src         netip.Addr    `json:"src"`
+	Dst         netip.Addr    `json:"dst"`
+	Dport       uint16        `json:"dport"`
+	Created     time.Time     `json:"create_time"`
+	LastSeen    time.Time     `json:"last_seen_time"`
 	Expires     time.Time     `json:"expire_time,omitzero"`
 	IdleTimeout time.Duration `json:"idle_timeout_ns"`
-	// Left is how long until the data path refuses the session.
-	Left    time.Duration `json:"time_left_ns"`
-	Expired bool          `json:"expired"`
+	Left        time.Duration `json:"time_left_ns"`
+	Expired     bool          `json:"expired"`
+}
+
+// Family names, as in metric labels and logs.
+const (
+	FamilyIPv4 = "ipv4"
+	FamilyIPv6 = "ipv6"
+)
+
+func family(a netip.Addr) string {
+	if a.Is4() {
+		return FamilyIPv4
+	}
+	return FamilyIPv6
+}
+
+// MarshalJSON writes the row in the documented field names.
+func (r SessionRow) MarshalJSON() ([]byte, error) {
+	return json.Marshal(sessionJSON{
+		User: r.User, Proto: r.Protocol, Family: family(r.Source), Src: r.Source, Dst: r.Dest.Addr(), Dport: r.Dest.Port(),
+		Created: r.Created, LastSeen: r.LastSeen, Expires: r.Expires, IdleTimeout: r.IdleTimeout, Left: r.Left, Expired: r.Expired,
+	})
+}
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (r *SessionRow) UnmarshalJSON(b []byte) error {
+	var j sessionJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	*r = SessionRow{User: j.User, Protocol: j.Proto, Source: j.Src, Dest: netip.AddrPortFrom(j.Dst, j.Dport),
+		Created: j.Created, LastSeen: j.LastSeen, Expires: j.Expires, IdleTimeout: j.IdleTimeout, Left: j.Left, Expired: j.Expired}
+	return nil
 }
 
 // CounterRow is one verdict reason's counters.
@@ -45,6 +94,7 @@ type CounterRow struct {
 
 // MapRow is a sessions map's fill.
 type MapRow struct {
+	// Family is FamilyIPv4 or FamilyIPv6.
 	Family   string `json:"family"`
 	Entries  uint64 `json:"entries"`
 	Capacity uint64 `json:"capacity"`
@@ -116,7 +166,7 @@ func WriteStats(w io.Writer, s Stats) error {
 		if m.Capacity > 0 {
 			fill = 100 * float64(m.Entries) / float64(m.Capacity)
 		}
-		fmt.Fprintf(&b, "%-11s  %*d  %*d  %5.1f%%\n", "sessions_"+m.Family, ew, m.Entries, cw, m.Capacity, fill)
+		fmt.Fprintf(&b, "%-11s  %*d  %*d  %5.1f%%\n", mapName(m.Family), ew, m.Entries, cw, m.Capacity, fill)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
@@ -124,6 +174,14 @@ func WriteStats(w io.Writer, s Stats) error {
 
 // writeJSON prints v as indented JSON, with every character that is not
 // printable escaped (escapeJSON).
+// mapName is the sessions map of a family.
+func mapName(family string) string {
+	if family == FamilyIPv4 {
+		return state.MapSessionsV4
+	}
+	return state.MapSessionsV6
+}
+
 func writeJSON(w io.Writer, v any) error {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

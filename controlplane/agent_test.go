@@ -96,14 +96,14 @@ func TestAgentLoginEvent(t *testing.T) {
 		}
 		found = true
 		want := map[string]any{"message": "grant", "api": "agent", "proto": "udp", "src": "2001:db8:1::10", "dst": "2001:db8:2::10",
-			"port": float64(53), "peer": "controller", "result": "created", "level": "info"}
+			"dport": float64(53), "peer": "controller", "result": "created", "level": "info"}
 		for f, v := range want {
 			if m[f] != v {
 				t.Errorf("audit line field %s = %v, want %v: %s", f, m[f], v, line)
 			}
 		}
-		if !strings.HasPrefix(m["peer_addr"].(string), "127.0.0.1:") {
-			t.Errorf("audit peer_addr %v", m["peer_addr"])
+		if !strings.HasPrefix(m["peer_address"].(string), "127.0.0.1:") {
+			t.Errorf("audit peer_address %v", m["peer_address"])
 		}
 	}
 	if !found {

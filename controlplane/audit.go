@@ -65,7 +65,7 @@ func (s *Server) auditGrant(op, api string, p *peerInfo, user, previous string, 
 			ev = ev.Bytes("dst", k.Dst.AppendTo(buf[:0]))
 		}
 		if k.Port != 0 {
-			ev = ev.Uint16("port", k.Port)
+			ev = ev.Uint16("dport", k.Port)
 		}
 	}
 	s.auditDone(ev, p, op, result)
@@ -88,7 +88,7 @@ func (s *Server) auditTarget(op, api string, p *peerInfo, user string, t *target
 		ev = ev.Str("dst", clip(t.dst))
 	}
 	if t.port != 0 {
-		ev = ev.Uint32("port", t.port)
+		ev = ev.Uint32("dport", t.port)
 	}
 	s.auditDone(ev, p, op, result)
 }
@@ -121,7 +121,7 @@ func (s *Server) auditEvent(op, api, user, result string, err error) *zerolog.Ev
 
 func (s *Server) auditDone(ev *zerolog.Event, p *peerInfo, op, result string) {
 	var buf [64]byte
-	ev.Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("result", result).Msg(op)
+	ev.Str("peer", p.identity()).Bytes("peer_address", p.appendAddr(buf[:0])).Str("result", result).Msg(op)
 }
 
 // maxLogged is the most of a client-supplied string an audit line or an

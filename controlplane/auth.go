@@ -148,7 +148,7 @@ func (a *authorizer) check(ctx context.Context, method string) error {
 		err = status.Errorf(codes.PermissionDenied, "client %q is not an allowed client name of this agent", p.identity())
 	}
 	var buf [64]byte
-	a.log.Warn().Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("method", method).Err(err).Msg("call refused")
+	a.log.Warn().Str("peer", p.identity()).Bytes("peer_address", p.appendAddr(buf[:0])).Str("method", method).Err(err).Msg("call refused")
 	return err
 }
 

@@ -29,7 +29,7 @@ import (
 type CLI struct {
 	cli.Globals
 	GRPCPort                 uint16        `short:"g" name:"grpc-port" default:"50001" help:"TCP port of the gRPC server (the port the Aegis controller dials)."`
-	ListenAddress            string        `placeholder:"IP" help:"IP address to listen on; empty for all. Must be a loopback address with --insecure."`
+	ListenAddress            string        `placeholder:"HOST[:PORT]" help:"Address to listen on: IP:PORT, [IPv6]:PORT, :PORT (all addresses), or a bare IP with --grpc-port's port; empty for all addresses. A port given here wins over --grpc-port. Must be a loopback address with --insecure."`
 	TLSCert                  string        `name:"tls-cert" placeholder:"FILE" help:"Server certificate (PEM); the controller expects the DNS name aegis-agent. Re-read on SIGHUP."`
 	TLSKey                   string        `name:"tls-key" placeholder:"FILE" help:"Server certificate's private key (PEM). Re-read on SIGHUP."`
 	TLSClientCA              string        `name:"tls-client-ca" placeholder:"FILE" help:"CA (PEM) that issues client certificates; clients must present one. Re-read on SIGHUP."`
@@ -84,10 +84,8 @@ func (c *CLI) check() error {
 	if c.ShutdownTimeout < 0 {
 		return &cli.UsageError{Err: fmt.Errorf("--shutdown-timeout %v: must not be negative", c.ShutdownTimeout)}
 	}
-	if c.ListenAddress != "" {
-		if _, err := netip.ParseAddr(c.ListenAddress); err != nil {
-			return &cli.UsageError{Err: fmt.Errorf("--listen-address %q: not an IP address", c.ListenAddress)}
-		}
+	if _, err := c.listenAddress(); err != nil {
+		return &cli.UsageError{Err: err}
 	}
 	tlsFlags := map[string]string{"--tls-cert": c.TLSCert, "--tls-key": c.TLSKey, "--tls-client-ca": c.TLSClientCA}
 	if c.Insecure {
@@ -132,11 +130,14 @@ func (c *CLI) listen(log zerolog.Logger) (net.Listener, error) {
 		ln = l
 	}
 	if ln != nil {
-		log.Info().Stringer("addr", ln.Addr()).Msg("using the listening socket passed by systemd; --listen-address and --grpc-port are ignored")
+		log.Info().Stringer("address", ln.Addr()).Msg("using the listening socket passed by systemd; --listen-address and --grpc-port are ignored")
 	} else if len(lns) > 0 {
 		return nil, errors.New("socket activation: systemd passed no listening stream socket")
 	} else {
-		addr := net.JoinHostPort(c.ListenAddress, strconv.Itoa(int(c.GRPCPort)))
+		addr, err := c.listenAddress()
+		if err != nil {
+			return nil, &cli.UsageError{Err: err}
+		}
 		if ln, err = net.Listen("tcp", addr); err != nil {
 			return nil, fmt.Errorf("listen for gRPC: %w", err)
 		}
@@ -146,6 +147,35 @@ func (c *CLI) listen(log zerolog.Logger) (net.Listener, error) {
 		return nil, insecureRefused(ln.Addr().String())
 	}
 	return ln, nil
+}
+
+// listenAddress is the gRPC server's HOST:PORT from --listen-address,
+// which takes the metrics flags' HOST:PORT form, and --grpc-port, whose
+// port applies to a bare IP (the flag's older form) or an empty address.
+// The host must be an IP: the agent listens on its own addresses, which a
+// name could resolve away from.
+func (c *CLI) listenAddress() (string, error) {
+	s := c.ListenAddress
+	port := strconv.Itoa(int(c.GRPCPort))
+	if s == "" {
+		return net.JoinHostPort("", port), nil
+	}
+	if a, err := netip.ParseAddr(s); err == nil {
+		return net.JoinHostPort(a.String(), port), nil
+	}
+	host, p, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", fmt.Errorf("--listen-address %q: not an IP address, IP:PORT, [IPv6]:PORT or :PORT", s)
+	}
+	if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
+		return "", fmt.Errorf("--listen-address %q: port %q: want 1-65535", s, p)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return "", fmt.Errorf("--listen-address %q: %q is not an IP address", s, host)
+		}
+	}
+	return net.JoinHostPort(host, p), nil
 }
 
 func insecureRefused(where string) error {
@@ -182,9 +212,11 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	// --insecure needs a loopback listen address; say so before binding
 	// anything (socket activation is checked on the socket itself).
 	if c.Insecure && os.Getenv("LISTEN_FDS") == "" {
-		if a, _ := netip.ParseAddr(c.ListenAddress); !a.IsLoopback() {
-			where := c.ListenAddress
-			if where == "" {
+		addr, _ := c.listenAddress() // checked above
+		host, _, _ := net.SplitHostPort(addr)
+		if a, _ := netip.ParseAddr(host); !a.IsLoopback() {
+			where := addr
+			if host == "" {
 				where = "all addresses"
 			}
 			return insecureRefused(where)
@@ -246,12 +278,12 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 			return err
 		}
 		go ms.Serve(log)
-		log.Info().Stringer("addr", ms.Addr()).Msg("serving metrics")
+		log.Info().Stringer("address", ms.Addr()).Msg("serving metrics")
 	}
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	log.Info().Stringer("addr", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
+	log.Info().Stringer("address", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
 		Bool("allow_session_takeover", c.AllowSessionTakeover).
 		Msg("serving session.SessionManager and aegis.agent.v1.AgentService")
 	daemon.Ready(log)

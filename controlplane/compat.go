@@ -168,7 +168,7 @@ func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList)
 		}
 		if err != nil {
 			var buf [64]byte
-			s.log.Warn().Str("audit", opMove).Str("api", apiCompat).Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).
+			s.log.Warn().Str("audit", opMove).Str("api", apiCompat).Str("peer", p.identity()).Bytes("peer_address", p.appendAddr(buf[:0])).
 				Str("result", resultInvalid).Err(err).Msg(opMove)
 			return nil, err
 		}
@@ -198,7 +198,7 @@ func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList)
 	var buf [64]byte
 	ev.Str("audit", opMove).Str("api", apiCompat).Strs("changes", changes).
 		Int("moved", res.Moved).Int("superseded", res.Superseded).
-		Str("peer", p.identity()).Bytes("peer_addr", p.appendAddr(buf[:0])).Str("result", result).Msg(opMove)
+		Str("peer", p.identity()).Bytes("peer_address", p.appendAddr(buf[:0])).Str("result", result).Msg(opMove)
 	if err != nil {
 		return nil, err
 	}

@@ -96,7 +96,7 @@ func TestUndecodableRequestsAreInvalidAndAudited(t *testing.T) {
 			if l["result"] != "invalid" || l["method"] == nil {
 				continue
 			}
-			if l["peer"] != "controller" || !strings.HasPrefix(l["peer_addr"].(string), "127.0.0.1:") || l["level"] != "warn" ||
+			if l["peer"] != "controller" || !strings.HasPrefix(l["peer_address"].(string), "127.0.0.1:") || l["level"] != "warn" ||
 				!strings.Contains(l["error"].(string), "InvalidArgument") {
 				t.Errorf("audit line %v", l)
 			}

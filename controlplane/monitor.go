@@ -368,7 +368,7 @@ func (m *monitor) serve(stream grpc.ServerStream) error {
 	name := p.identity()
 	if err := m.acquire(name); err != nil {
 		var buf [64]byte
-		m.log.Warn().Str("peer", name).Bytes("peer_addr", p.appendAddr(buf[:0])).Err(err).Msg("MonitorSessions refused")
+		m.log.Warn().Str("peer", name).Bytes("peer_address", p.appendAddr(buf[:0])).Err(err).Msg("MonitorSessions refused")
 		return err
 	}
 	held := true
@@ -426,7 +426,7 @@ func (m *monitor) serve(stream grpc.ServerStream) error {
 		case <-deadline.C:
 			m.dropped.Inc()
 			var buf [64]byte
-			m.log.Warn().Str("peer", name).Bytes("peer_addr", p.appendAddr(buf[:0])).Dur("send_timeout", m.sendTimeout).
+			m.log.Warn().Str("peer", name).Bytes("peer_address", p.appendAddr(buf[:0])).Dur("send_timeout", m.sendTimeout).
 				Int("snapshot_bytes", len(sent.data)).Msg("MonitorSessions stream dropped: its client has not read the last snapshot")
 			held = false
 			m.holdUntilFreed(ctx, name, holds)

@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -269,6 +268,10 @@ func TestCommandLineRefusals(t *testing.T) {
 		{[]string{"--tls-cert", "a", "--tls-key", "b"}, 2, "--tls-client-ca"},
 		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--tls-cert", "a"}, 2, "exclude"},
 		{[]string{"--listen-address", "gateway.example"}, 2, "not an IP address"},
+		{[]string{"--listen-address", "gateway.example:50001"}, 2, "not an IP address"},
+		{[]string{"--listen-address", "127.0.0.1:0"}, 2, "want 1-65535"},
+		{[]string{"--insecure", "--listen-address", "192.0.2.1:50001"}, 2, "loopback"},
+		{[]string{"--insecure", "--listen-address", ":50001"}, 2, "--insecure on all addresses refused"},
 		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--monitor-interval", "0s"}, 2, "--monitor-interval"},
 		{[]string{"--tls-cert", dir + "/missing.crt", "--tls-key", dir + "/missing.key", "--tls-client-ca", dir + "/ca.crt"}, 1, "missing.crt"},
 		{[]string{"--grpc-port", "70000"}, 2, "grpc-port"},
@@ -294,7 +297,8 @@ func freePort(t *testing.T) int {
 }
 
 // The real command line serves plaintext on loopback with --insecure, and
-// exits 0 when its context ends.
+// exits 0 when its context ends. The listen address takes HOST:PORT, as
+// the metrics flags do (a bare IP with -g is the e2e tests' form).
 func TestCommandLineInsecureLoopback(t *testing.T) {
 	e := newEnv(t, envOptions{}) // for the pins
 	port := freePort(t)
@@ -303,7 +307,7 @@ func TestCommandLineInsecureLoopback(t *testing.T) {
 	var out string
 	go func() {
 		var code int
-		code, out = runMain(c, "--insecure", "--listen-address", "127.0.0.1", "-g", strconv.Itoa(port),
+		code, out = runMain(c, "--insecure", "--listen-address", fmt.Sprintf("127.0.0.1:%d", port), "-g", "1",
 			"--pin-path", e.pin, "--log-format", "json")
 		done <- code
 	}()

@@ -21,7 +21,7 @@ func grantLine(t *testing.T, e *env, user string, k state.Key) map[string]any {
 	t.Helper()
 	var found []map[string]any
 	for _, l := range e.logs.JSONLines(t, "grant") {
-		if l["user"] == user && l["src"] == k.Src.String() && l["dst"] == k.Dst.String() && l["port"] == float64(k.Port) && l["proto"] == k.Proto.String() {
+		if l["user"] == user && l["src"] == k.Src.String() && l["dst"] == k.Dst.String() && l["dport"] == float64(k.Port) && l["proto"] == k.Proto.String() {
 			found = append(found, l)
 		}
 	}

@@ -234,6 +234,35 @@ func TestSystemdUnits(t *testing.T) {
 	// Install as an operator would, then configure.
 	c.run("env", "PATH=/usr/local/go/bin:/usr/bin:/bin", "GOFLAGS=-buildvcs=false", "make", "-C", "/opt/aegis", "install")
 	c.run("systemd-sysusers")
+
+	// The shipped aegis.env names no interface and no controller: the
+	// loader refuses to start, says why, and is not restarted in a loop.
+	// (The pin path is pointed at the test's, in case it loaded anyway.)
+	envPath := filepath.Join(c.root, "etc/aegis/aegis.env")
+	shipped, err := os.ReadFile(envPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(envPath, append(shipped, []byte("AEGIS_PIN_PATH="+g.pin+"\n")...), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	c.run("systemctl", "daemon-reload")
+	if out, err := c.cmd("systemctl", "start", "aegis-loader.service").CombinedOutput(); err == nil {
+		t.Fatalf("the loader started with the shipped aegis.env:\n%s", out)
+	}
+	time.Sleep(3 * time.Second) // past RestartSec: a restart would show
+	journal := c.out("journalctl", "--no-pager", "-u", "aegis-loader.service")
+	if !strings.Contains(journal, "refusing the built-in --iface eth0 (AEGIS_IFACE) and --ip 172.21.0.5 (AEGIS_IP)") {
+		t.Fatalf("the journal does not say what to set:\n%s", journal)
+	}
+	if n := c.prop("aegis-loader.service", "NRestarts"); n != "0" {
+		t.Fatalf("the loader was restarted %s times on a configuration error", n)
+	}
+	if _, err := os.Stat(g.pin); err == nil {
+		t.Fatal("the refused loader created the pin directory")
+	}
+	c.run("systemctl", "reset-failed", "aegis-loader.service")
+
 	env := fmt.Sprintf("AEGIS_IFACE=%s\nAEGIS_IP=%s\nAEGIS_PIN_PATH=%s\nAEGIS_ALLOWED_CLIENT_NAME=aegis-controller\nAEGIS_LOG_FORMAT=json\n",
 		tu.PublicIface, tu.ControllerV4, g.pin)
 	if err := os.WriteFile(filepath.Join(c.root, "etc/aegis/aegis.env"), []byte(env), 0o640); err != nil {

@@ -197,8 +197,7 @@ func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode,
 		case errors.Is(err, ebpf.ErrNotSupported):
 			return fmt.Errorf("%w: cannot attach to %s: XDP links need Linux 5.9 or later", ErrNoXDPLink, name)
 		case errors.Is(err, unix.EBUSY), errors.Is(err, unix.EEXIST):
-			return fmt.Errorf("%w: %s: inspect it with \"bpftool net show dev %s\" and detach it with \"ip link set dev %s xdp off\"",
-				ErrXDPBusy, name, name, name)
+			return fmt.Errorf("%w: %s: %s", ErrXDPBusy, name, foreignXDPHint(name, ifindex))
 		case mode == ModeNative && (errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)):
 			return fmt.Errorf("%w: %s has no native XDP: use --mode generic (or auto)", ErrModeUnsupported, name)
 		}

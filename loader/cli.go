@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/alecthomas/kong"
+	"github.com/cilium/ebpf"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
@@ -26,10 +27,13 @@ type CLI struct {
 	cli.Globals
 	PinPath string `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps and links."`
 
-	Load   LoadCmd   `cmd:"" help:"Install the data path, or bring it up to date: create missing maps, write the config, attach, upgrade in place."`
-	Unload UnloadCmd `cmd:"" help:"Detach from the given interfaces, or from all of them and remove every pin (drops all sessions)."`
-	Status StatusCmd `cmd:"" help:"Show interfaces, program, map fill, config and counters. Exits 3 while a configured interface is not filtered."`
-	Watch  WatchCmd  `cmd:"" help:"Run until stopped, re-attaching the pinned program to every configured interface that appears without it (re-created, renamed)."`
+	Load    LoadCmd    `cmd:"" help:"Install the data path, or bring it up to date: create missing maps, write the config, attach, upgrade in place."`
+	Unload  UnloadCmd  `cmd:"" help:"Detach from the given interfaces, or from all of them and remove every pin (drops all sessions)."`
+	Status  StatusCmd  `cmd:"" help:"Show interfaces, program, map fill, config and counters. Exits 3 while a configured interface is not filtered."`
+	Watch   WatchCmd   `cmd:"" help:"Run until stopped, re-attaching the pinned program to every configured interface that appears without it (re-created, renamed)."`
+	Confirm ConfirmCmd `cmd:"" help:"Keep what \"load --confirm-within\" installed; without it, the previous state comes back at the deadline."`
+
+	RollbackTimer RollbackTimerCmd `cmd:"" name:"rollback-timer" hidden:"" help:"The detached child of load --confirm-within."`
 }
 
 // WatchCmd is "aegis-loader watch".
@@ -60,7 +64,22 @@ type LoadCmd struct {
 	Monitor     bool          `help:"Monitor mode: count would-be drops as 'monitor' and pass them."`
 	Group       string        `default:"aegis" help:"Group that owns the pins; the daemons run in it."`
 	JSON        bool          `name:"json" env:"-" help:"Print the result as JSON."`
+
+	DryRun            bool          `env:"-" help:"Print what the load would do (interfaces, bypasses, rules, changes, lock-out check) and change nothing."`
+	ConfirmWithin     time.Duration `env:"-" placeholder:"DURATION" help:"Roll back to the previous state unless \"aegis-loader confirm\" runs within DURATION (the wait survives the session; see docs/operations.md)."`
+	NoLockoutCheck    bool          `env:"-" help:"Load even if the filter would drop the SSH session this runs in (see the lock-out check in docs/operations.md)."`
+	NoBuiltinDefaults bool          `env:"-" help:"Refuse to load unless the interface (-i or AEGIS_IFACE) and the controller (-c or AEGIS_IP) are given; the unit passes it."`
 }
+
+// ConfirmCmd is "aegis-loader confirm".
+type ConfirmCmd struct{}
+
+// RollbackTimerCmd is the detached child that waits for a confirmation.
+type RollbackTimerCmd struct{}
+
+// cmdline is the command line as given, to tell a flag's built-in
+// default from an explicit value equal to it.
+type cmdline []string
 
 // UnloadCmd is "aegis-loader unload". Its --iface does not read
 // AEGIS_IFACE: that names the interfaces to filter, and an environment
@@ -96,7 +115,7 @@ func Main(ctx context.Context, args []string, stdio cli.IO) int {
 func MainWith(ctx context.Context, args []string, stdio cli.IO, customize func(*Loader)) int {
 	var c CLI
 	return cli.Run(ctx, Spec(), &c, &c.Globals, args, stdio,
-		kong.Bind(&c),
+		kong.Bind(&c, cmdline(args)),
 		kong.BindToProvider(func(log zerolog.Logger) (*Loader, error) {
 			l := New(log)
 			if customize != nil {
@@ -118,7 +137,7 @@ func defaultMaxSessions() string {
 }
 
 // Run loads.
-func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
+func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO, args cmdline) error {
 	cfg := Config{
 		PinPath:        c.PinPath,
 		Interfaces:     cmd.Iface,
@@ -147,7 +166,20 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		}
 		cfg.Allow = append(cfg.Allow, r)
 	}
-	res, err := l.Load(cfg)
+	cfg.NoLockoutCheck = cmd.NoLockoutCheck
+	if err := cmd.checkDefaults(l, args); err != nil {
+		return err
+	}
+	if cmd.DryRun {
+		return dryRun(l, cfg, cmd.builtinNames(args), cmd.JSON, stdio)
+	}
+	var res *Result
+	var err error
+	if cmd.ConfirmWithin > 0 {
+		res, err = confirmed(l, cfg, cmd.ConfirmWithin, c, stdio)
+	} else {
+		res, err = l.Load(cfg)
+	}
 	if err != nil {
 		return err
 	}
@@ -179,6 +211,25 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	}
 	fmt.Fprintf(stdio.Stdout, "loaded: %s\n", strings.Join(parts, "; "))
 	return nil
+}
+
+// Run confirms.
+func (cmd *ConfirmCmd) Run(c *CLI, stdio cli.IO) error {
+	if err := Confirm(c.PinPath); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdio.Stdout, "confirmed: %s stays as loaded\n", c.PinPath)
+	return nil
+}
+
+// Run waits for the confirmation, and rolls back without one.
+func (cmd *RollbackTimerCmd) Run(c *CLI, l *Loader) error {
+	var prog *ebpf.Program
+	if p, err := ebpf.NewProgramFromFD(3); err == nil {
+		prog = p
+		defer prog.Close()
+	}
+	return l.WaitAndRollback(c.PinPath, prog)
 }
 
 // Run unloads.

@@ -50,6 +50,9 @@ type Config struct {
 	Allow          []state.AllowRule
 	Monitor        bool
 	Group          string
+	// NoLockoutCheck loads even when the lock-out check (guard.go) finds
+	// that the filter would cut the operator's own session.
+	NoLockoutCheck bool
 }
 
 // Validate checks what can be checked without touching the system.

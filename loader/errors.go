@@ -36,6 +36,9 @@ var (
 	ErrModeChange = errors.New("interface is attached in another XDP mode")
 	// ErrCapacityChange means --max-sessions differs from the pinned maps.
 	ErrCapacityChange = errors.New("sessions map capacity differs from --max-sessions")
+	// ErrLockout means the filter would drop the connection the operator
+	// runs the loader through; the message names the allow rule to add.
+	ErrLockout = errors.New("refusing to cut the operator's own connection")
 	// ErrIncompatible means a pinned map's layout differs from this build's.
 	ErrIncompatible = state.ErrIncompatible
 	// ErrInvalid means a flag's value is malformed.

@@ -13,6 +13,7 @@ package loader
 import (
 	"fmt"
 	"net"
+	"os"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -34,6 +35,9 @@ type Loader struct {
 	Update func(link.Link, *ebpf.Program) error
 	// AttachedMode reports how XDP is attached to an interface.
 	AttachedMode func(ifindex int) (Mode, error)
+	// OperatorConnections finds the connections the operator runs the
+	// loader through, for the lock-out check (guard.go).
+	OperatorConnections func() ([]Connection, error)
 }
 
 // New returns a Loader that installs the data path built into this binary.
@@ -44,6 +48,8 @@ func New(log zerolog.Logger) *Loader {
 		Attach:       link.AttachXDP,
 		Update:       func(l link.Link, p *ebpf.Program) error { return l.Update(p) },
 		AttachedMode: attachedMode,
+
+		OperatorConnections: func() ([]Connection, error) { return detectConnections(os.Getenv) },
 	}
 }
 
@@ -59,6 +65,8 @@ type Result struct {
 	Unconfigured  []string `json:"unconfigured,omitempty"`
 	ConfigWritten bool     `json:"config_written,omitempty"`
 	AllowWritten  bool     `json:"allow_written,omitempty"`
+	// Lockout is what the lock-out check found; it changes nothing.
+	Lockout []Finding `json:"lockout,omitempty"`
 }
 
 // Changed reports whether the load changed anything.
@@ -113,11 +121,15 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 		}
 		ifaces[name] = iface.Index
 	}
+	findings, err := l.guard(&cfg, allow, ifaces)
+	if err != nil {
+		return nil, err
+	}
 	// No RLIMIT_MEMLOCK dance: the program needs Linux 5.18 or later
 	// (bpf_xdp_get_buff_len), and since 5.11 BPF memory is charged to the
 	// memory cgroup instead.
 
-	pd, err := lockPinDir(cfg.PinPath, gid, true)
+	pd, err := lockPinDir(cfg.PinPath, gid, true, l.lockNotice(cfg.PinPath))
 	if err != nil {
 		return nil, err
 	}
@@ -127,7 +139,7 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 			Msg("the pins' group may not search this directory, so the daemons cannot open the pins: give others search permission (chmod o+x; for the bpffs root, mount it with mode=0711 or install tmpfiles.d/aegis.conf)")
 	}
 
-	res := &Result{}
+	res := &Result{Lockout: findings}
 	defer func() {
 		if err != nil && len(res.CreatedMaps) == 0 {
 			pd.removeCreated() // nothing pinned: leave no empty directory

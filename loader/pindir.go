@@ -120,7 +120,10 @@ func (d *pinDir) removeCreated() {
 // meanwhile (an unload ran first), so the lock it returns is on the
 // directory at pinPath. Returns fs.ErrNotExist without create if there is
 // no directory.
-func lockPinDir(pinPath string, gid int, create bool) (*pinDir, error) {
+//
+// notice, if given, is called once the wait for another holder of the
+// lock exceeds lockNoticeAfter.
+func lockPinDir(pinPath string, gid int, create bool, notice ...func(pid int)) (*pinDir, error) {
 	pinPath = filepath.Clean(pinPath)
 	name := filepath.Base(pinPath)
 	d := &pinDir{path: pinPath}
@@ -139,7 +142,11 @@ func lockPinDir(pinPath string, gid int, create bool) (*pinDir, error) {
 			d.removeCreated()
 			return nil, err
 		}
-		lock, err := state.LockOpenDir(os.NewFile(uintptr(fd), pinPath), true)
+		var say func(int)
+		if len(notice) > 0 {
+			say = notice[0]
+		}
+		lock, err := lockWaiting(os.NewFile(uintptr(fd), pinPath), say)
 		if err != nil {
 			unix.Close(parent)
 			d.removeCreated()

@@ -26,7 +26,7 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 	if err := checkBPFFS(pinPath); err != nil {
 		return nil, err
 	}
-	pd, err := lockPinDir(pinPath, 0, false)
+	pd, err := lockPinDir(pinPath, 0, false, l.lockNotice(pinPath))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoadedHere)
 	}

@@ -274,3 +274,7 @@ func (e *ExitError) Error() string {
 	return e.Err.Error()
 }
 func (e *ExitError) Unwrap() error { return e.Err }
+
+// ExitConfig is sysexits' EX_CONFIG: the configuration is incomplete;
+// retrying cannot fix it (systemd's RestartPreventExitStatus=).
+const ExitConfig = 78
