@@ -32,6 +32,8 @@ type Loader struct {
 	Attach func(link.XDPOptions) (link.Link, error)
 	// Update atomically replaces the program of an attached link.
 	Update func(link.Link, *ebpf.Program) error
+	// AttachTCX attaches a program to a tcx hook through a bpf_link.
+	AttachTCX func(link.TCXOptions) (link.Link, error)
 	// AttachedMode reports how XDP is attached to an interface.
 	AttachedMode func(ifindex int) (Mode, error)
 }
@@ -43,6 +45,7 @@ func New(log zerolog.Logger) *Loader {
 		Spec:         embeddedSpec,
 		Attach:       link.AttachXDP,
 		Update:       func(l link.Link, p *ebpf.Program) error { return l.Update(p) },
+		AttachTCX:    link.AttachTCX,
 		AttachedMode: attachedMode,
 	}
 }
@@ -50,17 +53,23 @@ func New(log zerolog.Logger) *Loader {
 // Result says what a load changed. A load that changed nothing has every
 // field empty.
 type Result struct {
-	CreatedMaps   []string `json:"created_maps,omitempty"`
-	Attached      []string `json:"attached,omitempty"`
-	Upgraded      []string `json:"upgraded,omitempty"`
-	Reattached    []string `json:"reattached,omitempty"`
-	ConfigWritten bool     `json:"config_written,omitempty"`
-	AllowWritten  bool     `json:"allow_written,omitempty"`
+	CreatedMaps []string `json:"created_maps,omitempty"`
+	Attached    []string `json:"attached,omitempty"`
+	Upgraded    []string `json:"upgraded,omitempty"`
+	Reattached  []string `json:"reattached,omitempty"`
+	// EgressAttached, EgressUpgraded and EgressDetached name the
+	// interfaces whose egress link of the reply path changed.
+	EgressAttached []string `json:"egress_attached,omitempty"`
+	EgressUpgraded []string `json:"egress_upgraded,omitempty"`
+	EgressDetached []string `json:"egress_detached,omitempty"`
+	ConfigWritten  bool     `json:"config_written,omitempty"`
+	AllowWritten   bool     `json:"allow_written,omitempty"`
 }
 
 // Changed reports whether the load changed anything.
 func (r *Result) Changed() bool {
 	return len(r.CreatedMaps)+len(r.Attached)+len(r.Upgraded)+len(r.Reattached) > 0 ||
+		len(r.EgressAttached)+len(r.EgressUpgraded)+len(r.EgressDetached) > 0 ||
 		r.ConfigWritten || r.AllowWritten
 }
 
@@ -149,6 +158,9 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 		return res, err
 	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {
+		return res, err
+	}
+	if err := l.convergeEgress(spec, maps, &cfg, ifaces, res); err != nil {
 		return res, err
 	}
 	return res, nil
