@@ -22,6 +22,8 @@ func requestTarget(src, dst string, port uint32, proto agentv1.Protocol) *target
 		t.proto = state.TCP.String()
 	case agentv1.Protocol_PROTOCOL_UDP:
 		t.proto = state.UDP.String()
+	case agentv1.Protocol_PROTOCOL_ANY:
+		t.proto = state.Any.String()
 	default:
 		t.proto = proto.String()
 	}
