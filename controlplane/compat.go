@@ -24,9 +24,13 @@ type compatService struct {
 	s *Server
 }
 
-// legacyCompatProtocols are the protocols of the pair an older version
-// granted per compat request.
-var legacyCompatProtocols = [2]state.Protocol{state.TCP, state.UDP}
+// legacyKeys are the keys of the TCP and UDP pair an older version granted
+// for the compat request of key.
+func legacyKeys(key state.Key) [2]state.Key {
+	tcp, udp := key, key
+	tcp.Proto, udp.Proto = state.TCP, state.UDP
+	return [2]state.Key{tcp, udp}
+}
 
 func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEvent) (*session.Ack, error) {
 	s := c.s
@@ -84,10 +88,13 @@ func (c *compatService) grant(p *peerInfo, user string, key state.Key) (*session
 	var created []bool
 	cl := claim{s: s, user: user, keys: keys[:]}
 	s.bulk.RLock()
-	unlock := s.keys.lock(keys[:]...)
+	unlock := s.keys.lock(append(overlapping(key), key)...)
 	err := s.maps.Do(func(m *state.Maps) error {
-		var err error
 		cl.m = m
+		if err := cl.checkOverlapping(m, key); err != nil {
+			return err
+		}
+		var err error
 		created, err = m.GrantAllChecked(sessions, cl.check)
 		return err
 	})
@@ -114,8 +121,8 @@ func (c *compatService) grant(p *peerInfo, user string, key state.Key) (*session
 // looked for on every revoke and absent after the first.
 func (c *compatService) revoke(p *peerInfo, key state.Key) (*session.Ack, error) {
 	s := c.s
-	keys := [3]state.Key{key, key, key}
-	keys[1].Proto, keys[2].Proto = legacyCompatProtocols[0], legacyCompatProtocols[1]
+	legacy := legacyKeys(key)
+	keys := [3]state.Key{key, legacy[0], legacy[1]}
 	var owners [3]string
 	var errs [3]error
 	s.bulk.RLock()

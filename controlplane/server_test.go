@@ -20,6 +20,7 @@ import (
 	"github.com/aegis-agent/aegis/controlplane"
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/pki"
+	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 	"github.com/aegis-agent/aegis/proto/session"
@@ -124,12 +125,12 @@ func TestMetrics(t *testing.T) {
 		{"aegis_controlplane_grants_total", []string{"api=agent", "result=created"}, 4},
 		{"aegis_controlplane_grants_total", []string{"api=agent", "result=refreshed"}, 1},
 		{"aegis_controlplane_grants_total", []string{"api=agent", "result=invalid"}, 1},
-		{"aegis_controlplane_grants_total", []string{"api=compat", "result=created"}, 2},
+		{"aegis_controlplane_grants_total", []string{"api=compat", "result=created"}, 1}, // one any-protocol session
 		{"aegis_controlplane_grants_total", []string{"api=compat", "result=full"}, 0},
 		{"aegis_controlplane_revokes_total", []string{"api=agent", "result=revoked"}, 1},
-		{"aegis_sessions_active", []string{"family=ipv4"}, 4},
+		{"aegis_sessions_active", []string{"family=ipv4"}, 3},
 		{"aegis_sessions_active", []string{"family=ipv6"}, 1},
-		{"aegis_sessions_entries", []string{"family=ipv4"}, 4},
+		{"aegis_sessions_entries", []string{"family=ipv4"}, 3},
 		{"aegis_sessions_capacity", []string{"family=ipv4"}, 100},
 		{"aegis_sessions_capacity", []string{"family=ipv6"}, 100},
 		{"aegis_controlplane_datapath_loaded", nil, 1},
@@ -143,8 +144,8 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
 		}
 	}
-	if len(ms["aegis_xdp_packets_total"]) != 12 {
-		t.Errorf("%d XDP packet series, want one per reason (12)", len(ms["aegis_xdp_packets_total"]))
+	if len(ms["aegis_xdp_packets_total"]) != len(state.Reasons) {
+		t.Errorf("%d XDP packet series, want one per reason (%d)", len(ms["aegis_xdp_packets_total"]), len(state.Reasons))
 	}
 	if len(ms["aegis_grpc_server_handling_seconds"]) == 0 {
 		t.Error("no gRPC handling-time histogram")
