@@ -7,6 +7,11 @@ BINARIES  := aegis-loader aegis-controlplane aegis-reaper aegisctl
 CMDS      := $(wildcard $(addprefix cmd/,$(BINARIES)))
 PREFIX    ?= /usr/local
 DESTDIR   ?=
+# Build tags, e.g. aegis_nextbuild for the upgrade tests' "next release".
+GOTAGS    ?=
+BIN       ?= bin
+# Generated outputs: man pages, completions, the .deb and its staging.
+DIST      ?= dist
 
 # Tests need root (BPF, XDP, network namespaces). CI sets this to 1 so that
 # a kernel test that cannot run fails instead of skipping.
@@ -33,8 +38,16 @@ docs: ## Regenerate the command-line reference in docs/operations.md.
 
 .PHONY: build
 build: ## Build the binaries into bin/.
-	@mkdir -p bin
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ $(addprefix ./,$(CMDS))
+	@mkdir -p $(BIN)
+	CGO_ENABLED=0 $(GO) build -trimpath -tags '$(GOTAGS)' -ldflags '$(LDFLAGS)' -o $(BIN)/ $(addprefix ./,$(CMDS))
+
+.PHONY: man
+man: ## Generate the man pages (roff) from the commands' kong models into dist/man.
+	$(GO) run ./internal/docgen -version '$(VERSION)' -man $(DIST)/man
+
+.PHONY: completions
+completions: ## Generate bash, zsh and fish completions from the kong models into dist/completions.
+	$(GO) run ./internal/docgen -completions $(DIST)/completions
 
 .PHONY: test
 test: setup ## Run every test, kernel tests included (root).
@@ -52,20 +65,74 @@ BINDIR      ?= $(PREFIX)/bin
 UNITDIR     ?= $(PREFIX)/lib/systemd/system
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+MANDIR      ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/site-functions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 SYSCONFDIR  ?= /etc
+UNITS       := $(notdir $(wildcard deploy/systemd/*))
+SYSUSERS    := $(notdir $(wildcard deploy/sysusers.d/*.conf))
+TMPFILES    := $(notdir $(wildcard deploy/tmpfiles.d/*.conf))
 
 .PHONY: install
-install: build ## Install binaries, systemd units, sysusers.d, tmpfiles.d and /etc/aegis/aegis.env (DESTDIR-aware).
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
+install: build man completions ## Install binaries, units, sysusers.d, tmpfiles.d, man pages, completions, /etc/aegis/aegis.env (DESTDIR-aware).
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) \
+		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/aegis
 	install -d -m 0700 $(DESTDIR)$(SYSCONFDIR)/aegis/tls
-	install -m 0755 $(addprefix bin/,$(notdir $(CMDS))) $(DESTDIR)$(BINDIR)/
-	for u in deploy/systemd/*; do \
-		sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u) && \
-		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); done
-	install -m 0644 deploy/sysusers.d/aegis.conf $(DESTDIR)$(SYSUSERSDIR)/aegis.conf
-	install -m 0644 deploy/tmpfiles.d/aegis.conf $(DESTDIR)$(TMPFILESDIR)/aegis.conf
+	install -m 0755 $(addprefix $(BIN)/,$(notdir $(CMDS))) $(DESTDIR)$(BINDIR)/
+	for u in $(UNITS); do \
+		sed 's|@BINDIR@|$(BINDIR)|g' deploy/systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; done
+	install -m 0644 $(addprefix deploy/sysusers.d/,$(SYSUSERS)) $(DESTDIR)$(SYSUSERSDIR)/
+	install -m 0644 $(addprefix deploy/tmpfiles.d/,$(TMPFILES)) $(DESTDIR)$(TMPFILESDIR)/
+	install -m 0644 $(DIST)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -m 0644 $(DIST)/man/*.8 $(DESTDIR)$(MANDIR)/man8/
+	install -m 0644 $(DIST)/completions/bash/* $(DESTDIR)$(BASHCOMPDIR)/
+	install -m 0644 $(DIST)/completions/zsh/* $(DESTDIR)$(ZSHCOMPDIR)/
+	install -m 0644 $(DIST)/completions/fish/* $(DESTDIR)$(FISHCOMPDIR)/
 	test -e $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env || install -m 0640 deploy/aegis.env $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env
+
+# The mirror of install. The configuration stays unless it is as
+# installed: an edited aegis.env and the certificates in /etc/aegis/tls
+# are the admin's. It does not touch the data path (aegis-loader unload).
+.PHONY: uninstall
+uninstall: ## Remove what make install installed, but an edited aegis.env and the certificates (DESTDIR-aware).
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(notdir $(CMDS)))
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
+	rm -f $(addprefix $(DESTDIR)$(SYSUSERSDIR)/,$(SYSUSERS)) $(addprefix $(DESTDIR)$(TMPFILESDIR)/,$(TMPFILES))
+	rm -f $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(addsuffix .1,$(filter aegisctl,$(notdir $(CMDS)))))
+	rm -f $(addprefix $(DESTDIR)$(MANDIR)/man8/,$(addsuffix .8,$(filter-out aegisctl,$(notdir $(CMDS)))))
+	rm -f $(addprefix $(DESTDIR)$(BASHCOMPDIR)/,$(notdir $(CMDS))) $(addprefix $(DESTDIR)$(ZSHCOMPDIR)/_,$(notdir $(CMDS))) \
+		$(addprefix $(DESTDIR)$(FISHCOMPDIR)/,$(addsuffix .fish,$(notdir $(CMDS))))
+	if cmp -s deploy/aegis.env $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env; then rm -f $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env; fi
+	-rmdir $(DESTDIR)$(SYSCONFDIR)/aegis/tls $(DESTDIR)$(SYSCONFDIR)/aegis 2>/dev/null
+
+DEB_VERSION ?= $(shell sh scripts/debversion.sh '$(VERSION)')
+DEB_ARCH    ?= $(shell $(GO) env GOARCH)
+STAGE       := $(DIST)/deb-stage
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+export SOURCE_DATE_EPOCH
+
+.PHONY: deb
+deb: build man completions ## Build the Debian package into dist/ with nfpm (see docs/operations.md).
+	rm -rf $(STAGE)
+	install -d $(STAGE)/bin $(STAGE)/units $(STAGE)/man1 $(STAGE)/man8 $(STAGE)/doc
+	install -m 0755 $(addprefix $(BIN)/,$(notdir $(CMDS))) $(STAGE)/bin/
+	for u in $(UNITS); do sed 's|@BINDIR@|/usr/bin|g' deploy/systemd/$$u > $(STAGE)/units/$$u; done
+	for s in 1 8; do for m in $(DIST)/man/*.$$s; do gzip -9n -c $$m > $(STAGE)/man$$s/$$(basename $$m).gz; done; done
+	cp -R $(DIST)/completions $(STAGE)/completions
+	cp README.md docs/operations.md docs/security.md $(STAGE)/doc/
+	{ echo "aegis-agent ($(DEB_VERSION)) unstable; urgency=medium"; echo; \
+	  echo "  * Built from $(VERSION); the history is the project's git log."; echo; \
+	  echo " -- Aegis Agent maintainers <aegis-agent@example.org>  $$(date -u -R -d @$(SOURCE_DATE_EPOCH))"; } \
+	  | gzip -9n > $(STAGE)/changelog.gz
+	AEGIS_DEB_STAGE=$(STAGE) AEGIS_DEB_VERSION='$(DEB_VERSION)' AEGIS_DEB_ARCH=$(DEB_ARCH) \
+		$(GO) tool nfpm package -f deploy/deb/nfpm.yaml -p deb -t $(DIST)/
+
+.PHONY: deb-lint
+deb-lint: deb ## Run lintian on the .deb (overrides, each with its reason: deploy/deb/lintian-overrides).
+	lintian --pedantic --info --fail-on error,warning $(DIST)/aegis-agent_$(DEB_VERSION)_$(DEB_ARCH).deb
 
 .PHONY: lint
 lint: ## gofmt, go vet, and a tidy go.mod.

@@ -386,6 +386,37 @@ struct {
 } stats SEC(".maps");
 
 /*
+ * The interfaces aegis-loader was told to filter (-i), so that "every
+ * configured interface is filtered whenever it exists" can be checked and
+ * restored by processes that were not given the flags. Written by the
+ * loader and aegis-loader watch, read by everyone; this program does not
+ * use it.
+ */
+enum attach_mode {
+	ATTACH_MODE_AUTO = 0,
+	ATTACH_MODE_NATIVE = 1,
+	ATTACH_MODE_GENERIC = 2,
+};
+
+struct iface_key {
+	char name[16]; /* interface name, NUL-padded (IFNAMSIZ) */
+};
+
+struct iface_value {
+	__u32 ifindex;           /* device the pinned link was attached to */
+	__u32 prog_id;           /* program that link runs; follows upgrades */
+	enum attach_mode mode;   /* as asked with --mode */
+	__u32 operator_detached; /* 1: "unload -i"; left alone until the next load */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, struct iface_key);
+	__type(value, struct iface_value);
+} ifaces SEC(".maps");
+
+/*
  * The reaper's sweep sequence: odd while a sweep deletes sessions, even
  * otherwise. Grants read it before and after they write a session to learn
  * whether a sweep may have deleted what they wrote (see

@@ -38,6 +38,14 @@ type AegisAllowValue struct {
 	Ports [16]AegisAllowPort
 }
 
+type AegisAttachMode uint32
+
+const (
+	AegisAttachModeATTACH_MODE_AUTO    AegisAttachMode = 0
+	AegisAttachModeATTACH_MODE_NATIVE  AegisAttachMode = 1
+	AegisAttachModeATTACH_MODE_GENERIC AegisAttachMode = 2
+)
+
 type AegisConfigValue struct {
 	_                    structs.HostLayout
 	LayoutVersion        uint32
@@ -99,6 +107,19 @@ type AegisFragValue struct {
 	ExpiresNs uint64
 	Reason    uint32
 	Pad       uint32
+}
+
+type AegisIfaceKey struct {
+	_    structs.HostLayout
+	Name [16]int8
+}
+
+type AegisIfaceValue struct {
+	_                structs.HostLayout
+	Ifindex          uint32
+	ProgId           uint32
+	Mode             AegisAttachMode
+	OperatorDetached uint32
 }
 
 type AegisLayout uint32
@@ -195,6 +216,7 @@ const (
 	AegisMapFlowsV4      = "flows_v4"
 	AegisMapFlowsV6      = "flows_v6"
 	AegisMapFrags        = "frags"
+	AegisMapIfaces       = "ifaces"
 	AegisMapSessionsV4   = "sessions_v4"
 	AegisMapSessionsV6   = "sessions_v6"
 	AegisMapStats        = "stats"
@@ -259,6 +281,7 @@ type AegisMapSpecs struct {
 	FlowsV4    *ebpf.MapSpec `ebpf:"flows_v4"`
 	FlowsV6    *ebpf.MapSpec `ebpf:"flows_v6"`
 	Frags      *ebpf.MapSpec `ebpf:"frags"`
+	Ifaces     *ebpf.MapSpec `ebpf:"ifaces"`
 	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
@@ -297,6 +320,7 @@ type AegisMaps struct {
 	FlowsV4    *ebpf.Map `ebpf:"flows_v4"`
 	FlowsV6    *ebpf.Map `ebpf:"flows_v6"`
 	Frags      *ebpf.Map `ebpf:"frags"`
+	Ifaces     *ebpf.Map `ebpf:"ifaces"`
 	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
 	Stats      *ebpf.Map `ebpf:"stats"`
@@ -311,6 +335,7 @@ func (m *AegisMaps) Close() error {
 		m.FlowsV4,
 		m.FlowsV6,
 		m.Frags,
+		m.Ifaces,
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,

@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/aegis-agent/aegis/internal/cli"
+	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
@@ -17,6 +18,8 @@ import (
 //	aegis_sessions_entries{family}            gauge: map entries, expired ones not yet reaped included
 //	aegis_sessions_capacity{family}           gauge: map size (aegis-loader --max-sessions)
 //	aegis_controlplane_datapath_loaded        gauge: 1 when the pinned maps are usable
+//	aegis_controlplane_datapath_filtered      gauge: 1 when, besides, every configured interface is filtered (health SERVING)
+//	aegis_datapath_attached{interface}        gauge: 1 while that configured interface is filtered
 //	aegis_controlplane_grants_total{api,result}
 //	aegis_controlplane_revokes_total{api,result}
 //	aegis_controlplane_tls_certificate_expiry_timestamp_seconds
@@ -34,6 +37,7 @@ type metrics struct {
 	sessionsEntries  *prometheus.Desc
 	sessionsCapacity *prometheus.Desc
 	loaded           *prometheus.Desc
+	filtered         *prometheus.Desc
 }
 
 func newMetrics(s *Server) *metrics {
@@ -61,6 +65,8 @@ func newMetrics(s *Server) *metrics {
 			"Capacity of the sessions maps, by address family.", []string{"family"}, nil),
 		loaded: prometheus.NewDesc("aegis_controlplane_datapath_loaded",
 			"1 when the data path's pinned maps are usable, 0 when they are missing or cannot be opened.", nil, nil),
+		filtered: prometheus.NewDesc("aegis_controlplane_datapath_filtered",
+			"1 when the maps are usable and every configured interface is filtered (health SERVING), 0 otherwise; as of the last check, once a second.", nil, nil),
 	}
 	// Children created up front: every series exists from the start, and
 	// the hot path does a read-only map lookup instead of hashing labels.
@@ -92,7 +98,7 @@ func (m *metrics) revoke(api, result string) {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	cs := []prometheus.Collector{m.grants, m.revokes, mapsCollector{m},
+	cs := []prometheus.Collector{m.grants, m.revokes, mapsCollector{m}, daemon.NewAttachedCollector(m.s.maps.PinPath(), m.s.log),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name:        "aegis_controlplane_build_info",
 			Help:        "Always 1; the version label names the build.",
@@ -127,7 +133,7 @@ type mapsCollector struct{ m *metrics }
 
 func (c mapsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.m.xdpPackets, c.m.xdpBytes, c.m.sessionsActive, c.m.sessionsEntries,
-		c.m.sessionsCapacity, c.m.loaded} {
+		c.m.sessionsCapacity, c.m.loaded, c.m.filtered} {
 		ch <- d
 	}
 }
@@ -169,4 +175,9 @@ func (c mapsCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(m.loaded, prometheus.GaugeValue, loaded)
+	filtered := 0.0
+	if m.s.Filtered() {
+		filtered = 1
+	}
+	ch <- prometheus.MustNewConstMetric(m.filtered, prometheus.GaugeValue, filtered)
 }

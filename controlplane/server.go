@@ -109,15 +109,21 @@ type Server struct {
 	stopOnce    sync.Once
 	lastRefresh atomic.Int64 // unix nanoseconds of the last refresh
 	loaded      atomic.Bool  // the maps were usable at the last refresh
+	filtered    atomic.Bool  // and every configured interface was filtered
 
 	// Owned by refresh, which runs in New and then in the refresh loop
 	// only: the last outcome, to log changes rather than every tick.
 	refreshed  bool
 	refreshErr string
+	unfiltered string
 }
 
 // Names of the services, as the health service reports them.
 var serviceNames = []string{session.SessionManager_ServiceDesc.ServiceName, agentv1.AgentService_ServiceDesc.ServiceName}
+
+// healthNames are the health service's entries that follow the data path:
+// both session services and the server as a whole ("").
+var healthNames = append([]string{""}, serviceNames...)
 
 // New builds the server; Serve starts it.
 func New(opts Options) (*Server, error) {
@@ -193,7 +199,7 @@ func New(opts Options) (*Server, error) {
 	agentv1.RegisterAgentServiceServer(s.grpc, &agentService{s: s})
 	healthpb.RegisterHealthServer(s.grpc, &healthService{Server: s.health, stopping: s.stopping})
 	reflection.Register(s.grpc)
-	for _, name := range serviceNames {
+	for _, name := range healthNames {
 		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
 	}
 	if opts.Registerer != nil {
@@ -237,37 +243,53 @@ func (s *Server) refreshLoop(done <-chan struct{}) {
 }
 
 // refresh reopens the maps if the loader replaced them, and sets the
-// session services' health to whether the maps are usable.
+// session services' health (and the overall "" service's) to whether the
+// data path enforces: the maps are usable and every configured interface
+// is filtered.
+//
+// Grants are still accepted while an interface is unfiltered: a grant
+// never widens what passes beyond its own session, the unfiltered
+// interface passes everything anyway, and refusing would turn an
+// interface flap into a login outage for every user. The health says
+// NOT_SERVING so that the controller and the operator know.
 func (s *Server) refresh() {
 	err := s.maps.Refresh()
 	s.lastRefresh.Store(time.Now().UnixNano())
-	msg := ""
+	msg, unfiltered := "", ""
 	if err != nil {
 		msg = err.Error()
+	} else {
+		_, unfiltered = state.NotFiltered(s.maps.PinPath())
 	}
-	if !s.refreshed || msg != s.refreshErr {
-		if err != nil {
+	if !s.refreshed || msg != s.refreshErr || unfiltered != s.unfiltered {
+		switch {
+		case err != nil:
 			s.log.Warn().Err(err).Msg("data path maps unusable: session RPCs fail until this is fixed")
-			daemon.Status("serving; session RPCs fail: " + msg)
-		} else {
+			daemon.Status("NOT_SERVING; session RPCs fail: " + msg)
+		case unfiltered != "":
+			s.log.Warn().Str("not_filtered", unfiltered).
+				Msg("a configured interface is not filtered: health NOT_SERVING, grants still accepted")
+			daemon.Status("NOT_SERVING; not filtered: " + unfiltered)
+		default:
 			if s.refreshed {
-				s.log.Info().Str("pin_path", s.maps.PinPath()).Msg("data path maps usable again")
+				s.log.Info().Str("pin_path", s.maps.PinPath()).Msg("data path enforcing again: maps usable, every configured interface filtered")
 			}
 			daemon.Status("serving; data path maps at " + s.maps.PinPath())
 		}
-		s.refreshed, s.refreshErr = true, msg
+		s.refreshed, s.refreshErr, s.unfiltered = true, msg, unfiltered
 	}
 	s.loaded.Store(err == nil)
+	s.filtered.Store(err == nil && unfiltered == "")
 	select {
 	case <-s.stopping:
 		return // health stays NOT_SERVING
 	default:
 	}
 	status := healthpb.HealthCheckResponse_SERVING
-	if err != nil {
+	if err != nil || unfiltered != "" {
 		status = healthpb.HealthCheckResponse_NOT_SERVING
 	}
-	for _, name := range serviceNames {
+	for _, name := range healthNames {
 		s.health.SetServingStatus(name, status)
 	}
 }
@@ -285,6 +307,10 @@ func (s *Server) Healthy() error {
 
 // Loaded reports whether the pinned maps were usable at the last check.
 func (s *Server) Loaded() bool { return s.loaded.Load() }
+
+// Filtered reports whether, at the last check, the maps were usable and
+// every configured interface was filtered: what the health reports.
+func (s *Server) Filtered() bool { return s.filtered.Load() }
 
 // Shutdown stops the server: health turns NOT_SERVING, MonitorSessions
 // and health watch streams end, in-flight calls get until ctx ends to

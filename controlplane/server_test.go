@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	rpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
+	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/controlplane"
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/pki"
@@ -144,8 +145,8 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
 		}
 	}
-	if len(ms["aegis_xdp_packets_total"]) != len(state.Reasons) {
-		t.Errorf("%d XDP packet series, want one per reason (%d)", len(ms["aegis_xdp_packets_total"]), len(state.Reasons))
+	if n := len(ms["aegis_xdp_packets_total"]); n != len(bpf.Reasons) {
+		t.Errorf("%d XDP packet series, want one per reason (%d)", n, len(bpf.Reasons))
 	}
 	if len(ms["aegis_grpc_server_handling_seconds"]) == 0 {
 		t.Error("no gRPC handling-time histogram")

@@ -31,6 +31,7 @@ import (
 type container struct {
 	t      *testing.T
 	root   string // the overlay, as the host sees it
+	upper  string // the overlay's upper layer: every file the container changed
 	nspawn *exec.Cmd
 	leader int // the container's PID 1, in the host's PID namespace
 	log    *tu.Buffer
@@ -49,7 +50,7 @@ func bootContainer(t *testing.T, g *gateway) *container {
 		t.Fatal(err)
 	}
 	base := t.TempDir()
-	c := &container{t: t, root: filepath.Join(base, "root"), log: &tu.Buffer{}}
+	c := &container{t: t, root: filepath.Join(base, "root"), upper: filepath.Join(base, "tmp", "upper"), log: &tu.Buffer{}}
 	for _, d := range []string{"tmp", "root"} {
 		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
 			t.Fatal(err)
@@ -252,7 +253,8 @@ func TestSystemdUnits(t *testing.T) {
 	}
 	c.run("systemctl", "daemon-reload")
 
-	units := []string{"aegis-loader.service", "aegis-controlplane.service", "aegis-controlplane.socket", "aegis-reaper.service"}
+	units := []string{"aegis-loader.service", "aegis-controlplane.service", "aegis-controlplane.socket", "aegis-reaper.service",
+		"aegis-watch.service"}
 	t.Run("systemd-analyze verify", func(t *testing.T) {
 		for _, u := range units {
 			out, err := c.cmd("systemd-analyze", "verify", "/usr/local/lib/systemd/system/"+u).CombinedOutput()
@@ -274,6 +276,19 @@ func TestSystemdUnits(t *testing.T) {
 			}
 			t.Logf("%s: exposure %.1f", u, score)
 		}
+		// Root with two capabilities: reported, bounded by the loader's.
+		for _, u := range []string{"aegis-loader.service", "aegis-watch.service"} {
+			out := c.out("systemd-analyze", "security", "--no-pager", u)
+			i := strings.LastIndex(out, "exposure level for "+u+": ")
+			if i < 0 {
+				t.Fatalf("%s: no exposure score:\n%s", u, out)
+			}
+			score := strings.Fields(out[i+len("exposure level for "+u+": "):])[0]
+			if f, err := strconv.ParseFloat(score, 64); u == "aegis-watch.service" && (err != nil || f > 2.0) {
+				t.Errorf("%s: exposure %s, want at most 2.0", u, score)
+			}
+			t.Logf("%s: exposure %s", u, score)
+		}
 	})
 
 	if out, err := c.cmd("systemctl", "enable", "--now", "aegis-loader.service").CombinedOutput(); err != nil {
@@ -286,7 +301,7 @@ func TestSystemdUnits(t *testing.T) {
 
 	t.Run("start order", func(t *testing.T) {
 		loaderUp, _ := strconv.ParseUint(c.prop("aegis-loader.service", "ActiveEnterTimestampMonotonic"), 10, 64)
-		for _, u := range []string{"aegis-controlplane.service", "aegis-reaper.service"} {
+		for _, u := range []string{"aegis-controlplane.service", "aegis-reaper.service", "aegis-watch.service"} {
 			started, _ := strconv.ParseUint(c.prop(u, "ExecMainStartTimestampMonotonic"), 10, 64)
 			if loaderUp == 0 || started < loaderUp {
 				t.Errorf("%s started at %d, before the loader was up at %d", u, started, loaderUp)
@@ -310,6 +325,24 @@ func TestSystemdUnits(t *testing.T) {
 			for _, set := range []string{"CapEff", "CapPrm", "CapBnd", "CapAmb"} {
 				if fields[set] != "0000008000000000" {
 					t.Errorf("%s: %s %s, want CAP_BPF only", u, set, fields[set])
+				}
+			}
+		}
+	})
+
+	t.Run("watcher runs as root with CAP_BPF and CAP_NET_ADMIN only", func(t *testing.T) {
+		status := c.run("cat", fmt.Sprintf("/proc/%d/status", c.mainPID("aegis-watch.service")))
+		for _, line := range strings.Split(status, "\n") {
+			k, v, _ := strings.Cut(line, ":")
+			v = strings.TrimSpace(v)
+			switch k {
+			case "Uid":
+				if f := strings.Fields(v); len(f) != 4 || f[0] != "0" {
+					t.Errorf("Uid %q, want root", v)
+				}
+			case "CapEff", "CapPrm", "CapBnd":
+				if v != "0000008000001000" { // CAP_BPF (39), CAP_NET_ADMIN (12)
+					t.Errorf("%s %s, want CAP_BPF and CAP_NET_ADMIN only", k, v)
 				}
 			}
 		}
@@ -435,9 +468,33 @@ func TestSystemdUnits(t *testing.T) {
 		}
 	})
 
+	t.Run("the watcher re-attaches a re-created public interface", func(t *testing.T) {
+		noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
+		recreateUnderProbes(t, g, noSession, sink.Addr, 2)
+		journal := c.out("journalctl", "--no-pager", "-u", "aegis-watch.service")
+		if n := strings.Count(journal, `"message":"re-attached XDP program"`); n < 3 {
+			t.Errorf("%d re-attach lines in the watcher's journal, want 3:\n%s", n, journal)
+		}
+		if out, err := c.cmd("/usr/local/bin/aegis-loader", "status", "--pin-path", g.pin).CombinedOutput(); err != nil {
+			t.Errorf("status after the re-creations: %v\n%s", err, out)
+		}
+		// The sandboxed daemons can judge the interface too (netlink).
+		for u, want := range map[string]string{"aegis-watch.service": "1 configured interface(s), all filtered",
+			"aegis-controlplane.service": "serving; "} {
+			deadline := time.Now().Add(5 * time.Second)
+			for !strings.HasPrefix(c.prop(u, "StatusText"), want) {
+				if time.Now().After(deadline) {
+					t.Errorf("%s status %q, want %q...", u, c.prop(u, "StatusText"), want)
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	})
+
 	t.Run("stopping the loader stops both daemons and keeps the filter", func(t *testing.T) {
 		c.run("systemctl", "stop", "aegis-loader.service")
-		for _, u := range []string{"aegis-controlplane.service", "aegis-reaper.service", "aegis-controlplane.socket"} {
+		for _, u := range []string{"aegis-controlplane.service", "aegis-reaper.service", "aegis-controlplane.socket", "aegis-watch.service"} {
 			if s := c.prop(u, "ActiveState"); s != "inactive" {
 				t.Errorf("%s is %s after stopping the loader", u, s)
 			}

@@ -47,7 +47,18 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Con
 	if err != nil {
 		return err
 	}
+	records := state.NewInterfaces(maps.Ifaces)
+	record := func(name string) error {
+		return records.Put(state.Interface{Name: name, Ifindex: ifaces[name], ProgramID: progID, Mode: cfg.Mode})
+	}
 
+	temps, err := state.TempLinkPins(cfg.PinPath)
+	if err != nil {
+		return err
+	}
+	for _, path := range temps {
+		_ = os.Remove(path) // left by an interrupted attach; never the live pin
+	}
 	linked, err := state.LinkedInterfaces(cfg.PinPath)
 	if err != nil {
 		return err
@@ -70,7 +81,13 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Con
 		attached[name] = true
 		if _, ok := ifaces[name]; !ok {
 			l.Log.Warn().Str("iface", name).
-				Msg("interface is attached but not in --iface; left attached (\"aegis-loader unload -i " + name + "\" detaches it)")
+				Msg("interface is attached but not in --iface; left attached and no longer watched (\"aegis-loader unload -i " + name + "\" detaches it)")
+			continue
+		}
+		// Right after an upgrade's link.Update, so that a process that
+		// may not open the link sees our new program id at once.
+		if err := record(name); err != nil {
+			return err
 		}
 	}
 
@@ -83,10 +100,27 @@ func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Con
 		if attached[name] {
 			continue
 		}
-		if err := l.attach(prog, name, ifaces[name], cfg.Mode, state.LinkPath(cfg.PinPath, name)); err != nil {
+		if err := l.attach(prog, name, ifaces[name], cfg.Mode, cfg.PinPath, func() error { return record(name) }); err != nil {
 			return err
 		}
+		l.Log.Info().Str("iface", name).Int("ifindex", ifaces[name]).Str("mode", string(cfg.Mode)).Msg("attached XDP program")
 		res.Attached = append(res.Attached, name)
+	}
+	// The configured set is exactly -i: a load with fewer interfaces stops
+	// watching the others.
+	have, err := records.List()
+	if err != nil {
+		return err
+	}
+	for _, r := range have {
+		if _, ok := ifaces[r.Name]; ok {
+			continue
+		}
+		if err := records.Delete(r.Name); err != nil {
+			return err
+		}
+		res.Unconfigured = append(res.Unconfigured, r.Name)
+		l.Log.Info().Str("iface", r.Name).Msg("interface no longer configured")
 	}
 
 	if fresh {
@@ -151,8 +185,13 @@ func (l *Loader) convergeLink(lk link.Link, path, name string, ifaces map[string
 	return nil
 }
 
-func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode, path string) error {
-	lk, err := l.Attach(link.XDPOptions{Program: prog, Interface: ifindex, Flags: mode.flags()})
+// attach attaches prog to the interface through a new bpf_link and pins it
+// at the interface's link pin, replacing whatever is pinned there in one
+// rename: the link is pinned under a temporary name first. record runs
+// between the two, so that the configured-interfaces record (which the
+// daemons judge by) describes the new link before the pin points at it.
+func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode, pinPath string, record func() error) error {
+	lk, err := l.Attach(link.XDPOptions{Program: prog, Interface: ifindex, Flags: modeFlags(mode)})
 	if err != nil {
 		switch {
 		case errors.Is(err, ebpf.ErrNotSupported):
@@ -165,11 +204,19 @@ func (l *Loader) attach(prog *ebpf.Program, name string, ifindex int, mode Mode,
 		}
 		return fmt.Errorf("attach XDP to %s: %w", name, err)
 	}
-	if err := lk.Pin(path); err != nil {
-		lk.Close() // detaches: nothing is left half-done
+	defer lk.Close() // the pin keeps it attached; without one this detaches
+	tmp, path := state.LinkTempPath(pinPath, name), state.LinkPath(pinPath, name)
+	_ = os.Remove(tmp)
+	if err := lk.Pin(tmp); err != nil {
+		return fmt.Errorf("pin link %s: %w", tmp, err)
+	}
+	if err := record(); err != nil {
+		_ = os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
 		return fmt.Errorf("pin link %s: %w", path, err)
 	}
-	lk.Close() // the pin keeps it attached
-	l.Log.Info().Str("iface", name).Int("ifindex", ifindex).Str("mode", string(mode)).Msg("attached XDP program")
 	return nil
 }

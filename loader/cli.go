@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/signal"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/alecthomas/kong"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/state"
@@ -25,7 +28,23 @@ type CLI struct {
 
 	Load   LoadCmd   `cmd:"" help:"Install the data path, or bring it up to date: create missing maps, write the config, attach, upgrade in place."`
 	Unload UnloadCmd `cmd:"" help:"Detach from the given interfaces, or from all of them and remove every pin (drops all sessions)."`
-	Status StatusCmd `cmd:"" help:"Show interfaces, program, map fill, config and counters."`
+	Status StatusCmd `cmd:"" help:"Show interfaces, program, map fill, config and counters. Exits 3 while a configured interface is not filtered."`
+	Watch  WatchCmd  `cmd:"" help:"Run until stopped, re-attaching the pinned program to every configured interface that appears without it (re-created, renamed)."`
+}
+
+// WatchCmd is "aegis-loader watch".
+type WatchCmd struct {
+	ResyncInterval time.Duration `default:"10s" help:"Time between two full checks of every configured interface, besides the netlink events."`
+}
+
+// Run watches until SIGTERM or SIGINT.
+func (cmd *WatchCmd) Run(ctx context.Context, c *CLI, l *Loader) error {
+	if cmd.ResyncInterval <= 0 {
+		return &cli.UsageError{Err: fmt.Errorf("--resync-interval %v: must be positive", cmd.ResyncInterval)}
+	}
+	ctx, stop := signal.NotifyContext(ctx, unix.SIGTERM, os.Interrupt)
+	defer stop()
+	return l.NewWatcher(c.PinPath, cmd.ResyncInterval).Run(ctx)
 }
 
 // LoadCmd is "aegis-loader load".
@@ -173,6 +192,7 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		{"upgraded", res.Upgraded}, {"reattached", res.Reattached},
 		{"attached egress", res.EgressAttached}, {"upgraded egress", res.EgressUpgraded},
 		{"detached egress", res.EgressDetached},
+		{"no longer configured", res.Unconfigured},
 	} {
 		if len(p.items) > 0 {
 			parts = append(parts, p.what+" "+strings.Join(p.items, ","))
@@ -207,19 +227,44 @@ func (cmd *UnloadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	return nil
 }
 
-// Run prints the status.
+// ExitNotFiltered is aegis-loader status's exit code when a configured
+// interface is not filtered: the data path is loaded but the gateway is
+// open somewhere. 1 stays "status could not be read".
+const ExitNotFiltered = 3
+
+// Run prints the status. While a configured interface is not filtered
+// the first line says which and why, and it exits ExitNotFiltered.
 func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	st, err := l.Status(c.PinPath)
 	if err != nil {
 		return err
 	}
+	var result error
+	if st.NotFiltered != "" {
+		result = &cli.ExitError{Code: ExitNotFiltered}
+	}
 	if cmd.JSON {
 		enc := json.NewEncoder(stdio.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(st)
+		if err := enc.Encode(st); err != nil {
+			return err
+		}
+		return result
+	}
+	if st.NotFiltered != "" {
+		fmt.Fprintf(stdio.Stdout, "NOT FILTERED: %s\n", st.NotFiltered)
 	}
 	w := tabwriter.NewWriter(stdio.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "pin path\t%s\n\n", st.PinPath)
+	fmt.Fprintln(w, "CONFIGURED\tMODE\tFILTERED")
+	for _, f := range st.Filtering {
+		verdict := "yes"
+		if !f.Filtered {
+			verdict = fmt.Sprintf("no: %s (%s)", f.Reason, f.Detail)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\n", f.Interface.Name, f.Interface.Mode, verdict)
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintln(w, "INTERFACE\tIFINDEX\tMODE\tLINK\tPROGRAM\tTAG\tBUILD\tEGRESS")
 	for _, i := range st.Interfaces {
 		build := "this"
@@ -264,5 +309,8 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	for _, ct := range st.Counters {
 		fmt.Fprintf(w, "%s\t%s\t%d\t%d\n", ct.Verdict, ct.Reason, ct.Packets, ct.Bytes)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	return result
 }

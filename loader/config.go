@@ -12,18 +12,18 @@ import (
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
-// Mode is how XDP is attached.
-type Mode string
+// Mode is how XDP is attached; the configured-interfaces record keeps it.
+type Mode = state.AttachMode
 
 // Attach modes: auto lets the kernel use the driver's native XDP when it
 // has one and generic (skb) XDP otherwise.
 const (
-	ModeAuto    Mode = "auto"
-	ModeNative  Mode = "native"
-	ModeGeneric Mode = "generic"
+	ModeAuto    = state.ModeAuto
+	ModeNative  = state.ModeNative
+	ModeGeneric = state.ModeGeneric
 )
 
-func (m Mode) flags() link.XDPAttachFlags {
+func modeFlags(m Mode) link.XDPAttachFlags {
 	switch m {
 	case ModeNative:
 		return link.XDPDriverMode

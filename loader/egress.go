@@ -122,16 +122,53 @@ func (l *Loader) convergeEgress(spec *ebpf.CollectionSpec, maps *state.Maps, cfg
 	return nil
 }
 
-// reattachEgress makes the named interface run this build's egress
-// program, attaching it afresh if the pinned link is gone or belongs to an
-// interface of that name that no longer exists: what a watcher calls after
-// an interface was re-created. maps are the pinned maps the XDP link's
-// program uses; the caller holds the pin directory's lock.
-func (l *Loader) reattachEgress(spec *ebpf.CollectionSpec, maps *state.Maps, pinPath, name string, ifindex int) (*Result, error) {
-	ep := &egressProgram{spec: spec, maps: maps}
-	defer ep.Close()
-	res := &Result{}
-	return res, l.ensureEgress(ep, pinPath, name, ifindex, true, res)
+// reattachEgress attaches the named interface's egress link again where
+// its pin holds a link the kernel detached (the device was unregistered)
+// or one attached to another device of that name: what the watcher calls
+// after it re-attached the XDP link of a re-created interface. The new
+// link runs the program the old one ran, which its pin still holds, so
+// no verifier runs; it is pinned under a temporary name and renamed over
+// the old pin. An interface without an egress pin (reply tracking off, or
+// never loaded) is left alone. Returns whether it attached. The caller
+// holds the pin directory's lock.
+func (l *Loader) reattachEgress(pinPath, name string, ifindex int) (bool, error) {
+	path := state.EgressLinkPath(pinPath, name)
+	old, err := link.LoadPinnedLink(path, nil)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("open pinned link %s: %w", path, err)
+	}
+	defer old.Close()
+	info, err := old.Info()
+	if err != nil {
+		return false, fmt.Errorf("inspect link %s: %w", path, err)
+	}
+	if t := info.TCX(); t != nil && t.Ifindex != 0 && int(t.Ifindex) == ifindex {
+		return false, nil
+	}
+	prog, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		return false, fmt.Errorf("open egress program %d of %s: %w", info.Program, path, err)
+	}
+	defer prog.Close()
+	nl, err := l.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXEgress})
+	if err != nil {
+		return false, fmt.Errorf("attach egress program to %s: %w", name, err)
+	}
+	defer nl.Close() // the pin keeps it attached; without one this detaches
+	tmp := path + state.TempLinkSuffix
+	_ = os.Remove(tmp)
+	if err := nl.Pin(tmp); err != nil {
+		return false, fmt.Errorf("pin link %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
+		return false, fmt.Errorf("pin link %s: %w", path, err)
+	}
+	l.Log.Info().Str("iface", name).Int("ifindex", ifindex).Msg("re-attached egress program")
+	return true, nil
 }
 
 // ensureEgress converges one interface's egress link. ifindex is the

@@ -114,7 +114,7 @@ func TestEgressLinkLifecycle(t *testing.T) {
 	}
 
 	// Status shows both links.
-	st := e.status(useNext)
+	st := e.statusJSON(useNext)
 	if len(st.Interfaces) != 1 || st.Interfaces[0].Egress == nil || !st.Interfaces[0].Egress.Attached ||
 		st.Interfaces[0].Egress.LinkID != uint32(linkID) || !st.Interfaces[0].Egress.Current || !st.Config.ReplyTracking {
 		t.Fatalf("status %+v", st)
@@ -135,7 +135,7 @@ func TestEgressLinkLifecycle(t *testing.T) {
 	if res := e.loadJSON(useNext, "--no-reply-tracking"); res.Changed() {
 		t.Fatalf("rerun without reply tracking changed %+v", res)
 	}
-	if st := e.status(useNext); st.Interfaces[0].Egress != nil || st.Config.ReplyTracking {
+	if st := e.statusJSON(useNext); st.Interfaces[0].Egress != nil || st.Config.ReplyTracking {
 		t.Fatalf("status without reply tracking %+v", st)
 	}
 	if res := e.loadJSON(nil); !slices.Equal(res.EgressAttached, []string{"a0"}) {
@@ -216,12 +216,12 @@ func TestFlowFlags(t *testing.T) {
 		}
 	}
 	e.mustLoad(nil, "--allow", "203.0.113.0/24,icmp")
-	if st := e.status(nil); !slices.Contains(st.Allow, "203.0.113.0/24,icmp") {
+	if st := e.statusJSON(nil); !slices.Contains(st.Allow, "203.0.113.0/24,icmp") {
 		t.Fatalf("allow %v", st.Allow)
 	}
 }
 
-func (e *env) status(customize func(*loader.Loader)) loader.Status {
+func (e *env) statusJSON(customize func(*loader.Loader)) loader.Status {
 	e.t.Helper()
 	r := e.cli(customize, "status", "--pin-path", e.pin, "--json")
 	if r.code != 0 {

@@ -57,6 +57,9 @@ type Result struct {
 	Attached    []string `json:"attached,omitempty"`
 	Upgraded    []string `json:"upgraded,omitempty"`
 	Reattached  []string `json:"reattached,omitempty"`
+	// Unconfigured lists interfaces a previous load configured and this
+	// one did not: no longer watched, and left attached if they were.
+	Unconfigured []string `json:"unconfigured,omitempty"`
 	// EgressAttached, EgressUpgraded and EgressDetached name the
 	// interfaces whose egress link of the reply path changed.
 	EgressAttached []string `json:"egress_attached,omitempty"`
@@ -68,7 +71,7 @@ type Result struct {
 
 // Changed reports whether the load changed anything.
 func (r *Result) Changed() bool {
-	return len(r.CreatedMaps)+len(r.Attached)+len(r.Upgraded)+len(r.Reattached) > 0 ||
+	return len(r.CreatedMaps)+len(r.Attached)+len(r.Upgraded)+len(r.Reattached)+len(r.Unconfigured) > 0 ||
 		len(r.EgressAttached)+len(r.EgressUpgraded)+len(r.EgressDetached) > 0 ||
 		r.ConfigWritten || r.AllowWritten
 }
@@ -154,7 +157,10 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err
 	}
-	if err := pd.ensureSubdir(state.LinksPath(pd.path), 0o700, 0); err != nil {
+	// Searchable, not listable, by the pins' group: the daemons stat
+	// links/<name> to tell a configured interface's link from none; the
+	// links themselves stay root's (see internal/state/filtered.go).
+	if err := pd.ensureSubdir(state.LinksPath(pd.path), 0o710, gid); err != nil {
 		return res, err
 	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {

@@ -449,7 +449,7 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	const gid = 4242 // a numeric group need not exist in /etc/group
 	e.mustLoad(nil, "--group", fmt.Sprint(gid))
 	want := map[string]os.FileMode{
-		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o700 | os.ModeDir,
+		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o710 | os.ModeDir,
 		state.LinkPath(e.pin, "a0"): 0o600, state.EgressLinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
 	}
 	for _, name := range state.MapNames {

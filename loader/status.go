@@ -12,7 +12,12 @@ import (
 
 // Status is what aegis-loader status reports.
 type Status struct {
-	PinPath    string            `json:"pin_path"`
+	PinPath string `json:"pin_path"`
+	// NotFiltered names every configured interface that is not filtered
+	// and why, in one line; empty when all are.
+	NotFiltered string `json:"not_filtered,omitempty"`
+	// Filtering is the verdict on each configured interface.
+	Filtering  []state.Filtering `json:"filtering"`
 	Interfaces []InterfaceStatus `json:"interfaces"`
 	Maps       []MapStatus       `json:"maps"`
 	Config     ConfigStatus      `json:"config"`
@@ -75,6 +80,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	}
 	defer maps.Close()
 	st := &Status{PinPath: pinPath}
+	st.Filtering, st.NotFiltered = state.NotFiltered(pinPath)
 
 	spec, err := l.Spec()
 	if err != nil {

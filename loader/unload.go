@@ -16,7 +16,9 @@ import (
 // the command treats it as success.
 var ErrNotLoadedHere = errors.New("not loaded")
 
-// Unload detaches the data path from the named interfaces. With no
+// Unload detaches the data path from the named interfaces. They stay
+// configured, marked operator-detached: reported as not filtered, and not
+// re-attached by aegis-loader watch until the next load. With no
 // interfaces it detaches every one and removes all pins, dropping every
 // session. Unloading what is not loaded returns ErrNotLoadedHere and
 // changes nothing.
@@ -37,6 +39,11 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 	targets := ifaces
 	if len(targets) == 0 {
 		if targets, err = state.LinkedInterfaces(pinPath); err != nil {
+			return nil, err
+		}
+	}
+	if len(ifaces) > 0 {
+		if err := markDetached(pinPath, ifaces); err != nil {
 			return nil, err
 		}
 	}
@@ -79,6 +86,34 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 	}
 	l.Log.Info().Str("pin_path", pinPath).Msg("removed all pins")
 	return detached, nil
+}
+
+// markDetached sets operator_detached on the records of the named
+// interfaces that are configured, before they are detached, so that no
+// observer ever takes the detach for a fault to repair.
+func markDetached(pinPath string, names []string) error {
+	records, err := state.OpenInterfaces(pinPath, true)
+	if errors.Is(err, state.ErrNotLoaded) {
+		return nil // pins of a loader that kept no record
+	}
+	if err != nil {
+		return err
+	}
+	defer records.Close()
+	for _, name := range names {
+		r, ok, err := records.Get(name)
+		if err != nil {
+			return err
+		}
+		if !ok || r.OperatorDetached {
+			continue
+		}
+		r.OperatorDetached = true
+		if err := records.Put(r); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // detachPinned detaches the link pinned at path at once, even if another

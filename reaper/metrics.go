@@ -5,7 +5,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/rs/zerolog"
 
+	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
@@ -28,7 +30,7 @@ type metrics struct {
 	last     prometheus.Gauge
 }
 
-func newMetrics() *metrics {
+func newMetrics(pinPath string, log zerolog.Logger) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		reaped: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -70,7 +72,11 @@ func newMetrics() *metrics {
 		m.scanned.WithLabelValues(f)
 		m.regrant.WithLabelValues(f)
 	}
+	// The reaper needs only the pins, never the control plane: the
+	// filter's state is exported from here so that it is visible while
+	// the control plane is down.
 	m.reg.MustRegister(m.reaped, m.scanned, m.regrant, m.closed, m.duration, m.errors, m.last,
+		daemon.NewAttachedCollector(pinPath, log),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -40,7 +40,7 @@ type Reaper struct {
 // interval in daemon mode.
 func New(pinPath string, interval time.Duration, log zerolog.Logger) *Reaper {
 	return &Reaper{pinPath: pinPath, interval: interval, log: log,
-		sweeper: state.NewSweeper(), metrics: newMetrics()}
+		sweeper: state.NewSweeper(), metrics: newMetrics(pinPath, log)}
 }
 
 // Once opens the maps, sweeps them once and closes them. Returns the open

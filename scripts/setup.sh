@@ -23,6 +23,9 @@ declare -A need=(
   [socat]=socat          # the demo's small services and client
   [/usr/bin/time]=time   # the reaper benchmark's peak RSS
   [systemd-socket-activate]=systemd # control plane socket-activation test
+  [lintian]=lintian      # make deb-lint and the package test
+  [zsh]=zsh              # the generated completions' test
+  [fish]=fish
 )
 missing=()
 for cmd in "${!need[@]}"; do

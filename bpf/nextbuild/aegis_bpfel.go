@@ -99,6 +99,19 @@ type AegisFragValue struct {
 	Pad       uint32
 }
 
+type AegisIfaceKey struct {
+	_    structs.HostLayout
+	Name [16]int8
+}
+
+type AegisIfaceValue struct {
+	_                structs.HostLayout
+	Ifindex          uint32
+	ProgId           uint32
+	Mode             uint32
+	OperatorDetached uint32
+}
+
 type AegisSessionKeyV4 struct {
 	_     structs.HostLayout
 	Src   [4]uint8
@@ -152,6 +165,7 @@ const (
 	AegisMapFlowsV4      = "flows_v4"
 	AegisMapFlowsV6      = "flows_v6"
 	AegisMapFrags        = "frags"
+	AegisMapIfaces       = "ifaces"
 	AegisMapSessionsV4   = "sessions_v4"
 	AegisMapSessionsV6   = "sessions_v6"
 	AegisMapStats        = "stats"
@@ -216,6 +230,7 @@ type AegisMapSpecs struct {
 	FlowsV4    *ebpf.MapSpec `ebpf:"flows_v4"`
 	FlowsV6    *ebpf.MapSpec `ebpf:"flows_v6"`
 	Frags      *ebpf.MapSpec `ebpf:"frags"`
+	Ifaces     *ebpf.MapSpec `ebpf:"ifaces"`
 	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
@@ -254,6 +269,7 @@ type AegisMaps struct {
 	FlowsV4    *ebpf.Map `ebpf:"flows_v4"`
 	FlowsV6    *ebpf.Map `ebpf:"flows_v6"`
 	Frags      *ebpf.Map `ebpf:"frags"`
+	Ifaces     *ebpf.Map `ebpf:"ifaces"`
 	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
 	Stats      *ebpf.Map `ebpf:"stats"`
@@ -268,6 +284,7 @@ func (m *AegisMaps) Close() error {
 		m.FlowsV4,
 		m.FlowsV6,
 		m.Frags,
+		m.Ifaces,
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,

@@ -167,6 +167,10 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
 		return 2
 	}
+	if fn, ok := ctx.Value(modelKey{}).(func(*kong.Kong)); ok {
+		fn(parser)
+		return 0
+	}
 	kctx, err := parser.Parse(args)
 	if err != nil {
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
@@ -176,6 +180,12 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 	kctx.BindTo(ctx, (*context.Context)(nil))
 	kctx.Bind(stdio, log)
 	if err := kctx.Run(); err != nil {
+		if e := (*ExitError)(nil); errors.As(err, &e) {
+			if e.Err != nil {
+				fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, e.Err)
+			}
+			return e.Code
+		}
 		fmt.Fprintf(stdio.Stderr, "%s: %v\n", name, err)
 		if u := (*UsageError)(nil); errors.As(err, &u) {
 			return 2
@@ -185,9 +195,36 @@ func Run(ctx context.Context, spec Spec, grammar any, globals *Globals,
 	return 0
 }
 
+type modelKey struct{}
+
+// WithModel returns a context under which Run builds the command's kong
+// parser, with the variables and options its Main gives it, hands it to
+// fn and returns 0 without parsing or running anything. The man pages and
+// shell completions are generated from that model, so they describe the
+// flags, defaults and environment variables the binary really has.
+func WithModel(ctx context.Context, fn func(*kong.Kong)) context.Context {
+	return context.WithValue(ctx, modelKey{}, fn)
+}
+
 // UsageError marks an error in the command line that kong's own checks
 // cannot see (a malformed address, say); Run exits 2 for it.
 type UsageError struct{ Err error }
 
 func (e *UsageError) Error() string { return e.Err.Error() }
 func (e *UsageError) Unwrap() error { return e.Err }
+
+// ExitError ends a command with a documented exit code of its own. Run
+// prints Err like any error; with a nil Err the command has already
+// reported on stdout.
+type ExitError struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitError) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+func (e *ExitError) Unwrap() error { return e.Err }

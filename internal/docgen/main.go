@@ -1,14 +1,22 @@
-// Command docgen writes the configuration reference of docs/operations.md
-// from the commands' own --help output, so the two cannot drift apart.
-// Run it with "make docs"; CI checks that the committed file is current.
+// Command docgen writes what documents the commands from the commands
+// themselves, so that none of it can drift from the binaries: the
+// configuration reference of docs/operations.md from their --help output
+// ("make docs"; CI checks that the committed file is current), and from
+// their kong models the man pages ("make man") and the bash, zsh and fish
+// completions ("make completions"), which are build outputs.
+//
+//	docgen [-man DIR] [-completions DIR] [-version V] [DOC]
 package main
 
 import (
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"strings"
+
+	"github.com/alecthomas/kong"
 
 	"github.com/aegis-agent/aegis/internal/cli"
 )
@@ -22,20 +30,52 @@ type command struct {
 	name string
 	main func(context.Context, []string, cli.IO) int
 	subs [][]string // subcommands to document; nil entry: the root
+	// section of the man page, and what it says beyond the model.
+	section, notes string
 }
 
 func main() {
 	// kong wraps help to $COLUMNS; the reference must not depend on the
 	// terminal it was generated in.
 	os.Unsetenv("COLUMNS")
-	path := "docs/operations.md"
-	if len(os.Args) > 1 {
-		path = os.Args[1]
+	manDir := flag.String("man", "", "write one roff man page per command into `DIR`")
+	complDir := flag.String("completions", "", "write bash, zsh and fish completions into `DIR`/{bash,zsh,fish}")
+	version := flag.String("version", cli.Version(), "version named in the man pages")
+	flag.Parse()
+	var err error
+	switch {
+	case *manDir != "" || *complDir != "":
+		if *manDir != "" {
+			err = writeMan(*manDir, *version)
+		}
+		if err == nil && *complDir != "" {
+			err = writeCompletions(*complDir)
+		}
+		if err == nil && flag.NArg() > 0 {
+			err = run(flag.Arg(0))
+		}
+	default:
+		path := "docs/operations.md"
+		if flag.NArg() > 0 {
+			path = flag.Arg(0)
+		}
+		err = run(path)
 	}
-	if err := run(path); err != nil {
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "docgen:", err)
 		os.Exit(1)
 	}
+}
+
+// model returns the kong model of c as its Main builds it.
+func (c command) model() (*kong.Application, error) {
+	var app *kong.Application
+	ctx := cli.WithModel(context.Background(), func(k *kong.Kong) { app = k.Model })
+	var errb bytes.Buffer
+	if code := c.main(ctx, nil, cli.IO{Stdout: &errb, Stderr: &errb}); code != 0 || app == nil {
+		return nil, fmt.Errorf("%s: no kong model (exit %d): %s", c.name, code, errb.String())
+	}
+	return app, nil
 }
 
 func run(path string) error {
@@ -47,13 +87,9 @@ func run(path string) error {
 	if i < 0 || j < i {
 		return fmt.Errorf("%s lacks the %q and %q markers", path, begin, end)
 	}
-	cmds, err := commands()
-	if err != nil {
-		return err
-	}
 	var ref strings.Builder
 	ref.WriteString(begin + "\n")
-	for _, c := range cmds {
+	for _, c := range commands {
 		for _, sub := range c.subs {
 			var out, errb bytes.Buffer
 			args := append(append([]string{}, sub...), "--help")

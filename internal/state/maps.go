@@ -42,6 +42,9 @@ type Maps struct {
 	FlowsV4 *ebpf.Map
 	FlowsV6 *ebpf.Map
 	Frags   *ebpf.Map
+	// Ifaces records the interfaces the loader was told to filter
+	// (ifaces.go).
+	Ifaces *ebpf.Map
 
 	stats guardStats
 }
@@ -177,6 +180,7 @@ func (m *Maps) slots() []slot {
 		{MapConfig, &m.Config}, {MapStats, &m.Stats},
 		{MapSweepSeq, &m.SweepSeq},
 		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
+		{MapIfaces, &m.Ifaces},
 	}
 }
 

@@ -45,9 +45,11 @@ const (
 	MapFrags = "frags"
 )
 
+// MapIfaces (ifaces.go) is pinned beside them.
+
 // MapNames lists every pinned map.
 var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapSweepSeq,
-	MapFlowsV4, MapFlowsV6, MapFrags}
+	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
@@ -90,6 +92,19 @@ func EgressLinkPath(pinPath, ifname string) string {
 	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname)+EgressLinkSuffix)
 }
 
+// LinkTempPath is where a new link for the interface is pinned before it
+// is renamed over LinkPath, so that the pin is replaced in one step. No
+// interface name contains ':', so it never collides with a LinkPath.
+func LinkTempPath(pinPath, ifname string) string { return LinkPath(pinPath, ifname) + TempLinkSuffix }
+
+// TempLinkSuffix ends the name of a link pin that is about to be renamed
+// over the pin without it.
+const TempLinkSuffix = ":new"
+
+// IsTempLinkPin reports whether a file name in LinksDir is a LinkTempPath
+// left by an interrupted attach.
+func IsTempLinkPin(name string) bool { return strings.HasSuffix(name, TempLinkSuffix) }
+
 // FilePins returns every pin directly under the pin path, programs first:
 // what a full unload removes besides the links.
 func FilePins(pinPath string) []string {
@@ -122,6 +137,9 @@ func linked(pinPath string, egress bool) ([]string, error) {
 	}
 	names := make([]string, 0, len(entries))
 	for _, e := range entries {
+		if IsTempLinkPin(e.Name()) {
+			continue
+		}
 		base, isEgress := strings.CutSuffix(e.Name(), EgressLinkSuffix)
 		if isEgress != egress {
 			continue
@@ -129,6 +147,25 @@ func linked(pinPath string, egress bool) ([]string, error) {
 		names = append(names, IfnameFromLinkPin(base))
 	}
 	return names, nil
+}
+
+// TempLinkPins returns the LinkTempPath pins in LinksDir: an attach in
+// progress, or left by an interrupted one.
+func TempLinkPins(pinPath string) ([]string, error) {
+	entries, err := os.ReadDir(LinksPath(pinPath))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", LinksPath(pinPath), err)
+	}
+	var paths []string
+	for _, e := range entries {
+		if IsTempLinkPin(e.Name()) {
+			paths = append(paths, filepath.Join(LinksPath(pinPath), e.Name()))
+		}
+	}
+	return paths, nil
 }
 
 // LinkPinName is the pin file name for an interface. bpffs refuses names

@@ -225,6 +225,13 @@ func (s *Server) serveUDP(pc *net.UDPConn) {
 	}
 }
 
+// Seen reports whether the stream datagram with sequence number seq
+// arrived.
+func (s *Server) Seen(seq uint64) bool {
+	_, ok := s.seen.Load(seq)
+	return ok
+}
+
 // Received counts the distinct stream sequence numbers in [0, n).
 func (s *Server) Received(n uint64) uint64 {
 	var got uint64
