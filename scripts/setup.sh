@@ -21,6 +21,7 @@ declare -A need=(
   [setpriv]=util-linux   # least-privilege tests
   [systemd-nspawn]=systemd-container # systemd integration test
   [socat]=socat          # the demo's small services and client
+  [dnsmasq]=dnsmasq-base # the reply-path test's public resolver
   [/usr/bin/time]=time   # the reaper benchmark's peak RSS
   [systemd-socket-activate]=systemd # control plane socket-activation test
   [lintian]=lintian      # make deb-lint and the package test
