@@ -116,4 +116,3 @@ func download(ns *tu.Netns, addr netip.AddrPort, timeout time.Duration) (int64, 
 	}
 	return n, nil
 }
-
