@@ -75,6 +75,31 @@ func TestPMTUDiscoveryThroughGateway(t *testing.T) {
 			}
 		})
 	}
+
+	// The control: the same download admitted by an allow rule instead of a
+	// session. Replies to allow-rule traffic create no flow, so no ICMP
+	// error about them is icmp_related: the router's "fragmentation
+	// needed" drops and the download stalls, as it did for every session
+	// before the data path had the icmp_related rule. Should allow-rule
+	// traffic get an ICMP path, this fails and is to become a pass.
+	t.Run("allow rule, no ICMP path", func(t *testing.T) {
+		g.t = t
+		g.loader("load", "--allow", "203.0.113.0/24,tcp/8091")
+		svc := netip.AddrPortFrom(tu.ServiceAV4, 8091)
+		bulkServer(t, g.Private, svc, pmtuDownload)
+		// A user address the service holds no learned path MTU for.
+		user.Run(t, "ip", "addr", "add", "203.0.113.11/24", "dev", "u0")
+		before := g.stats()
+		n, err := downloadFrom(user, netip.MustParseAddr("203.0.113.11"), svc, 3*time.Second)
+		after := g.stats()
+		if err == nil || n == pmtuDownload {
+			t.Fatalf("download through the 1400-byte hop without an ICMP path completed (%d bytes)", n)
+		}
+		if after[bpf.ReasonAllowlist].Packets == before[bpf.ReasonAllowlist].Packets {
+			t.Fatal("the download did not go through the allow rule")
+		}
+		t.Logf("stalled after %d of %d bytes: %v", n, pmtuDownload, err)
+	})
 }
 
 // bulkServer serves size bytes to every TCP connection on addr in ns.
@@ -104,7 +129,15 @@ func bulkServer(t *testing.T, ns *tu.Netns, addr netip.AddrPort, size int) {
 
 // download reads from a bulkServer at addr from ns until it closes.
 func download(ns *tu.Netns, addr netip.AddrPort, timeout time.Duration) (int64, error) {
-	c, err := dialIn(ns, "tcp", netip.AddrPort{}, addr.String(), 2*time.Second)
+	return downloadFrom(ns, netip.Addr{}, addr, timeout)
+}
+
+func downloadFrom(ns *tu.Netns, src netip.Addr, addr netip.AddrPort, timeout time.Duration) (int64, error) {
+	var local netip.AddrPort
+	if src.IsValid() {
+		local = netip.AddrPortFrom(src, 0)
+	}
+	c, err := dialIn(ns, "tcp", local, addr.String(), 2*time.Second)
 	if err != nil {
 		return 0, err
 	}
