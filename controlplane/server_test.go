@@ -21,7 +21,6 @@ import (
 	"github.com/aegis-agent/aegis/controlplane"
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/pki"
-	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 	"github.com/aegis-agent/aegis/proto/session"

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -262,4 +263,35 @@ func tcxEgressCount(t *testing.T, e *env, iface string) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// The watcher re-attaches a re-created interface's egress link with its
+// XDP link, running the program the old link ran (no new load), and
+// leaves an interface loaded without reply tracking without one.
+func TestWatchReattachesEgress(t *testing.T) {
+	e := newEnv(t)
+	e.mustLoad(nil)
+	_, prog, _ := e.egressIDs("a0")
+	w, _ := e.startWatcher(time.Hour)
+	e.ns.Run(t, "ip", "link", "del", "a0")
+	e.ns.AddVeth(t, "a0", "a1")
+	e.waitFor("a repair", func() bool { return w.Repairs() == 1 })
+	e.waitFor("the egress link", func() bool { return tcxEgressCount(t, e, "a0") == 1 })
+	_, nprog, ifindex := e.egressIDs("a0")
+	var a0 int
+	_ = e.ns.Do(func() error { a0, _ = netInterface("a0"); return nil })
+	if ifindex != a0 || nprog != prog {
+		t.Fatalf("egress link on ifindex %d (a0 is %d) running program %d (was %d)", ifindex, a0, nprog, prog)
+	}
+	if res := e.loadJSON(nil); res.Changed() {
+		t.Fatalf("a load after the repair changed %+v", res)
+	}
+
+	e.mustLoad(nil, "--no-reply-tracking")
+	e.ns.Run(t, "ip", "link", "del", "a0")
+	e.ns.AddVeth(t, "a0", "a1")
+	e.waitFor("a second repair", func() bool { return w.Repairs() == 2 })
+	if n := tcxEgressCount(t, e, "a0"); n != 0 {
+		t.Fatalf("%d egress programs on a0 without reply tracking", n)
+	}
 }
