@@ -37,6 +37,9 @@ type InterfaceStatus struct {
 	// Current reports whether the link runs the pinned program and that
 	// is this binary's build.
 	Current bool `json:"current"`
+	// Egress is the interface's egress link of the reply path; nil if
+	// none is pinned.
+	Egress *EgressStatus `json:"egress,omitempty"`
 }
 
 // MapStatus is one map's fill.
@@ -54,6 +57,10 @@ type ConfigStatus struct {
 	GRPCPort       uint16 `json:"grpc_port"`
 	RuleTimeout    string `json:"rule_timeout"`
 	Monitor        bool   `json:"monitor"`
+	ReplyTracking  bool   `json:"reply_tracking"`
+	FlowIdleTCP    string `json:"flow_idle_tcp"`
+	FlowIdleUDP    string `json:"flow_idle_udp"`
+	FlowIdleICMP   string `json:"flow_idle_icmp"`
 }
 
 // CounterStatus is one verdict reason's counters.
@@ -99,6 +106,9 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 		}
 		st.Interfaces = append(st.Interfaces, is)
 	}
+	if err := addEgressStatus(st, spec, pinPath); err != nil {
+		return nil, err
+	}
 
 	for _, mp := range []struct {
 		name string
@@ -106,6 +116,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	}{
 		{state.MapSessionsV4, maps.SessionsV4}, {state.MapSessionsV6, maps.SessionsV6},
 		{state.MapAllowV4, maps.AllowV4}, {state.MapAllowV6, maps.AllowV6},
+		{state.MapFlowsV4, maps.FlowsV4}, {state.MapFlowsV6, maps.FlowsV6},
 	} {
 		ms := MapStatus{Name: mp.name, Capacity: mp.m.MaxEntries()}
 		if info, err := mp.m.Info(); err == nil {
@@ -131,6 +142,8 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	st.Config = ConfigStatus{
 		ControllerPort: cfg.ControllerPort, GRPCPort: cfg.GRPCPort,
 		RuleTimeout: cfg.DefaultIdleTimeout.String(), Monitor: cfg.Monitor,
+		ReplyTracking: !cfg.NoFlowTracking, FlowIdleTCP: cfg.FlowIdleTCP.String(),
+		FlowIdleUDP: cfg.FlowIdleUDP.String(), FlowIdleICMP: cfg.FlowIdleICMP.String(),
 	}
 	if cfg.Controller.IsValid() {
 		st.Config.Controller = cfg.Controller.String()

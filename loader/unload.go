@@ -53,6 +53,9 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 		if err != nil {
 			return detached, fmt.Errorf("detach %s: %w", name, err)
 		}
+		if err := l.detachEgress(pinPath, name); err != nil {
+			return detached, err
+		}
 		if !ok {
 			l.Log.Info().Str("iface", name).Msg("not attached; nothing to detach")
 			continue
@@ -62,6 +65,9 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 	}
 	if len(ifaces) > 0 {
 		return detached, nil
+	}
+	if err := l.detachAllEgress(pinPath); err != nil {
+		return detached, err
 	}
 
 	for _, path := range state.FilePins(pinPath) {

@@ -292,6 +292,10 @@ func (w *Watcher) repair(name string, seen time.Time, cause string) (bool, error
 	if err := w.l.attach(prog, name, o.Device.Ifindex, rec.Mode, w.pinPath, func() error { return records.Put(rec) }); err != nil {
 		return false, err
 	}
+	// The reply path's egress link went with the device too.
+	if _, err := w.l.reattachEgress(w.pinPath, name, o.Device.Ifindex); err != nil {
+		return false, err
+	}
 	took := time.Since(seen)
 	w.reported[name] = ""
 	w.mu.Lock()
