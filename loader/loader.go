@@ -34,6 +34,9 @@ type Loader struct {
 	Update func(link.Link, *ebpf.Program) error
 	// AttachedMode reports how XDP is attached to an interface.
 	AttachedMode func(ifindex int) (Mode, error)
+	// noGuard disables the guard of unfiltered interfaces: a seam for
+	// tests that measure the gap the guard closes.
+	noGuard bool
 }
 
 // New returns a Loader that installs the data path built into this binary.
@@ -155,7 +158,9 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 		return res, err
 	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {
+		l.syncGuard(cfg.PinPath)
 		return res, err
 	}
+	l.syncGuard(cfg.PinPath)
 	return res, nil
 }

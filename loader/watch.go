@@ -146,9 +146,12 @@ func (w *Watcher) loop(ctx context.Context, updates <-chan netlink.LinkUpdate) {
 				return
 			}
 			seen := time.Now()
-			if u.Header.Type != unix.RTM_NEWLINK || u.Link == nil {
-				continue // a deleted device cannot be repaired; its re-creation can
+			if u.Link == nil || (u.Header.Type != unix.RTM_NEWLINK && u.Header.Type != unix.RTM_DELLINK) {
+				continue
 			}
+			// A deleted device cannot be repaired, but its ifindex
+			// leaves the guard's exemptions (repairIfConfigured syncs
+			// the guard after every event of a configured name).
 			w.repairIfConfigured(u.Link.Attrs().Name, seen, "netlink")
 		}
 	}
@@ -184,6 +187,7 @@ func (w *Watcher) repairIfConfigured(name string, seen time.Time, cause string) 
 	if _, err := w.repair(name, seen, cause); err != nil {
 		w.report(name, err.Error(), func(e *zerolog.Event) *zerolog.Event { return e.Err(err) })
 	}
+	w.syncGuard()
 	w.updateStatus()
 }
 
@@ -200,12 +204,28 @@ func (w *Watcher) resyncAll(cause string) {
 		w.setStatus("waiting for aegis-loader load: " + err.Error())
 		return
 	}
+	// Guard first: at start, every configured interface that is not
+	// filtered is dropped before the first (slow) attach.
+	w.syncGuard()
 	for _, r := range list {
 		if _, err := w.repair(r.Name, time.Now(), cause); err != nil {
 			w.report(r.Name, err.Error(), func(e *zerolog.Event) *zerolog.Event { return e.Err(err) })
 		}
 	}
+	w.syncGuard()
 	w.updateStatus()
+}
+
+// syncGuard rewrites the guard under the pin directory's lock: after a
+// repair it exempts the device only once netlink reports our program on
+// it; after a deletion it withdraws the old device's exemption.
+func (w *Watcher) syncGuard() {
+	lock, err := lockPinDir(w.pinPath, 0, false)
+	if err != nil {
+		return // unloaded (or never loaded): unload removed the guard
+	}
+	defer lock.Unlock()
+	w.l.syncGuard(w.pinPath)
 }
 
 // updateStatus sets the systemd status line to the configured interfaces'
