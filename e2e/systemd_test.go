@@ -471,7 +471,7 @@ func TestSystemdUnits(t *testing.T) {
 
 	t.Run("the watcher re-attaches a re-created public interface", func(t *testing.T) {
 		noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
-		if passed := recreateUnderProbes(t, g, noSession, sink.Addr, 2); passed != 0 {
+		if passed := recreateUnderProbes(t, g, noSession, sink.Addr, 2, nil); passed != 0 {
 			t.Errorf("%d probes without a session passed the re-created interface; the guard should drop them all", passed)
 		}
 		if out, err := g.Gateway.Command("nft", "list", "table", "inet", guard.TableName).CombinedOutput(); err != nil {

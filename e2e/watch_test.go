@@ -187,7 +187,8 @@ func runBatch(t *testing.T, ns *tu.Netns, batch string) {
 }
 
 // TestWatchReattachesRecreatedInterface deletes and re-creates the public
-// interface 10 times (and once renames another device to its name), each
+// interface 10 times (once more with the watcher stalled for 300 ms, and
+// once renaming another device to its name), each
 // time bringing it up and addressing it at once, while a client probes,
 // at 1000/s, a service it has no session for. The guard (internal/guard)
 // drops the new device's IP traffic until netlink shows our XDP program on
@@ -240,7 +241,7 @@ func TestWatchReattachesRecreatedInterface(t *testing.T) {
 
 	const recreations = 10
 	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
-	if passed := recreateUnderProbes(t, g, noSession, withSession, recreations); passed != 0 {
+	if passed := recreateUnderProbes(t, g, noSession, withSession, recreations, w); passed != 0 {
 		t.Errorf("%d probes without a session passed the re-created interface; the guard should drop them all", passed)
 	}
 	lines := w.waitLines(t, "re-attached XDP program", recreations+2)
@@ -378,7 +379,12 @@ func (r *metricsReaper) attached(t *testing.T) float64 {
 // without a session, and returns how many of them passed in the windows
 // between a deletion and XDP on the successor. A probe that passes outside
 // every window fails t.
-func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSession netip.AddrPort, recreations int) int {
+//
+// With stall, one more re-creation comes first, with the watcher stopped
+// (SIGSTOP) from before the deletion until 300 ms after the creation: a
+// busy gateway, where the watcher gets the CPU late. Without the guard
+// that window is wide open; with it nothing may pass either.
+func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSession netip.AddrPort, recreations int, stall *watcher) int {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &prober{}
@@ -388,8 +394,19 @@ func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSes
 		windows []window
 		gaps    []time.Duration
 	)
-	for i := range recreations + 1 {
+	first := 0
+	if stall != nil {
+		first = -1
+	}
+	for i := first; i <= recreations; i++ {
 		rename := i == recreations // the last one: another device renamed to the name
+		if i < 0 {
+			if err := stall.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			resume := time.AfterFunc(300*time.Millisecond+20*time.Millisecond, func() { _ = stall.cmd.Process.Signal(syscall.SIGCONT) })
+			t.Cleanup(func() { resume.Stop(); _ = stall.cmd.Process.Signal(syscall.SIGCONT) })
+		}
 		win, gap := recreatePublic(t, g.Topology, rename, true)
 		windows, gaps = append(windows, win), append(gaps, gap)
 		if err := udpRetry(g.Topology, withSession); err != nil {
@@ -424,7 +441,7 @@ func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSes
 		}
 	}
 	t.Logf("%d re-creations and 1 rename: %d probes sent at 1000/s without a session; passed: %d sent before XDP was back, %d after; creation to XDP attached: %v",
-		recreations, len(sent), inGap, after, gaps)
+		recreations+(-first), len(sent), inGap, after, gaps)
 	if int64(inGap+after) != noSession.Packets() {
 		t.Errorf("the service got %d datagrams, %d of them stream probes", noSession.Packets(), inGap+after)
 	}
@@ -433,18 +450,24 @@ func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSes
 
 // TestWatchReattachesRecreatedInterfaceUnguarded measures the gap the
 // guard closes: the same re-creations with the guard removed and the
-// watcher told not to maintain it. It reports the probes that passed; it
-// does not require any, since winning the race depends on scheduling.
+// watcher told not to maintain it. Whether probes win the race of an
+// ordinary re-creation depends on scheduling, so it requires passed probes
+// only over all of them, the stalled one included (which makes it reliable).
 func TestWatchReattachesRecreatedInterfaceUnguarded(t *testing.T) {
 	g := newDaemonGateway(t)
 	withSession := netip.AddrPortFrom(tu.ServiceAV4, 9001)
 	g.Serve(t, withSession)
 	g.grant(state.Session{Key: udpKey(tu.ClientV4, tu.ServiceAV4, 9001), User: "alice"})
 	g.Gateway.Run(t, "nft", "delete", "table", "inet", guard.TableName)
-	startWatch(t, g, "--unguarded")
+	w := startWatch(t, g, "--unguarded")
 	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
-	passed := recreateUnderProbes(t, g, noSession, withSession, 10)
+	passed := recreateUnderProbes(t, g, noSession, withSession, 10, w)
 	t.Logf("without the guard %d probes passed in the windows before XDP was back", passed)
+	// The stalled re-creation leaves the device unfiltered for over
+	// 300 ms under 1000 probes/s: some pass, or the test shows nothing.
+	if passed == 0 {
+		t.Error("no probe passed without the guard, not even with the watcher stalled: the test cannot tell the guard's effect")
+	}
 	if out, err := g.Gateway.Command("nft", "list", "table", "inet", guard.TableName).CombinedOutput(); err == nil {
 		t.Errorf("the unguarded watcher created the guard:\n%s", out)
 	}
