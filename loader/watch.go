@@ -30,6 +30,17 @@ package loader
 // subscription; the watcher subscribes again, listing existing links, and
 // resyncs every configured interface. A periodic resync is the safety net
 // for anything else (a link detached by hand, say).
+//
+// The gap. The attach syscall takes ~10 ms (RCU), and the watcher may be
+// scheduled late, so a re-created device brought up at once could carry
+// packets before the filter is back. The nftables guard (internal/guard)
+// covers that gap without depending on the watcher's speed: it drops IP
+// traffic of every configured name unless it arrives on an ifindex that
+// was filtered when the guard was last written. The watcher rewrites the
+// guard before its first repair (at start and every resync) and after
+// every event of a configured name; a repair therefore exempts the new
+// device only after netlink reports our program on it. On SIGTERM the
+// guard stays: fail closed.
 
 import (
 	"context"
