@@ -26,7 +26,10 @@
 //
 // A re-created device has a new ifindex (the kernel allocates them
 // cyclically and does not reuse one soon), which is not in @filtered, so
-// its IP traffic is dropped from its first packet, whoever is slow. Its
+// its IP traffic is dropped from its first packet, whoever is slow. Only a
+// device created with an explicit index equal to the old one ("ip link add
+// ... index N") is exempt until the watcher handles the RTM_DELLINK of
+// its predecessor, which withdraws that index. Its
 // ifindex enters @filtered only after the XDP link is attached and netlink
 // reports our program on the device (Sync is called with the verdict of
 // state.Judge after the attach). A name that never had a device is
