@@ -478,6 +478,9 @@ func TestSystemdUnits(t *testing.T) {
 			t.Errorf("the sandboxed watcher keeps no guard: %v\n%s", err, out)
 		}
 		journal := c.out("journalctl", "--no-pager", "-u", "aegis-watch.service")
+		if strings.Contains(journal, "cannot update the guard") {
+			t.Errorf("the sandboxed watcher cannot write the guard:\n%s", journal)
+		}
 		if n := strings.Count(journal, `"message":"re-attached XDP program"`); n < 3 {
 			t.Errorf("%d re-attach lines in the watcher's journal, want 3:\n%s", n, journal)
 		}
