@@ -47,6 +47,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -244,6 +245,9 @@ func (w *Watcher) syncGuard() {
 func (w *Watcher) updateStatus() {
 	verdicts, problem := state.NotFiltered(w.pinPath)
 	if problem != "" {
+		if g := guardStatus(w.pinPath, verdicts); len(g.Dropping) > 0 {
+			problem += "; guard dropping " + strings.Join(g.Dropping, ",")
+		}
 		w.setStatus("NOT FILTERED: " + problem)
 	} else {
 		w.setStatus(fmt.Sprintf("%d configured interface(s), all filtered", len(verdicts)))
