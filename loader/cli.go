@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -39,6 +40,9 @@ type CLI struct {
 // WatchCmd is "aegis-loader watch".
 type WatchCmd struct {
 	ResyncInterval time.Duration `default:"10s" help:"Time between two full checks of every configured interface, besides the netlink events."`
+	// Unguarded leaves the guard alone, so that tests can measure the
+	// gap it closes. Never for production: hidden.
+	Unguarded bool `hidden:"" env:"-" help:"Do not maintain the guard (tests only)."`
 }
 
 // Run watches until SIGTERM or SIGINT.
@@ -48,6 +52,7 @@ func (cmd *WatchCmd) Run(ctx context.Context, c *CLI, l *Loader) error {
 	}
 	ctx, stop := signal.NotifyContext(ctx, unix.SIGTERM, os.Interrupt)
 	defer stop()
+	l.noGuard = cmd.Unguarded
 	return l.NewWatcher(c.PinPath, cmd.ResyncInterval).Run(ctx)
 }
 
@@ -307,13 +312,16 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	}
 	w := tabwriter.NewWriter(stdio.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "pin path\t%s\n\n", st.PinPath)
-	fmt.Fprintln(w, "CONFIGURED\tMODE\tFILTERED")
+	fmt.Fprintln(w, "CONFIGURED\tMODE\tGUARD\tFILTERED")
 	for _, f := range st.Filtering {
 		verdict := "yes"
 		if !f.Filtered {
 			verdict = fmt.Sprintf("no: %s (%s)", f.Reason, f.Detail)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\n", f.Interface.Name, f.Interface.Mode, verdict)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", f.Interface.Name, f.Interface.Mode, guardColumn(st.Guard, f), verdict)
+	}
+	if st.Guard.Error != "" {
+		fmt.Fprintf(w, "guard\tunreadable: %s\n", st.Guard.Error)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "INTERFACE\tIFINDEX\tMODE\tLINK\tPROGRAM\tTAG\tBUILD\tEGRESS")
@@ -364,4 +372,15 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		return err
 	}
 	return result
+}
+
+// guardColumn says whether the guard drops an interface's IP traffic now.
+func guardColumn(g GuardStatus, f state.Filtering) string {
+	switch {
+	case slices.Contains(g.Dropping, f.Interface.Name):
+		return "dropping"
+	case !g.Present || f.Interface.OperatorDetached:
+		return "none"
+	}
+	return "armed"
 }

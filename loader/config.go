@@ -50,7 +50,7 @@ type Config struct {
 	Allow          []state.AllowRule
 	Monitor        bool
 	Group          string
-	// NoLockoutCheck loads even when the lock-out check (guard.go) finds
+	// NoLockoutCheck loads even when the lock-out check (lockout.go) finds
 	// that the filter would cut the operator's own session.
 	NoLockoutCheck bool
 	// NoReplyTracking leaves the egress program off the interfaces and

@@ -38,8 +38,11 @@ type Loader struct {
 	// AttachedMode reports how XDP is attached to an interface.
 	AttachedMode func(ifindex int) (Mode, error)
 	// OperatorConnections finds the connections the operator runs the
-	// loader through, for the lock-out check (guard.go).
+	// loader through, for the lock-out check (lockout.go).
 	OperatorConnections func() ([]Connection, error)
+	// noGuard disables the guard of unfiltered interfaces: a seam for
+	// tests that measure the gap the guard closes.
+	noGuard bool
 }
 
 // New returns a Loader that installs the data path built into this binary.
@@ -176,8 +179,10 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 		return res, err
 	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {
+		l.syncGuard(cfg.PinPath)
 		return res, err
 	}
+	l.syncGuard(cfg.PinPath)
 	if err := l.convergeEgress(spec, maps, &cfg, ifaces, res); err != nil {
 		return res, err
 	}

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"fmt"
+	"github.com/aegis-agent/aegis/internal/guard"
 	"net"
 
 	"github.com/cilium/ebpf"
@@ -23,6 +24,20 @@ type Status struct {
 	Config     ConfigStatus      `json:"config"`
 	Allow      []string          `json:"allow"`
 	Counters   []CounterStatus   `json:"counters"`
+	Guard      GuardStatus       `json:"guard"`
+}
+
+// GuardStatus is the fail-closed guard (internal/guard) as read back from
+// nftables.
+type GuardStatus struct {
+	// Present is false when the guard table does not exist.
+	Present bool `json:"present"`
+	// Error says why the guard could not be read; empty otherwise.
+	Error string      `json:"error,omitempty"`
+	State guard.State `json:"state"`
+	// Dropping names the configured interfaces whose IP traffic the
+	// guard drops now: not filtered, not operator-detached.
+	Dropping []string `json:"dropping"`
 }
 
 // InterfaceStatus describes one pinned XDP link.
@@ -81,6 +96,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	defer maps.Close()
 	st := &Status{PinPath: pinPath}
 	st.Filtering, st.NotFiltered = state.NotFiltered(pinPath)
+	st.Guard = guardStatus(pinPath, st.Filtering)
 
 	spec, err := l.Spec()
 	if err != nil {
@@ -223,4 +239,27 @@ func readAllow(maps *state.Maps) ([]string, error) {
 		out = append(out, state.FormatAllowRule(r))
 	}
 	return out, nil
+}
+
+func guardStatus(pinPath string, verdicts []state.Filtering) GuardStatus {
+	gs, ok, err := guard.Read()
+	g := GuardStatus{Present: ok, State: gs, Dropping: []string{}}
+	if err != nil {
+		g.Error = err.Error()
+		return g
+	}
+	for _, f := range verdicts {
+		o, err := state.Observe(pinPath, f.Interface)
+		if err != nil {
+			continue
+		}
+		ifindex := 0
+		if o.Device != nil {
+			ifindex = o.Device.Ifindex
+		}
+		if ok && gs.Drops(f.Interface.Name, ifindex) {
+			g.Dropping = append(g.Dropping, f.Interface.Name)
+		}
+	}
+	return g
 }

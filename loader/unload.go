@@ -64,11 +64,13 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 		l.Log.Info().Str("iface", name).Msg("detached XDP program")
 	}
 	if len(ifaces) > 0 {
+		l.syncGuard(pinPath)
 		return detached, nil
 	}
 	if err := l.detachAllEgress(pinPath); err != nil {
 		return detached, err
 	}
+	l.removeGuard()
 
 	for _, path := range state.FilePins(pinPath) {
 		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
