@@ -2,13 +2,15 @@
 
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * aegis.c: the default-drop XDP filter on the public interface of an Aegis
- * gateway.
+ * aegis.c: the default-drop filter on the public interface of an Aegis
+ * gateway. Two programs share the maps:
  *
- * Every frame gets exactly one verdict and one reason, counted in `stats`:
+ *   aegis_xdp (XDP, ingress) gives every frame exactly one verdict and one
+ *   reason, counted in `stats`:
  *
  *   1. Parse Ethernet, up to two 802.1Q/802.1ad tags, IPv4 (honouring IHL)
- *      or IPv6 (skipping up to IPV6_MAX_EXT extension headers), TCP or UDP.
+ *      or IPv6 (skipping up to IPV6_MAX_EXT extension headers), then TCP,
+ *      UDP or ICMP/ICMPv6 (for an ICMP error also the header it quotes).
  *   2. Bypass, each as narrow as its purpose:
  *      - ARP;
  *      - IPv6 neighbour discovery (ICMPv6 133-137) with code 0 and hop
@@ -20,14 +22,82 @@
  *        the destination is local.
  *      "Local" is the kernel's routing table's answer; see
  *      delivered_locally_v4().
- *   3. Look up (src, dst, dport, proto) in sessions_v4/sessions_v6. A live
- *      session passes and gets its last_seen refreshed; then the static allow
- *      rules (allow_v4/allow_v6) are consulted; everything else drops.
+ *   3. A later fragment passes, under its first fragment's reason, if that
+ *      first fragment passed within FRAG_TIMEOUT_NS (`frags`).
+ *   4. TCP and UDP: a live session for (src, dst, dport, proto) in
+ *      sessions_v4/sessions_v6, or for (src, dst, dport, 0): an
+ *      any-protocol session, looked up only when the exact one is not live.
+ *   5. ICMP errors whose quoted header belongs to a live session or flow
+ *      pass as icmp_related.
+ *   6. TCP, UDP and ICMP echo replies that match a live flow in
+ *      flows_v4/flows_v6 pass as reply.
+ *   7. The static allow rules (allow_v4/allow_v6); everything else drops.
  *
- * Sessions are checked before the allow rules. Both verdicts pass, so the
- * order only decides which counter a packet lands in; session-first keeps
- * an established session's hot path to one hash lookup and keeps last_seen
- * accurate for sessions that an allow rule also covers.
+ *   aegis_egress (tcx, egress of the same interface) records the flows the
+ *   gateway and the hosts behind it open outbound; it never drops.
+ *
+ * The order only decides which counter a packet lands in where two rules
+ * admit it; session-first keeps an established session's hot path to one
+ * hash lookup and keeps last_seen accurate for sessions that an allow rule
+ * also covers.
+ *
+ * Flows, and why they stay narrow
+ * -------------------------------
+ * A flow is keyed by the exact 5-tuple of the reply as this program sees
+ * it: (peer, local, peer port, local port, proto). It admits nothing but
+ * that peer address and port talking back to the local address and port
+ * that talked to it. Only aegis_egress creates flows, and only for packets
+ * leaving the gateway:
+ *
+ *  - TCP: an outbound SYN without ACK creates one; every outbound packet
+ *    of a live flow refreshes it. A SYN-ACK (a local listener answering)
+ *    never creates one, so a session's or an allow rule's TCP traffic can
+ *    never turn into a flow.
+ *  - UDP: any outbound datagram creates or refreshes one.
+ *  - ICMP: an outbound echo request creates one that admits the echo reply
+ *    (the identifier stands in for the port).
+ *  - No flow is created for an outbound packet whose reply is already
+ *    admitted by a session entry (live or expired, exact or any-protocol)
+ *    or by an allow rule. A service answering a user over UDP therefore
+ *    leaves no trace in the flow table, and revoking or expiring the
+ *    session stops the user at once. Allow rules get the same treatment
+ *    so that removing one also takes effect at once.
+ *  - This program never creates flows; it refreshes a live one in place
+ *    with the sessions' refresh granularity.
+ *
+ * What remains, stated so that operators can judge it:
+ *
+ *  - A UDP service that keeps SENDING to a user after the user's session
+ *    is gone (a push protocol: media, game state, a VPN's keepalives)
+ *    opens a flow with its first datagram after the session entry is
+ *    deleted, and that user's same source port can answer for as long as
+ *    the service keeps sending. A request/response service (DNS, QUIC
+ *    servers) never sends unprompted and is not affected. Turn reply
+ *    tracking off (config.track_flows = 0) where that matters.
+ *  - A spoofer on the public side must guess a live 5-tuple: the peer's
+ *    address and port (often public knowledge, e.g. a DNS resolver's :53)
+ *    and the local ephemeral port (about 28,000 possibilities per peer on
+ *    Linux). A hit reaches only the local host and port that opened the
+ *    flow, exactly as the real peer could; it opens nothing new, since the
+ *    XDP side never creates or extends state beyond last_seen. Off-path
+ *    injection into TCP still has to pass the host's own sequence checks.
+ *  - A TCP flow is not closed by FIN or RST; it lingers until its idle
+ *    timeout or LRU eviction, admitting only the same 5-tuple.
+ *  - The flow maps are LRU: a host behind the gateway that opens more
+ *    flows than they hold evicts the oldest, whose replies then drop.
+ *    Nothing on the public side can add entries.
+ *
+ * ICMP errors (v4: 3, 11, 12; v6: 1-4) pass only when the header they quote
+ * is a packet this side sent: the reverse of a live session (service to
+ * user) or of a live flow, and the error is addressed to that packet's
+ * source. Everything else about ICMP needs an allow rule (echo requests,
+ * to answer pings) or a flow (echo replies to the gateway's own pings).
+ *
+ * Fragments: only the first fragment carries the L4 header. When it passes,
+ * its datagram's (src, dst, IP id, proto) is remembered for FRAG_TIMEOUT_NS
+ * and the later fragments pass under the same reason. A later fragment that
+ * arrives before its first fragment (reordering) drops as `fragment`; the
+ * datagram is lost and the sender's transport retransmits.
  *
  * Clock: every timestamp in the maps is CLOCK_MONOTONIC_COARSE in
  * nanoseconds: bpf_ktime_get_coarse_ns() here, clock_gettime(
@@ -39,7 +109,7 @@
  * granularity below. Like CLOCK_MONOTONIC it does not advance while the
  * machine is suspended and never jumps with NTP or settimeofday.
  *
- * The Go reference model of this verdict is model.go; model_test.go checks
+ * The Go reference model of both programs is model.go; model_test.go checks
  * the two against each other packet by packet.
  */
 
@@ -54,7 +124,8 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  * line from bouncing between CPUs that carry the same session. The cost is
  * precision: a session can expire up to this much before its idle timeout
  * measured from its very last packet. The control plane refuses idle
- * timeouts below one second, so that is at most 10%.
+ * timeouts below one second, so that is at most 10%. Flows use the same
+ * granularity.
  */
 #ifndef AEGIS_REFRESH_NS
 #define AEGIS_REFRESH_NS 100000000ULL /* 100 ms */
@@ -64,8 +135,11 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  * Bump AEGIS_LAYOUT_VERSION whenever the key or value layout of any map
  * changes. The loader refuses (and later versions migrate) pinned maps of
  * another layout version; the daemons refuse to open them.
+ *
+ * 2: config_value grew track_flows and the flow idle timeouts; new maps
+ *    flows_v4, flows_v6, frags.
  */
-#define AEGIS_LAYOUT_VERSION 1
+#define AEGIS_LAYOUT_VERSION 2
 
 /* Extension headers skipped before giving up on an IPv6 packet. */
 #define IPV6_MAX_EXT 6
@@ -77,10 +151,15 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  * changing the map's layout. */
 #define STATS_SLOTS 32
 
+/* How long the later fragments of a datagram whose first fragment passed
+ * keep passing. Fragments of one datagram leave the sender back to back;
+ * two seconds cover any sane reordering without keeping entries around. */
+#define FRAG_TIMEOUT_NS 2000000000ULL
+
 /*
- * Verdict reasons, the index into `stats`. Reasons below
- * REASON_NO_SESSION pass, the others drop (or pass as REASON_MONITOR in
- * monitor mode). Values are part of the pinned-state contract: append only.
+ * Verdict reasons, the index into `stats`. Values are part of the
+ * pinned-state contract: append only. Whether a reason passes is
+ * PASS_REASONS below, not its position.
  */
 enum reason {
 	REASON_SESSION = 0,
@@ -95,16 +174,41 @@ enum reason {
 	REASON_FRAGMENT = 9,
 	REASON_UNSUPPORTED_L3 = 10,
 	REASON_UNSUPPORTED_L4 = 11,
+	REASON_REPLY = 12,
+	REASON_ICMP_RELATED = 13,
 };
 
 /* Emits the enum into BTF so that bpf2go generates the Go constants. The
  * section is neither code nor a map, so loaders ignore it. */
 const enum reason reason_btf SEC(".btf.anchor") __attribute__((unused));
 
+/*
+ * The verdict table: bit r is set when reason r passes; every other reason
+ * drops (or passes as REASON_MONITOR in monitor mode). The Go model reads
+ * the same constant from BTF.
+ */
+#define PASS(r) (1u << (r))
+enum verdict {
+	PASS_REASONS = PASS(REASON_SESSION) | PASS(REASON_CONTROLLER) | PASS(REASON_ALLOWLIST) |
+		       PASS(REASON_ARP) | PASS(REASON_NDP) | PASS(REASON_MONITOR) |
+		       PASS(REASON_REPLY) | PASS(REASON_ICMP_RELATED),
+};
+const enum verdict verdict_btf SEC(".btf.anchor") __attribute__((unused));
+
 enum layout {
 	LAYOUT_VERSION = AEGIS_LAYOUT_VERSION,
 };
 const enum layout layout_btf SEC(".btf.anchor") __attribute__((unused));
+
+/* The compile-time limits the Go side must agree with. */
+enum limits {
+	LIMIT_REFRESH_NS = AEGIS_REFRESH_NS,
+	LIMIT_IPV6_MAX_EXT = IPV6_MAX_EXT,
+	LIMIT_ALLOW_MAX_PORTS = ALLOW_MAX_PORTS,
+	LIMIT_STATS_SLOTS = STATS_SLOTS,
+	LIMIT_FRAG_TIMEOUT_NS = FRAG_TIMEOUT_NS,
+};
+const enum limits limits_btf SEC(".btf.anchor") __attribute__((unused));
 
 /* Addresses are byte arrays and ports host-order integers so that
  * `bpftool map dump` prints them the way a person reads them. */
@@ -112,7 +216,7 @@ struct session_key_v4 {
 	__u8 src[4];
 	__u8 dst[4];
 	__u16 dport;
-	__u8 proto;
+	__u8 proto; /* 6, 17, or 0: TCP and UDP */
 	__u8 pad;
 };
 
@@ -132,6 +236,51 @@ struct session_value {
 	char user[32];         /* NUL-padded */
 };
 
+/*
+ * A flow: the reply tuple of a packet that left the gateway, as aegis_xdp
+ * will see the reply. src is the remote peer, dst the local (or private)
+ * host. ICMP echo: sport 0, dport the echo identifier.
+ */
+struct flow_key_v4 {
+	__u8 src[4];
+	__u8 dst[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct flow_key_v6 {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct flow_value {
+	__u64 last_seen_ns; /* refreshed by both programs */
+	__u64 created_ns;   /* the outbound packet that created it */
+};
+
+/* A fragmented datagram whose first fragment passed. IPv4 addresses fill
+ * the first 4 bytes of src and dst. */
+struct frag_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u32 id;    /* IPv4 identification or IPv6 fragment identification */
+	__u8 proto;  /* IPv4 protocol, or the fragment header's next header */
+	__u8 family; /* 4 or 6 */
+	__u16 pad;
+};
+
+struct frag_value {
+	__u64 expires_ns;
+	__u32 reason; /* the first fragment's */
+	__u32 pad;
+};
+
 /* Longest-prefix-match key: the source prefix of a static allow rule. */
 struct allow_key_v4 {
 	__u32 prefixlen;
@@ -143,7 +292,12 @@ struct allow_key_v6 {
 	__u8 addr[16];
 };
 
-/* One (protocol, destination port) pair; 0 in either field matches any. */
+/*
+ * One (protocol, destination port) pair; 0 in either field matches any.
+ * For ICMP (1) and ICMPv6 (58) the port is meaningless and 0: such a rule
+ * admits every ICMP type from the prefix, as does a rule of protocol 0 and
+ * port 0.
+ */
 struct allow_port {
 	__u8 proto;
 	__u8 pad;
@@ -173,7 +327,11 @@ struct config_value {
 	__u8 monitor;           /* 1: count would-be drops, pass them */
 	__u16 allow_v4_rules;   /* prefixes in allow_v4; 0 skips the lookup */
 	__u16 allow_v6_rules;   /* prefixes in allow_v6 */
-	__u16 pad1;
+	__u8 track_flows;       /* 1: record outbound flows and pass their replies */
+	__u8 pad1;
+	__u64 flow_idle_tcp_ns;  /* idle timeout of TCP flows */
+	__u64 flow_idle_udp_ns;  /* of UDP flows */
+	__u64 flow_idle_icmp_ns; /* of ICMP echo flows */
 };
 
 struct stats_value {
@@ -227,32 +385,182 @@ struct {
 	__type(value, struct stats_value);
 } stats SEC(".maps");
 
-/* The L4 facts the policy needs, after parsing. */
-struct flow {
-	__u16 dport; /* host order */
-	__u8 proto;
+/* LRU maps are preallocated: 65536 entries cost about 6 MiB (IPv4) and
+ * 8 MiB (IPv6). The loader may size them differently. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key_v4);
+	__type(value, struct flow_value);
+} flows_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key_v6);
+	__type(value, struct flow_value);
+} flows_v6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct frag_key);
+	__type(value, struct frag_value);
+} frags SEC(".maps");
+
+/* What an L4 header is, for the policy. */
+enum l4_kind {
+	L4_PORTS = 0,    /* TCP or UDP */
+	L4_ECHO_REQUEST, /* sport: identifier, dport 0 */
+	L4_ECHO_REPLY,   /* sport 0, dport: identifier */
+	L4_ICMP_ERROR,   /* quotes a header, see struct tuple's quote */
+	L4_ICMP_OTHER,   /* any other ICMP type; also an unmatchable quote */
 };
 
-static __always_inline int ports_match(const struct allow_value *v, const struct flow *f)
+/*
+ * A packet's identity as the policy sees it: both families in one shape so
+ * that one policy serves both. IPv4 addresses fill the first 4 bytes.
+ * Aligned so that the addresses compare as 32-bit words.
+ */
+struct tuple {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport; /* host order */
+	__u16 dport;
+	__u8 proto;
+	__u8 family; /* 4 or 6 */
+	__u8 kind;   /* enum l4_kind */
+	__u8 tcp_flags;
+} __attribute__((aligned(8)));
+
+/* A parsed IP header: the tuple's addresses and protocol, and where the
+ * upper-layer header is. */
+struct ip_info {
+	struct tuple t;
+	__u64 l4off;
+	__u64 l3end;
+	__u32 frag_id;
+	__u8 frag_proto;
+	__u8 frag; /* enum frag_state */
+	__u8 hop_limit;
+};
+
+enum frag_state {
+	FRAG_NONE = 0,
+	FRAG_FIRST,
+	FRAG_LATER,
+};
+
+static __always_inline int passes(__u32 reason)
 {
-	for (__u32 i = 0; i < ALLOW_MAX_PORTS; i++) {
-		if (i >= v->count)
-			break;
-		const struct allow_port *p = &v->ports[i];
-		if ((p->proto == 0 || p->proto == f->proto) && (p->port == 0 || p->port == f->dport))
-			return 1;
-	}
-	return 0;
+	return (PASS_REASONS >> (reason & 31)) & 1;
 }
 
-/* Returns REASON_SESSION for a live session, REASON_EXPIRED otherwise. */
-static __always_inline int session_verdict(struct session_value *v, const struct config_value *cfg)
+static __always_inline int addr4_eq(const void *a, const void *b)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
+	return *(const __u32 *)a == *(const __u32 *)b;
+}
+
+static __always_inline int addr6_eq(const void *a, const void *b)
+{
+	const __u32 *x = a, *y = b;
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
+}
+
+static __always_inline int addr_eq(__u8 family, const void *a, const void *b)
+{
+	return family == 4 ? addr4_eq(a, b) : addr6_eq(a, b);
+}
+
+static __always_inline int is_icmp(__u8 proto)
+{
+	return proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6;
+}
+
+/* The reply to t: addresses and ports swapped, an echo request's identifier
+ * moved to where the echo reply carries it. */
+static __always_inline void reverse(const struct tuple *t, struct tuple *r)
+{
+	__builtin_memcpy(r->src, t->dst, 16);
+	__builtin_memcpy(r->dst, t->src, 16);
+	r->sport = t->dport;
+	r->dport = t->sport;
+	r->proto = t->proto;
+	r->family = t->family;
+	r->kind = t->kind == L4_ECHO_REQUEST ? L4_ECHO_REPLY : t->kind;
+	r->tcp_flags = 0;
+}
+
+static __always_inline struct session_value *session_find(const struct tuple *t, __u8 proto)
+{
+	if (t->family == 4) {
+		struct session_key_v4 k = {};
+		__builtin_memcpy(k.src, t->src, 4);
+		__builtin_memcpy(k.dst, t->dst, 4);
+		k.dport = t->dport;
+		k.proto = proto;
+		return bpf_map_lookup_elem(&sessions_v4, &k);
+	}
+	struct session_key_v6 k = {};
+	__builtin_memcpy(k.src, t->src, 16);
+	__builtin_memcpy(k.dst, t->dst, 16);
+	k.dport = t->dport;
+	k.proto = proto;
+	return bpf_map_lookup_elem(&sessions_v6, &k);
+}
+
+static __always_inline void flow_key4(const struct tuple *t, struct flow_key_v4 *k)
+{
+	__builtin_memcpy(k->src, t->src, 4);
+	__builtin_memcpy(k->dst, t->dst, 4);
+	k->sport = t->sport;
+	k->dport = t->dport;
+	k->proto = t->proto;
+}
+
+static __always_inline void flow_key6(const struct tuple *t, struct flow_key_v6 *k)
+{
+	__builtin_memcpy(k->src, t->src, 16);
+	__builtin_memcpy(k->dst, t->dst, 16);
+	k->sport = t->sport;
+	k->dport = t->dport;
+	k->proto = t->proto;
+}
+
+static __always_inline struct flow_value *flow_find(const struct tuple *t)
+{
+	if (t->family == 4) {
+		struct flow_key_v4 k = {};
+		flow_key4(t, &k);
+		return bpf_map_lookup_elem(&flows_v4, &k);
+	}
+	struct flow_key_v6 k = {};
+	flow_key6(t, &k);
+	return bpf_map_lookup_elem(&flows_v6, &k);
+}
+
+static __always_inline void flow_create(const struct tuple *t, __u64 now)
+{
+	struct flow_value v = {.last_seen_ns = now, .created_ns = now};
+	if (t->family == 4) {
+		struct flow_key_v4 k = {};
+		flow_key4(t, &k);
+		bpf_map_update_elem(&flows_v4, &k, &v, BPF_ANY);
+		return;
+	}
+	struct flow_key_v6 k = {};
+	flow_key6(t, &k);
+	bpf_map_update_elem(&flows_v6, &k, &v, BPF_ANY);
+}
+
+/* Whether a session passes traffic at now; refreshes last_seen if asked. */
+static __always_inline int session_live(struct session_value *v, const struct config_value *cfg,
+					__u64 now, int refresh)
+{
 	__u64 expires = v->expires_ns;
 
 	if (expires && now >= expires)
-		return REASON_EXPIRED;
+		return 0;
 
 	__u64 idle = v->idle_timeout_ns;
 	if (!idle)
@@ -262,34 +570,66 @@ static __always_inline int session_verdict(struct session_value *v, const struct
 	 * the clock; that is a fresh session, not one idle for 584 years. */
 	__s64 age = (__s64)(now - READ_ONCE(v->last_seen_ns));
 	if (age > (__s64)idle)
-		return REASON_EXPIRED;
-	if (age > (__s64)AEGIS_REFRESH_NS)
+		return 0;
+	if (refresh && age > (__s64)AEGIS_REFRESH_NS)
 		WRITE_ONCE(v->last_seen_ns, now);
-	return REASON_SESSION;
+	return 1;
 }
 
-/*
- * Reads the L4 ports of a TCP or UDP header at l4off, which must lie within
- * the IP datagram ending at l3end. Returns 0 on success or a drop reason.
- */
-static __always_inline int parse_l4(void *data, void *data_end, __u64 l4off, __u64 l3end,
-				    struct flow *f)
+static __always_inline __u64 flow_idle(__u8 proto, const struct config_value *cfg)
 {
-	__u64 hlen;
+	if (proto == IPPROTO_TCP)
+		return cfg->flow_idle_tcp_ns;
+	if (proto == IPPROTO_UDP)
+		return cfg->flow_idle_udp_ns;
+	return cfg->flow_idle_icmp_ns;
+}
 
-	if (f->proto == IPPROTO_TCP)
-		hlen = sizeof(struct tcphdr);
-	else if (f->proto == IPPROTO_UDP)
-		hlen = sizeof(struct udphdr);
-	else
-		return REASON_UNSUPPORTED_L4;
+/* Whether a flow is live at now; refreshes last_seen if asked. */
+static __always_inline int flow_live(struct flow_value *v, __u8 proto,
+				     const struct config_value *cfg, __u64 now, int refresh)
+{
+	__s64 age = (__s64)(now - READ_ONCE(v->last_seen_ns));
+	if (age > (__s64)flow_idle(proto, cfg))
+		return 0;
+	if (refresh && age > (__s64)AEGIS_REFRESH_NS)
+		WRITE_ONCE(v->last_seen_ns, now);
+	return 1;
+}
 
-	/* Both headers start with source and destination port. */
-	struct udphdr *l4 = data + l4off;
-	if ((void *)l4 + hlen > data_end || l4off + hlen > l3end)
-		return REASON_MALFORMED;
-	f->dport = bpf_ntohs(l4->dest);
+static __always_inline int ports_match(const struct allow_value *v, __u8 proto, __u16 port)
+{
+	for (__u32 i = 0; i < ALLOW_MAX_PORTS; i++) {
+		if (i >= v->count)
+			break;
+		const struct allow_port *p = &v->ports[i];
+		if ((p->proto == 0 || p->proto == proto) && (p->port == 0 || p->port == port))
+			return 1;
+	}
 	return 0;
+}
+
+/* Whether an allow rule admits t. ICMP has no port: only rules of port 0
+ * match it. */
+static __always_inline int allowed(const struct tuple *t, const struct config_value *cfg)
+{
+	__u16 port = is_icmp(t->proto) ? 0 : t->dport;
+	const struct allow_value *av;
+
+	if (t->family == 4) {
+		if (!cfg->allow_v4_rules)
+			return 0;
+		struct allow_key_v4 ak = {.prefixlen = 32};
+		__builtin_memcpy(ak.addr, t->src, 4);
+		av = bpf_map_lookup_elem(&allow_v4, &ak);
+	} else {
+		if (!cfg->allow_v6_rules)
+			return 0;
+		struct allow_key_v6 ak = {.prefixlen = 128};
+		__builtin_memcpy(ak.addr, t->src, 16);
+		av = bpf_map_lookup_elem(&allow_v6, &ak);
+	}
+	return av && ports_match(av, t->proto, port);
 }
 
 /*
@@ -362,11 +702,256 @@ static __always_inline int delivered_locally_v6(struct xdp_md *ctx, const __u8 *
 	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
 }
 
-static __always_inline int classify_v4(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
-				       __u64 l3off, const struct config_value *cfg)
+static __always_inline int delivered_locally(struct xdp_md *ctx, const struct tuple *t)
+{
+	if (t->family == 4)
+		return delivered_locally_v4(ctx, *(const __be32 *)t->dst);
+	return delivered_locally_v6(ctx, t->dst);
+}
+
+static __always_inline int controller_bypass(struct xdp_md *ctx, const struct tuple *t,
+					     const struct config_value *cfg)
+{
+	if (t->proto != IPPROTO_TCP || cfg->controller_family != t->family)
+		return 0;
+	const __u8 *ctl = t->family == 4 ? cfg->controller_v4 : cfg->controller_v6;
+	if (t->dport == cfg->controller_port && addr_eq(t->family, t->dst, ctl))
+		return 1;
+	return t->dport == cfg->grpc_port && addr_eq(t->family, t->src, ctl) &&
+	       delivered_locally(ctx, t);
+}
+
+/*
+ * Whether q, the header an ICMP error quotes, is a packet this side sent
+ * that is still allowed: the reverse of a live session or of a live flow.
+ * Neither is refreshed: an error is no sign of life.
+ */
+static __always_inline int related(const struct tuple *q, const struct config_value *cfg, __u64 now)
+{
+	struct tuple r;
+	reverse(q, &r);
+
+	if (q->kind == L4_PORTS) {
+		struct session_value *v = session_find(&r, r.proto);
+		if (v && session_live(v, cfg, now, 0))
+			return 1;
+		v = session_find(&r, 0);
+		if (v && session_live(v, cfg, now, 0))
+			return 1;
+	} else if (q->kind != L4_ECHO_REQUEST) {
+		return 0;
+	}
+	if (!cfg->track_flows)
+		return 0;
+	struct flow_value *f = flow_find(&r);
+	return f && flow_live(f, r.proto, cfg, now, 0);
+}
+
+/*
+ * The policy for an inbound packet that parsed completely; q is the quoted
+ * header of an ICMP error. Shared by IPv4 and IPv6.
+ */
+static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
+				  const struct tuple *q, const struct config_value *cfg)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int r = REASON_NO_SESSION;
+
+	if (t->kind == L4_PORTS) {
+		if (controller_bypass(ctx, t, cfg))
+			return REASON_CONTROLLER;
+		struct session_value *v = session_find(t, t->proto);
+		if (v) {
+			if (session_live(v, cfg, now, 1))
+				return REASON_SESSION;
+			r = REASON_EXPIRED;
+		}
+		v = session_find(t, 0);
+		if (v) {
+			if (session_live(v, cfg, now, 1))
+				return REASON_SESSION;
+			r = REASON_EXPIRED;
+		}
+	} else if (t->kind == L4_ICMP_ERROR) {
+		/* An error goes to the source of the packet it quotes. */
+		if (addr_eq(t->family, t->dst, q->src) && related(q, cfg, now))
+			return REASON_ICMP_RELATED;
+	}
+
+	if ((t->kind == L4_PORTS || t->kind == L4_ECHO_REPLY) && cfg->track_flows) {
+		struct flow_value *f = flow_find(t);
+		if (f && flow_live(f, t->proto, cfg, now, 1))
+			return REASON_REPLY;
+	}
+
+	if (allowed(t, cfg))
+		return REASON_ALLOWLIST;
+	if (t->kind == L4_ICMP_OTHER)
+		return REASON_UNSUPPORTED_L4;
+	return r;
+}
+
+/*
+ * Reads the L4 header at off, which must lie within the IP datagram ending
+ * at l3end, into t. Returns 0 on success or a drop reason.
+ */
+static __always_inline int parse_l4(void *data, void *data_end, __u64 off, __u64 l3end,
+				    struct tuple *t)
+{
+	void *l4 = data + off;
+	barrier_var(l4);
+
+	if (t->proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end || off + sizeof(*th) > l3end)
+			return REASON_MALFORMED;
+		t->sport = bpf_ntohs(th->source);
+		t->dport = bpf_ntohs(th->dest);
+		t->tcp_flags = th->flags;
+		t->kind = L4_PORTS;
+		return 0;
+	}
+	if (t->proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end || off + sizeof(*uh) > l3end)
+			return REASON_MALFORMED;
+		t->sport = bpf_ntohs(uh->source);
+		t->dport = bpf_ntohs(uh->dest);
+		t->kind = L4_PORTS;
+		return 0;
+	}
+	if (t->proto != (t->family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6))
+		return REASON_UNSUPPORTED_L4;
+
+	struct icmphdr *ic = l4;
+	if ((void *)(ic + 1) > data_end || off + sizeof(*ic) > l3end)
+		return REASON_MALFORMED;
+	__u8 type = ic->type;
+	t->kind = L4_ICMP_OTHER;
+	if (t->family == 4) {
+		if (type == ICMP_ECHO)
+			t->kind = L4_ECHO_REQUEST;
+		else if (type == ICMP_ECHOREPLY)
+			t->kind = L4_ECHO_REPLY;
+		else if (type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED ||
+			 type == ICMP_PARAMETERPROB)
+			t->kind = L4_ICMP_ERROR;
+	} else {
+		if (type == ICMPV6_ECHO_REQUEST)
+			t->kind = L4_ECHO_REQUEST;
+		else if (type == ICMPV6_ECHO_REPLY)
+			t->kind = L4_ECHO_REPLY;
+		else if (type >= ICMPV6_DEST_UNREACH && type <= ICMPV6_PARAMPROB)
+			t->kind = L4_ICMP_ERROR;
+	}
+	if (t->kind == L4_ECHO_REQUEST)
+		t->sport = bpf_ntohs(ic->id);
+	else if (t->kind == L4_ECHO_REPLY)
+		t->dport = bpf_ntohs(ic->id);
+	return 0;
+}
+
+/*
+ * Reads the header an ICMP error quotes (RFC 792, RFC 4443: the offending
+ * packet's IP header and at least 8 bytes of what follows) into q. The
+ * quote must lie within the outer datagram. Returns 0, or REASON_MALFORMED
+ * for a truncated quote or an inner header that is not IP of the outer
+ * family. A quote this program cannot match (an inner IPv6 extension
+ * header, a later fragment, a protocol without ports) gets kind
+ * L4_ICMP_OTHER and matches nothing.
+ */
+static __always_inline int parse_quote(void *data, void *data_end, __u64 off, __u64 l3end,
+				       __u8 family, struct tuple *q)
+{
+	__u64 l4off;
+	__u8 proto;
+
+	q->family = family;
+	q->kind = L4_ICMP_OTHER;
+	if (family == 4) {
+		struct iphdr *ip = data + off;
+		if ((void *)(ip + 1) > data_end || off + sizeof(*ip) > l3end)
+			return REASON_MALFORMED;
+		__u64 ihl = (ip->ver_ihl & 0xF) * 4;
+		if ((ip->ver_ihl >> 4) != 4 || ihl < sizeof(*ip))
+			return REASON_MALFORMED;
+		l4off = off + ihl;
+		if (ip->frag_off & bpf_htons(IP_OFFSET))
+			proto = 0xFF; /* no L4 header here: unmatchable */
+		else
+			proto = ip->protocol;
+		__builtin_memcpy(q->src, &ip->saddr, 4);
+		__builtin_memcpy(q->dst, &ip->daddr, 4);
+	} else {
+		struct ipv6hdr *ip6 = data + off;
+		if ((void *)(ip6 + 1) > data_end || off + sizeof(*ip6) > l3end)
+			return REASON_MALFORMED;
+		if ((*(__u8 *)ip6 >> 4) != 6)
+			return REASON_MALFORMED;
+		l4off = off + sizeof(*ip6);
+		proto = ip6->nexthdr;
+		__builtin_memcpy(q->src, ip6->saddr, 16);
+		__builtin_memcpy(q->dst, ip6->daddr, 16);
+	}
+
+	struct icmphdr *l4 = data + l4off; /* 8 bytes: ports, or type and identifier */
+	barrier_var(l4);
+	if ((void *)(l4 + 1) > data_end || l4off + sizeof(*l4) > l3end)
+		return REASON_MALFORMED;
+	q->proto = proto;
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)l4;
+		q->sport = bpf_ntohs(uh->source);
+		q->dport = bpf_ntohs(uh->dest);
+		q->kind = L4_PORTS;
+	} else if ((family == 4 && proto == IPPROTO_ICMP && l4->type == ICMP_ECHO) ||
+		   (family == 6 && proto == IPPROTO_ICMPV6 && l4->type == ICMPV6_ECHO_REQUEST)) {
+		q->sport = bpf_ntohs(l4->id);
+		q->kind = L4_ECHO_REQUEST;
+	}
+	return 0;
+}
+
+static __always_inline void frag_key_of(const struct ip_info *p, struct frag_key *k)
+{
+	__builtin_memcpy(k->src, p->t.src, 16);
+	__builtin_memcpy(k->dst, p->t.dst, 16);
+	k->id = p->frag_id;
+	k->proto = p->frag_proto;
+	k->family = p->t.family;
+}
+
+/* A later fragment passes under its first fragment's reason while that
+ * is remembered. */
+static __always_inline int frag_verdict(const struct ip_info *p)
+{
+	struct frag_key k = {};
+	frag_key_of(p, &k);
+	struct frag_value *v = bpf_map_lookup_elem(&frags, &k);
+	if (v && (__s64)(bpf_ktime_get_coarse_ns() - v->expires_ns) < 0)
+		return v->reason;
+	return REASON_FRAGMENT;
+}
+
+static __always_inline void frag_remember(const struct ip_info *p, __u32 reason)
+{
+	struct frag_key k = {};
+	frag_key_of(p, &k);
+	struct frag_value v = {
+		.expires_ns = bpf_ktime_get_coarse_ns() + FRAG_TIMEOUT_NS,
+		.reason = reason,
+	};
+	bpf_map_update_elem(&frags, &k, &v, BPF_ANY);
+}
+
+/*
+ * Parses an IPv4 header at l3off into p. len is the whole frame's length.
+ * Returns 0 or a drop reason.
+ */
+static __always_inline int parse_v4(void *data, void *data_end, __u64 len, __u64 l3off,
+				    struct ip_info *p)
 {
 	struct iphdr *ip = data + l3off;
-	struct flow f = {};
 
 	if ((void *)(ip + 1) > data_end)
 		return REASON_MALFORMED;
@@ -377,85 +962,30 @@ static __always_inline int classify_v4(struct xdp_md *ctx, void *data, void *dat
 	__u64 tot = bpf_ntohs(ip->tot_len);
 	if (ihl < sizeof(*ip) || tot < ihl || l3off + tot > len)
 		return REASON_MALFORMED;
-	if (ip->frag_off & bpf_htons(IP_OFFSET))
-		return REASON_FRAGMENT;
 
-	f.proto = ip->protocol;
-	int r = parse_l4(data, data_end, l3off + ihl, l3off + tot, &f);
-	if (r)
-		return r;
-
-	if (cfg->controller_family == 4 && f.proto == IPPROTO_TCP) {
-		__u32 ctl = *(__u32 *)cfg->controller_v4;
-		if (ip->daddr == ctl && f.dport == cfg->controller_port)
-			return REASON_CONTROLLER;
-		if (ip->saddr == ctl && f.dport == cfg->grpc_port &&
-		    delivered_locally_v4(ctx, ip->daddr))
-			return REASON_CONTROLLER;
+	p->t.family = 4;
+	p->t.proto = ip->protocol;
+	__builtin_memcpy(p->t.src, &ip->saddr, 4);
+	__builtin_memcpy(p->t.dst, &ip->daddr, 4);
+	p->l4off = l3off + ihl;
+	p->l3end = l3off + tot;
+	if (ip->frag_off & bpf_htons(IP_OFFSET | IP_MF)) {
+		p->frag = (ip->frag_off & bpf_htons(IP_OFFSET)) ? FRAG_LATER : FRAG_FIRST;
+		p->frag_id = bpf_ntohs(ip->id);
+		p->frag_proto = ip->protocol;
 	}
-
-	struct session_key_v4 key = {};
-	__builtin_memcpy(key.src, &ip->saddr, 4);
-	__builtin_memcpy(key.dst, &ip->daddr, 4);
-	key.dport = f.dport;
-	key.proto = f.proto;
-
-	r = REASON_NO_SESSION;
-	struct session_value *v = bpf_map_lookup_elem(&sessions_v4, &key);
-	if (v) {
-		r = session_verdict(v, cfg);
-		if (r == REASON_SESSION)
-			return r;
-	}
-
-	if (cfg->allow_v4_rules) {
-		struct allow_key_v4 ak = {.prefixlen = 32};
-		__builtin_memcpy(ak.addr, &ip->saddr, 4);
-		struct allow_value *av = bpf_map_lookup_elem(&allow_v4, &ak);
-		if (av && ports_match(av, &f))
-			return REASON_ALLOWLIST;
-	}
-	return r;
-}
-
-static __always_inline int addr6_eq(const void *a, const void *b)
-{
-	const __u32 *x = a, *y = b;
-	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
+	return 0;
 }
 
 /*
- * Neighbour discovery must pass to keep the public link working, and must
- * not become a way past the filter. RFC 4861 has receivers discard these
- * messages unless the hop limit is 255 (so they cannot have been routed:
- * a router decrements it) and the code is 0. Their destinations are on
- * the link by nature: link-local addresses, the link's multicast groups
- * (all-nodes, all-routers, solicited-node: all in ff02::/16, which
- * multicast routing never forwards), or, for unicast solicitations and
- * advertisements, the gateway's own addresses. A hop limit of 255 says the
- * packet was not forwarded to the gateway; the destination check keeps the
- * gateway from forwarding it on (with 254 left) to a host behind it.
+ * Parses an IPv6 header and its extension headers at l3off into p, up to
+ * the upper-layer header (or a later fragment's fragment header). Returns 0
+ * or a drop reason.
  */
-static __always_inline int ndp_bypass(struct xdp_md *ctx, const struct ipv6hdr *ip6,
-				      const struct icmp6hdr *ic)
-{
-	if (ic->type < NDISC_ROUTER_SOLICITATION || ic->type > NDISC_REDIRECT)
-		return 0;
-	if (ic->code != 0 || ip6->hop_limit != 255)
-		return 0;
-	const __u8 *d = ip6->daddr;
-	if (d[0] == 0xFE && (d[1] & 0xC0) == 0x80) /* fe80::/10 */
-		return 1;
-	if (d[0] == 0xFF && d[1] == 0x02) /* ff02::/16 */
-		return 1;
-	return delivered_locally_v6(ctx, d);
-}
-
-static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
-				       __u64 l3off, const struct config_value *cfg)
+static __always_inline int parse_v6(void *data, void *data_end, __u64 len, __u64 l3off,
+				    struct ip_info *p)
 {
 	struct ipv6hdr *ip6 = data + l3off;
-	struct flow f = {};
 
 	if ((void *)(ip6 + 1) > data_end)
 		return REASON_MALFORMED;
@@ -465,6 +995,12 @@ static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *dat
 	__u64 l3end = l3off + sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 	if (l3end > len)
 		return REASON_MALFORMED;
+
+	p->t.family = 6;
+	p->hop_limit = ip6->hop_limit;
+	__builtin_memcpy(p->t.src, ip6->saddr, 16);
+	__builtin_memcpy(p->t.dst, ip6->daddr, 16);
+	p->l3end = l3end;
 
 	__u64 off = l3off + sizeof(*ip6);
 	__u8 nh = ip6->nexthdr;
@@ -484,8 +1020,13 @@ static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *dat
 
 		__u64 len;
 		if (nh == IPPROTO_FRAGMENT) {
-			if (h->frag_off & bpf_htons(IP6_OFFSET))
-				return REASON_FRAGMENT;
+			if (h->frag_off & bpf_htons(IP6_OFFSET | 1)) {
+				p->frag_id = bpf_ntohl(h->identification);
+				p->frag_proto = h->nexthdr;
+				p->frag = (h->frag_off & bpf_htons(IP6_OFFSET)) ? FRAG_LATER : FRAG_FIRST;
+				if (p->frag == FRAG_LATER)
+					return 0;
+			}
 			len = sizeof(*h);
 		} else if (nh == IPPROTO_AH) {
 			len = ((__u64)((struct ipv6_opthdr *)h)->hdrlen + 2) * 4;
@@ -496,62 +1037,92 @@ static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *dat
 		off += len;
 	}
 
-	if (nh == IPPROTO_ICMPV6) {
-		struct icmp6hdr *ic = data + off;
-		if ((void *)(ic + 1) > data_end || off + sizeof(*ic) > l3end)
-			return REASON_MALFORMED;
-		if (ndp_bypass(ctx, ip6, ic))
-			return REASON_NDP;
-		return REASON_UNSUPPORTED_L4;
-	}
-
 	/* Still on an extension header after IPV6_MAX_EXT of them: give up.
 	 * parse_l4 counts it as unsupported. */
-	f.proto = nh;
-	int r = parse_l4(data, data_end, off, l3end, &f);
+	p->t.proto = nh;
+	p->l4off = off;
+	return 0;
+}
+
+/* The part of the ingress verdict shared by IPv4 and IPv6. */
+static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *data_end,
+				       struct ip_info *p, const struct config_value *cfg)
+{
+	if (p->frag == FRAG_LATER)
+		return frag_verdict(p);
+
+	int r = parse_l4(data, data_end, p->l4off, p->l3end, &p->t);
 	if (r)
 		return r;
 
-	if (cfg->controller_family == 6 && f.proto == IPPROTO_TCP) {
-		if (f.dport == cfg->controller_port && addr6_eq(ip6->daddr, cfg->controller_v6))
-			return REASON_CONTROLLER;
-		if (f.dport == cfg->grpc_port && addr6_eq(ip6->saddr, cfg->controller_v6) &&
-		    delivered_locally_v6(ctx, ip6->daddr))
-			return REASON_CONTROLLER;
-	}
-
-	struct session_key_v6 key = {};
-	__builtin_memcpy(key.src, ip6->saddr, 16);
-	__builtin_memcpy(key.dst, ip6->daddr, 16);
-	key.dport = f.dport;
-	key.proto = f.proto;
-
-	r = REASON_NO_SESSION;
-	struct session_value *v = bpf_map_lookup_elem(&sessions_v6, &key);
-	if (v) {
-		r = session_verdict(v, cfg);
-		if (r == REASON_SESSION)
+	struct tuple q = {};
+	if (p->t.kind == L4_ICMP_ERROR) {
+		r = parse_quote(data, data_end, p->l4off + sizeof(struct icmphdr), p->l3end,
+				p->t.family, &q);
+		if (r)
 			return r;
 	}
 
-	if (cfg->allow_v6_rules) {
-		struct allow_key_v6 ak = {.prefixlen = 128};
-		__builtin_memcpy(ak.addr, ip6->saddr, 16);
-		struct allow_value *av = bpf_map_lookup_elem(&allow_v6, &ak);
-		if (av && ports_match(av, &f))
-			return REASON_ALLOWLIST;
-	}
+	r = policy(ctx, &p->t, &q, cfg);
+	if (p->frag == FRAG_FIRST && passes(r))
+		frag_remember(p, r);
 	return r;
 }
 
-static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
-				    const struct config_value *cfg)
+/*
+ * Neighbour discovery must pass to keep the public link working, and must
+ * not become a way past the filter. RFC 4861 has receivers discard these
+ * messages unless the hop limit is 255 (so they cannot have been routed:
+ * a router decrements it) and the code is 0. Their destinations are on
+ * the link by nature: link-local addresses, the link's multicast groups
+ * (all-nodes, all-routers, solicited-node: all in ff02::/16, which
+ * multicast routing never forwards), or, for unicast solicitations and
+ * advertisements, the gateway's own addresses. A hop limit of 255 says the
+ * packet was not forwarded to the gateway; the destination check keeps the
+ * gateway from forwarding it on (with 254 left) to a host behind it.
+ */
+static __always_inline int ndp_bypass(struct xdp_md *ctx, const struct ip_info *p,
+				      const struct icmp6hdr *ic)
+{
+	if (ic->type < NDISC_ROUTER_SOLICITATION || ic->type > NDISC_REDIRECT)
+		return 0;
+	if (ic->code != 0 || p->hop_limit != 255)
+		return 0;
+	const __u8 *d = p->t.dst;
+	if (d[0] == 0xFE && (d[1] & 0xC0) == 0x80) /* fe80::/10 */
+		return 1;
+	if (d[0] == 0xFF && d[1] == 0x02) /* ff02::/16 */
+		return 1;
+	return delivered_locally_v6(ctx, d);
+}
+
+static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *data_end,
+				       __u64 len, __u64 l3off, const struct config_value *cfg)
+{
+	struct ip_info p = {};
+	int r = parse_v6(data, data_end, len, l3off, &p);
+	if (r)
+		return r;
+
+	if (p.frag != FRAG_LATER && p.t.proto == IPPROTO_ICMPV6) {
+		struct icmp6hdr *ic = data + p.l4off;
+		if ((void *)(ic + 1) > data_end || p.l4off + sizeof(*ic) > p.l3end)
+			return REASON_MALFORMED;
+		if (ndp_bypass(ctx, &p, ic))
+			return REASON_NDP;
+	}
+	return classify_ip(ctx, data, data_end, &p, cfg);
+}
+
+/* Skips Ethernet and up to two VLAN tags. Returns the EtherType (network
+ * order) and sets *l3off, or 0 for a truncated frame. */
+static __always_inline __be16 parse_l2(void *data, void *data_end, __u64 *l3off)
 {
 	struct ethhdr *eth = data;
 	__u64 off = sizeof(*eth);
 
 	if ((void *)(eth + 1) > data_end)
-		return REASON_MALFORMED;
+		return 0;
 
 	__be16 proto = eth->h_proto;
 #pragma unroll
@@ -560,13 +1131,29 @@ static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_e
 			break;
 		struct vlanhdr *vh = data + off;
 		if ((void *)(vh + 1) > data_end)
-			return REASON_MALFORMED;
+			return 0;
 		proto = vh->encap_proto;
 		off += sizeof(*vh);
 	}
+	*l3off = off;
+	return proto;
+}
 
-	if (proto == bpf_htons(ETH_P_IP))
-		return classify_v4(ctx, data, data_end, len, off, cfg);
+static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
+				    const struct config_value *cfg)
+{
+	__u64 off = 0;
+	__be16 proto = parse_l2(data, data_end, &off);
+
+	if (!off)
+		return REASON_MALFORMED;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct ip_info p = {};
+		int r = parse_v4(data, data_end, len, off, &p);
+		if (r)
+			return r;
+		return classify_ip(ctx, data, data_end, &p, cfg);
+	}
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return classify_v6(ctx, data, data_end, len, off, cfg);
 	if (proto == bpf_htons(ETH_P_ARP))
@@ -594,7 +1181,7 @@ int aegis_xdp(struct xdp_md *ctx)
 
 	__u64 len = bpf_xdp_get_buff_len(ctx);
 	__u32 reason = classify(ctx, data, data_end, len, cfg);
-	__u32 action = reason < REASON_NO_SESSION ? XDP_PASS : XDP_DROP;
+	__u32 action = passes(reason) ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
 		reason = REASON_MONITOR;
 		action = XDP_PASS;
@@ -606,4 +1193,74 @@ int aegis_xdp(struct xdp_md *ctx)
 		s->bytes += len;
 	}
 	return action;
+}
+
+/*
+ * Records the flow an outbound packet belongs to (see "Flows" above): a
+ * live flow is refreshed; otherwise a new one is created if the packet may
+ * open one and its reply is not already admitted by a session or an allow
+ * rule. An expired flow counts as absent.
+ */
+static __always_inline void record(const struct tuple *o, const struct config_value *cfg)
+{
+	if (o->kind != L4_PORTS && o->kind != L4_ECHO_REQUEST)
+		return;
+
+	struct tuple r;
+	reverse(o, &r);
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	struct flow_value *f = flow_find(&r);
+	if (f && flow_live(f, r.proto, cfg, now, 1))
+		return;
+
+	if (o->proto == IPPROTO_TCP && (o->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return;
+	if (r.kind == L4_PORTS && (session_find(&r, r.proto) || session_find(&r, 0)))
+		return;
+	if (allowed(&r, cfg))
+		return;
+	flow_create(&r, now);
+}
+
+/* Headers the egress parser may need in the linear part of an skb:
+ * Ethernet, two tags, IPv6 and its extension headers, an L4 header. */
+#define EGRESS_PULL 256
+
+SEC("tcx/egress")
+int aegis_egress(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	const struct config_value *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg || !cfg->track_flows)
+		return TCX_NEXT;
+
+	/* Headers of locally built and of forwarded packets are nearly always
+	 * linear already; pulling unclones the skb, so do it only when the
+	 * linear part is shorter than both the packet and what may be read. */
+	__u32 linear = skb->data_end - skb->data;
+	if (linear < EGRESS_PULL && linear < skb->len)
+		bpf_skb_pull_data(skb, skb->len < EGRESS_PULL ? skb->len : EGRESS_PULL);
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u64 off = 0;
+	__be16 proto = parse_l2(data, data_end, &off);
+	if (!off)
+		return TCX_NEXT;
+
+	struct ip_info p = {};
+	int r;
+	if (proto == bpf_htons(ETH_P_IP))
+		r = parse_v4(data, data_end, skb->len, off, &p);
+	else if (proto == bpf_htons(ETH_P_IPV6))
+		r = parse_v6(data, data_end, skb->len, off, &p);
+	else
+		return TCX_NEXT;
+	if (r || p.frag == FRAG_LATER)
+		return TCX_NEXT;
+	if (parse_l4(data, data_end, p.l4off, p.l3end, &p.t))
+		return TCX_NEXT;
+	record(&p.t, cfg);
+	return TCX_NEXT;
 }

@@ -54,6 +54,9 @@ func TestModelMatchesProgram(t *testing.T) {
 			Now:        state.Now(),
 			SessionsV4: map[bpf.AegisSessionKeyV4]*bpf.AegisSessionValue{},
 			SessionsV6: map[bpf.AegisSessionKeyV6]*bpf.AegisSessionValue{},
+			FlowsV4:    map[bpf.AegisFlowKeyV4]*bpf.AegisFlowValue{},
+			FlowsV6:    map[bpf.AegisFlowKeyV6]*bpf.AegisFlowValue{},
+			Frags:      map[bpf.AegisFragKey]*bpf.AegisFragValue{},
 		}
 		var asked [2]int // the model's routing questions, answered false and true
 		env.Local = func(a netip.Addr) bool {
@@ -90,7 +93,7 @@ func TestModelMatchesProgram(t *testing.T) {
 				t.Fatalf("run: %v", err)
 			}
 			after := readCounter(t, h.maps.Stats, wantReason)
-			if int(gotAction) != wantAction || after != before+1 {
+			if bpf.Action(gotAction) != wantAction || after != before+1 {
 				_, gotReason := h.run(t, pkt)
 				t.Fatalf("%s: packet %d: program action %d reason %v, model action %d reason %v\n%s",
 					ph.name, i, gotAction, gotReason, wantAction, wantReason, hex.Dump(pkt))

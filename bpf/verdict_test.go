@@ -94,7 +94,7 @@ func (h *harness) grant(t testing.TB, s state.Session) {
 
 // run passes one frame through the program and returns its action and the
 // reason whose counter moved (exactly one must).
-func (h *harness) run(t testing.TB, pkt []byte) (int, bpf.Reason) {
+func (h *harness) run(t testing.TB, pkt []byte) (bpf.Action, bpf.Reason) {
 	t.Helper()
 	before, err := h.maps.ReadStats()
 	if err != nil {
@@ -123,7 +123,7 @@ func (h *harness) run(t testing.TB, pkt []byte) (int, bpf.Reason) {
 	if moved < 0 {
 		t.Fatalf("no counter moved for\n%s", hex.Dump(pkt))
 	}
-	return int(ret), bpf.Reason(moved)
+	return bpf.Action(ret), bpf.Reason(moved)
 }
 
 var (

@@ -28,6 +28,31 @@ enum xdp_action {
 	XDP_REDIRECT,
 };
 
+/* UAPI: the start of struct __sk_buff, up to the fields read here. */
+struct __sk_buff {
+	__u32 len;
+	__u32 pkt_type;
+	__u32 mark;
+	__u32 queue_mapping;
+	__u32 protocol;
+	__u32 vlan_present;
+	__u32 vlan_tci;
+	__u32 vlan_proto;
+	__u32 priority;
+	__u32 ingress_ifindex;
+	__u32 ifindex;
+	__u32 tc_index;
+	__u32 cb[5];
+	__u32 hash;
+	__u32 tc_classid;
+	__u32 data;
+	__u32 data_end;
+};
+
+/* UAPI: enum tcx_action_base. TCX_NEXT hands the packet to the next
+ * program on the hook, or lets it pass when there is none. */
+#define TCX_NEXT -1
+
 struct xdp_md {
 	__u32 data;
 	__u32 data_end;
@@ -42,11 +67,16 @@ enum {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_LPM_TRIE = 11,
 };
 
 /* UAPI: map creation flags. */
 #define BPF_F_NO_PREALLOC (1U << 0)
+
+/* UAPI: bpf_map_update_elem flags. */
+#define BPF_ANY 0
+#define BPF_NOEXIST 1
 
 /* UAPI: struct bpf_fib_lookup, the parameters of bpf_fib_lookup(). Only
  * the input fields are named; the output fields overlay them. */
@@ -90,6 +120,8 @@ enum {
 
 /* UAPI: helper function numbers (enum bpf_func_id). */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
+static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen,
 			      __u32 flags) = (void *)69;
 static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
@@ -104,8 +136,14 @@ static __u64 (*bpf_xdp_get_buff_len)(struct xdp_md *ctx) = (void *)188;
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
+/* Makes clang keep var in one register: a packet pointer computed once and
+ * bounds-checked must be the one dereferenced, or the verifier, which tracks
+ * each computation separately, rejects the access. */
+#define barrier_var(var) asm volatile("" : "+r"(var))
+
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
 
 #define bpf_ntohs(x) __builtin_bswap16(x)
 #define bpf_htons(x) __builtin_bswap16(x)
+#define bpf_ntohl(x) __builtin_bswap32(x)

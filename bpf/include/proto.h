@@ -16,6 +16,7 @@
 #define ETH_P_IPV6 0x86DD
 
 #define IPPROTO_HOPOPTS 0
+#define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define IPPROTO_ROUTING 43
@@ -81,7 +82,8 @@ struct tcphdr {
 	__be16 dest;
 	__be32 seq;
 	__be32 ack_seq;
-	__u16 flags;
+	__u8 doff;  /* data offset in the high nibble */
+	__u8 flags; /* CWR ECE URG ACK PSH RST SYN FIN */
 	__be16 window;
 	__be16 check;
 	__be16 urg_ptr;
@@ -93,6 +95,33 @@ struct udphdr {
 	__be16 len;
 	__be16 check;
 };
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+/* ICMP and ICMPv6 share this header; the identifier is an echo's. */
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__be16 checksum;
+	__be16 id;
+	__be16 sequence;
+};
+
+/* ICMP (RFC 792) types. */
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+
+/* ICMPv6 (RFC 4443) types. */
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
 
 struct icmp6hdr {
 	__u8 type;

@@ -49,7 +49,54 @@ type AegisConfigValue struct {
 	Monitor              uint8
 	AllowV4Rules         uint16
 	AllowV6Rules         uint16
-	Pad1                 uint16
+	TrackFlows           uint8
+	Pad1                 uint8
+	FlowIdleTcpNs        uint64
+	FlowIdleUdpNs        uint64
+	FlowIdleIcmpNs       uint64
+}
+
+type AegisFlowKeyV4 struct {
+	_     structs.HostLayout
+	Src   [4]uint8
+	Dst   [4]uint8
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type AegisFlowKeyV6 struct {
+	_     structs.HostLayout
+	Src   [16]uint8
+	Dst   [16]uint8
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type AegisFlowValue struct {
+	_          structs.HostLayout
+	LastSeenNs uint64
+	CreatedNs  uint64
+}
+
+type AegisFragKey struct {
+	_      structs.HostLayout
+	Src    [16]uint8
+	Dst    [16]uint8
+	Id     uint32
+	Proto  uint8
+	Family uint8
+	Pad    uint16
+}
+
+type AegisFragValue struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	Reason    uint32
+	Pad       uint32
 }
 
 type AegisSessionKeyV4 struct {
@@ -89,13 +136,17 @@ type AegisStatsValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	AegisMapAllowV4    = "allow_v4"
-	AegisMapAllowV6    = "allow_v6"
-	AegisMapConfig     = "config"
-	AegisMapSessionsV4 = "sessions_v4"
-	AegisMapSessionsV6 = "sessions_v6"
-	AegisMapStats      = "stats"
-	AegisProgAegisXdp  = "aegis_xdp"
+	AegisMapAllowV4      = "allow_v4"
+	AegisMapAllowV6      = "allow_v6"
+	AegisMapConfig       = "config"
+	AegisMapFlowsV4      = "flows_v4"
+	AegisMapFlowsV6      = "flows_v6"
+	AegisMapFrags        = "frags"
+	AegisMapSessionsV4   = "sessions_v4"
+	AegisMapSessionsV6   = "sessions_v6"
+	AegisMapStats        = "stats"
+	AegisProgAegisEgress = "aegis_egress"
+	AegisProgAegisXdp    = "aegis_xdp"
 )
 
 // LoadAegis returns the embedded CollectionSpec for Aegis.
@@ -140,7 +191,8 @@ type AegisSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisProgramSpecs struct {
-	AegisXdp *ebpf.ProgramSpec `ebpf:"aegis_xdp"`
+	AegisEgress *ebpf.ProgramSpec `ebpf:"aegis_egress"`
+	AegisXdp    *ebpf.ProgramSpec `ebpf:"aegis_xdp"`
 }
 
 // AegisMapSpecs contains maps before they are loaded into the kernel.
@@ -150,6 +202,9 @@ type AegisMapSpecs struct {
 	AllowV4    *ebpf.MapSpec `ebpf:"allow_v4"`
 	AllowV6    *ebpf.MapSpec `ebpf:"allow_v6"`
 	Config     *ebpf.MapSpec `ebpf:"config"`
+	FlowsV4    *ebpf.MapSpec `ebpf:"flows_v4"`
+	FlowsV6    *ebpf.MapSpec `ebpf:"flows_v6"`
+	Frags      *ebpf.MapSpec `ebpf:"frags"`
 	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
@@ -184,6 +239,9 @@ type AegisMaps struct {
 	AllowV4    *ebpf.Map `ebpf:"allow_v4"`
 	AllowV6    *ebpf.Map `ebpf:"allow_v6"`
 	Config     *ebpf.Map `ebpf:"config"`
+	FlowsV4    *ebpf.Map `ebpf:"flows_v4"`
+	FlowsV6    *ebpf.Map `ebpf:"flows_v6"`
+	Frags      *ebpf.Map `ebpf:"frags"`
 	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
 	Stats      *ebpf.Map `ebpf:"stats"`
@@ -194,6 +252,9 @@ func (m *AegisMaps) Close() error {
 		m.AllowV4,
 		m.AllowV6,
 		m.Config,
+		m.FlowsV4,
+		m.FlowsV6,
+		m.Frags,
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,
@@ -210,11 +271,13 @@ type AegisVariables struct {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisPrograms struct {
-	AegisXdp *ebpf.Program `ebpf:"aegis_xdp"`
+	AegisEgress *ebpf.Program `ebpf:"aegis_egress"`
+	AegisXdp    *ebpf.Program `ebpf:"aegis_xdp"`
 }
 
 func (p *AegisPrograms) Close() error {
 	return _AegisClose(
+		p.AegisEgress,
 		p.AegisXdp,
 	)
 }

@@ -32,7 +32,29 @@ type Config struct {
 	// allow_v6; zero lets the data path skip the lookup.
 	AllowV4Prefixes uint16
 	AllowV6Prefixes uint16
+	// NoFlowTracking stops the data path from recording the flows the
+	// gateway opens outbound and passing their replies. Sessions and allow
+	// rules are unaffected.
+	NoFlowTracking bool
+	// FlowIdleTCP, FlowIdleUDP and FlowIdleICMP are how long a flow of that
+	// protocol lives without a packet in either direction; zero for
+	// DefaultFlowIdleTCP, DefaultFlowIdleUDP and DefaultFlowIdleICMP.
+	FlowIdleTCP  time.Duration
+	FlowIdleUDP  time.Duration
+	FlowIdleICMP time.Duration
 }
+
+// Flow idle timeouts unless configured. TCP: longer than the 2 hours after
+// which Linux starts keepalives, so that an idle connection kept alive from
+// this side survives (a flow is not closed by FIN or RST, and least
+// recently used flows are evicted first when the map fills). UDP and ICMP
+// echo: the figures netfilter's conntrack uses for an assured UDP stream
+// and for ICMP.
+const (
+	DefaultFlowIdleTCP  = 6 * time.Hour
+	DefaultFlowIdleUDP  = 2 * time.Minute
+	DefaultFlowIdleICMP = 30 * time.Second
+)
 
 // Value encodes the config for the config map. It returns an error wrapping
 // ErrInvalid for a config the data path could not apply.
@@ -51,6 +73,28 @@ func (c *Config) Value() (bpf.AegisConfigValue, error) {
 	if c.Monitor {
 		v.Monitor = 1
 	}
+	if !c.NoFlowTracking {
+		v.TrackFlows = 1
+	}
+	for _, f := range []struct {
+		name string
+		set  time.Duration
+		def  time.Duration
+		dst  *uint64
+	}{
+		{"tcp", c.FlowIdleTCP, DefaultFlowIdleTCP, &v.FlowIdleTcpNs},
+		{"udp", c.FlowIdleUDP, DefaultFlowIdleUDP, &v.FlowIdleUdpNs},
+		{"icmp", c.FlowIdleICMP, DefaultFlowIdleICMP, &v.FlowIdleIcmpNs},
+	} {
+		switch {
+		case f.set < 0:
+			return v, fmt.Errorf("%w: %s flow idle timeout must not be negative", ErrInvalid, f.name)
+		case f.set == 0:
+			*f.dst = uint64(f.def)
+		default:
+			*f.dst = uint64(f.set)
+		}
+	}
 	switch a := c.Controller; {
 	case !a.IsValid():
 	case a.Is4() || a.Is4In6():
@@ -63,8 +107,9 @@ func (c *Config) Value() (bpf.AegisConfigValue, error) {
 	return v, nil
 }
 
-// configFromValue decodes a config map value.
-func configFromValue(v *bpf.AegisConfigValue) Config {
+// ConfigFromValue decodes a config map value. Flow idle timeouts come back
+// as stored: the defaults Value filled in are explicit here.
+func ConfigFromValue(v *bpf.AegisConfigValue) Config {
 	c := Config{
 		ControllerPort:     v.ControllerPort,
 		GRPCPort:           v.GrpcPort,
@@ -72,6 +117,10 @@ func configFromValue(v *bpf.AegisConfigValue) Config {
 		Monitor:            v.Monitor != 0,
 		AllowV4Prefixes:    v.AllowV4Rules,
 		AllowV6Prefixes:    v.AllowV6Rules,
+		NoFlowTracking:     v.TrackFlows == 0,
+		FlowIdleTCP:        time.Duration(v.FlowIdleTcpNs),
+		FlowIdleUDP:        time.Duration(v.FlowIdleUdpNs),
+		FlowIdleICMP:       time.Duration(v.FlowIdleIcmpNs),
 	}
 	switch v.ControllerFamily {
 	case 4:
@@ -122,7 +171,7 @@ func (m *Maps) ReadConfig() (Config, error) {
 	if err := m.Config.Lookup(uint32(0), &v); err != nil {
 		return Config{}, fmt.Errorf("read config: %w", err)
 	}
-	return configFromValue(&v), nil
+	return ConfigFromValue(&v), nil
 }
 
 // WriteConfig writes c to the config map unless it already holds it, and

@@ -33,6 +33,9 @@ type Maps struct {
 	AllowV6    *ebpf.Map
 	Config     *ebpf.Map
 	Stats      *ebpf.Map
+	FlowsV4    *ebpf.Map
+	FlowsV6    *ebpf.Map
+	Frags      *ebpf.Map
 }
 
 var (
@@ -161,6 +164,7 @@ func (m *Maps) slots() []slot {
 		{MapSessionsV4, &m.SessionsV4}, {MapSessionsV6, &m.SessionsV6},
 		{MapAllowV4, &m.AllowV4}, {MapAllowV6, &m.AllowV6},
 		{MapConfig, &m.Config}, {MapStats, &m.Stats},
+		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
 	}
 }
 

@@ -35,10 +35,17 @@ const (
 	MapAllowV6    = "allow_v6"
 	MapConfig     = "config"
 	MapStats      = "stats"
+	// MapFlowsV4 and MapFlowsV6 hold the flows the gateway opened outbound,
+	// keyed by their reply; written by the egress program.
+	MapFlowsV4 = "flows_v4"
+	MapFlowsV6 = "flows_v6"
+	// MapFrags holds the fragmented datagrams whose first fragment passed.
+	MapFrags = "frags"
 )
 
 // MapNames lists every pinned map.
-var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats}
+var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats,
+	MapFlowsV4, MapFlowsV6, MapFrags}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
