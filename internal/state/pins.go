@@ -15,6 +15,7 @@ import (
 //	    sessions_v4 ...       one pin per map (MapNames)
 //	    program               the XDP program the links run
 //	    program_next          the next build, only during an upgrade
+//	    <map>_next            a migrated map, only during an upgrade
 //	    links/                0700 root:root
 //	        <ifname>          one XDP bpf_link per interface (LinkPinName)
 //
@@ -62,6 +63,11 @@ const LinksDir = "links"
 // MapPath returns the pin of the named map.
 func MapPath(pinPath, name string) string { return filepath.Join(pinPath, name) }
 
+// MapNextPath returns the pin an upgrade stages the migrated copy of the
+// named map at, until the links run the program that uses it and it is
+// renamed over MapPath.
+func MapNextPath(pinPath, name string) string { return filepath.Join(pinPath, name+"_next") }
+
 // ProgramPath returns the pin of the program the links run.
 func ProgramPath(pinPath string) string { return filepath.Join(pinPath, ProgramPin) }
 
@@ -76,12 +82,12 @@ func LinkPath(pinPath, ifname string) string {
 	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname))
 }
 
-// FilePins returns every pin directly under the pin path, programs first:
-// what a full unload removes besides the links.
+// FilePins returns every pin directly under the pin path, programs first,
+// staged ones included: what a full unload removes besides the links.
 func FilePins(pinPath string) []string {
 	out := []string{ProgramPath(pinPath), ProgramNextPath(pinPath)}
 	for _, name := range MapNames {
-		out = append(out, MapPath(pinPath, name))
+		out = append(out, MapPath(pinPath, name), MapNextPath(pinPath, name))
 	}
 	return out
 }
