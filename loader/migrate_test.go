@@ -1,0 +1,265 @@
+package loader_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/state"
+	"github.com/aegis-agent/aegis/loader"
+)
+
+// Layout 1, as the first release pinned it: the config value before it
+// grew the flow-tracking fields, and no flow or fragment maps.
+const configV1Size = 48
+
+// A synthetic older layout of the IPv4 sessions map, for testing the
+// framework on records: the value before it carried the user.
+const sessionV1Size = 32
+
+// oldPins pins what a release of layout version 1 would have left, with a
+// session in an older sessions_v4 layout and counters in a stats map of
+// fewer slots.
+type oldPins struct {
+	ids     map[string]ebpf.MapID
+	key     bpf.AegisSessionKeyV4
+	session [sessionV1Size]byte
+}
+
+func (e *env) pinLayoutV1(t *testing.T) *oldPins {
+	t.Helper()
+	spec, err := bpf.LoadAegis()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(e.pin, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	op := &oldPins{ids: map[string]ebpf.MapID{}}
+	pin := func(ms *ebpf.MapSpec, fill func(*ebpf.Map)) {
+		m, err := ebpf.NewMap(ms)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		fill(m)
+		if err := m.Pin(state.MapPath(e.pin, ms.Name)); err != nil {
+			t.Fatal(err)
+		}
+		info, _ := m.Info()
+		op.ids[ms.Name], _ = info.ID()
+	}
+	for _, name := range []string{state.MapSessionsV6, state.MapAllowV4, state.MapAllowV6} {
+		pin(spec.Maps[name].Copy(), func(*ebpf.Map) {})
+	}
+	pin(&ebpf.MapSpec{Name: state.MapConfig, Type: ebpf.Array, KeySize: 4, ValueSize: configV1Size, MaxEntries: 1}, func(m *ebpf.Map) {
+		v := make([]byte, configV1Size)
+		binary.NativeEndian.PutUint32(v, 1)
+		if err := m.Put(uint32(0), v); err != nil {
+			t.Fatal(err)
+		}
+	})
+	pin(&ebpf.MapSpec{Name: state.MapSessionsV4, Type: ebpf.Hash, KeySize: 12, ValueSize: sessionV1Size, MaxEntries: 262144, Flags: 1},
+		func(m *ebpf.Map) {
+			op.key = bpf.AegisSessionKeyV4{Src: [4]byte{192, 0, 2, 10}, Dst: [4]byte{198, 51, 100, 10}, Dport: 8080, Proto: 6}
+			now := state.Now()
+			binary.NativeEndian.PutUint64(op.session[0:], now)      // last seen
+			binary.NativeEndian.PutUint64(op.session[8:], now-1000) // created
+			binary.NativeEndian.PutUint64(op.session[24:], 3600e9)  // idle timeout
+			if err := m.Put(&op.key, op.session[:]); err != nil {
+				t.Fatal(err)
+			}
+		})
+	stats := spec.Maps[state.MapStats].Copy()
+	stats.MaxEntries = 16
+	pin(stats, func(m *ebpf.Map) {
+		perCPU := make([]bpf.AegisStatsValue, ebpf.MustPossibleCPU())
+		perCPU[0] = bpf.AegisStatsValue{Packets: 7, Bytes: 700}
+		if err := m.Put(uint32(bpf.ReasonSession), perCPU); err != nil {
+			t.Fatal(err)
+		}
+	})
+	return op
+}
+
+// convertSessionV1 adds the user field the synthetic older layout lacked.
+func convertSessionV1(k, v []byte) ([]byte, []byte, bool, error) {
+	if len(v) != sessionV1Size {
+		return nil, nil, false, fmt.Errorf("value of %d bytes", len(v))
+	}
+	nv := make([]byte, binary.Size(bpf.AegisSessionValue{}))
+	copy(nv, v)
+	copy(nv[sessionV1Size:], "migrated")
+	return k, nv, true, nil
+}
+
+func (e *env) mapID(name string) ebpf.MapID {
+	e.t.Helper()
+	m, err := ebpf.LoadPinnedMap(state.MapPath(e.pin, name), nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer m.Close()
+	info, _ := m.Info()
+	id, _ := info.ID()
+	return id
+}
+
+func (e *env) noStagedPins() {
+	e.t.Helper()
+	for _, name := range state.MapNames {
+		if _, err := os.Stat(state.MapNextPath(e.pin, name)); !os.IsNotExist(err) {
+			e.t.Fatalf("staged pin of %s left behind: %v", name, err)
+		}
+	}
+}
+
+// Pins of an older layout are upgraded map by map: missing maps created,
+// unchanged maps kept (same kernel object), changed maps migrated with
+// their content; the config is rebuilt from the flags and announces the
+// new version.
+func TestUpgradeFromOlderLayout(t *testing.T) {
+	e := newEnv(t)
+	old := e.pinLayoutV1(t)
+	loader.AddRecordMigration(t, 1, state.MapSessionsV4, convertSessionV1)
+	loader.AddCounterMigration(t, 1, state.MapStats)
+
+	r := e.mustLoad(nil, "--json")
+	var res loader.Result
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.Join(res.MigratedMaps, ","), "sessions_v4,stats,config"; got != want {
+		t.Errorf("migrated %s, want %s (config last)", got, want)
+	}
+	if got, want := strings.Join(res.CreatedMaps, ","), "flows_v4,flows_v6,frags"; got != want {
+		t.Errorf("created %s, want %s", got, want)
+	}
+	for _, name := range []string{state.MapSessionsV6, state.MapAllowV4, state.MapAllowV6} {
+		if id := e.mapID(name); id != old.ids[name] {
+			t.Errorf("%s of an unchanged layout was replaced (map %d, was %d)", name, id, old.ids[name])
+		}
+	}
+	for _, name := range res.MigratedMaps {
+		if id := e.mapID(name); id == old.ids[name] {
+			t.Errorf("%s still the old map %d", name, id)
+		}
+	}
+	e.noStagedPins()
+
+	if v, _, err := state.PinnedLayoutVersion(e.pin); err != nil || v != bpf.LayoutVersion {
+		t.Fatalf("layout version %d (%v), want %d", v, err, bpf.LayoutVersion)
+	}
+	m := e.open() // the daemons' check of every map's layout
+	var sv bpf.AegisSessionValue
+	if err := m.SessionsV4.Lookup(&old.key, &sv); err != nil {
+		t.Fatalf("session not carried over: %v", err)
+	}
+	var raw [sessionV1Size]byte
+	binary.NativeEndian.PutUint64(raw[0:], sv.LastSeenNs)
+	binary.NativeEndian.PutUint64(raw[8:], sv.CreatedNs)
+	binary.NativeEndian.PutUint64(raw[16:], sv.ExpiresNs)
+	binary.NativeEndian.PutUint64(raw[24:], sv.IdleTimeoutNs)
+	user := make([]byte, len(sv.User))
+	for i, c := range sv.User {
+		user[i] = byte(c)
+	}
+	if raw != old.session || !bytes.HasPrefix(user, []byte("migrated\x00")) {
+		t.Fatalf("session converted to %+v", sv)
+	}
+	stats, err := m.ReadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := stats[bpf.ReasonSession]; c.Packets != 7 || c.Bytes != 700 {
+		t.Fatalf("session counter %+v, want 7 packets, 700 bytes carried over", c)
+	}
+	if int(m.Stats.MaxEntries()) != bpf.StatsSlots {
+		t.Fatalf("stats has %d slots, want %d", m.Stats.MaxEntries(), bpf.StatsSlots)
+	}
+	cfg, err := m.ReadConfig()
+	if err != nil || cfg.ControllerPort != 443 || cfg.FlowIdleUDP != state.DefaultFlowIdleUDP {
+		t.Fatalf("config not rewritten from the flags: %+v %v", cfg, err)
+	}
+	if e.xdpProgram("a0") == 0 {
+		t.Fatal("not attached")
+	}
+
+	if r := e.mustLoad(nil); !strings.Contains(r.stdout, "already loaded") {
+		t.Fatalf("second load changed something: %q", r.stdout)
+	}
+}
+
+// A failed upgrade leaves the old pins as they were, and the next load
+// does the whole upgrade.
+func TestFailedUpgradeKeepsOlderPins(t *testing.T) {
+	e := newEnv(t)
+	old := e.pinLayoutV1(t)
+	loader.AddRecordMigration(t, 1, state.MapSessionsV4, convertSessionV1)
+	loader.AddCounterMigration(t, 1, state.MapStats)
+
+	r := e.cli(func(l *loader.Loader) {
+		l.Attach = func(link.XDPOptions) (link.Link, error) { return nil, errors.New("injected attach failure") }
+	}, e.loadArgs()...)
+	if r.code != 1 || !strings.Contains(r.stderr, "injected attach failure") {
+		t.Fatalf("%+v", r)
+	}
+	for _, name := range []string{state.MapSessionsV4, state.MapStats, state.MapConfig} {
+		if id := e.mapID(name); id != old.ids[name] {
+			t.Errorf("%s replaced by a failed upgrade", name)
+		}
+	}
+	e.noStagedPins()
+	if v, _, _ := state.PinnedLayoutVersion(e.pin); v != 1 {
+		t.Fatalf("failed upgrade left layout version %d", v)
+	}
+
+	e.mustLoad(nil)
+	if v, _, _ := state.PinnedLayoutVersion(e.pin); v != bpf.LayoutVersion {
+		t.Fatalf("layout version %d after the retry", v)
+	}
+	var sv bpf.AegisSessionValue
+	if err := e.open().SessionsV4.Lookup(&old.key, &sv); err != nil {
+		t.Fatalf("session lost: %v", err)
+	}
+}
+
+// A map whose layout changed and has no migration is refused, never
+// recreated empty, and nothing is changed.
+func TestUpgradeWithoutMigrationRefused(t *testing.T) {
+	e := newEnv(t)
+	old := e.pinLayoutV1(t)
+	r := e.cli(nil, e.loadArgs()...)
+	if r.code != 1 || !strings.Contains(r.stderr, "upgrade from layout version 1: no migration of map sessions_v4") {
+		t.Fatalf("%+v", r)
+	}
+	for name, id := range old.ids {
+		if e.mapID(name) != id {
+			t.Errorf("%s replaced", name)
+		}
+	}
+	e.noStagedPins()
+	if e.xdpProgram("a0") != 0 {
+		t.Fatal("attached over pins it could not upgrade")
+	}
+}
+
+// Status names the pins' layout version and says when an older release
+// made them.
+func TestStatusOfOlderPins(t *testing.T) {
+	e := newEnv(t)
+	e.pinLayoutV1(t)
+	r := e.cli(nil, "status", "--pin-path", e.pin)
+	if r.code != 0 || !strings.Contains(r.stdout, fmt.Sprintf("layout version  1: pins from an older release (this build writes %d)", bpf.LayoutVersion)) {
+		t.Fatalf("%+v", r)
+	}
+}
