@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/aegis-agent/aegis/bpf"
@@ -199,6 +200,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 7001))
 	g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 7002))
 	g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 7003))
+	g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 7004)) // no session, ever
 
 	statsBefore := rawStats(t, g.pin)
 	ctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
@@ -341,6 +343,56 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	if out := g.loader(load...); !strings.Contains(out, "already loaded") {
 		t.Fatalf("second run of this build's loader changed something:\n%s", out)
 	}
+
+	// Rolling back without losing a session, as docs/operations.md says:
+	// remove the pins the previous release does not know or cannot read
+	// (the running program keeps those maps), then run its loader, which
+	// reuses the maps whose layout it shares and moves the same links to
+	// its program.
+	linkBefore := linkID(t, g.pin)
+	for _, name := range []string{state.MapConfig, state.MapFlowsV4, state.MapFlowsV6, state.MapFrags} {
+		if err := os.Remove(state.MapPath(g.pin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out := g.run(oldLoader, load...); !strings.Contains(out, "upgraded "+tu.PublicIface) {
+		t.Fatalf("rollback to %s did not move the link to its program:\n%s", prev.Version, out)
+	}
+	if v, _, _ := state.PinnedLayoutVersion(g.pin); v != prev.LayoutVersion {
+		t.Fatalf("layout version %d after the rollback, want %d", v, prev.LayoutVersion)
+	}
+	if id := linkID(t, g.pin); id != linkBefore {
+		t.Fatalf("the rollback replaced the link (%d, was %d): the interface was unfiltered in between", id, linkBefore)
+	}
+	rolled, rolledID := sessionsV4(t, g.pin)
+	if rolledID != sessionsID || len(rolled) != len(before)+1 {
+		t.Fatalf("after the rollback: sessions map %d with %d sessions, want map %d with %d", rolledID, len(rolled), sessionsID, len(before)+1)
+	}
+	if err := g.UDP(streamed.Src, netip.AddrPortFrom(streamed.Dst, streamed.Port), probeTimeout); err != nil {
+		t.Fatalf("the streamed session after the rollback: %v", err)
+	}
+	dropped := rawStats(t, g.pin)[bpf.ReasonNoSession].Packets
+	if err := g.UDP(tu.ClientV4, netip.AddrPortFrom(tu.ServiceBV4, 7004), probeTimeout); err == nil {
+		t.Fatal("a datagram without a session passed after the rollback")
+	}
+	if rawStats(t, g.pin)[bpf.ReasonNoSession].Packets == dropped {
+		t.Fatal("after the rollback, a datagram without a session was not dropped by the filter")
+	}
+}
+
+// linkID returns the id of the pinned XDP link on the public interface.
+func linkID(t *testing.T, pin string) link.ID {
+	t.Helper()
+	lk, err := link.LoadPinnedLink(state.LinkPath(pin, tu.PublicIface), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Close()
+	info, err := lk.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.ID
 }
 
 // stripCounters drops what the traffic changes from a status document:
