@@ -73,15 +73,18 @@ type migration struct {
 
 // migrations holds every layout change this build carries pins across.
 // An entry converts the map as pinned by layout version from directly to
-// this build's layout. When a layout change bumps the version, add an
-// entry for each map whose layout changed, keyed by the version it changed
-// from, and check the entries of older versions still produce this
-// build's layout (or drop them, ending the upgrade path from there).
-// Maps whose layout did not change need no entry: they are reused.
-var migrations = map[migrationKey]migration{
-	// Layout 2 grew config_value by the flow-tracking fields.
-	{1, state.MapConfig}: derived,
-}
+// this build's layout, with derived, counters or records(convert). When a
+// layout change bumps the version, add an entry for each map whose layout
+// changed, keyed by the version it changed from, and check the entries of
+// older versions still produce this build's layout (or drop them, ending
+// the upgrade path from there). Maps whose layout did not change need no
+// entry: they are reused.
+//
+// The config map needs none: it is derived, and rebuilt on every version
+// change (see migrationFor). That is all layout 2 changed of layout 1's
+// maps (config_value grew the flow-tracking fields); its new maps, flows
+// and fragments, are created.
+var migrations = map[migrationKey]migration{}
 
 // derived is the migration of a map the loader writes from its flags on
 // every load: a new empty map, which the load then fills.
