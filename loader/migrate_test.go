@@ -263,3 +263,44 @@ func TestStatusOfOlderPins(t *testing.T) {
 		t.Fatalf("%+v", r)
 	}
 }
+
+// Grants and revokes that reach the old sessions map while an upgrade
+// migrates it (the old daemons write there until restarted) are carried
+// into the new map when the links switch: a revoke is not undone.
+func TestMigrationCatchesUpWithTheOldMap(t *testing.T) {
+	e := newEnv(t)
+	old := e.pinLayoutV1(t)
+	loader.AddRecordMigration(t, 1, state.MapSessionsV4, convertSessionV1)
+	loader.AddCounterMigration(t, 1, state.MapStats)
+	late := bpf.AegisSessionKeyV4{Src: [4]byte{192, 0, 2, 11}, Dst: [4]byte{198, 51, 100, 10}, Dport: 8080, Proto: 6}
+
+	e.mustLoad(func(l *loader.Loader) {
+		l.Attach = func(o link.XDPOptions) (link.Link, error) {
+			// Between the copy and the switch: an old daemon revokes the
+			// first session and grants another, in the old map.
+			m, err := ebpf.LoadPinnedMap(state.MapPath(e.pin, state.MapSessionsV4), nil)
+			if err != nil {
+				return nil, err
+			}
+			defer m.Close()
+			if m.ValueSize() != sessionV1Size {
+				return nil, fmt.Errorf("the old map is no longer pinned before the switch (value size %d)", m.ValueSize())
+			}
+			if err := m.Delete(&old.key); err != nil {
+				return nil, err
+			}
+			if err := m.Put(&late, old.session[:]); err != nil {
+				return nil, err
+			}
+			return link.AttachXDP(o)
+		}
+	})
+	m := e.open()
+	var sv bpf.AegisSessionValue
+	if err := m.SessionsV4.Lookup(&old.key, &sv); !errors.Is(err, ebpf.ErrKeyNotExist) {
+		t.Fatalf("a session revoked during the upgrade is back: %v %+v", err, sv)
+	}
+	if err := m.SessionsV4.Lookup(&late, &sv); err != nil {
+		t.Fatalf("a session granted during the upgrade was lost: %v", err)
+	}
+}
