@@ -16,6 +16,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/vishvananda/netlink"
 
+	"github.com/aegis-agent/aegis/bench/reference"
 	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
@@ -32,13 +33,13 @@ const (
 // other work on the machine; it does include the loop's per-iteration
 // cost, which the floor program measures. The kernel reports whole
 // nanoseconds.
-func measure(b *testing.B, prog *ebpf.Program, pkt []byte, want uint32) float64 {
+func measure(b *testing.B, prog *ebpf.Program, pkt []byte, want bpf.Action) float64 {
 	b.Helper()
 	ret, per, err := prog.Benchmark(pkt, xdpRepeat, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
-	if ret != want {
+	if bpf.Action(ret) != want {
 		b.Fatalf("%v returned %d, want %d", prog, ret, want)
 	}
 	return float64(per.Nanoseconds())
@@ -51,8 +52,9 @@ func median(xs []float64) float64 {
 }
 
 // aegisProgram loads the data path with unpinned maps of the given
-// capacity, one allow rule and a config, and returns it with its maps.
-func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps) {
+// capacity, one allow rule and a config, and returns it with its maps and
+// its IPv4 flow table.
+func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps, *ebpf.Map) {
 	b.Helper()
 	spec, err := bpf.LoadAegis()
 	if err != nil {
@@ -84,7 +86,7 @@ func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps) {
 	if err := maps.Config.Put(uint32(0), &v); err != nil {
 		b.Fatal(err)
 	}
-	return objs.AegisXdp, maps
+	return objs.AegisXdp, maps, objs.FlowsV4
 }
 
 func grant(b *testing.B, m *state.Maps, k state.Key) {
@@ -124,6 +126,32 @@ func fillSessions(b *testing.B, m *ebpf.Map, n int) {
 	if len(keys) > 0 {
 		flush()
 	}
+}
+
+// referenceProgram loads the least-work anchor (bench/reference) with the
+// hit packet's key in its one map.
+func referenceProgram(b *testing.B, src, dst netip.Addr, port uint16) *ebpf.Program {
+	b.Helper()
+	var objs reference.ReferenceObjects
+	if err := reference.LoadReferenceObjects(&objs, nil); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { objs.Close() })
+	k := reference.ReferenceKey{Src: src.As4(), Dst: dst.As4(), Dport: port, Proto: tu.ProtoTCP}
+	if err := objs.Sessions.Put(&k, uint64(1)); err != nil {
+		b.Fatal(err)
+	}
+	return objs.ReferenceXdp
+}
+
+// icmpError is an ICMP destination unreachable from router to the quoted
+// packet's source, quoting its IP header and 8 bytes.
+func icmpError(router netip.Addr, quoted tu.Frame) []byte {
+	inner := quoted.Bytes()[14:]
+	inner = inner[:20+8]
+	pkt := tu.Frame{Src: router, Dst: quoted.Src, Proto: tu.ProtoICMP, ICMPType: 3, ICMPCode: 3, Payload: len(inner)}.Bytes()
+	copy(pkt[14+20+8:], inner)
+	return pkt
 }
 
 // xdpFilter loads Debian's xdp-filter on a veth in a fresh namespace (the
@@ -169,9 +197,11 @@ func xdpFilter(b *testing.B) *ebpf.Program {
 }
 
 // BenchmarkDataPath measures ns/packet through BPF_PROG_TEST_RUN for the
-// data path's paths beside two baselines on the same packets: an empty
-// XDP_DROP program (the floor) and Debian's xdp-filter. Cases run
-// interleaved, xdpRounds times, and the medians are reported.
+// data path's paths beside three baselines on the same packets: an empty
+// XDP_DROP program (the floor), the least work a session filter can do
+// (bench/reference: Ethernet, IPv4, TCP, one lookup) and Debian's
+// xdp-filter. Cases run interleaved, xdpRounds times, and the medians are
+// reported.
 //
 //	go test -run '^$' -bench DataPath -benchtime 1x ./bench/
 func BenchmarkDataPath(b *testing.B) {
@@ -195,11 +225,28 @@ func BenchmarkDataPath(b *testing.B) {
 	v4Miss := tcp(client4, svc4, 8081)
 	v6Hit := tcp(client6, svc6, 8080)
 
-	small, smallMaps := aegisProgram(b, 1024)
+	small, smallMaps, smallFlows := aegisProgram(b, 1024)
 	grant(b, smallMaps, state.Key{Src: client4, Dst: svc4, Port: 8080, Proto: state.TCP})
 	grant(b, smallMaps, state.Key{Src: client6, Dst: svc6, Port: 8080, Proto: state.TCP})
+	ref := referenceProgram(b, client4, svc4, 8080)
 
-	big, bigMaps := aegisProgram(b, 1<<20)
+	// An any-protocol session (the exact lookup misses first), a flow the
+	// gateway opened to a peer, and an ICMP error about a session's packet.
+	now := state.Now()
+	anyKey := bpf.AegisSessionKeyV4{Src: client4.As4(), Dst: svc4.As4(), Dport: 8090}
+	if err := smallMaps.SessionsV4.Put(&anyKey, &bpf.AegisSessionValue{LastSeenNs: now, CreatedNs: now, IdleTimeoutNs: uint64(time.Hour)}); err != nil {
+		b.Fatal(err)
+	}
+	peer4 := netip.MustParseAddr("203.0.113.53")
+	flowKey := bpf.AegisFlowKeyV4{Src: peer4.As4(), Dst: svc4.As4(), Sport: 443, Dport: 45000, Proto: tu.ProtoTCP}
+	if err := smallFlows.Put(&flowKey, &bpf.AegisFlowValue{LastSeenNs: now, CreatedNs: now}); err != nil {
+		b.Fatal(err)
+	}
+	replyPkt := tu.Frame{Src: peer4, Dst: svc4, Proto: tu.ProtoTCP, SrcPort: 443, DstPort: 45000}.Bytes()
+	relatedPkt := icmpError(netip.MustParseAddr("198.51.100.254"),
+		tu.Frame{Src: svc4, Dst: client4, Proto: tu.ProtoTCP, SrcPort: 8080, DstPort: 40000})
+
+	big, bigMaps, _ := aegisProgram(b, 1<<20)
 	fillSessions(b, bigMaps.SessionsV4, 1_000_000-1)
 	grant(b, bigMaps, state.Key{Src: client4, Dst: svc4, Port: 8080, Proto: state.TCP})
 	if n, err := state.CountEntries(bigMaps.SessionsV4); err != nil || n != 1_000_000 {
@@ -210,9 +257,10 @@ func BenchmarkDataPath(b *testing.B) {
 		name string
 		prog *ebpf.Program
 		pkt  []byte
-		want uint32
+		want bpf.Action
 	}{
 		{"floor", floor, v4Hit, bpf.XDPDrop},
+		{"reference", ref, v4Hit, bpf.XDPPass},
 		{"xdpfilter-v4", filter, v4Miss, bpf.XDPPass}, // no rule for 8081: all lookups, then pass
 		{"xdpfilter-v4-rule", filter, v4Hit, bpf.XDPDrop},
 		{"xdpfilter-v6", filter, tcp(client6, svc6, 8081), bpf.XDPPass},
@@ -220,6 +268,9 @@ func BenchmarkDataPath(b *testing.B) {
 		{"hit", small, v4Hit, bpf.XDPPass},
 		{"hit-v6", small, v6Hit, bpf.XDPPass},
 		{"hit-1M", big, v4Hit, bpf.XDPPass},
+		{"any-proto-hit", small, tcp(client4, svc4, 8090), bpf.XDPPass},
+		{"reply", small, replyPkt, bpf.XDPPass},
+		{"icmp-related", small, relatedPkt, bpf.XDPPass},
 	}
 	samples := make(map[string][]float64)
 	for range xdpRounds {
@@ -235,11 +286,12 @@ func BenchmarkDataPath(b *testing.B) {
 	b.ReportMetric(med["miss"]-med["floor"], "miss-over-floor-ns")
 	b.ReportMetric(med["hit"]-med["floor"], "hit-over-floor-ns")
 	b.ReportMetric(med["hit-1M"]/med["hit"], "hit-1M/hit")
+	b.ReportMetric(med["hit"]-med["reference"], "hit-over-reference-ns")
 
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "\n%-20s %10s %12s\n", "case", "ns/pkt", "over floor")
+	fmt.Fprintf(&sb, "\n%-20s %10s %12s %16s\n", "case", "ns/pkt", "over floor", "over reference")
 	for _, c := range cases {
-		fmt.Fprintf(&sb, "%-20s %10.1f %12.1f\n", c.name, med[c.name], med[c.name]-med["floor"])
+		fmt.Fprintf(&sb, "%-20s %10.1f %12.1f %16.1f\n", c.name, med[c.name], med[c.name]-med["floor"], med[c.name]-med["reference"])
 	}
 	check := func(ok bool, s string, args ...any) {
 		mark := "met"

@@ -291,7 +291,7 @@ func BenchmarkReaperSweep(b *testing.B) {
 	tu.RequireKernel(b)
 	const capacity = 1_000_000
 	binary := buildReaper(b)
-	_, maps := aegisProgram(b, capacity)
+	_, maps, _ := aegisProgram(b, capacity)
 	pin := pinAll(b, maps)
 	cfg, err := maps.ReadConfig()
 	if err != nil {

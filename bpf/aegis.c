@@ -71,8 +71,8 @@
  *    is gone (a push protocol: media, game state, a VPN's keepalives)
  *    opens a flow with its first datagram after the session entry is
  *    deleted, and that user's same source port can answer for as long as
- *    the service keeps sending. A request/response service (DNS, QUIC
- *    servers) never sends unprompted and is not affected. Turn reply
+ *    the service keeps sending. A request/response service (DNS, NTP)
+ *    never sends unprompted and is not affected. Turn reply
  *    tracking off (config.track_flows = 0) where that matters.
  *  - A spoofer on the public side must guess a live 5-tuple: the peer's
  *    address and port (often public knowledge, e.g. a DNS resolver's :53)
@@ -385,8 +385,8 @@ struct {
 	__type(value, struct stats_value);
 } stats SEC(".maps");
 
-/* LRU maps are preallocated: 65536 entries cost about 6 MiB (IPv4) and
- * 8 MiB (IPv6). The loader may size them differently. */
+/* LRU maps are preallocated: 65536 entries cost roughly 5 MiB (IPv4) and
+ * 7 MiB (IPv6). The loader may size them differently. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -866,6 +866,7 @@ static __always_inline int parse_quote(void *data, void *data_end, __u64 off, __
 	__u64 l4off;
 	__u8 proto;
 
+	__builtin_memset(q, 0, sizeof(*q));
 	q->family = family;
 	q->kind = L4_ICMP_OTHER;
 	if (family == 4) {
@@ -1055,7 +1056,9 @@ static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *dat
 	if (r)
 		return r;
 
-	struct tuple q = {};
+	/* Set, and read by the policy, only for an ICMP error: zeroing it for
+	 * every packet would cost the session hit path. */
+	struct tuple q;
 	if (p->t.kind == L4_ICMP_ERROR) {
 		r = parse_quote(data, data_end, p->l4off + sizeof(struct icmphdr), p->l3end,
 				p->t.family, &q);

@@ -206,7 +206,15 @@ type Env struct {
 	// deadline a test sets is far from its clock.
 	Late      uint64
 	Ambiguous bool
+
+	// onFragment, set by tests, hears of every fragmented datagram the
+	// model remembers, so that they can adopt the kernel's timestamp.
+	onFragment func(AegisFragKey)
 }
+
+// mutation, set only by tests (export_test.go), breaks one rule of the
+// model on purpose, to show that the differential test notices.
+var mutation string
 
 // Verdict returns the XDP action and the counted reason for one frame, and
 // updates env as the data path does: last_seen of sessions and flows, the
@@ -236,7 +244,8 @@ const (
 
 // Egress models aegis_egress for one outgoing frame: it updates env's flow
 // tables and returns what it did and the reply tuple's key (an
-// AegisFlowKeyV4 or AegisFlowKeyV6; nil with FlowNone).
+// AegisFlowKeyV4 or AegisFlowKeyV6), nil for a frame that is not TCP, UDP
+// or an echo request.
 func Egress(pkt []byte, env *Env) (FlowWrite, any) {
 	if env.Config.TrackFlows == 0 {
 		return FlowNone, nil
@@ -277,8 +286,9 @@ func (env *Env) record(o *tuple) (FlowWrite, any) {
 			return FlowKept, r.flowKey()
 		}
 	}
-	if o.proto == protoTCP && o.tcpFlags&(tcpSYN|tcpACK) != tcpSYN {
-		return FlowNone, nil
+	if o.proto == protoTCP && o.tcpFlags&(tcpSYN|tcpACK) != tcpSYN &&
+		(mutation != "egress-synack" || o.tcpFlags&tcpSYN == 0) {
+		return FlowNone, r.flowKey()
 	}
 	if r.kind == l4Ports && (env.session(&r, r.proto) != nil || env.session(&r, 0) != nil) {
 		return FlowRefused, r.flowKey()
@@ -578,7 +588,7 @@ func (env *Env) policy(t, q *tuple) Reason {
 		}
 	case l4ICMPError:
 		// An error goes to the source of the packet it quotes.
-		if t.dst == q.src && env.related(q) {
+		if (t.dst == q.src || mutation == "related-any-dst") && env.related(q) {
 			return ReasonICMPRelated
 		}
 	}
@@ -645,7 +655,11 @@ func (env *Env) classifyIP(pkt []byte, ip *ipInfo) Reason {
 	}
 	r := env.policy(&ip.t, &q)
 	if ip.frag == fragFirst && r.Pass() {
-		env.Frags[ip.fragKey()] = &AegisFragValue{ExpiresNs: env.Now + uint64(FragTimeout), Reason: uint32(r)}
+		k := ip.fragKey()
+		env.Frags[k] = &AegisFragValue{ExpiresNs: env.Now + uint64(FragTimeout), Reason: uint32(r)}
+		if env.onFragment != nil {
+			env.onFragment(k)
+		}
 	}
 	return r
 }

@@ -2,6 +2,8 @@ package bpf_test
 
 import (
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -10,18 +12,27 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
-// TestModelMatchesProgram runs generated frames (valid, truncated, mutated
-// and random; VLAN-tagged; IPv4 with options, IPv6 with extension headers;
-// fragments; bypass candidates to local, routed, unrouted, dropping,
-// link-local and multicast destinations) through the real program with
-// BPF_PROG_TEST_RUN and through the Go model, under three configurations,
-// and requires the same action and the same counted reason for every one.
+// TestModelMatchesProgram runs generated frames through the real programs
+// with BPF_PROG_TEST_RUN and through the Go model, under three
+// configurations, and requires the same action and the same counted reason
+// for every ingress frame, and the same flow table after every egress
+// frame.
+//
+// Ingress frames: valid, truncated, mutated and random; VLAN-tagged; IPv4
+// with options, IPv6 with extension headers; bypass candidates to local,
+// routed, unrouted, dropping, link-local and multicast destinations;
+// replies to recorded flows; ICMP errors quoting sessions, flows and
+// random tuples, truncated or not; first and later fragments, with and
+// without a first fragment that passed; echo requests and replies.
+// Egress frames: outbound TCP of every flag combination that matters, UDP,
+// echo requests, replies of granted sessions, packets of recorded flows.
 func TestModelMatchesProgram(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("AEGIS_DIFF_SEED"); s != "" {
@@ -30,103 +41,390 @@ func TestModelMatchesProgram(t *testing.T) {
 	t.Logf("seed %d (rerun with AEGIS_DIFF_SEED=%d)", seed, seed)
 	rng := rand.New(rand.NewPCG(seed, 0x5eed))
 
-	const perPhase = 35_000
+	const perPhase = 70_000
 	g := newGenerator(rng)
-	allowRules := []string{
-		"203.0.113.0/24,tcp/22", "203.0.113.7,udp", "192.0.2.0/30,any/53", "192.0.2.4/31",
-		"2001:db8:3::/64,tcp/22", "2001:db8:3::7,udp", "2001:db8:1::/126,any/53", "2001:db8:1::4/127",
-	}
-	phases := []struct {
-		name       string
-		controller netip.Addr
-		allow      bool
-		monitor    bool
-	}{
-		{"v4 controller, allow rules", g.ctl4, true, false},
-		{"v6 controller, monitor", g.ctl6, true, true},
-		{"no controller, no allow rules", netip.Addr{}, false, false},
-	}
-
 	total := 0
-	for _, ph := range phases {
-		h := newHarness(t)
-		env := &bpf.Env{
-			Now:        state.Now(),
-			SessionsV4: map[bpf.AegisSessionKeyV4]*bpf.AegisSessionValue{},
-			SessionsV6: map[bpf.AegisSessionKeyV6]*bpf.AegisSessionValue{},
-			FlowsV4:    map[bpf.AegisFlowKeyV4]*bpf.AegisFlowValue{},
-			FlowsV6:    map[bpf.AegisFlowKeyV6]*bpf.AegisFlowValue{},
-			Frags:      map[bpf.AegisFragKey]*bpf.AegisFragValue{},
-		}
-		var asked [2]int // the model's routing questions, answered false and true
-		env.Local = func(a netip.Addr) bool {
-			l := fibLocal(a)
-			asked[b2i(l)]++
-			return l
-		}
-		var a4, a6 uint16
-		if ph.allow {
-			a4, a6 = h.setAllow(t, allowRules...)
-			for _, s := range allowRules {
-				r, _ := state.ParseAllowRule(s)
-				env.Allow = append(env.Allow, r)
+	for _, ph := range diffPhases(g) {
+		d := newDiff(t, g, ph)
+		for i := range perPhase {
+			if err := d.step(i); err != nil {
+				t.Fatalf("%s: %v", ph.name, err)
 			}
 		}
-		cfg := state.Config{
-			Controller: ph.controller, ControllerPort: 443, GRPCPort: 50001,
-			DefaultIdleTimeout: time.Hour, Monitor: ph.monitor,
-			AllowV4Prefixes: a4, AllowV6Prefixes: a6,
-		}
-		h.setConfig(t, cfg)
-		v, _ := cfg.Value()
-		env.Config = v
-		g.grantSessions(t, h, env)
-
-		var counts [bpf.StatsSlots]uint64
-		for i := 0; i < perPhase; i++ {
-			pkt := g.frame()
-			wantAction, wantReason := bpf.Verdict(pkt, env)
-
-			before := readCounter(t, h.maps.Stats, wantReason)
-			gotAction, err := h.fib.run(h.prog, pkt)
-			if err != nil {
-				t.Fatalf("run: %v", err)
-			}
-			after := readCounter(t, h.maps.Stats, wantReason)
-			if bpf.Action(gotAction) != wantAction || after != before+1 {
-				_, gotReason := h.run(t, pkt)
-				t.Fatalf("%s: packet %d: program action %d reason %v, model action %d reason %v\n%s",
-					ph.name, i, gotAction, gotReason, wantAction, wantReason, hex.Dump(pkt))
-			}
-			counts[wantReason]++
-		}
-
-		// Every packet was counted once, under the model's reason.
-		stats, err := h.maps.ReadStats()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for r := range stats {
-			if stats[r].Packets != counts[r] {
-				t.Fatalf("%s: reason %v counted %d, model %d", ph.name, bpf.Reason(r), stats[r].Packets, counts[r])
-			}
-		}
-		for _, r := range bpf.Reasons {
-			if counts[r] > 0 {
-				t.Logf("%s: %-15v %6d", ph.name, r, counts[r])
-			}
-		}
-		// Both answers of the routing table, on both bypasses, often
-		// enough to have met each kind of destination.
-		t.Logf("%s: local destinations %d, forwarded or dropping %d", ph.name, asked[1], asked[0])
-		if asked[0] < 150 || asked[1] < 150 || counts[bpf.ReasonNDP] < 300 {
-			t.Fatalf("%s: the bypasses were barely exercised", ph.name)
-		}
-		total += perPhase
+		d.finish(t)
+		total += perPhase - d.refused
 	}
-	if total < 100_000 {
+	if total < 200_000 {
 		t.Fatalf("only %d packets compared", total)
 	}
+}
+
+// A model with one rule broken must be caught by the same comparison.
+func TestModelMutationIsCaught(t *testing.T) {
+	for _, m := range []string{"egress-synack", "related-any-dst"} {
+		t.Run(m, func(t *testing.T) {
+			seed := uint64(time.Now().UnixNano())
+			t.Logf("seed %d", seed)
+			rng := rand.New(rand.NewPCG(seed, 0x5eed))
+			g := newGenerator(rng)
+			d := newDiff(t, g, diffPhases(g)[0])
+			restore := bpf.SetMutation(m)
+			defer restore()
+			for i := range 100_000 {
+				if err := d.step(i); err != nil {
+					t.Logf("caught after %d frames: %v", i, err)
+					return
+				}
+			}
+			t.Fatal("the mutated model matched the program on 100,000 frames")
+		})
+	}
+}
+
+type diffPhase struct {
+	name       string
+	controller netip.Addr
+	allow      bool
+	monitor    bool
+	flows      bool
+}
+
+func diffPhases(g *generator) []diffPhase {
+	return []diffPhase{
+		{"v4 controller, allow rules, flows", g.ctl4, true, false, true},
+		{"v6 controller, allow rules, monitor, flows", g.ctl6, true, true, true},
+		{"no controller, no allow rules, no flows", netip.Addr{}, false, false, false},
+	}
+}
+
+// The allow rules of the phases that have them: TCP, UDP and any-protocol
+// rules, and ICMP rules (one with a port, which ICMP never matches).
+func diffAllowRules() []state.AllowRule {
+	var rules []state.AllowRule
+	for _, s := range []string{
+		"203.0.113.0/24,tcp/22", "203.0.113.7,udp", "192.0.2.0/30,any/53", "192.0.2.4/31",
+		"2001:db8:3::/64,tcp/22", "2001:db8:3::7,udp", "2001:db8:1::/126,any/53", "2001:db8:1::4/127",
+	} {
+		r, _ := state.ParseAllowRule(s)
+		rules = append(rules, r)
+	}
+	return append(rules,
+		state.AllowRule{Prefix: netip.MustParsePrefix("203.0.113.0/25"), Proto: tu.ProtoICMP},
+		state.AllowRule{Prefix: netip.MustParsePrefix("192.0.2.6/32"), Proto: tu.ProtoICMP, Port: 7},
+		state.AllowRule{Prefix: netip.MustParsePrefix("2001:db8:3::/120"), Proto: tu.ProtoICMPv6},
+	)
+}
+
+// stampTolerance bounds how far a timestamp the program wrote may lie from
+// the model's: the two read the clock at different moments, and may
+// disagree on whether a refresh was due (RefreshGranularity).
+const stampTolerance = uint64(bpf.RefreshGranularity + time.Second)
+
+// diff holds one phase's program and model side by side.
+type diff struct {
+	name     string
+	g        *generator
+	h        *harness
+	env      *bpf.Env
+	counts   [bpf.StatsSlots]uint64
+	asked    [2]int // the model's routing questions, answered false and true
+	writes   map[bpf.FlowWrite]int
+	fragsSet int
+	fragsHit int
+	unsure   int
+	egressN  int
+	refused  int
+	lastFrag *bpf.AegisFragKey
+}
+
+func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
+	h := newHarness(t)
+	env := &bpf.Env{
+		Now:        state.Now(),
+		SessionsV4: map[bpf.AegisSessionKeyV4]*bpf.AegisSessionValue{},
+		SessionsV6: map[bpf.AegisSessionKeyV6]*bpf.AegisSessionValue{},
+		FlowsV4:    map[bpf.AegisFlowKeyV4]*bpf.AegisFlowValue{},
+		FlowsV6:    map[bpf.AegisFlowKeyV6]*bpf.AegisFlowValue{},
+		Frags:      map[bpf.AegisFragKey]*bpf.AegisFragValue{},
+	}
+	d := &diff{name: ph.name, g: g, h: h, env: env, writes: map[bpf.FlowWrite]int{}}
+	env.Local = func(a netip.Addr) bool {
+		l := fibLocal(a)
+		d.asked[b2i(l)]++
+		return l
+	}
+	env.OnFragment(func(k bpf.AegisFragKey) { d.lastFrag = &k })
+	var a4, a6 uint16
+	if ph.allow {
+		env.Allow = diffAllowRules()
+		a4, a6 = h.setAllowRules(t, env.Allow...)
+	}
+	// Flow timeouts of an hour: the only deadline a frame can meet during
+	// the run is a fragment's.
+	cfg := state.Config{
+		Controller: ph.controller, ControllerPort: 443, GRPCPort: 50001,
+		DefaultIdleTimeout: time.Hour, Monitor: ph.monitor,
+		AllowV4Prefixes: a4, AllowV6Prefixes: a6, NoFlowTracking: !ph.flows,
+		FlowIdleTCP: time.Hour, FlowIdleUDP: time.Hour, FlowIdleICMP: time.Hour,
+	}
+	h.setConfig(t, cfg)
+	env.Config, _ = cfg.Value()
+	g.grantSessions(t, h, env)
+	g.seedFlows(t, h, env)
+	return d
+}
+
+func (d *diff) step(i int) error {
+	if d.g.rng.IntN(4) == 0 {
+		return d.egress(i)
+	}
+	return d.ingress(i)
+}
+
+func (d *diff) ingress(i int) error {
+	h, env := d.h, d.env
+	pkt := d.g.ingress()
+	t0 := state.Now()
+	got, err := h.fib.run(h.prog, pkt)
+	t1 := state.Now()
+	if err != nil {
+		return fmt.Errorf("run: %w", err)
+	}
+
+	env.Now, env.Late, env.Ambiguous, d.lastFrag = t0, t1, false, nil
+	wantAction, want := bpf.Verdict(pkt, env)
+	alt := want
+	if env.Ambiguous {
+		// A fragment whose datagram's memory expired while the program
+		// ran: the program may have seen it either way. That path writes
+		// nothing, so asking the model again at the later time is safe.
+		env.Now, env.Late = t1, 0
+		_, alt = bpf.Verdict(pkt, env)
+		d.unsure++
+	}
+	counted := want
+	if readCounter(h, want) != d.counts[want]+1 {
+		if alt == want || readCounter(h, alt) != d.counts[alt]+1 {
+			return fmt.Errorf("ingress frame %d: program action %d, model action %d reason %v (counters: %s)\n%s",
+				i, got, wantAction, want, d.moved(h), hex.Dump(pkt))
+		}
+		counted = alt
+	}
+	if bpf.Action(got) != counted.Action() || !env.Ambiguous && bpf.Action(got) != wantAction {
+		return fmt.Errorf("ingress frame %d: program action %d for reason %v\n%s", i, got, counted, hex.Dump(pkt))
+	}
+	d.counts[counted]++
+	if counted != bpf.ReasonFragment && counted != bpf.ReasonMonitor && isLaterFragment(pkt) {
+		d.fragsHit++
+	}
+
+	if k := d.lastFrag; k != nil {
+		// The model remembered a first fragment: the program must have,
+		// with the same reason, and the model adopts its deadline.
+		var v bpf.AegisFragValue
+		if err := h.objs.Frags.Lookup(k, &v); err != nil {
+			return fmt.Errorf("ingress frame %d: first fragment not remembered: %w\n%s", i, err, hex.Dump(pkt))
+		}
+		m := env.Frags[*k]
+		lo, hi := t0+uint64(bpf.FragTimeout), t1+uint64(bpf.FragTimeout)
+		if v.Reason != m.Reason || v.ExpiresNs < lo || v.ExpiresNs > hi {
+			return fmt.Errorf("ingress frame %d: fragment remembered as %+v, model %+v in [%d, %d]", i, v, *m, lo, hi)
+		}
+		m.ExpiresNs = v.ExpiresNs
+		d.fragsSet++
+	}
+	return nil
+}
+
+func (d *diff) egress(i int) error {
+	h, env := d.h, d.env
+	pkt := d.g.egressFrame()
+	t0 := state.Now()
+	ret, err := h.egress.Run(&ebpf.RunOptions{Data: pkt})
+	t1 := state.Now()
+	if errors.Is(err, unix.EINVAL) && len(pkt) < 14+40 {
+		// BPF_PROG_TEST_RUN refuses an skb shorter than the IP header its
+		// EtherType announces; the stack never transmits one.
+		d.refused++
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("run egress: %w", err)
+	}
+	if int32(ret) != -1 { // TCX_NEXT: the egress program never decides
+		return fmt.Errorf("egress frame %d: returned %d, want TCX_NEXT", i, int32(ret))
+	}
+	env.Now, env.Late = t0, 0
+	w, key := bpf.Egress(pkt, env)
+	d.writes[w]++
+	if key != nil {
+		d.g.noteFlow(key)
+		if err := d.compareFlow(key, w, t0, t1); err != nil {
+			return fmt.Errorf("egress frame %d (model: %v): %w\n%s", i, w, err, hex.Dump(pkt))
+		}
+	}
+	if d.egressN++; d.egressN%64 == 0 {
+		if err := d.compareFlows(); err != nil {
+			return fmt.Errorf("after egress frame %d: %w\n%s", i, err, hex.Dump(pkt))
+		}
+	}
+	return nil
+}
+
+// compareFlow checks the one entry an egress frame touched and adopts the
+// program's timestamps into the model.
+func (d *diff) compareFlow(key any, w bpf.FlowWrite, t0, t1 uint64) error {
+	var kv bpf.AegisFlowValue
+	var mv *bpf.AegisFlowValue
+	var err error
+	switch k := key.(type) {
+	case bpf.AegisFlowKeyV4:
+		err, mv = d.h.objs.FlowsV4.Lookup(&k, &kv), d.env.FlowsV4[k]
+	case bpf.AegisFlowKeyV6:
+		err, mv = d.h.objs.FlowsV6.Lookup(&k, &kv), d.env.FlowsV6[k]
+	}
+	if (err == nil) != (mv != nil) {
+		return fmt.Errorf("flow %+v: in program %v, in model %v", key, err == nil, mv != nil)
+	}
+	if mv == nil {
+		return nil
+	}
+	switch {
+	case w == bpf.FlowCreated && (kv.CreatedNs < t0 || kv.CreatedNs > t1 || kv.LastSeenNs != kv.CreatedNs):
+		return fmt.Errorf("flow %+v created with %+v, not at [%d, %d]", key, kv, t0, t1)
+	case !near(kv.LastSeenNs, mv.LastSeenNs) || !near(kv.CreatedNs, mv.CreatedNs):
+		return fmt.Errorf("flow %+v is %+v in the program, %+v in the model", key, kv, *mv)
+	}
+	*mv = kv
+	return nil
+}
+
+func near(a, b uint64) bool { return a-b <= stampTolerance || b-a <= stampTolerance }
+
+// compareFlows compares both flow tables whole and adopts the program's
+// timestamps.
+func (d *diff) compareFlows() error {
+	if err := compareTable(d.h.objs.FlowsV4, d.env.FlowsV4); err != nil {
+		return err
+	}
+	return compareTable(d.h.objs.FlowsV6, d.env.FlowsV6)
+}
+
+func compareTable[K comparable](m *ebpf.Map, model map[K]*bpf.AegisFlowValue) error {
+	var k K
+	var v bpf.AegisFlowValue
+	seen := 0
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		mv := model[k]
+		if mv == nil {
+			return fmt.Errorf("flow %+v in the program only", k)
+		}
+		if !near(v.LastSeenNs, mv.LastSeenNs) || !near(v.CreatedNs, mv.CreatedNs) {
+			return fmt.Errorf("flow %+v is %+v in the program, %+v in the model", k, v, *mv)
+		}
+		*mv = v
+		seen++
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	if seen != len(model) {
+		return fmt.Errorf("%d flows in %v, %d in the model", seen, m, len(model))
+	}
+	return nil
+}
+
+func (d *diff) moved(h *harness) string {
+	stats, err := h.maps.ReadStats()
+	if err != nil {
+		return err.Error()
+	}
+	s := ""
+	for _, r := range bpf.Reasons {
+		if stats[r].Packets != d.counts[r] {
+			s += fmt.Sprintf(" %v %+d", r, int64(stats[r].Packets-d.counts[r]))
+		}
+	}
+	return s
+}
+
+// finish checks every counter, both flow tables and the fragment table,
+// and that the phase exercised what it is there to exercise.
+func (d *diff) finish(t *testing.T) {
+	t.Helper()
+	stats, err := d.h.maps.ReadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for r := range stats {
+		if stats[r].Packets != d.counts[r] {
+			t.Fatalf("%s: reason %v counted %d, model %d", d.name, bpf.Reason(r), stats[r].Packets, d.counts[r])
+		}
+	}
+	if err := d.compareFlows(); err != nil {
+		t.Fatalf("%s: %v", d.name, err)
+	}
+	n := 0
+	var k bpf.AegisFragKey
+	var v bpf.AegisFragValue
+	for it := d.h.objs.Frags.Iterate(); it.Next(&k, &v); n++ {
+		if m := d.env.Frags[k]; m == nil || *m != v {
+			t.Fatalf("%s: fragment %+v is %+v in the program, %v in the model", d.name, k, v, m)
+		}
+	}
+	if n != len(d.env.Frags) {
+		t.Fatalf("%s: %d fragments remembered, model %d", d.name, n, len(d.env.Frags))
+	}
+	if capacity := d.h.objs.Frags.MaxEntries(); uint32(n) >= capacity/2 {
+		t.Fatalf("%s: %d fragments near the LRU map's %d: evictions would be compared", d.name, n, capacity)
+	}
+
+	for _, r := range bpf.Reasons {
+		if d.counts[r] > 0 {
+			t.Logf("%s: %-15v %6d", d.name, r, d.counts[r])
+		}
+	}
+	t.Logf("%s: egress: %d none, %d kept, %d created, %d refused; flows %d+%d; %d short frames the kernel refused to run",
+		d.name, d.writes[bpf.FlowNone], d.writes[bpf.FlowKept], d.writes[bpf.FlowCreated], d.writes[bpf.FlowRefused],
+		len(d.env.FlowsV4), len(d.env.FlowsV6), d.refused)
+	t.Logf("%s: fragments remembered %d, later fragments passed %d, fragment deadlines met mid-run %d",
+		d.name, d.fragsSet, d.fragsHit, d.unsure)
+	t.Logf("%s: local destinations %d, forwarded or dropping %d", d.name, d.asked[1], d.asked[0])
+
+	// Both answers of the routing table, on both bypasses, often enough to
+	// have met each kind of destination.
+	if d.asked[0] < 150 || d.asked[1] < 150 || d.counts[bpf.ReasonNDP] < 300 {
+		t.Fatalf("%s: the bypasses were barely exercised", d.name)
+	}
+	// In monitor mode every drop counts as monitor.
+	dropped := func(r bpf.Reason) uint64 {
+		if d.env.Config.Monitor != 0 {
+			return d.counts[bpf.ReasonMonitor]
+		}
+		return d.counts[r]
+	}
+	if d.fragsSet < 200 || d.fragsHit < 100 || dropped(bpf.ReasonFragment) < 100 {
+		t.Fatalf("%s: fragments were barely exercised", d.name)
+	}
+	if d.counts[bpf.ReasonSession] < 1000 || dropped(bpf.ReasonExpired) < 500 {
+		t.Fatalf("%s: sessions were barely exercised", d.name)
+	}
+	if d.env.Config.TrackFlows == 0 {
+		if d.counts[bpf.ReasonReply] != 0 || d.writes[bpf.FlowCreated] != 0 {
+			t.Fatalf("%s: flows without flow tracking", d.name)
+		}
+		return
+	}
+	if d.counts[bpf.ReasonReply] < 1000 || d.counts[bpf.ReasonICMPRelated] < 300 ||
+		d.writes[bpf.FlowCreated] < 500 || d.writes[bpf.FlowKept] < 500 || d.writes[bpf.FlowRefused] < 100 {
+		t.Fatalf("%s: flows were barely exercised", d.name)
+	}
+}
+
+func isLaterFragment(pkt []byte) bool {
+	_, r := bpf.Verdict(pkt, &bpf.Env{Frags: map[bpf.AegisFragKey]*bpf.AegisFragValue{}})
+	return r == bpf.ReasonFragment
 }
 
 func b2i(b bool) int {
@@ -136,11 +434,10 @@ func b2i(b bool) int {
 	return 0
 }
 
-func readCounter(t *testing.T, stats *ebpf.Map, r bpf.Reason) uint64 {
-	t.Helper()
+func readCounter(h *harness, r bpf.Reason) uint64 {
 	var perCPU []bpf.AegisStatsValue
-	if err := stats.Lookup(uint32(r), &perCPU); err != nil {
-		t.Fatal(err)
+	if err := h.maps.Stats.Lookup(uint32(r), &perCPU); err != nil {
+		return ^uint64(0)
 	}
 	var n uint64
 	for _, c := range perCPU {
@@ -150,14 +447,20 @@ func readCounter(t *testing.T, stats *ebpf.Map, r bpf.Reason) uint64 {
 }
 
 // generator draws frames from small address and port pools, so that many
-// of them hit sessions, allow rules and the controller.
+// of them hit sessions, flows, allow rules and the controller.
 type generator struct {
 	rng              *rand.Rand
-	src4, dst4       []netip.Addr
+	src4, dst4       []netip.Addr // the public side's addresses, the gateway's side's
 	src6, dst6       []netip.Addr
 	ctl4, ctl6       netip.Addr
-	ports            []uint16
-	sessionProtocols []state.Protocol
+	ports            []uint16 // services: sessions' ports
+	ephemeral        []uint16 // clients' ports
+	ids              []uint32 // IP identifications and echo identifiers
+	sessionProtocols []uint8
+	sessions4        []bpf.AegisSessionKeyV4
+	sessions6        []bpf.AegisSessionKeyV6
+	flows4           []bpf.AegisFlowKeyV4 // every flow key seen, live or not
+	flows6           []bpf.AegisFlowKeyV6
 }
 
 func newGenerator(rng *rand.Rand) *generator {
@@ -166,7 +469,9 @@ func newGenerator(rng *rand.Rand) *generator {
 		ctl4:             netip.MustParseAddr("198.51.100.5"),
 		ctl6:             netip.MustParseAddr("2001:db8:2::5"),
 		ports:            []uint16{22, 53, 443, 8080, 50001},
-		sessionProtocols: []state.Protocol{state.TCP, state.UDP},
+		ephemeral:        []uint16{40000, 40001, 51234},
+		ids:              []uint32{1, 2, 0xBEEF},
+		sessionProtocols: []uint8{tu.ProtoTCP, tu.ProtoUDP, 0},
 	}
 	for i := 1; i <= 6; i++ {
 		g.src4 = append(g.src4, netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}))
@@ -203,12 +508,21 @@ func newGenerator(rng *rand.Rand) *generator {
 
 func pick[T any](rng *rand.Rand, s []T) T { return s[rng.IntN(len(s))] }
 
-// grantSessions gives about half of the pool's flows a session, live or
-// expired in each of the ways the data path checks, in both the program's
-// maps and the model's. Timestamps are hours from any boundary, so the few
-// seconds between the model's clock and the kernel's do not matter.
+func (g *generator) anyPort() uint16 {
+	if g.rng.IntN(2) == 0 {
+		return pick(g.rng, g.ports)
+	}
+	return pick(g.rng, g.ephemeral)
+}
+
+// grantSessions gives about half of the pool's (src, dst, port, protocol)
+// combinations a session, any-protocol ones included, live or expired in
+// each of the ways the data path checks, in both the program's maps and
+// the model's. Timestamps are hours from any boundary, so the few seconds
+// between the model's clock and the kernel's do not matter.
 func (g *generator) grantSessions(t *testing.T, h *harness, env *bpf.Env) {
 	now := env.Now
+	g.sessions4, g.sessions6 = nil, nil
 	for _, fam := range [][2][]netip.Addr{{g.src4, g.dst4}, {g.src6, g.dst6}} {
 		for _, src := range fam[0] {
 			for _, dst := range fam[1] {
@@ -217,36 +531,361 @@ func (g *generator) grantSessions(t *testing.T, h *harness, env *bpf.Env) {
 						if g.rng.IntN(2) == 0 {
 							continue
 						}
-						s := state.Session{
-							Key:  state.Key{Src: src, Dst: dst, Port: port, Proto: proto},
-							User: "u" + strconv.Itoa(g.rng.IntN(1000)), Created: now, LastSeen: now,
-							IdleTimeout: time.Hour,
-						}
+						v := bpf.AegisSessionValue{LastSeenNs: now, CreatedNs: now, IdleTimeoutNs: uint64(time.Hour)}
 						switch g.rng.IntN(5) {
 						case 0: // idle past its own timeout
-							s.LastSeen = now - uint64(2*time.Hour)
+							v.LastSeenNs = now - uint64(2*time.Hour)
 						case 1: // past its lifetime
-							s.Expires = now - uint64(time.Hour)
+							v.ExpiresNs = now - uint64(time.Hour)
 						case 2: // live, lifetime ahead, stale enough to be refreshed
-							s.Expires = now + uint64(time.Hour)
-							s.LastSeen = now - uint64(10*time.Minute)
+							v.ExpiresNs = now + uint64(time.Hour)
+							v.LastSeenNs = now - uint64(10*time.Minute)
 						case 3: // default idle timeout (1h), idle 2h
-							s.IdleTimeout = 0
-							s.LastSeen = now - uint64(2*time.Hour)
+							v.IdleTimeoutNs = 0
+							v.LastSeenNs = now - uint64(2*time.Hour)
 						}
-						h.grant(t, s)
-						v, _ := h.maps.Lookup(s.Key)
-						raw := bpf.AegisSessionValue{LastSeenNs: v.LastSeen, CreatedNs: v.Created, ExpiresNs: v.Expires, IdleTimeoutNs: uint64(v.IdleTimeout)}
 						if src.Is4() {
-							env.SessionsV4[bpf.AegisSessionKeyV4{Src: src.As4(), Dst: dst.As4(), Dport: port, Proto: uint8(proto)}] = &raw
+							k := bpf.AegisSessionKeyV4{Src: src.As4(), Dst: dst.As4(), Dport: port, Proto: proto}
+							h.putSession(t, k, v)
+							env.SessionsV4[k] = &v
+							g.sessions4 = append(g.sessions4, k)
 						} else {
-							env.SessionsV6[bpf.AegisSessionKeyV6{Src: src.As16(), Dst: dst.As16(), Dport: port, Proto: uint8(proto)}] = &raw
+							k := bpf.AegisSessionKeyV6{Src: src.As16(), Dst: dst.As16(), Dport: port, Proto: proto}
+							h.putSession(t, k, v)
+							env.SessionsV6[k] = &v
+							g.sessions6 = append(g.sessions6, k)
 						}
 					}
 				}
 			}
 		}
 	}
+}
+
+// seedFlows puts flows into both tables: fresh, stale enough to be
+// refreshed, and expired.
+func (g *generator) seedFlows(t *testing.T, h *harness, env *bpf.Env) {
+	now := env.Now
+	g.flows4, g.flows6 = nil, nil
+	for range 600 {
+		v := bpf.AegisFlowValue{LastSeenNs: now, CreatedNs: now - uint64(3*time.Hour)}
+		switch g.rng.IntN(3) {
+		case 0:
+			v.LastSeenNs = now - uint64(10*time.Minute)
+		case 1:
+			v.LastSeenNs = now - uint64(2*time.Hour)
+		}
+		proto := pick(g.rng, []uint8{tu.ProtoTCP, tu.ProtoUDP, tu.ProtoICMP})
+		sport, dport := g.anyPort(), g.anyPort()
+		if proto == tu.ProtoICMP {
+			sport, dport = 0, uint16(pick(g.rng, g.ids))
+		}
+		if g.rng.IntN(2) == 0 {
+			k := bpf.AegisFlowKeyV4{Src: pick(g.rng, g.src4).As4(), Dst: pick(g.rng, g.dst4).As4(), Sport: sport, Dport: dport, Proto: proto}
+			if err := h.objs.FlowsV4.Put(&k, &v); err != nil {
+				t.Fatal(err)
+			}
+			env.FlowsV4[k] = &v
+		} else {
+			if proto == tu.ProtoICMP {
+				proto = tu.ProtoICMPv6
+			}
+			k := bpf.AegisFlowKeyV6{Src: pick(g.rng, g.src6).As16(), Dst: pick(g.rng, g.dst6).As16(), Sport: sport, Dport: dport, Proto: proto}
+			if err := h.objs.FlowsV6.Put(&k, &v); err != nil {
+				t.Fatal(err)
+			}
+			env.FlowsV6[k] = &v
+		}
+	}
+	for k := range env.FlowsV4 {
+		g.flows4 = append(g.flows4, k)
+	}
+	for k := range env.FlowsV6 {
+		g.flows6 = append(g.flows6, k)
+	}
+}
+
+func (g *generator) noteFlow(key any) {
+	switch k := key.(type) {
+	case bpf.AegisFlowKeyV4:
+		g.flows4 = append(g.flows4, k)
+	case bpf.AegisFlowKeyV6:
+		g.flows6 = append(g.flows6, k)
+	}
+}
+
+// tuple is a packet's addresses, ports and protocol, for the generators.
+type tuple struct {
+	src, dst     netip.Addr
+	sport, dport uint16
+	proto        uint8
+}
+
+func icmpOf(a netip.Addr) uint8 {
+	if a.Is4() {
+		return tu.ProtoICMP
+	}
+	return tu.ProtoICMPv6
+}
+
+// aFlow is the reply tuple of a known flow (proto 1/58: sport 0, dport the
+// echo identifier).
+func (g *generator) aFlow(v4 bool) tuple {
+	if v4 && len(g.flows4) > 0 {
+		k := pick(g.rng, g.flows4)
+		return tuple{netip.AddrFrom4(k.Src), netip.AddrFrom4(k.Dst), k.Sport, k.Dport, k.Proto}
+	}
+	k := pick(g.rng, g.flows6)
+	return tuple{netip.AddrFrom16(k.Src), netip.AddrFrom16(k.Dst), k.Sport, k.Dport, k.Proto}
+}
+
+// aSession is a session's key as an inbound tuple; an any-protocol one
+// gets TCP or UDP.
+func (g *generator) aSession(v4 bool) tuple {
+	var t tuple
+	if v4 {
+		k := pick(g.rng, g.sessions4)
+		t = tuple{netip.AddrFrom4(k.Src), netip.AddrFrom4(k.Dst), g.anyPort(), k.Dport, k.Proto}
+	} else {
+		k := pick(g.rng, g.sessions6)
+		t = tuple{netip.AddrFrom16(k.Src), netip.AddrFrom16(k.Dst), g.anyPort(), k.Dport, k.Proto}
+	}
+	if t.proto == 0 {
+		t.proto = pick(g.rng, []uint8{tu.ProtoTCP, tu.ProtoUDP})
+	}
+	return t
+}
+
+// aTuple is an inbound tuple from the pools.
+func (g *generator) aTuple(v4 bool) tuple {
+	t := tuple{sport: g.anyPort(), dport: g.anyPort(), proto: pick(g.rng, []uint8{tu.ProtoTCP, tu.ProtoUDP})}
+	if v4 {
+		t.src, t.dst = pick(g.rng, g.src4), pick(g.rng, g.dst4)
+	} else {
+		t.src, t.dst = pick(g.rng, g.src6), pick(g.rng, g.dst6)
+	}
+	return t
+}
+
+// packet builds t as a frame; ICMP tuples become echo replies (inbound
+// orientation: the identifier is dport) unless request is set.
+func (g *generator) packet(t tuple, request bool) pkt {
+	p := pkt{Frame: tu.Frame{Src: t.src, Dst: t.dst, Proto: t.proto, SrcPort: t.sport, DstPort: t.dport, Payload: g.rng.IntN(24)}}
+	p.TCPFlags = pick(g.rng, []uint8{0x02, 0x12, 0x10, 0x18, 0x04, 0x11, 0xC2})
+	if t.proto == tu.ProtoICMP || t.proto == tu.ProtoICMPv6 {
+		p.ICMPType, p.EchoID = 0, t.dport
+		if t.src.Is6() {
+			p.ICMPType = 129
+		}
+		if request {
+			p.ICMPType, p.EchoID = 8, t.sport
+			if t.src.Is6() {
+				p.ICMPType = 128
+			}
+		}
+	}
+	p.HopLimit = 64
+	p.IPID = pick(g.rng, g.ids)
+	g.decorate(&p)
+	return p
+}
+
+// decorate adds VLAN tags, IPv4 options or IPv6 extension headers now and
+// then.
+func (g *generator) decorate(p *pkt) {
+	switch g.rng.IntN(8) {
+	case 0:
+		p.VLANs = []uint16{0x8100}
+	case 1:
+		p.VLANs = []uint16{0x88A8, 0x8100}
+	}
+	if g.rng.IntN(6) == 0 {
+		if p.Src.Is4() {
+			p.IPv4Options = 4 * (1 + g.rng.IntN(10))
+		} else {
+			p.IPv6Ext = []uint8{pick(g.rng, []uint8{0, 60, 43})}
+		}
+	}
+}
+
+// ingress is one frame arriving on the public interface.
+func (g *generator) ingress() []byte {
+	v4 := g.rng.IntN(2) == 0
+	switch n := g.rng.IntN(20); {
+	case n < 13:
+		return g.frame()
+	case n < 15: // a reply to a known flow, or nearly one
+		t := g.aFlow(v4)
+		switch g.rng.IntN(6) {
+		case 0:
+			t.sport++
+		case 1:
+			t.dport = g.anyPort()
+		}
+		return g.packet(t, false).Bytes()
+	case n < 17:
+		return g.icmpError(v4)
+	case n < 19:
+		return g.fragment(v4)
+	default: // echo requests and replies from the pools
+		t := g.aTuple(v4)
+		t.proto = icmpOf(t.src)
+		t.sport, t.dport = uint16(pick(g.rng, g.ids)), uint16(pick(g.rng, g.ids))
+		return g.packet(t, g.rng.IntN(2) == 0).Bytes()
+	}
+}
+
+// icmpError is an ICMP error quoting a packet this side sent: one of a
+// known flow, one of a session's service, or anything.
+func (g *generator) icmpError(v4 bool) []byte {
+	var sent tuple // outbound orientation
+	request := false
+	switch g.rng.IntN(3) {
+	case 0:
+		r := g.aFlow(v4)
+		sent = tuple{r.dst, r.src, r.dport, r.sport, r.proto}
+		if r.proto == tu.ProtoICMP || r.proto == tu.ProtoICMPv6 {
+			sent.sport, sent.dport, request = r.dport, 0, true
+		}
+	case 1:
+		s := g.aSession(v4)
+		sent = tuple{s.dst, s.src, s.dport, s.sport, s.proto}
+	default:
+		s := g.aTuple(v4)
+		sent = tuple{s.dst, s.src, s.sport, s.dport, pick(g.rng, []uint8{tu.ProtoTCP, tu.ProtoUDP, icmpOf(s.src), tu.ProtoSCTP})}
+		request = g.rng.IntN(3) != 0
+	}
+	inner := pkt{Frame: tu.Frame{Src: sent.src, Dst: sent.dst, Proto: sent.proto, SrcPort: sent.sport, DstPort: sent.dport, Payload: 16}}
+	if sent.proto == tu.ProtoICMP || sent.proto == tu.ProtoICMPv6 {
+		inner.ICMPType, inner.EchoID = pick(g.rng, []uint8{8, 0, 13}), sent.sport
+		if sent.src.Is6() {
+			inner.ICMPType = pick(g.rng, []uint8{128, 129, 1})
+		}
+		if request {
+			inner.ICMPType = map[bool]uint8{true: 8, false: 128}[sent.src.Is4()]
+		}
+	}
+	switch g.rng.IntN(10) {
+	case 0:
+		if inner.Src.Is4() {
+			inner.IPv4Options = 4 * (1 + g.rng.IntN(10))
+		} else {
+			inner.IPv6Ext = []uint8{60} // unmatchable
+		}
+	case 1:
+		inner.FragOffset = 1 + uint16(g.rng.IntN(50)) // a later fragment: unmatchable
+	}
+	n := 8 + g.rng.IntN(24)
+	if g.rng.IntN(8) == 0 {
+		n = g.rng.IntN(8) // truncated
+	}
+	q := quoteOf(inner, n)
+	if g.rng.IntN(8) == 0 {
+		q = q[:g.rng.IntN(len(q))] // truncated anywhere
+	}
+	if g.rng.IntN(20) == 0 && len(q) > 0 {
+		q[0] ^= 0x20 // another IP version
+	}
+
+	outer := pkt{Frame: tu.Frame{Src: pick(g.rng, append(g.src4, g.dst4...)), Dst: sent.src, Proto: tu.ProtoICMP}, Quote: q}
+	outer.ICMPType = pick(g.rng, []uint8{3, 11, 12, 3, 11, 12, 4, 5, 0})
+	if !v4 {
+		outer.Src, outer.Proto = pick(g.rng, append(g.src6, g.dst6...)), tu.ProtoICMPv6
+		outer.ICMPType = pick(g.rng, []uint8{1, 2, 3, 4, 1, 2, 3, 4, 129, 143})
+	}
+	outer.ICMPCode = uint8(g.rng.IntN(5))
+	if g.rng.IntN(6) == 0 { // addressed to someone else than the quoted sender
+		outer.Dst = pick(g.rng, map[bool][]netip.Addr{true: g.dst4, false: g.dst6}[v4])
+	}
+	if outer.Src.Is4() != outer.Dst.Is4() {
+		outer.Src = outer.Dst
+	}
+	g.decorate(&outer)
+	return outer.Bytes()
+}
+
+// fragment is a first or a later fragment of a datagram of a session, a
+// flow or anything, with an identification from a small pool so that
+// later fragments often belong to a remembered first fragment.
+func (g *generator) fragment(v4 bool) []byte {
+	var t tuple
+	switch g.rng.IntN(3) {
+	case 0:
+		t = g.aSession(v4)
+	case 1:
+		t = g.aFlow(v4)
+	default:
+		t = g.aTuple(v4)
+	}
+	p := g.packet(t, false)
+	p.VLANs, p.IPv4Options = nil, 0
+	if g.rng.IntN(3) == 0 {
+		p.FragOffset = 0 // first
+		p.MoreFragments = true
+	} else {
+		p.FragOffset = 1 + uint16(g.rng.IntN(180))
+		p.MoreFragments = g.rng.IntN(2) == 0
+	}
+	if !v4 {
+		p.IPv6Ext = pick(g.rng, [][]uint8{{44}, {44}, {0, 44}, {44, 60}})
+	}
+	return p.Bytes()
+}
+
+// egressFrame is one frame leaving through the public interface.
+func (g *generator) egressFrame() []byte {
+	rng := g.rng
+	if rng.IntN(30) == 0 {
+		b := make([]byte, 14+rng.IntN(100))
+		for i := range b {
+			b[i] = byte(rng.Uint32())
+		}
+		b[12], b[13] = pick(rng, []byte{0x08, 0x86, 0x81}), pick(rng, []byte{0x00, 0xDD})
+		return b
+	}
+	v4 := rng.IntN(2) == 0
+	var out tuple
+	request := false
+	switch n := rng.IntN(10); {
+	case n < 3: // a packet of a known flow
+		r := g.aFlow(v4)
+		out = tuple{r.dst, r.src, r.dport, r.sport, r.proto}
+		if r.proto == tu.ProtoICMP || r.proto == tu.ProtoICMPv6 {
+			out.sport, out.dport, request = r.dport, 0, true
+		}
+	case n < 5: // a session's service answering its user
+		s := g.aSession(v4)
+		out = tuple{s.dst, s.src, s.dport, s.sport, s.proto}
+	default: // anything from the gateway's side to the public side
+		s := g.aTuple(v4)
+		out = tuple{s.dst, s.src, s.sport, s.dport, s.proto}
+		switch rng.IntN(10) {
+		case 0, 1:
+			out.proto, request = icmpOf(out.src), rng.IntN(4) != 0
+			out.sport, out.dport = uint16(pick(rng, g.ids)), uint16(pick(rng, g.ids))
+		case 2:
+			out.proto = pick(rng, []uint8{tu.ProtoSCTP, 47})
+		}
+	}
+	p := g.packet(tuple{out.src, out.dst, out.sport, out.dport, out.proto}, request)
+	if out.proto == icmpOf(out.src) && !request && rng.IntN(2) == 0 {
+		p.ICMPType = pick(rng, []uint8{3, 1, 11}) // an error this side sends
+	}
+	if rng.IntN(10) == 0 {
+		p.FragOffset = uint16(rng.IntN(2) * (1 + rng.IntN(100)))
+		p.MoreFragments = true
+		if !v4 {
+			p.IPv6Ext = []uint8{44}
+		}
+	}
+	b := p.Bytes()
+	switch n := rng.IntN(20); {
+	case n == 0:
+		b = b[:14+rng.IntN(len(b)-13)]
+	case n == 1:
+		b[rng.IntN(min(len(b), 14+8+40+40))] = byte(rng.Uint32())
+	}
+	return b
 }
 
 func (g *generator) frame() []byte {
@@ -297,12 +936,13 @@ func (g *generator) frame() []byte {
 		f.Proto = tu.ProtoUDP
 	case n < 18:
 		f.Proto = tu.ProtoICMP
+		f.ICMPType = pick(rng, []uint8{0, 3, 5, 8, 11, 12, 13})
 		if f.Src.Is6() {
 			f.Proto = tu.ProtoICMPv6
-		}
-		f.ICMPType = uint8(128 + rng.IntN(12))
-		if rng.IntN(2) == 0 {
-			f.ICMPType = uint8(133 + rng.IntN(5)) // neighbour discovery
+			f.ICMPType = uint8(128 + rng.IntN(12))
+			if rng.IntN(2) == 0 {
+				f.ICMPType = uint8(133 + rng.IntN(5)) // neighbour discovery
+			}
 		}
 		if rng.IntN(6) == 0 {
 			f.ICMPCode = uint8(1 + rng.IntN(255))
@@ -320,7 +960,10 @@ func (g *generator) frame() []byte {
 	default:
 		f.HopLimit = uint8(rng.Uint32())
 	}
-	f.SrcPort = uint16(rng.Uint32())
+	f.SrcPort = g.anyPort()
+	if rng.IntN(4) == 0 {
+		f.SrcPort = uint16(rng.Uint32())
+	}
 	f.DstPort = pick(rng, g.ports)
 	if rng.IntN(8) == 0 {
 		f.DstPort = uint16(rng.Uint32())
@@ -342,7 +985,9 @@ func (g *generator) frame() []byte {
 		}
 	}
 	f.Payload = rng.IntN(64)
-	b := f.Bytes()
+	p := pkt{Frame: f, IPID: pick(rng, g.ids), EchoID: uint16(pick(rng, g.ids)),
+		TCPFlags: pick(rng, []uint8{0x02, 0x12, 0x10})}
+	b := p.Bytes()
 
 	switch n := rng.IntN(10); {
 	case n < 2: // truncated anywhere

@@ -17,9 +17,11 @@ import (
 // BPF_PROG_TEST_RUN and never attached, in a namespace of its own whose
 // routing table the model knows (fib_test.go).
 type harness struct {
-	prog *ebpf.Program
-	maps *state.Maps
-	fib  *fibNetns
+	prog   *ebpf.Program
+	egress *ebpf.Program
+	maps   *state.Maps
+	objs   *bpf.AegisObjects
+	fib    *fibNetns
 }
 
 func newHarness(t testing.TB) *harness {
@@ -35,8 +37,10 @@ func newHarness(t testing.TB) *harness {
 	}
 	t.Cleanup(func() { objs.Close() })
 	return &harness{
-		fib:  newFibNetns(t),
-		prog: objs.AegisXdp,
+		fib:    newFibNetns(t),
+		prog:   objs.AegisXdp,
+		egress: objs.AegisEgress,
+		objs:   &objs,
 		maps: &state.Maps{
 			SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6,
 			AllowV4: objs.AllowV4, AllowV6: objs.AllowV6,
@@ -68,7 +72,13 @@ func (h *harness) setAllow(t testing.TB, rules ...string) (v4, v6 uint16) {
 		}
 		parsed = append(parsed, r)
 	}
-	e, err := state.CompileAllow(parsed)
+	return h.setAllowRules(t, parsed...)
+}
+
+// setAllowRules is setAllow for rules the parser does not spell (ICMP).
+func (h *harness) setAllowRules(t testing.TB, rules ...state.AllowRule) (v4, v6 uint16) {
+	t.Helper()
+	e, err := state.CompileAllow(rules)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,6 +93,22 @@ func (h *harness) setAllow(t testing.TB, rules ...string) (v4, v6 uint16) {
 		}
 	}
 	return uint16(len(e.V4)), uint16(len(e.V6))
+}
+
+// putSession writes a session as the data path stores it, for keys
+// state.Grant refuses (protocol 0).
+func (h *harness) putSession(t testing.TB, key any, v bpf.AegisSessionValue) {
+	t.Helper()
+	var err error
+	switch k := key.(type) {
+	case bpf.AegisSessionKeyV4:
+		err = h.objs.SessionsV4.Put(&k, &v)
+	case bpf.AegisSessionKeyV6:
+		err = h.objs.SessionsV6.Put(&k, &v)
+	}
+	if err != nil {
+		t.Fatalf("put session %+v: %v", key, err)
+	}
 }
 
 func (h *harness) grant(t testing.TB, s state.Session) {
@@ -226,10 +252,12 @@ func TestVerdicts(t *testing.T) {
 		{"malformed truncated udp", udp(client4, svc4, 5353).Bytes()[:14+20+7], bpf.ReasonMalformed},
 		{"malformed truncated vlan", tu.Frame{VLANs: []uint16{0x8100}, EtherType: 0x0800}.Bytes()[:16], bpf.ReasonMalformed},
 		{"fragment", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.FragOffset = 185 }).Bytes(), bpf.ReasonFragment},
-		{"last fragment", with(udp(client4, svc4, 5353), func(f *tu.Frame) { f.FragOffset = 1 }).Bytes(), bpf.ReasonFragment},
+		// Datagram 0 passed its first fragment above; this is another.
+		{"last fragment", pkt{Frame: with(udp(client4, svc4, 5353), func(f *tu.Frame) { f.FragOffset = 1 }), IPID: 9}.Bytes(), bpf.ReasonFragment},
 		{"unsupported l3 lldp", tu.Frame{EtherType: 0x88CC}.Bytes(), bpf.ReasonUnsupportedL3},
 		{"unsupported l3 three tags", with(tcp(client4, svc4, 8080), func(f *tu.Frame) { f.VLANs = []uint16{0x88A8, 0x8100, 0x8100} }).Bytes(), bpf.ReasonUnsupportedL3},
-		{"unsupported l4 icmp", tu.Frame{Src: client4, Dst: svc4, Proto: tu.ProtoICMP, ICMPType: 8}.Bytes(), bpf.ReasonUnsupportedL4},
+		{"echo request without allow rule", tu.Frame{Src: client4, Dst: svc4, Proto: tu.ProtoICMP, ICMPType: 8}.Bytes(), bpf.ReasonNoSession},
+		{"unsupported l4 icmp timestamp", tu.Frame{Src: client4, Dst: svc4, Proto: tu.ProtoICMP, ICMPType: 13}.Bytes(), bpf.ReasonUnsupportedL4},
 		{"unsupported l4 sctp", tu.Frame{Src: client4, Dst: svc4, Proto: tu.ProtoSCTP}.Bytes(), bpf.ReasonUnsupportedL4},
 	}
 	v6 := []tc{
@@ -270,7 +298,7 @@ func TestVerdicts(t *testing.T) {
 		{"ndp to an unreachable route", ndp(136, client6, netip.MustParseAddr("2001:db8:6::1")).Bytes(), bpf.ReasonUnsupportedL4},
 		{"ndp to site-scope multicast", ndp(135, client6, netip.MustParseAddr("ff05::1:ff00:1")).Bytes(), bpf.ReasonUnsupportedL4},
 		{"ndp to an unrouted address", ndp(136, client6, netip.MustParseAddr("2001:db8:9::1")).Bytes(), bpf.ReasonNDP},
-		{"icmpv6 echo with hop limit 255 to link-local", ndp(128, client6, gwLL).Bytes(), bpf.ReasonUnsupportedL4},
+		{"icmpv6 echo with hop limit 255 to link-local", ndp(128, client6, gwLL).Bytes(), bpf.ReasonNoSession},
 		{"no session other client", tcp(other6, svc6, 8080).Bytes(), bpf.ReasonNoSession},
 		{"no session other protocol", udp(client6, svc6, 8080).Bytes(), bpf.ReasonNoSession},
 		{"expired idle", tcp(client6, svc6, 9001).Bytes(), bpf.ReasonExpired},
@@ -294,8 +322,10 @@ func TestVerdicts(t *testing.T) {
 			return b
 		}), bpf.ReasonMalformed},
 		{"fragment", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{44}; f.FragOffset = 185 }).Bytes(), bpf.ReasonFragment},
-		{"fragment after hop-by-hop", with(udp(client6, svc6, 5353), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 44}; f.FragOffset = 1 }).Bytes(), bpf.ReasonFragment},
-		{"unsupported l4 icmpv6 echo", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 128}.Bytes(), bpf.ReasonUnsupportedL4},
+		// Datagram 0 passed its first fragment above; this is another.
+		{"fragment after hop-by-hop", pkt{Frame: with(udp(client6, svc6, 5353), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 44}; f.FragOffset = 1 }), IPID: 9}.Bytes(), bpf.ReasonFragment},
+		{"echo request without allow rule", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 128}.Bytes(), bpf.ReasonNoSession},
+		{"unsupported l4 icmpv6 mld report", tu.Frame{Src: client6, Dst: svc6, Proto: tu.ProtoICMPv6, ICMPType: 143}.Bytes(), bpf.ReasonUnsupportedL4},
 		{"unsupported l4 seven ext headers", with(tcp(client6, svc6, 8080), func(f *tu.Frame) { f.IPv6Ext = []uint8{0, 60, 43, 60, 43, 60, 60} }).Bytes(), bpf.ReasonUnsupportedL4},
 		{"unsupported l4 no next header", tu.Frame{Src: client6, Dst: svc6, Proto: 59}.Bytes(), bpf.ReasonUnsupportedL4},
 	}
