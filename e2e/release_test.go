@@ -186,8 +186,8 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 		return k
 	}
 	streamed := grant("alice", 7000, time.Minute, 0)
-	idleKey := grant("carol", 7001, 4*time.Second, 0)            // idle: never used, due 4 s after the grant
-	lifetimeKey := grant("dave", 7002, time.Hour, 9*time.Second) // hard lifetime
+	idleKey := grant("carol", 7001, 6*time.Second, 0)            // idle: no traffic until just before it is due
+	lifetimeKey := grant("dave", 7002, time.Hour, 8*time.Second) // a lifetime: ends 8 s after the grant
 	for i := range 20 {
 		grant("bob", uint16(10000+i), time.Hour, 0)
 	}
@@ -247,15 +247,15 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	if v, _, err := state.PinnedLayoutVersion(g.pin); err != nil || v != bpf.LayoutVersion {
 		t.Fatalf("layout version %d after the upgrade (%v), want %d", v, err, bpf.LayoutVersion)
 	}
-	after, afterID := sessionsV4(t, g.pin)
+	sessionsAfter, afterID := sessionsV4(t, g.pin)
 	if afterID != sessionsID {
 		t.Fatalf("sessions map replaced (id %d, was %d): its layout did not change", afterID, sessionsID)
 	}
-	if len(after) != len(before) {
-		t.Fatalf("%d sessions after the upgrade, %d before", len(after), len(before))
+	if len(sessionsAfter) != len(before) {
+		t.Fatalf("%d sessions after the upgrade, %d before", len(sessionsAfter), len(before))
 	}
 	for k, b := range before {
-		a, ok := after[k]
+		a, ok := sessionsAfter[k]
 		if !ok {
 			t.Fatalf("session %+v lost", k)
 		}
@@ -293,27 +293,33 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	g.expectPass("a grant by the old control plane after the upgrade", bpf.ReasonSession,
 		func() error { return g.UDP(erin.Src, netip.AddrPortFrom(erin.Dst, erin.Port), probeTimeout) })
 
-	// Timers carried over run out when due under the new program: a
-	// session with a lifetime passes until its end and not after it; an
-	// idle session is refused once its idle timeout has passed.
-	life := after[v4Key(lifetimeKey)]
-	if now := state.Now(); now+uint64(time.Second) > life.ExpiresNs {
-		t.Fatalf("too slow: the lifetime session is due in %v", time.Duration(life.ExpiresNs-now))
+	// Timers carried over run out when due under the new program, not
+	// before and not after. The idle session passes just before its idle
+	// timeout (measured from v0.1.0's grant) has run out, which refreshes
+	// it, and is refused just after the timeout has run out again from
+	// that refresh. The lifetime session passes just before its end and is
+	// refused just after it.
+	probe := func(k state.Key) func() error {
+		return func() error { return g.UDP(k.Src, netip.AddrPortFrom(k.Dst, k.Port), probeTimeout) }
 	}
-	waitUntil(life.ExpiresNs - uint64(800*time.Millisecond))
-	g.expectPass("the lifetime session just before its end", bpf.ReasonSession,
-		func() error {
-			return g.UDP(lifetimeKey.Src, netip.AddrPortFrom(lifetimeKey.Dst, lifetimeKey.Port), probeTimeout)
-		})
-	waitUntil(life.ExpiresNs + uint64(200*time.Millisecond))
-	g.expectBlocked("the lifetime session just after its end", bpf.ReasonExpired,
-		func() error {
-			return g.UDP(lifetimeKey.Src, netip.AddrPortFrom(lifetimeKey.Dst, lifetimeKey.Port), probeTimeout)
-		})
-	idle := after[v4Key(idleKey)]
-	waitUntil(idle.LastSeenNs + idle.IdleTimeoutNs + uint64(200*time.Millisecond))
-	g.expectBlocked("the idle session after its idle timeout", bpf.ReasonExpired,
-		func() error { return g.UDP(idleKey.Src, netip.AddrPortFrom(idleKey.Dst, idleKey.Port), probeTimeout) })
+	const early, late = 800 * time.Millisecond, 200 * time.Millisecond
+	idle, life := sessionsAfter[v4Key(idleKey)], sessionsAfter[v4Key(lifetimeKey)]
+	idleDue := idle.LastSeenNs + idle.IdleTimeoutNs
+	if now := state.Now(); now+uint64(early) > idleDue {
+		t.Fatalf("too slow: the idle session is due in %v, the test needs %v", time.Duration(int64(idleDue-now)), early)
+	}
+	waitUntil(idleDue - uint64(early))
+	g.expectPass("the idle session just before its idle timeout", bpf.ReasonSession, probe(idleKey))
+	waitUntil(life.ExpiresNs - uint64(early))
+	g.expectPass("the lifetime session just before its end", bpf.ReasonSession, probe(lifetimeKey))
+	waitUntil(life.ExpiresNs + uint64(late))
+	g.expectBlocked("the lifetime session just after its end", bpf.ReasonExpired, probe(lifetimeKey))
+	refreshed, err := g.maps().Lookup(idleKey)
+	if err != nil || refreshed.LastSeen <= idle.LastSeenNs {
+		t.Fatalf("the idle session's probe did not refresh it: %+v %v", refreshed, err)
+	}
+	waitUntil(refreshed.LastSeen + idle.IdleTimeoutNs + uint64(late))
+	g.expectBlocked("the idle session just after its idle timeout", bpf.ReasonExpired, probe(idleKey))
 
 	// A downgrade is refused in one line, and changes nothing.
 	progBefore := g.loader("status", "--json")
