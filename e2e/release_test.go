@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -280,6 +281,20 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 		}
 		if name == state.MapConfig && (len(dump) != 1 || !strings.Contains(raw, `"flow_idle_udp_ns"`)) {
 			t.Fatalf("config is not this layout's: %s", raw)
+		}
+	}
+	// Every pin, migrated and created ones too, is the daemons' group's.
+	for _, name := range state.MapNames {
+		fi, err := os.Stat(state.MapPath(g.pin, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := os.FileMode(0o640)
+		if state.DaemonWritable(name) {
+			want = 0o660
+		}
+		if st := fi.Sys().(*syscall.Stat_t); st.Uid != 0 || st.Gid != daemonGID || fi.Mode().Perm() != want {
+			t.Errorf("pin %s after the upgrade: uid %d gid %d mode %v, want 0 %d %v", name, st.Uid, st.Gid, fi.Mode().Perm(), daemonGID, want)
 		}
 	}
 	if st := g.loader("status"); !strings.Contains(st, fmt.Sprintf("layout version  %d\n", bpf.LayoutVersion)) {
