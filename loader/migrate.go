@@ -35,8 +35,14 @@ package loader
 // staged pins; links that had already moved keep their maps through their
 // program.
 //
+// A migrated sessions map is copied before the switch and caught up after
+// it (records), but daemons of the old release keep writing to the old map
+// until they are restarted: the operator restarts them after the loader.
+// Maps whose layout is unchanged, the sessions maps so far, are the same
+// kernel objects before and after, so the old daemons keep working.
+//
 // Pins of a newer version are refused: this build cannot know their
-// layout, and the one line says which release made them.
+// layout, and the one line says the pins come from a later release.
 
 import (
 	"errors"
@@ -73,7 +79,9 @@ type migration struct {
 
 // migrations holds every layout change this build carries pins across.
 // An entry converts the map as pinned by layout version from directly to
-// this build's layout, with derived, counters or records(convert). When a
+// this build's layout, with derived (the maps the loader writes from its
+// flags: config, allow_v4, allow_v6), counters (stats) or records(convert)
+// (sessions, with a function converting one entry). When a
 // layout change bumps the version, add an entry for each map whose layout
 // changed, keyed by the version it changed from, and check the entries of
 // older versions still produce this build's layout (or drop them, ending
