@@ -297,8 +297,11 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 			t.Errorf("pin %s after the upgrade: uid %d gid %d mode %v, want 0 %d %v", name, st.Uid, st.Gid, fi.Mode().Perm(), daemonGID, want)
 		}
 	}
-	if st := g.loader("status"); !strings.Contains(st, fmt.Sprintf("layout version  %d\n", bpf.LayoutVersion)) {
-		t.Fatalf("status after the upgrade:\n%s", st)
+	var st struct {
+		LayoutVersion uint32 `json:"layout_version"`
+	}
+	if out := g.loader("status", "--json"); json.Unmarshal([]byte(out), &st) != nil || st.LayoutVersion != bpf.LayoutVersion {
+		t.Fatalf("status after the upgrade:\n%s", out)
 	}
 
 	// The old release's control plane still holds the sessions map, which
