@@ -160,6 +160,11 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 		t.Fatalf("%s pinned layout version %d (%v), want %d", prev.Version, v, err, prev.LayoutVersion)
 	}
 
+	if out := g.loader("status"); !strings.Contains(out, fmt.Sprintf("layout version  %d: pins from an older release", prev.LayoutVersion)) ||
+		!strings.Contains(out, tu.PublicIface) {
+		t.Fatalf("this build's status of %s's pins:\n%s", prev.Version, out)
+	}
+
 	p := newPKI(t)
 	cp := startControlPlane(t, g, p, cpOptions{caps: "+bpf", binary: oldCP})
 	agent := agentv1.NewAgentServiceClient(cp.dial(p.controller))
