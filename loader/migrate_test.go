@@ -304,3 +304,106 @@ func TestMigrationCatchesUpWithTheOldMap(t *testing.T) {
 		t.Fatalf("a session granted during the upgrade was lost: %v", err)
 	}
 }
+
+// setPinnedVersion rewrites the layout version in the pinned config, as if
+// an older release had written it.
+func (e *env) setPinnedVersion(v uint32) {
+	e.t.Helper()
+	m, err := ebpf.LoadPinnedMap(state.MapPath(e.pin, state.MapConfig), nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer m.Close()
+	raw, err := m.LookupBytes(uint32(0))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	binary.NativeEndian.PutUint32(raw, v)
+	if err := m.Put(uint32(0), raw); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// programUsesPins fails t unless the program every link runs is the pinned
+// one and reads the pinned config map, not a replaced one.
+func (e *env) programUsesPins(ifaces ...string) {
+	e.t.Helper()
+	p, err := ebpf.LoadPinnedProgram(state.ProgramPath(e.pin), nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer p.Close()
+	info, err := p.Info()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	id, _ := info.ID()
+	for _, iface := range ifaces {
+		if got := e.ids(iface).program; got != id {
+			e.t.Fatalf("%s runs program %d, the pin holds %d", iface, got, id)
+		}
+	}
+	mapIDs, _ := info.MapIDs()
+	cfg := e.mapID(state.MapConfig)
+	for _, m := range mapIDs {
+		if m == cfg {
+			return
+		}
+	}
+	e.t.Fatalf("the program reads maps %v, not the pinned config %d", mapIDs, cfg)
+}
+
+// An upgrade across layouts with links attached: the config is replaced,
+// so the program is loaded afresh against it even though the pinned one is
+// this very build; one that fails half-way (here: the second link's
+// update) is finished by the next load, which leaves every link on the
+// pinned program reading the pinned config.
+func TestLayoutUpgradeOverAttachedLinks(t *testing.T) {
+	e := newEnv(t)
+	e.mustLoad(nil, "-i", "a1")
+	e.grant(testSession)
+	before := e.ids("a0")
+
+	e.setPinnedVersion(1)
+	calls := 0
+	r := e.cli(func(l *loader.Loader) {
+		l.Update = func(lk link.Link, p *ebpf.Program) error {
+			if calls++; calls == 2 {
+				return errors.New("injected crash")
+			}
+			return lk.Update(p)
+		}
+	}, e.loadArgs("-i", "a1")...)
+	if r.code != 1 || calls != 2 {
+		t.Fatalf("half-way upgrade (%d link updates): %+v", calls, r)
+	}
+	if e.xdpProgram("a0") == e.xdpProgram("a1") {
+		t.Fatal("the injected failure did not leave the links on different programs")
+	}
+	e.noStagedPins()
+	if v, _, _ := state.PinnedLayoutVersion(e.pin); v != 1 {
+		t.Fatalf("a failed upgrade left layout version %d", v)
+	}
+
+	r = e.mustLoad(nil, "-i", "a1", "--json")
+	var res loader.Result
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(res.MigratedMaps, ",") != state.MapConfig || len(res.Upgraded) != 2 {
+		t.Fatalf("converging load: %+v", res)
+	}
+	after := e.ids("a0")
+	if after.link != before.link || after.maps[state.MapSessionsV4] != before.maps[state.MapSessionsV4] {
+		t.Fatalf("link or sessions map replaced: %+v -> %+v", before, after)
+	}
+	if after.maps[state.MapConfig] == before.maps[state.MapConfig] {
+		t.Fatal("config not replaced")
+	}
+	e.programUsesPins("a0", "a1")
+	e.noStagedPins()
+	e.mustHaveSession(testSession)
+	if v, _, _ := state.PinnedLayoutVersion(e.pin); v != bpf.LayoutVersion {
+		t.Fatalf("layout version %d", v)
+	}
+}
