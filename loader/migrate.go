@@ -135,7 +135,10 @@ type convertFunc func(key, value []byte) (newKey, newValue []byte, ok bool, err 
 // value layout changed: every entry is converted and copied, batch by
 // batch, into the new map before the switch, and once more after it, when
 // entries deleted from the old map meanwhile are deleted from the new one
-// too, so that a revoke made during the upgrade is not undone.
+// too, so that a revoke made during the upgrade is not undone. The second
+// copy overwrites what the new program refreshed in the moments since the
+// switch with the old map's values, older by as much: a session's last
+// packet can only seem that much (milliseconds) earlier.
 func records(convert convertFunc) migration {
 	return migration{
 		build: func(_ *Loader, old *ebpf.Map, spec *ebpf.MapSpec) (*ebpf.Map, error) {
