@@ -543,7 +543,7 @@ func TestControlPlaneRestartLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	before, err := agent.ListSessions(c, &agentv1.ListSessionsRequest{})
-	if err != nil || len(before.GetSessions()) != 4 {
+	if err != nil || len(before.GetSessions()) != 3 {
 		t.Fatalf("sessions before the restart: %v %v", before, err)
 	}
 

@@ -141,7 +141,7 @@ func TestSystemdJournal(t *testing.T) {
 		t.Fatalf("journalctl AEGIS_AUDIT=grant AEGIS_USER=alice: %d entries, want 1", len(grants))
 	}
 	for k, want := range map[string]string{"AEGIS_RESULT": "created", "AEGIS_PEER": "aegis-controller", "AEGIS_SRC": tu.ClientV4.String(),
-		"AEGIS_DST": tu.ServiceAV4.String(), "AEGIS_PORT": "7000", "AEGIS_PROTO": "udp", "PRIORITY": "6"} {
+		"AEGIS_DST": tu.ServiceAV4.String(), "AEGIS_DPORT": "7000", "AEGIS_PROTO": "udp", "PRIORITY": "6"} {
 		if got := field(grants[0], k); got != want {
 			t.Errorf("audit entry %s = %q, want %q", k, got, want)
 		}

@@ -67,19 +67,49 @@ func (e *egressProgram) Close() {
 }
 
 // sameEgressBuild reports whether the program with this id is spec's
-// egress program, by the kernel's tag of its instructions.
-func sameEgressBuild(spec *ebpf.CollectionSpec, id ebpf.ProgramID) bool {
+// egress program, by the kernel's tag of its instructions. It looks at the
+// pinned egress program when that is the one with this id: opening a
+// program by id needs CAP_SYS_ADMIN, which the loader's unit does not
+// grant. Any doubt answers false, which costs an in-place update.
+func sameEgressBuild(spec *ebpf.CollectionSpec, id ebpf.ProgramID, pinPath string) bool {
 	ps, err := state.EgressProgramSpec(spec)
 	if err != nil {
 		return false
 	}
-	p, err := ebpf.NewProgramFromID(id)
+	p, err := ebpf.LoadPinnedProgram(state.EgressProgramPath(pinPath), nil)
 	if err != nil {
-		return false
+		if p, err = ebpf.NewProgramFromID(id); err != nil {
+			return false
+		}
 	}
 	defer p.Close()
 	info, err := p.Info()
-	return err == nil && ps.Compatible(info) == nil
+	if err != nil {
+		return false
+	}
+	if pid, ok := info.ID(); !ok || pid != id {
+		return false
+	}
+	return ps.Compatible(info) == nil
+}
+
+// pinEgressProgram pins prog as the egress program, replacing the pin in
+// one rename.
+func pinEgressProgram(prog *ebpf.Program, pinPath string) error {
+	next, path := state.EgressProgramNextPath(pinPath), state.EgressProgramPath(pinPath)
+	_ = os.Remove(next)
+	if err := prog.Pin(next); err != nil {
+		return fmt.Errorf("pin egress program %s: %w", next, err)
+	}
+	if err := os.Chmod(next, 0o600); err != nil {
+		_ = os.Remove(next)
+		return fmt.Errorf("chmod %s: %w", next, err)
+	}
+	if err := os.Rename(next, path); err != nil {
+		_ = os.Remove(next)
+		return fmt.Errorf("replace egress program pin %s: %w", path, err)
+	}
+	return nil
 }
 
 // convergeEgress brings the egress links to cfg: with reply tracking, one
@@ -118,6 +148,11 @@ func (l *Loader) convergeEgress(spec *ebpf.CollectionSpec, maps *state.Maps, cfg
 		if err := l.ensureEgress(ep, cfg.PinPath, name, ifindex, requested, res); err != nil {
 			return err
 		}
+	}
+	if ep.prog != nil {
+		// Links now run this build's program: pin it, so that the next
+		// load recognizes it.
+		return pinEgressProgram(ep.prog, cfg.PinPath)
 	}
 	return nil
 }
@@ -192,7 +227,7 @@ func (l *Loader) ensureEgress(ep *egressProgram, pinPath, name string, ifindex i
 			at = int(t.Ifindex)
 		}
 		if at != 0 && (!requested || at == ifindex) {
-			if sameEgressBuild(ep.spec, info.Program) {
+			if sameEgressBuild(ep.spec, info.Program, pinPath) {
 				return nil
 			}
 			prog, id, err := ep.get()
@@ -302,7 +337,7 @@ func addEgressStatus(st *Status, spec *ebpf.CollectionSpec, pinPath string) erro
 		es := &EgressStatus{LinkID: uint32(info.ID), ProgramID: uint32(info.Program)}
 		if t := info.TCX(); t != nil && t.Ifindex != 0 {
 			es.Attached, es.Ifindex = true, int(t.Ifindex)
-			es.Current = sameEgressBuild(spec, info.Program)
+			es.Current = sameEgressBuild(spec, info.Program, pinPath)
 		}
 		i := slices.IndexFunc(st.Interfaces, func(is InterfaceStatus) bool {
 			n, _, _ := strings.Cut(is.Name, " ")

@@ -446,6 +446,7 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	want := map[string]os.FileMode{
 		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o710 | os.ModeDir,
 		state.LinkPath(e.pin, "a0"): 0o600, state.EgressLinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
+		state.EgressProgramPath(e.pin): 0o600,
 	}
 	for _, name := range state.MapNames {
 		want[state.MapPath(e.pin, name)] = 0o640

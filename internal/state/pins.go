@@ -58,6 +58,12 @@ var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, Ma
 const (
 	ProgramPin     = "program"
 	ProgramNextPin = "program_next"
+	// EgressProgramPin holds the egress program the egress links run, so
+	// that a loader without CAP_SYS_ADMIN (which opening a program by id
+	// needs) can tell this build's from another; EgressProgramNextPin
+	// stages a new one.
+	EgressProgramPin     = "program_egress"
+	EgressProgramNextPin = "program_egress_next"
 )
 
 // LinksDir is the directory under the pin path holding one pinned XDP
@@ -83,6 +89,14 @@ func ProgramPath(pinPath string) string { return filepath.Join(pinPath, ProgramP
 
 // ProgramNextPath returns the pin an upgrade stages the next build at.
 func ProgramNextPath(pinPath string) string { return filepath.Join(pinPath, ProgramNextPin) }
+
+// EgressProgramPath returns the pin of the egress program.
+func EgressProgramPath(pinPath string) string { return filepath.Join(pinPath, EgressProgramPin) }
+
+// EgressProgramNextPath returns the pin a new egress program is staged at.
+func EgressProgramNextPath(pinPath string) string {
+	return filepath.Join(pinPath, EgressProgramNextPin)
+}
 
 // LinksPath returns the directory of the link pins.
 func LinksPath(pinPath string) string { return filepath.Join(pinPath, LinksDir) }
@@ -114,7 +128,8 @@ func IsTempLinkPin(name string) bool { return strings.HasSuffix(name, TempLinkSu
 // FilePins returns every pin directly under the pin path, programs first,
 // staged ones included: what a full unload removes besides the links.
 func FilePins(pinPath string) []string {
-	out := []string{ProgramPath(pinPath), ProgramNextPath(pinPath)}
+	out := []string{ProgramPath(pinPath), ProgramNextPath(pinPath),
+		EgressProgramPath(pinPath), EgressProgramNextPath(pinPath)}
 	for _, name := range MapNames {
 		out = append(out, MapPath(pinPath, name), MapNextPath(pinPath, name))
 	}
