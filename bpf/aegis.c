@@ -600,19 +600,22 @@ static __always_inline int event_admit(struct event_limit *l, __u64 rate, __u64 
 	__u64 credit = l->credit + (__u64)elapsed * rate;
 	if (credit > max)
 		credit = max;
-	l->last_ns = now;
+	/* A refusal leaves credit and last_ns as they were: the refill is
+	 * recomputed from the same start next time, to the same figure (the
+	 * clamps only bind once a full event's worth has accrued). One store
+	 * per refused frame instead of three. */
 	if (credit < 1000000000ULL) {
-		l->credit = credit;
 		l->suppressed++;
 		return 0;
 	}
 	l->credit = credit - 1000000000ULL;
+	l->last_ns = now;
 	return 1;
 }
 
 static __always_inline void event_emit(struct xdp_md *ctx, const struct config_value *cfg,
 				       const struct tuple *t, __u32 reason, __u32 cause,
-				       __u32 action, __u64 len)
+				       __u32 action, __u64 len, __u64 now)
 {
 	__u32 kind = cause == reason && action == XDP_PASS ? EVENT_KIND_PASS : EVENT_KIND_DROP;
 	__u64 rate = kind == EVENT_KIND_PASS ? cfg->event_pass_rate : cfg->event_drop_rate;
@@ -621,7 +624,6 @@ static __always_inline void event_emit(struct xdp_md *ctx, const struct config_v
 	struct event_limit *l = bpf_map_lookup_elem(&event_limits, &kind);
 	if (!l)
 		return;
-	__u64 now = bpf_ktime_get_coarse_ns();
 	if (!event_admit(l, rate, now))
 		return;
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -947,9 +949,8 @@ static __always_inline int related(const struct tuple *q, const struct config_va
  * header of an ICMP error. Shared by IPv4 and IPv6.
  */
 static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
-				  const struct tuple *q, const struct config_value *cfg)
+				  const struct tuple *q, const struct config_value *cfg, __u64 now)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
 	int r = REASON_NO_SESSION;
 
 	if (t->kind == L4_PORTS) {
@@ -1119,22 +1120,22 @@ static __always_inline void frag_key_of(const struct ip_info *p, struct frag_key
 
 /* A later fragment passes under its first fragment's reason while that
  * is remembered. */
-static __always_inline int frag_verdict(const struct ip_info *p)
+static __always_inline int frag_verdict(const struct ip_info *p, __u64 now)
 {
 	struct frag_key k = {};
 	frag_key_of(p, &k);
 	struct frag_value *v = bpf_map_lookup_elem(&frags, &k);
-	if (v && (__s64)(bpf_ktime_get_coarse_ns() - v->expires_ns) < 0)
+	if (v && (__s64)(now - v->expires_ns) < 0)
 		return v->reason;
 	return REASON_FRAGMENT;
 }
 
-static __always_inline void frag_remember(const struct ip_info *p, __u32 reason)
+static __always_inline void frag_remember(const struct ip_info *p, __u32 reason, __u64 now)
 {
 	struct frag_key k = {};
 	frag_key_of(p, &k);
 	struct frag_value v = {
-		.expires_ns = bpf_ktime_get_coarse_ns() + FRAG_TIMEOUT_NS,
+		.expires_ns = now + FRAG_TIMEOUT_NS,
 		.reason = reason,
 	};
 	bpf_map_update_elem(&frags, &k, &v, BPF_ANY);
@@ -1242,10 +1243,10 @@ static __always_inline int parse_v6(void *data, void *data_end, __u64 len, __u64
 
 /* The part of the ingress verdict shared by IPv4 and IPv6. */
 static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *data_end,
-				       struct ip_info *p, const struct config_value *cfg)
+				       struct ip_info *p, const struct config_value *cfg, __u64 now)
 {
 	if (p->frag == FRAG_LATER)
-		return frag_verdict(p);
+		return frag_verdict(p, now);
 
 	int r = parse_l4(data, data_end, p->l4off, p->l3end, &p->t);
 	if (r)
@@ -1261,9 +1262,9 @@ static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *dat
 			return r;
 	}
 
-	r = policy(ctx, &p->t, &q, cfg);
+	r = policy(ctx, &p->t, &q, cfg, now);
 	if (p->frag == FRAG_FIRST && passes(r))
-		frag_remember(p, r);
+		frag_remember(p, r, now);
 	return r;
 }
 
@@ -1296,7 +1297,7 @@ static __always_inline int ndp_bypass(struct xdp_md *ctx, const struct ip_info *
 
 static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *data_end,
 				       __u64 len, __u64 l3off, struct ip_info *p,
-				       const struct config_value *cfg)
+				       const struct config_value *cfg, __u64 now)
 {
 	int r = parse_v6(data, data_end, len, l3off, p);
 	if (r)
@@ -1309,7 +1310,7 @@ static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *dat
 		if (ndp_bypass(ctx, p, ic))
 			return REASON_NDP;
 	}
-	return classify_ip(ctx, data, data_end, p, cfg);
+	return classify_ip(ctx, data, data_end, p, cfg, now);
 }
 
 /* Skips Ethernet and up to two VLAN tags. Returns the EtherType (network
@@ -1340,7 +1341,7 @@ static __always_inline __be16 parse_l2(void *data, void *data_end, __u64 *l3off)
 /* p, zeroed by the caller, is left holding as much of the tuple as parsed,
  * for the verdict event. */
 static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
-				    struct ip_info *p, const struct config_value *cfg)
+				    struct ip_info *p, const struct config_value *cfg, __u64 now)
 {
 	__u64 off = 0;
 	__be16 proto = parse_l2(data, data_end, &off);
@@ -1351,10 +1352,10 @@ static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_e
 		int r = parse_v4(data, data_end, len, off, p);
 		if (r)
 			return r;
-		return classify_ip(ctx, data, data_end, p, cfg);
+		return classify_ip(ctx, data, data_end, p, cfg, now);
 	}
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return classify_v6(ctx, data, data_end, len, off, p, cfg);
+		return classify_v6(ctx, data, data_end, len, off, p, cfg, now);
 	if (proto == bpf_htons(ETH_P_ARP))
 		return REASON_ARP;
 	/* Includes a third VLAN tag. */
@@ -1379,8 +1380,10 @@ int aegis_xdp(struct xdp_md *ctx)
 		return XDP_DROP; /* unreachable: an array always has slot 0 */
 
 	__u64 len = bpf_xdp_get_buff_len(ctx);
+	/* One clock read serves the verdict and its event. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ip_info p = {};
-	__u32 cause = classify(ctx, data, data_end, len, &p, cfg);
+	__u32 cause = classify(ctx, data, data_end, len, &p, cfg, now);
 	__u32 reason = cause;
 	__u32 action = passes(reason) ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
@@ -1393,7 +1396,7 @@ int aegis_xdp(struct xdp_md *ctx)
 		s->packets++;
 		s->bytes += len;
 	}
-	event_emit(ctx, cfg, &p.t, reason, cause, action, len);
+	event_emit(ctx, cfg, &p.t, reason, cause, action, len, now);
 	return action;
 }
 

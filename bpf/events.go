@@ -32,18 +32,16 @@ const eventCost = uint64(time.Second)
 
 // Admit is event_admit(): it refills the bucket for the time since its
 // last use at rate events per second, then takes one event's credit if it
-// has it. A refusal counts in Suppressed.
+// has it. A refusal changes nothing but Suppressed.
 func (l *AegisEventLimit) Admit(rate, now uint64) bool {
 	elapsed := int64(now - l.LastNs)
 	elapsed = max(0, min(elapsed, int64(EventBurst)))
 	credit := min(l.Credit+uint64(elapsed)*rate, rate*uint64(EventBurst))
-	l.LastNs = now
 	if credit < eventCost {
-		l.Credit = credit
 		l.Suppressed++
 		return false
 	}
-	l.Credit = credit - eventCost
+	l.Credit, l.LastNs = credit-eventCost, now
 	return true
 }
 
