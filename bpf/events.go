@@ -105,3 +105,13 @@ func DecodeEvent(raw []byte) (AegisEvent, error) {
 	}
 	return e, nil
 }
+
+// ParseReason returns the reason of a name as Reason.String spells it.
+func ParseReason(name string) (Reason, bool) {
+	for r, n := range reasonNames {
+		if n == name {
+			return r, true
+		}
+	}
+	return 0, false
+}

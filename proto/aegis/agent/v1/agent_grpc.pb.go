@@ -28,6 +28,7 @@ const (
 	AgentService_LogoutEvent_FullMethodName       = "/aegis.agent.v1.AgentService/LogoutEvent"
 	AgentService_ListSessions_FullMethodName      = "/aegis.agent.v1.AgentService/ListSessions"
 	AgentService_GetStats_FullMethodName          = "/aegis.agent.v1.AgentService/GetStats"
+	AgentService_WatchVerdicts_FullMethodName     = "/aegis.agent.v1.AgentService/WatchVerdicts"
 )
 
 // AgentServiceClient is the client API for AgentService service.
@@ -49,6 +50,12 @@ type AgentServiceClient interface {
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
 	// GetStats returns the data path's verdict counters and the map fill.
 	GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error)
+	// WatchVerdicts streams the data path's sampled verdict events that
+	// match the filter: first those of the bounded history the request asks
+	// for, then live ones. A watcher that does not keep up loses events;
+	// each message carries how many it has lost so far. Refused with
+	// RESOURCE_EXHAUSTED when the server's watchers are all taken.
+	WatchVerdicts(ctx context.Context, in *WatchVerdictsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchVerdictsResponse], error)
 }
 
 type agentServiceClient struct {
@@ -112,6 +119,25 @@ func (c *agentServiceClient) GetStats(ctx context.Context, in *GetStatsRequest, 
 	return out, nil
 }
 
+func (c *agentServiceClient) WatchVerdicts(ctx context.Context, in *WatchVerdictsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchVerdictsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AgentService_ServiceDesc.Streams[1], AgentService_WatchVerdicts_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchVerdictsRequest, WatchVerdictsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AgentService_WatchVerdictsClient = grpc.ServerStreamingClient[WatchVerdictsResponse]
+
 // AgentServiceServer is the server API for AgentService service.
 // All implementations must embed UnimplementedAgentServiceServer
 // for forward compatibility.
@@ -131,6 +157,12 @@ type AgentServiceServer interface {
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
 	// GetStats returns the data path's verdict counters and the map fill.
 	GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error)
+	// WatchVerdicts streams the data path's sampled verdict events that
+	// match the filter: first those of the bounded history the request asks
+	// for, then live ones. A watcher that does not keep up loses events;
+	// each message carries how many it has lost so far. Refused with
+	// RESOURCE_EXHAUSTED when the server's watchers are all taken.
+	WatchVerdicts(*WatchVerdictsRequest, grpc.ServerStreamingServer[WatchVerdictsResponse]) error
 	mustEmbedUnimplementedAgentServiceServer()
 }
 
@@ -155,6 +187,9 @@ func (UnimplementedAgentServiceServer) ListSessions(context.Context, *ListSessio
 }
 func (UnimplementedAgentServiceServer) GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStats not implemented")
+}
+func (UnimplementedAgentServiceServer) WatchVerdicts(*WatchVerdictsRequest, grpc.ServerStreamingServer[WatchVerdictsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchVerdicts not implemented")
 }
 func (UnimplementedAgentServiceServer) mustEmbedUnimplementedAgentServiceServer() {}
 func (UnimplementedAgentServiceServer) testEmbeddedByValue()                      {}
@@ -256,6 +291,17 @@ func _AgentService_GetStats_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentService_WatchVerdicts_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchVerdictsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AgentServiceServer).WatchVerdicts(m, &grpc.GenericServerStream[WatchVerdictsRequest, WatchVerdictsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AgentService_WatchVerdictsServer = grpc.ServerStreamingServer[WatchVerdictsResponse]
+
 // AgentService_ServiceDesc is the grpc.ServiceDesc for AgentService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -285,6 +331,11 @@ var AgentService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "StreamLoginEvents",
 			Handler:       _AgentService_StreamLoginEvents_Handler,
 			ClientStreams: true,
+		},
+		{
+			StreamName:    "WatchVerdicts",
+			Handler:       _AgentService_WatchVerdicts_Handler,
+			ServerStreams: true,
 		},
 	},
 	Metadata: "aegis/agent/v1/agent.proto",
