@@ -1,0 +1,105 @@
+package aegisctl_test
+
+import (
+	"encoding/json"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/aegis-agent/aegis/aegisctl"
+	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/state"
+	tu "github.com/aegis-agent/aegis/internal/testutil"
+)
+
+// knocker loads the XDP program on the env's pins with drop events on
+// and returns a function that runs a TCP frame through it.
+func (e *env) knocker(t *testing.T) func(src string, port uint16) {
+	t.Helper()
+	spec, err := bpf.LoadAegis()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := state.Open(e.pin, state.OpenOptions{Writable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	var objs bpf.AegisObjects
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: m.ByName()}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { objs.Close() })
+	config, err := ebpf.LoadPinnedMap(state.MapPath(e.pin, state.MapConfig), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer config.Close()
+	v, err := (&state.Config{DefaultIdleTimeout: time.Minute, EventDropRate: 1000}).Value()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := config.Put(uint32(0), &v); err != nil {
+		t.Fatal(err)
+	}
+	return func(src string, port uint16) {
+		f := tu.Frame{Src: netip.MustParseAddr(src), Dst: netip.MustParseAddr("198.51.100.10"), Proto: tu.ProtoTCP, SrcPort: 40000, DstPort: port}
+		if _, err := objs.AegisXdp.Run(&ebpf.RunOptions{Data: f.Bytes()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestObserveAndTop(t *testing.T) {
+	e := newEnv(t)
+	knock := e.knocker(t)
+	for range 3 {
+		knock("203.0.113.9", 22)
+	}
+	knock("203.0.113.10", 80)
+
+	// The control plane starts reading at the first watcher; the events
+	// already in the ring buffer reach its history within moments.
+	var lines []string
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		out := mustRun(t, e.cmd("observe", "--json", "--last", "10", "--no-follow")...)
+		if lines = strings.Split(strings.TrimSpace(out), "\n"); len(lines) == 4 {
+			break
+		}
+	}
+	if len(lines) != 4 {
+		t.Fatalf("observe: %d lines, want 4:\n%s", len(lines), strings.Join(lines, "\n"))
+	}
+	var ev aegisctl.ObservedEvent
+	if err := json.Unmarshal([]byte(lines[3]), &ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev.Source != "203.0.113.10" || ev.SourcePort != 40000 || ev.Destination != "198.51.100.10" || ev.DestPort != 80 ||
+		ev.Protocol != "tcp" || ev.Verdict != "drop" || ev.Reason != "no_session" {
+		t.Fatalf("last event %+v", ev)
+	}
+
+	table := mustRun(t, e.cmd("observe", "--last", "10", "--no-follow", "--from", "203.0.113.10")...)
+	if !strings.Contains(table, "203.0.113.10:40000") || !strings.Contains(table, "198.51.100.10:80") ||
+		!strings.Contains(table, "no_session") || strings.Contains(table, "203.0.113.9:") {
+		t.Fatalf("filtered table:\n%s", table)
+	}
+
+	var top aegisctl.Top
+	if err := json.Unmarshal([]byte(mustRun(t, e.cmd("top", "--json")...)), &top); err != nil {
+		t.Fatal(err)
+	}
+	if top.Events != 4 || len(top.Sources) != 2 || top.Sources[0] != (aegisctl.TopRow{Key: "203.0.113.9", Events: 3}) ||
+		top.Ports[0] != (aegisctl.TopRow{Key: "22/tcp", Events: 3}) {
+		t.Fatalf("top %+v", top)
+	}
+	if out := mustRun(t, e.cmd("top")...); !strings.Contains(out, "203.0.113.9") || !strings.Contains(out, "22/tcp") {
+		t.Fatalf("top table:\n%s", out)
+	}
+	if r := run(e.cmd("observe", "--protocol", "nonsense", "--no-follow")...); r.code == 0 {
+		t.Fatal("observe accepted --protocol nonsense")
+	}
+}
