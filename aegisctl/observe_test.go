@@ -103,3 +103,37 @@ func TestObserveAndTop(t *testing.T) {
 		t.Fatal("observe accepted --protocol nonsense")
 	}
 }
+
+// local explain reads the pins and names the session that passes a flow,
+// or says why one drops; it moves no counter.
+func TestLocalExplain(t *testing.T) {
+	e := newEnv(t)
+	mustRun(t, e.cmd("login", "--user", "alice", "--src", "192.0.2.10", "--dst", "198.51.100.10", "--port", "8080", "--idle-timeout", "5m")...)
+	m := e.maps(t)
+	before, err := m.ReadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := mustRun(t, "local", "explain", "--pin-path", e.pin, "192.0.2.10", "198.51.100.10", "8080")
+	if !strings.Contains(out, "verdict  pass: session") || !strings.Contains(out, `session of user "alice" (tcp)`) ||
+		!strings.Contains(out, "idle left 5m0s") {
+		t.Fatalf("explain of a session:\n%s", out)
+	}
+	var ex aegisctl.Explanation
+	if err := json.Unmarshal([]byte(mustRun(t, "local", "explain", "--pin-path", e.pin, "--json", "192.0.2.10", "198.51.100.10", "8080", "udp")), &ex); err != nil {
+		t.Fatal(err)
+	}
+	if ex.Action != "drop" || ex.Reason != "no_session" || ex.Flow != "udp 192.0.2.10:40000 -> 198.51.100.10:8080" {
+		t.Fatalf("explain of UDP: %+v", ex)
+	}
+	after, err := m.ReadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before != after {
+		t.Fatal("explain moved counters")
+	}
+	if r := run("local", "explain", "--pin-path", e.pin, "192.0.2.10", "2001:db8::1", "80"); r.code == 0 {
+		t.Fatal("explain accepted addresses of two families")
+	}
+}
