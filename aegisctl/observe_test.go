@@ -119,6 +119,12 @@ func TestLocalExplain(t *testing.T) {
 		!strings.Contains(out, "idle left 5m0s") {
 		t.Fatalf("explain of a session:\n%s", out)
 	}
+	// Over gRPC the control plane says the same.
+	// (The idle time left may tick between the two: compare up to it.)
+	upTo := func(s string) string { return s[:strings.Index(s, "idle left")] }
+	if remote := mustRun(t, e.cmd("explain", "192.0.2.10", "198.51.100.10", "8080")...); upTo(remote) != upTo(out) {
+		t.Fatalf("explain over gRPC:\n%s\nlocal explain:\n%s", remote, out)
+	}
 	var ex aegisctl.Explanation
 	if err := json.Unmarshal([]byte(mustRun(t, "local", "explain", "--pin-path", e.pin, "--json", "192.0.2.10", "198.51.100.10", "8080", "udp")), &ex); err != nil {
 		t.Fatal(err)

@@ -1333,6 +1333,166 @@ func (x *VerdictEvent) GetLength() uint32 {
 	return 0
 }
 
+type ExplainRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Source          string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Destination     string                 `protobuf:"bytes,2,opt,name=destination,proto3" json:"destination,omitempty"`
+	DestinationPort uint32                 `protobuf:"varint,3,opt,name=destination_port,json=destinationPort,proto3" json:"destination_port,omitempty"`
+	// 6 (TCP, also for 0) or 17 (UDP).
+	Protocol uint32 `protobuf:"varint,4,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// 0 for 40000, an ephemeral port.
+	SourcePort    uint32 `protobuf:"varint,5,opt,name=source_port,json=sourcePort,proto3" json:"source_port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainRequest) Reset() {
+	*x = ExplainRequest{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainRequest) ProtoMessage() {}
+
+func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
+func (*ExplainRequest) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ExplainRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *ExplainRequest) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *ExplainRequest) GetDestinationPort() uint32 {
+	if x != nil {
+		return x.DestinationPort
+	}
+	return 0
+}
+
+func (x *ExplainRequest) GetProtocol() uint32 {
+	if x != nil {
+		return x.Protocol
+	}
+	return 0
+}
+
+func (x *ExplainRequest) GetSourcePort() uint32 {
+	if x != nil {
+		return x.SourcePort
+	}
+	return 0
+}
+
+type ExplainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "pass" or "drop": what the frame would get.
+	Action string `protobuf:"bytes,1,opt,name=action,proto3" json:"action,omitempty"`
+	// The counted reason ("monitor" for a would-be drop) and the verdict's
+	// own reason.
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Cause  string `protobuf:"bytes,3,opt,name=cause,proto3" json:"cause,omitempty"`
+	// Why, for a person: which session (user, idle and lifetime left),
+	// reply flow, allow rule or bypass decides, or what is missing.
+	Why string `protobuf:"bytes,4,opt,name=why,proto3" json:"why,omitempty"`
+	// The flow explained, as "tcp 192.0.2.10:40000 -> 198.51.100.10:22".
+	Flow          string `protobuf:"bytes,5,opt,name=flow,proto3" json:"flow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainResponse) Reset() {
+	*x = ExplainResponse{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainResponse) ProtoMessage() {}
+
+func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
+func (*ExplainResponse) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ExplainResponse) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetCause() string {
+	if x != nil {
+		return x.Cause
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetWhy() string {
+	if x != nil {
+		return x.Why
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetFlow() string {
+	if x != nil {
+		return x.Flow
+	}
+	return ""
+}
+
 var File_aegis_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_aegis_agent_v1_agent_proto_rawDesc = "" +
@@ -1441,11 +1601,24 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	" \x01(\tR\x06reason\x12\x14\n" +
 	"\x05cause\x18\v \x01(\tR\x05cause\x12\x18\n" +
 	"\averdict\x18\f \x01(\tR\averdict\x12\x16\n" +
-	"\x06length\x18\r \x01(\rR\x06length*H\n" +
+	"\x06length\x18\r \x01(\rR\x06length\"\xb2\x01\n" +
+	"\x0eExplainRequest\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12 \n" +
+	"\vdestination\x18\x02 \x01(\tR\vdestination\x12)\n" +
+	"\x10destination_port\x18\x03 \x01(\rR\x0fdestinationPort\x12\x1a\n" +
+	"\bprotocol\x18\x04 \x01(\rR\bprotocol\x12\x1f\n" +
+	"\vsource_port\x18\x05 \x01(\rR\n" +
+	"sourcePort\"}\n" +
+	"\x0fExplainResponse\x12\x16\n" +
+	"\x06action\x18\x01 \x01(\tR\x06action\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n" +
+	"\x05cause\x18\x03 \x01(\tR\x05cause\x12\x10\n" +
+	"\x03why\x18\x04 \x01(\tR\x03why\x12\x12\n" +
+	"\x04flow\x18\x05 \x01(\tR\x04flow*H\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_TCP\x10\x01\x12\x10\n" +
-	"\fPROTOCOL_UDP\x10\x022\xaa\x04\n" +
+	"\fPROTOCOL_UDP\x10\x022\xf6\x04\n" +
 	"\fAgentService\x12S\n" +
 	"\n" +
 	"LoginEvent\x12!.aegis.agent.v1.LoginEventRequest\x1a\".aegis.agent.v1.LoginEventResponse\x12c\n" +
@@ -1453,7 +1626,8 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\vLogoutEvent\x12\".aegis.agent.v1.LogoutEventRequest\x1a#.aegis.agent.v1.LogoutEventResponse\x12Y\n" +
 	"\fListSessions\x12#.aegis.agent.v1.ListSessionsRequest\x1a$.aegis.agent.v1.ListSessionsResponse\x12M\n" +
 	"\bGetStats\x12\x1f.aegis.agent.v1.GetStatsRequest\x1a .aegis.agent.v1.GetStatsResponse\x12^\n" +
-	"\rWatchVerdicts\x12$.aegis.agent.v1.WatchVerdictsRequest\x1a%.aegis.agent.v1.WatchVerdictsResponse0\x01B;Z9github.com/aegis-agent/aegis/proto/aegis/agent/v1;agentv1b\x06proto3"
+	"\rWatchVerdicts\x12$.aegis.agent.v1.WatchVerdictsRequest\x1a%.aegis.agent.v1.WatchVerdictsResponse0\x01\x12J\n" +
+	"\aExplain\x12\x1e.aegis.agent.v1.ExplainRequest\x1a\x1f.aegis.agent.v1.ExplainResponseB;Z9github.com/aegis-agent/aegis/proto/aegis/agent/v1;agentv1b\x06proto3"
 
 var (
 	file_aegis_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -1468,7 +1642,7 @@ func file_aegis_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_aegis_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_aegis_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_aegis_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_aegis_agent_v1_agent_proto_goTypes = []any{
 	(Protocol)(0),                     // 0: aegis.agent.v1.Protocol
 	(*LoginEventRequest)(nil),         // 1: aegis.agent.v1.LoginEventRequest
@@ -1487,44 +1661,48 @@ var file_aegis_agent_v1_agent_proto_goTypes = []any{
 	(*WatchVerdictsRequest)(nil),      // 14: aegis.agent.v1.WatchVerdictsRequest
 	(*WatchVerdictsResponse)(nil),     // 15: aegis.agent.v1.WatchVerdictsResponse
 	(*VerdictEvent)(nil),              // 16: aegis.agent.v1.VerdictEvent
-	(*durationpb.Duration)(nil),       // 17: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 18: google.protobuf.Timestamp
+	(*ExplainRequest)(nil),            // 17: aegis.agent.v1.ExplainRequest
+	(*ExplainResponse)(nil),           // 18: aegis.agent.v1.ExplainResponse
+	(*durationpb.Duration)(nil),       // 19: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 20: google.protobuf.Timestamp
 }
 var file_aegis_agent_v1_agent_proto_depIdxs = []int32{
 	0,  // 0: aegis.agent.v1.LoginEventRequest.protocol:type_name -> aegis.agent.v1.Protocol
-	17, // 1: aegis.agent.v1.LoginEventRequest.idle_timeout:type_name -> google.protobuf.Duration
-	17, // 2: aegis.agent.v1.LoginEventRequest.max_lifetime:type_name -> google.protobuf.Duration
+	19, // 1: aegis.agent.v1.LoginEventRequest.idle_timeout:type_name -> google.protobuf.Duration
+	19, // 2: aegis.agent.v1.LoginEventRequest.max_lifetime:type_name -> google.protobuf.Duration
 	9,  // 3: aegis.agent.v1.LoginEventResponse.session:type_name -> aegis.agent.v1.Session
 	4,  // 4: aegis.agent.v1.StreamLoginEventsResponse.rejections:type_name -> aegis.agent.v1.Rejection
 	0,  // 5: aegis.agent.v1.LogoutEventRequest.protocol:type_name -> aegis.agent.v1.Protocol
 	9,  // 6: aegis.agent.v1.ListSessionsResponse.sessions:type_name -> aegis.agent.v1.Session
 	0,  // 7: aegis.agent.v1.Session.protocol:type_name -> aegis.agent.v1.Protocol
-	18, // 8: aegis.agent.v1.Session.create_time:type_name -> google.protobuf.Timestamp
-	18, // 9: aegis.agent.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
-	18, // 10: aegis.agent.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
-	17, // 11: aegis.agent.v1.Session.idle_timeout:type_name -> google.protobuf.Duration
-	17, // 12: aegis.agent.v1.Session.time_left:type_name -> google.protobuf.Duration
+	20, // 8: aegis.agent.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	20, // 9: aegis.agent.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
+	20, // 10: aegis.agent.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	19, // 11: aegis.agent.v1.Session.idle_timeout:type_name -> google.protobuf.Duration
+	19, // 12: aegis.agent.v1.Session.time_left:type_name -> google.protobuf.Duration
 	12, // 13: aegis.agent.v1.GetStatsResponse.counters:type_name -> aegis.agent.v1.VerdictCounter
 	13, // 14: aegis.agent.v1.GetStatsResponse.sessions_v4:type_name -> aegis.agent.v1.MapUsage
 	13, // 15: aegis.agent.v1.GetStatsResponse.sessions_v6:type_name -> aegis.agent.v1.MapUsage
-	17, // 16: aegis.agent.v1.GetStatsResponse.default_idle_timeout:type_name -> google.protobuf.Duration
-	18, // 17: aegis.agent.v1.WatchVerdictsRequest.since:type_name -> google.protobuf.Timestamp
+	19, // 16: aegis.agent.v1.GetStatsResponse.default_idle_timeout:type_name -> google.protobuf.Duration
+	20, // 17: aegis.agent.v1.WatchVerdictsRequest.since:type_name -> google.protobuf.Timestamp
 	16, // 18: aegis.agent.v1.WatchVerdictsResponse.event:type_name -> aegis.agent.v1.VerdictEvent
-	18, // 19: aegis.agent.v1.VerdictEvent.time:type_name -> google.protobuf.Timestamp
+	20, // 19: aegis.agent.v1.VerdictEvent.time:type_name -> google.protobuf.Timestamp
 	1,  // 20: aegis.agent.v1.AgentService.LoginEvent:input_type -> aegis.agent.v1.LoginEventRequest
 	1,  // 21: aegis.agent.v1.AgentService.StreamLoginEvents:input_type -> aegis.agent.v1.LoginEventRequest
 	5,  // 22: aegis.agent.v1.AgentService.LogoutEvent:input_type -> aegis.agent.v1.LogoutEventRequest
 	7,  // 23: aegis.agent.v1.AgentService.ListSessions:input_type -> aegis.agent.v1.ListSessionsRequest
 	10, // 24: aegis.agent.v1.AgentService.GetStats:input_type -> aegis.agent.v1.GetStatsRequest
 	14, // 25: aegis.agent.v1.AgentService.WatchVerdicts:input_type -> aegis.agent.v1.WatchVerdictsRequest
-	2,  // 26: aegis.agent.v1.AgentService.LoginEvent:output_type -> aegis.agent.v1.LoginEventResponse
-	3,  // 27: aegis.agent.v1.AgentService.StreamLoginEvents:output_type -> aegis.agent.v1.StreamLoginEventsResponse
-	6,  // 28: aegis.agent.v1.AgentService.LogoutEvent:output_type -> aegis.agent.v1.LogoutEventResponse
-	8,  // 29: aegis.agent.v1.AgentService.ListSessions:output_type -> aegis.agent.v1.ListSessionsResponse
-	11, // 30: aegis.agent.v1.AgentService.GetStats:output_type -> aegis.agent.v1.GetStatsResponse
-	15, // 31: aegis.agent.v1.AgentService.WatchVerdicts:output_type -> aegis.agent.v1.WatchVerdictsResponse
-	26, // [26:32] is the sub-list for method output_type
-	20, // [20:26] is the sub-list for method input_type
+	17, // 26: aegis.agent.v1.AgentService.Explain:input_type -> aegis.agent.v1.ExplainRequest
+	2,  // 27: aegis.agent.v1.AgentService.LoginEvent:output_type -> aegis.agent.v1.LoginEventResponse
+	3,  // 28: aegis.agent.v1.AgentService.StreamLoginEvents:output_type -> aegis.agent.v1.StreamLoginEventsResponse
+	6,  // 29: aegis.agent.v1.AgentService.LogoutEvent:output_type -> aegis.agent.v1.LogoutEventResponse
+	8,  // 30: aegis.agent.v1.AgentService.ListSessions:output_type -> aegis.agent.v1.ListSessionsResponse
+	11, // 31: aegis.agent.v1.AgentService.GetStats:output_type -> aegis.agent.v1.GetStatsResponse
+	15, // 32: aegis.agent.v1.AgentService.WatchVerdicts:output_type -> aegis.agent.v1.WatchVerdictsResponse
+	18, // 33: aegis.agent.v1.AgentService.Explain:output_type -> aegis.agent.v1.ExplainResponse
+	27, // [27:34] is the sub-list for method output_type
+	20, // [20:27] is the sub-list for method input_type
 	20, // [20:20] is the sub-list for extension type_name
 	20, // [20:20] is the sub-list for extension extendee
 	0,  // [0:20] is the sub-list for field type_name
@@ -1541,7 +1719,7 @@ func file_aegis_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_aegis_agent_v1_agent_proto_rawDesc), len(file_aegis_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,7 @@ const (
 	AgentService_ListSessions_FullMethodName      = "/aegis.agent.v1.AgentService/ListSessions"
 	AgentService_GetStats_FullMethodName          = "/aegis.agent.v1.AgentService/GetStats"
 	AgentService_WatchVerdicts_FullMethodName     = "/aegis.agent.v1.AgentService/WatchVerdicts"
+	AgentService_Explain_FullMethodName           = "/aegis.agent.v1.AgentService/Explain"
 )
 
 // AgentServiceClient is the client API for AgentService service.
@@ -56,6 +57,10 @@ type AgentServiceClient interface {
 	// each message carries how many it has lost so far. Refused with
 	// RESOURCE_EXHAUSTED when the server's watchers are all taken.
 	WatchVerdicts(ctx context.Context, in *WatchVerdictsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchVerdictsResponse], error)
+	// Explain says what the data path would do with one TCP or UDP packet
+	// and why, from the live maps, changing nothing (no counter, no
+	// last_seen).
+	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
 }
 
 type agentServiceClient struct {
@@ -138,6 +143,16 @@ func (c *agentServiceClient) WatchVerdicts(ctx context.Context, in *WatchVerdict
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AgentService_WatchVerdictsClient = grpc.ServerStreamingClient[WatchVerdictsResponse]
 
+func (c *agentServiceClient) Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExplainResponse)
+	err := c.cc.Invoke(ctx, AgentService_Explain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServiceServer is the server API for AgentService service.
 // All implementations must embed UnimplementedAgentServiceServer
 // for forward compatibility.
@@ -163,6 +178,10 @@ type AgentServiceServer interface {
 	// each message carries how many it has lost so far. Refused with
 	// RESOURCE_EXHAUSTED when the server's watchers are all taken.
 	WatchVerdicts(*WatchVerdictsRequest, grpc.ServerStreamingServer[WatchVerdictsResponse]) error
+	// Explain says what the data path would do with one TCP or UDP packet
+	// and why, from the live maps, changing nothing (no counter, no
+	// last_seen).
+	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
 	mustEmbedUnimplementedAgentServiceServer()
 }
 
@@ -190,6 +209,9 @@ func (UnimplementedAgentServiceServer) GetStats(context.Context, *GetStatsReques
 }
 func (UnimplementedAgentServiceServer) WatchVerdicts(*WatchVerdictsRequest, grpc.ServerStreamingServer[WatchVerdictsResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchVerdicts not implemented")
+}
+func (UnimplementedAgentServiceServer) Explain(context.Context, *ExplainRequest) (*ExplainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Explain not implemented")
 }
 func (UnimplementedAgentServiceServer) mustEmbedUnimplementedAgentServiceServer() {}
 func (UnimplementedAgentServiceServer) testEmbeddedByValue()                      {}
@@ -302,6 +324,24 @@ func _AgentService_WatchVerdicts_Handler(srv interface{}, stream grpc.ServerStre
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AgentService_WatchVerdictsServer = grpc.ServerStreamingServer[WatchVerdictsResponse]
 
+func _AgentService_Explain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExplainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).Explain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentService_Explain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).Explain(ctx, req.(*ExplainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AgentService_ServiceDesc is the grpc.ServiceDesc for AgentService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -324,6 +364,10 @@ var AgentService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetStats",
 			Handler:    _AgentService_GetStats_Handler,
+		},
+		{
+			MethodName: "Explain",
+			Handler:    _AgentService_Explain_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
