@@ -188,3 +188,34 @@ func TestObserveMonitorMode(t *testing.T) {
 		t.Fatalf("event %+v", e)
 	}
 }
+
+// "aegis-loader load --event-drop-rate 0" turns drop events off: a knock
+// is dropped and counted, and nothing is emitted or suppressed.
+func TestLoaderTurnsDropEventsOff(t *testing.T) {
+	g := newGateway(t, "load", "--event-drop-rate", "0")
+	svc := netip.AddrPortFrom(tu.ServiceAV4, 8080)
+	g.Serve(t, svc)
+	g.expectBlocked("TCP without a session", bpf.ReasonNoSession, func() error { return g.TCP(tu.ClientV4, svc, probeTimeout) })
+	var per []bpf.AegisEventLimit
+	if err := g.maps().EventLimits.Lookup(uint32(bpf.EventKindDrop), &per); err != nil {
+		t.Fatal(err)
+	}
+	for cpu, l := range per {
+		if l != (bpf.AegisEventLimit{}) {
+			t.Fatalf("CPU %d: %+v with drop events off", cpu, l)
+		}
+	}
+	// Reloading with the default rate turns them back on.
+	g.loader("load")
+	g.expectBlocked("TCP without a session", bpf.ReasonNoSession, func() error { return g.TCP(tu.ClientV4, svc, probeTimeout) })
+	if err := g.maps().EventLimits.Lookup(uint32(bpf.EventKindDrop), &per); err != nil {
+		t.Fatal(err)
+	}
+	var emitted uint64
+	for _, l := range per {
+		emitted += l.Emitted
+	}
+	if emitted == 0 {
+		t.Fatal("no event after reloading with the default rate")
+	}
+}

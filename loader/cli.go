@@ -58,6 +58,8 @@ type LoadCmd struct {
 	MaxSessions uint32        `default:"${max_sessions}" help:"Capacity of each sessions map (IPv4 and IPv6)."`
 	Allow       []string      `sep:" " placeholder:"RULE" help:"Static allow rule CIDR[,PROTO[/PORT]], PROTO tcp|udp|any (repeatable; space-separated in the environment)."`
 	Monitor     bool          `help:"Monitor mode: count would-be drops as 'monitor' and pass them."`
+	EventDrops  uint16        `name:"event-drop-rate" default:"100" help:"Verdict events per second per CPU for drops and monitor's would-be drops (aegisctl observe); 0: none."`
+	EventPasses uint16        `name:"event-pass-rate" default:"0" help:"Verdict events per second per CPU for passes; 0: none."`
 	Group       string        `default:"aegis" help:"Group that owns the pins; the daemons run in it."`
 	JSON        bool          `name:"json" env:"-" help:"Print the result as JSON."`
 }
@@ -129,6 +131,9 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		MaxSessions:    cmd.MaxSessions,
 		Monitor:        cmd.Monitor,
 		Group:          cmd.Group,
+		EventDropRate:  cmd.EventDrops,
+		NoDropEvents:   cmd.EventDrops == 0,
+		EventPassRate:  cmd.EventPasses,
 	}
 	if cmd.IP != "" {
 		a, err := netip.ParseAddr(cmd.IP)

@@ -28,6 +28,9 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 		Monitor:            cfg.Monitor,
 		AllowV4Prefixes:    uint16(len(allow.V4)),
 		AllowV6Prefixes:    uint16(len(allow.V6)),
+		EventDropRate:      cfg.EventDropRate,
+		NoDropEvents:       cfg.NoDropEvents,
+		EventPassRate:      cfg.EventPassRate,
 	}
 	written, err := maps.WriteConfig(c)
 	if err != nil {
