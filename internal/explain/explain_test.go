@@ -242,3 +242,31 @@ func TestExplainMatchesProgram(t *testing.T) {
 		t.Logf("monitor %v: %v", monitor, seen)
 	}
 }
+
+// A snapshot that leaves out the any-protocol session is caught by the
+// same comparison.
+func TestExplainMutationIsCaught(t *testing.T) {
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	l := load(t, false)
+	l.populate(t, rng)
+	defer explain.SkipAnyProtocol()()
+	for i := range 10_000 {
+		f := explain.Flow{Port: pick(rng, ports), Sport: pick(rng, sport), Proto: pick(rng, []uint8{6, 17}),
+			Src: netip.MustParseAddr(pick(rng, srcs4)), Dst: netip.MustParseAddr(pick(rng, dsts4))}
+		res, err := explain.Explain(l.maps, f, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pkt, _ := f.Frame()
+		before, _ := l.maps.ReadStats()
+		if _, err := l.objs.AegisXdp.Run(&ebpf.RunOptions{Data: pkt}); err != nil {
+			t.Fatal(err)
+		}
+		after, _ := l.maps.ReadStats()
+		if after[res.Reason].Packets == before[res.Reason].Packets {
+			t.Logf("caught after %d flows: %+v explained as %v", i, f, res.Reason)
+			return
+		}
+	}
+	t.Fatal("a snapshot without any-protocol sessions matched the program on 10,000 flows")
+}
