@@ -27,6 +27,9 @@ type CLI struct {
 	Sessions SessionsCmd `cmd:"" help:"List sessions (table, or --json)."`
 	Stats    StatsCmd    `cmd:"" help:"Show the data path's verdict counters and map fill."`
 	Watch    WatchCmd    `cmd:"" help:"Live view of counters and sessions, refreshed every --interval."`
+	Observe  ObserveCmd  `cmd:"" help:"Stream the data path's sampled verdict events (table, or --json lines)."`
+	Top      TopCmd      `cmd:"" help:"The sources, destinations and ports dropped most in the last --since."`
+	Explain  ExplainCmd  `cmd:"" help:"Say what the data path would do with a packet and why, from the live maps, changing nothing."`
 	Local    LocalCmd    `cmd:"" help:"Read the pinned maps directly (on the gateway, as root): sessions, stats."`
 	Config   ConfigCmd   `cmd:"" help:"Show the connection settings (flag > AEGISCTL_* variable > profile > default) and where each comes from."`
 	Certs    CertsCmd    `cmd:"" help:"The certificates of mutual TLS: CA, the agent's server certificate, client certificates."`

@@ -16,6 +16,7 @@ type LocalCmd struct {
 	PinPath  string           `default:"${pin_path}" env:"AEGISCTL_PIN_PATH" placeholder:"DIR" help:"bpffs directory holding the pinned maps."`
 	Sessions LocalSessionsCmd `cmd:"" help:"List the sessions in the pinned maps."`
 	Stats    LocalStatsCmd    `cmd:"" help:"Show the data path's verdict counters and map fill."`
+	Explain  LocalExplainCmd  `cmd:"" help:"Say what the data path would do with a packet and why, from the pinned maps, changing nothing."`
 }
 
 // LocalSessionsCmd is "aegisctl local sessions".

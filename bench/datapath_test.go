@@ -68,7 +68,8 @@ func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps, *e
 	}
 	b.Cleanup(func() { objs.Close() })
 	maps := &state.Maps{SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6, AllowV4: objs.AllowV4,
-		AllowV6: objs.AllowV6, Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq}
+		AllowV6: objs.AllowV6, Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq,
+		Events: objs.Events, EventLimits: objs.EventLimits}
 
 	rule, _ := state.ParseAllowRule("203.0.113.0/24,tcp/22")
 	entries, err := state.CompileAllow([]state.AllowRule{rule})

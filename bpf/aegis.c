@@ -137,7 +137,10 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  * another layout version; the daemons refuse to open them.
  *
  * 2: config_value grew track_flows and the flow idle timeouts; new maps
- *    flows_v4, flows_v6, frags.
+ *    flows_v4, flows_v6, frags. Later, still 2: event_drop_rate and
+ *    event_pass_rate took config_value's first padding (0 in older maps:
+ *    no events); new maps events, event_limit. A new map changes no
+ *    existing layout: the loader creates what is missing.
  */
 #define AEGIS_LAYOUT_VERSION 2
 
@@ -155,6 +158,14 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  * keep passing. Fragments of one datagram leave the sender back to back;
  * two seconds cover any sane reordering without keeping entries around. */
 #define FRAG_TIMEOUT_NS 2000000000ULL
+
+/* A rate limiter bucket holds at most this much time's worth of events:
+ * an idle CPU may emit one second of its rate at once. */
+#define EVENT_BURST_NS 1000000000ULL
+
+/* Verdict events (see "Verdict events" below): the ring buffer's size, a
+ * power of two pages; 1 MiB holds about 14,000 events. */
+#define EVENTS_RINGBUF_BYTES (1 << 20)
 
 /*
  * Verdict reasons, the index into `stats`. Values are part of the
@@ -207,6 +218,7 @@ enum limits {
 	LIMIT_ALLOW_MAX_PORTS = ALLOW_MAX_PORTS,
 	LIMIT_STATS_SLOTS = STATS_SLOTS,
 	LIMIT_FRAG_TIMEOUT_NS = FRAG_TIMEOUT_NS,
+	LIMIT_EVENT_BURST_NS = EVENT_BURST_NS,
 };
 const enum limits limits_btf SEC(".btf.anchor") __attribute__((unused));
 
@@ -317,7 +329,11 @@ struct allow_value {
 
 struct config_value {
 	__u32 layout_version;   /* AEGIS_LAYOUT_VERSION of the pinned maps; stays first */
-	__u32 pad0;
+	/* Verdict events per second per CPU (see "Verdict events"); 0: none.
+	 * They live in what was padding, where maps written before them hold
+	 * 0, so the layout is unchanged. */
+	__u16 event_drop_rate;  /* drops, and would-be drops in monitor mode */
+	__u16 event_pass_rate;  /* passes */
 	__u64 default_idle_timeout_ns;
 	__u8 controller_v4[4];  /* valid when controller_family == 4 */
 	__u8 controller_v6[16]; /* valid when controller_family == 6 */
@@ -384,6 +400,73 @@ struct {
 	__type(key, __u32);
 	__type(value, struct stats_value);
 } stats SEC(".maps");
+
+/*
+ * Verdict events
+ * --------------
+ * A sample of the verdicts, for operators to watch: one struct event per
+ * sampled frame in the ring buffer `events`. Drops (and, in monitor mode,
+ * the would-be drops) are sampled at config.event_drop_rate, passes at
+ * config.event_pass_rate, in events per second per CPU; a rate of 0 emits
+ * nothing of that kind and costs one comparison.
+ *
+ * Each CPU has a token bucket per kind in `event_limits`, so that a flood
+ * costs at most its budget per packet: one per-CPU array lookup, a clock
+ * read and a few additions when the bucket is empty (nothing is reserved,
+ * `suppressed` counts it), plus a ring buffer reserve and submit when it is
+ * not. A full ring buffer (a reader that fell behind, or none) counts the
+ * event in `lost`. Per CPU because a shared bucket would put one cache line
+ * under every CPU's flood.
+ *
+ * The bucket holds credit in event-nanoseconds: time elapsed times the
+ * rate, at most the rate times EVENT_BURST_NS; an event costs one second's
+ * worth (1e9). Integer arithmetic, no division, and the same figures in
+ * the model.
+ */
+struct event {
+	__u64 ts_ns;     /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE */
+	__u32 ifindex;   /* ingress interface */
+	__u32 len;       /* bytes of the whole frame */
+	__u8 src[16];    /* IPv4 in the first 4 bytes; zero unless the IP header parsed */
+	__u8 dst[16];
+	__u16 sport;     /* host order, once the L4 header parsed; ICMP echo request: the identifier */
+	__u16 dport;     /* ICMP echo reply: the identifier */
+	__u8 proto;      /* IPv4 protocol, or IPv6 upper-layer header; 0 before it is known */
+	__u8 family;     /* 4 or 6; 0: not IP or the IP header did not parse */
+	__u8 reason;     /* the counted reason (monitor for a would-be drop) */
+	__u8 cause;      /* the verdict's own reason: what enforcement does or would do */
+	__u32 action;    /* XDP_PASS or XDP_DROP, what the frame got */
+	__u32 pad;
+};
+
+enum event_kind {
+	EVENT_KIND_DROP = 0, /* drops and would-be drops */
+	EVENT_KIND_PASS = 1,
+	EVENT_KINDS,
+};
+
+struct event_limit {
+	__u64 credit;     /* event-nanoseconds, see above */
+	__u64 last_ns;    /* when credit was last brought up to date */
+	__u64 emitted;    /* events submitted to the ring buffer */
+	__u64 suppressed; /* eligible frames the bucket refused */
+	__u64 lost;       /* admitted events the ring buffer had no room for */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RINGBUF_BYTES);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, EVENT_KINDS);
+	__type(key, __u32);
+	__type(value, struct event_limit);
+} event_limits SEC(".maps");
+
+const struct event event_btf SEC(".btf.anchor") __attribute__((unused));
+const enum event_kind event_kind_btf SEC(".btf.anchor") __attribute__((unused));
 
 /*
  * The interfaces aegis-loader was told to filter (-i), so that "every
@@ -503,6 +586,67 @@ enum frag_state {
 	FRAG_FIRST,
 	FRAG_LATER,
 };
+
+/* Takes one event's credit from the bucket, refilled for the time since
+ * its last use at rate events per second. */
+static __always_inline int event_admit(struct event_limit *l, __u64 rate, __u64 now)
+{
+	__s64 elapsed = (__s64)(now - l->last_ns);
+	if (elapsed < 0)
+		elapsed = 0;
+	if (elapsed > (__s64)EVENT_BURST_NS)
+		elapsed = EVENT_BURST_NS;
+	__u64 max = rate * EVENT_BURST_NS;
+	__u64 credit = l->credit + (__u64)elapsed * rate;
+	if (credit > max)
+		credit = max;
+	/* A refusal leaves credit and last_ns as they were: the refill is
+	 * recomputed from the same start next time, to the same figure (the
+	 * clamps only bind once a full event's worth has accrued). One store
+	 * per refused frame instead of three. */
+	if (credit < 1000000000ULL) {
+		l->suppressed++;
+		return 0;
+	}
+	l->credit = credit - 1000000000ULL;
+	l->last_ns = now;
+	return 1;
+}
+
+static __always_inline void event_emit(struct xdp_md *ctx, const struct config_value *cfg,
+				       const struct tuple *t, __u32 reason, __u32 cause,
+				       __u32 action, __u64 len, __u64 now)
+{
+	__u32 kind = cause == reason && action == XDP_PASS ? EVENT_KIND_PASS : EVENT_KIND_DROP;
+	__u64 rate = kind == EVENT_KIND_PASS ? cfg->event_pass_rate : cfg->event_drop_rate;
+	if (!rate)
+		return;
+	struct event_limit *l = bpf_map_lookup_elem(&event_limits, &kind);
+	if (!l)
+		return;
+	if (!event_admit(l, rate, now))
+		return;
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		l->lost++;
+		return;
+	}
+	e->ts_ns = now;
+	e->ifindex = ctx->ingress_ifindex;
+	e->len = len;
+	__builtin_memcpy(e->src, t->src, 16);
+	__builtin_memcpy(e->dst, t->dst, 16);
+	e->sport = t->sport;
+	e->dport = t->dport;
+	e->proto = t->proto;
+	e->family = t->family;
+	e->reason = reason;
+	e->cause = cause;
+	e->action = action;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+	l->emitted++;
+}
 
 static __always_inline int passes(__u32 reason)
 {
@@ -805,9 +949,8 @@ static __always_inline int related(const struct tuple *q, const struct config_va
  * header of an ICMP error. Shared by IPv4 and IPv6.
  */
 static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
-				  const struct tuple *q, const struct config_value *cfg)
+				  const struct tuple *q, const struct config_value *cfg, __u64 now)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
 	int r = REASON_NO_SESSION;
 
 	if (t->kind == L4_PORTS) {
@@ -977,22 +1120,22 @@ static __always_inline void frag_key_of(const struct ip_info *p, struct frag_key
 
 /* A later fragment passes under its first fragment's reason while that
  * is remembered. */
-static __always_inline int frag_verdict(const struct ip_info *p)
+static __always_inline int frag_verdict(const struct ip_info *p, __u64 now)
 {
 	struct frag_key k = {};
 	frag_key_of(p, &k);
 	struct frag_value *v = bpf_map_lookup_elem(&frags, &k);
-	if (v && (__s64)(bpf_ktime_get_coarse_ns() - v->expires_ns) < 0)
+	if (v && (__s64)(now - v->expires_ns) < 0)
 		return v->reason;
 	return REASON_FRAGMENT;
 }
 
-static __always_inline void frag_remember(const struct ip_info *p, __u32 reason)
+static __always_inline void frag_remember(const struct ip_info *p, __u32 reason, __u64 now)
 {
 	struct frag_key k = {};
 	frag_key_of(p, &k);
 	struct frag_value v = {
-		.expires_ns = bpf_ktime_get_coarse_ns() + FRAG_TIMEOUT_NS,
+		.expires_ns = now + FRAG_TIMEOUT_NS,
 		.reason = reason,
 	};
 	bpf_map_update_elem(&frags, &k, &v, BPF_ANY);
@@ -1100,10 +1243,10 @@ static __always_inline int parse_v6(void *data, void *data_end, __u64 len, __u64
 
 /* The part of the ingress verdict shared by IPv4 and IPv6. */
 static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *data_end,
-				       struct ip_info *p, const struct config_value *cfg)
+				       struct ip_info *p, const struct config_value *cfg, __u64 now)
 {
 	if (p->frag == FRAG_LATER)
-		return frag_verdict(p);
+		return frag_verdict(p, now);
 
 	int r = parse_l4(data, data_end, p->l4off, p->l3end, &p->t);
 	if (r)
@@ -1119,9 +1262,9 @@ static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *dat
 			return r;
 	}
 
-	r = policy(ctx, &p->t, &q, cfg);
+	r = policy(ctx, &p->t, &q, cfg, now);
 	if (p->frag == FRAG_FIRST && passes(r))
-		frag_remember(p, r);
+		frag_remember(p, r, now);
 	return r;
 }
 
@@ -1153,21 +1296,21 @@ static __always_inline int ndp_bypass(struct xdp_md *ctx, const struct ip_info *
 }
 
 static __always_inline int classify_v6(struct xdp_md *ctx, void *data, void *data_end,
-				       __u64 len, __u64 l3off, const struct config_value *cfg)
+				       __u64 len, __u64 l3off, struct ip_info *p,
+				       const struct config_value *cfg, __u64 now)
 {
-	struct ip_info p = {};
-	int r = parse_v6(data, data_end, len, l3off, &p);
+	int r = parse_v6(data, data_end, len, l3off, p);
 	if (r)
 		return r;
 
-	if (p.frag != FRAG_LATER && p.t.proto == IPPROTO_ICMPV6) {
-		struct icmp6hdr *ic = data + p.l4off;
-		if ((void *)(ic + 1) > data_end || p.l4off + sizeof(*ic) > p.l3end)
+	if (p->frag != FRAG_LATER && p->t.proto == IPPROTO_ICMPV6) {
+		struct icmp6hdr *ic = data + p->l4off;
+		if ((void *)(ic + 1) > data_end || p->l4off + sizeof(*ic) > p->l3end)
 			return REASON_MALFORMED;
-		if (ndp_bypass(ctx, &p, ic))
+		if (ndp_bypass(ctx, p, ic))
 			return REASON_NDP;
 	}
-	return classify_ip(ctx, data, data_end, &p, cfg);
+	return classify_ip(ctx, data, data_end, p, cfg, now);
 }
 
 /* Skips Ethernet and up to two VLAN tags. Returns the EtherType (network
@@ -1195,8 +1338,10 @@ static __always_inline __be16 parse_l2(void *data, void *data_end, __u64 *l3off)
 	return proto;
 }
 
+/* p, zeroed by the caller, is left holding as much of the tuple as parsed,
+ * for the verdict event. */
 static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
-				    const struct config_value *cfg)
+				    struct ip_info *p, const struct config_value *cfg, __u64 now)
 {
 	__u64 off = 0;
 	__be16 proto = parse_l2(data, data_end, &off);
@@ -1204,14 +1349,13 @@ static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_e
 	if (!off)
 		return REASON_MALFORMED;
 	if (proto == bpf_htons(ETH_P_IP)) {
-		struct ip_info p = {};
-		int r = parse_v4(data, data_end, len, off, &p);
+		int r = parse_v4(data, data_end, len, off, p);
 		if (r)
 			return r;
-		return classify_ip(ctx, data, data_end, &p, cfg);
+		return classify_ip(ctx, data, data_end, p, cfg, now);
 	}
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return classify_v6(ctx, data, data_end, len, off, cfg);
+		return classify_v6(ctx, data, data_end, len, off, p, cfg, now);
 	if (proto == bpf_htons(ETH_P_ARP))
 		return REASON_ARP;
 	/* Includes a third VLAN tag. */
@@ -1236,7 +1380,11 @@ int aegis_xdp(struct xdp_md *ctx)
 		return XDP_DROP; /* unreachable: an array always has slot 0 */
 
 	__u64 len = bpf_xdp_get_buff_len(ctx);
-	__u32 reason = classify(ctx, data, data_end, len, cfg);
+	/* One clock read serves the verdict and its event. */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ip_info p = {};
+	__u32 cause = classify(ctx, data, data_end, len, &p, cfg, now);
+	__u32 reason = cause;
 	__u32 action = passes(reason) ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
 		reason = REASON_MONITOR;
@@ -1248,6 +1396,7 @@ int aegis_xdp(struct xdp_md *ctx)
 		s->packets++;
 		s->bytes += len;
 	}
+	event_emit(ctx, cfg, &p.t, reason, cause, action, len, now);
 	return action;
 }
 

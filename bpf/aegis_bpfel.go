@@ -49,7 +49,8 @@ const (
 type AegisConfigValue struct {
 	_                    structs.HostLayout
 	LayoutVersion        uint32
-	Pad0                 uint32
+	EventDropRate        uint16
+	EventPassRate        uint16
 	DefaultIdleTimeoutNs uint64
 	ControllerV4         [4]uint8
 	ControllerV6         [16]uint8
@@ -64,6 +65,40 @@ type AegisConfigValue struct {
 	FlowIdleTcpNs        uint64
 	FlowIdleUdpNs        uint64
 	FlowIdleIcmpNs       uint64
+}
+
+type AegisEvent struct {
+	_       structs.HostLayout
+	TsNs    uint64
+	Ifindex uint32
+	Len     uint32
+	Src     [16]uint8
+	Dst     [16]uint8
+	Sport   uint16
+	Dport   uint16
+	Proto   uint8
+	Family  uint8
+	Reason  uint8
+	Cause   uint8
+	Action  uint32
+	Pad     uint32
+}
+
+type AegisEventKind uint32
+
+const (
+	AegisEventKindEVENT_KIND_DROP AegisEventKind = 0
+	AegisEventKindEVENT_KIND_PASS AegisEventKind = 1
+	AegisEventKindEVENT_KINDS     AegisEventKind = 2
+)
+
+type AegisEventLimit struct {
+	_          structs.HostLayout
+	Credit     uint64
+	LastNs     uint64
+	Emitted    uint64
+	Suppressed uint64
+	Lost       uint64
 }
 
 type AegisFlowKeyV4 struct {
@@ -136,6 +171,7 @@ const (
 	AegisLimitsLIMIT_ALLOW_MAX_PORTS AegisLimits = 16
 	AegisLimitsLIMIT_STATS_SLOTS     AegisLimits = 32
 	AegisLimitsLIMIT_FRAG_TIMEOUT_NS AegisLimits = 2000000000
+	AegisLimitsLIMIT_EVENT_BURST_NS  AegisLimits = 1000000000
 )
 
 type AegisReason uint32
@@ -213,6 +249,8 @@ const (
 	AegisMapAllowV4      = "allow_v4"
 	AegisMapAllowV6      = "allow_v6"
 	AegisMapConfig       = "config"
+	AegisMapEventLimits  = "event_limits"
+	AegisMapEvents       = "events"
 	AegisMapFlowsV4      = "flows_v4"
 	AegisMapFlowsV6      = "flows_v6"
 	AegisMapFrags        = "frags"
@@ -275,17 +313,19 @@ type AegisProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisMapSpecs struct {
-	AllowV4    *ebpf.MapSpec `ebpf:"allow_v4"`
-	AllowV6    *ebpf.MapSpec `ebpf:"allow_v6"`
-	Config     *ebpf.MapSpec `ebpf:"config"`
-	FlowsV4    *ebpf.MapSpec `ebpf:"flows_v4"`
-	FlowsV6    *ebpf.MapSpec `ebpf:"flows_v6"`
-	Frags      *ebpf.MapSpec `ebpf:"frags"`
-	Ifaces     *ebpf.MapSpec `ebpf:"ifaces"`
-	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
-	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
-	Stats      *ebpf.MapSpec `ebpf:"stats"`
-	SweepSeq   *ebpf.MapSpec `ebpf:"sweep_seq"`
+	AllowV4     *ebpf.MapSpec `ebpf:"allow_v4"`
+	AllowV6     *ebpf.MapSpec `ebpf:"allow_v6"`
+	Config      *ebpf.MapSpec `ebpf:"config"`
+	EventLimits *ebpf.MapSpec `ebpf:"event_limits"`
+	Events      *ebpf.MapSpec `ebpf:"events"`
+	FlowsV4     *ebpf.MapSpec `ebpf:"flows_v4"`
+	FlowsV6     *ebpf.MapSpec `ebpf:"flows_v6"`
+	Frags       *ebpf.MapSpec `ebpf:"frags"`
+	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
+	SessionsV4  *ebpf.MapSpec `ebpf:"sessions_v4"`
+	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
+	SweepSeq    *ebpf.MapSpec `ebpf:"sweep_seq"`
 }
 
 // AegisVariableSpecs contains global variables before they are loaded into the kernel.
@@ -314,17 +354,19 @@ func (o *AegisObjects) Close() error {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisMaps struct {
-	AllowV4    *ebpf.Map `ebpf:"allow_v4"`
-	AllowV6    *ebpf.Map `ebpf:"allow_v6"`
-	Config     *ebpf.Map `ebpf:"config"`
-	FlowsV4    *ebpf.Map `ebpf:"flows_v4"`
-	FlowsV6    *ebpf.Map `ebpf:"flows_v6"`
-	Frags      *ebpf.Map `ebpf:"frags"`
-	Ifaces     *ebpf.Map `ebpf:"ifaces"`
-	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
-	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
-	Stats      *ebpf.Map `ebpf:"stats"`
-	SweepSeq   *ebpf.Map `ebpf:"sweep_seq"`
+	AllowV4     *ebpf.Map `ebpf:"allow_v4"`
+	AllowV6     *ebpf.Map `ebpf:"allow_v6"`
+	Config      *ebpf.Map `ebpf:"config"`
+	EventLimits *ebpf.Map `ebpf:"event_limits"`
+	Events      *ebpf.Map `ebpf:"events"`
+	FlowsV4     *ebpf.Map `ebpf:"flows_v4"`
+	FlowsV6     *ebpf.Map `ebpf:"flows_v6"`
+	Frags       *ebpf.Map `ebpf:"frags"`
+	Ifaces      *ebpf.Map `ebpf:"ifaces"`
+	SessionsV4  *ebpf.Map `ebpf:"sessions_v4"`
+	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
+	Stats       *ebpf.Map `ebpf:"stats"`
+	SweepSeq    *ebpf.Map `ebpf:"sweep_seq"`
 }
 
 func (m *AegisMaps) Close() error {
@@ -332,6 +374,8 @@ func (m *AegisMaps) Close() error {
 		m.AllowV4,
 		m.AllowV6,
 		m.Config,
+		m.EventLimits,
+		m.Events,
 		m.FlowsV4,
 		m.FlowsV6,
 		m.Frags,

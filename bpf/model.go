@@ -207,6 +207,15 @@ type Env struct {
 	Late      uint64
 	Ambiguous bool
 
+	// Ifindex is the ingress interface, which events carry.
+	Ifindex uint32
+	// EventLimits are the rate limiter buckets of the CPU the frame runs
+	// on, by EventKind; Verdict updates them as the program does.
+	EventLimits [EventKinds]AegisEventLimit
+	// Events collects the verdict events the frames emitted. The model's
+	// ring buffer always has room: it never counts an event lost.
+	Events []AegisEvent
+
 	// onFragment, set by tests, hears of every fragmented datagram the
 	// model remembers, so that they can adopt the kernel's timestamp.
 	onFragment func(AegisFragKey)
@@ -219,16 +228,21 @@ var mutation string
 // Verdict returns the XDP action and the counted reason for one frame, and
 // updates env as the data path does: last_seen of sessions and flows, the
 // fragments of datagrams whose first fragment passed.
+//
+// It also samples the verdict into env.Events, rate limited by
+// env.EventLimits (see event).
 func Verdict(pkt []byte, env *Env) (Action, Reason) {
-	r := env.classify(pkt)
+	var ip ipInfo
+	cause := env.classify(pkt, &ip)
+	action, r := XDPDrop, cause
 	switch {
-	case r.Pass():
-		return XDPPass, r
+	case cause.Pass():
+		action = XDPPass
 	case env.Config.Monitor != 0:
-		return XDPPass, ReasonMonitor
-	default:
-		return XDPDrop, r
+		action, r = XDPPass, ReasonMonitor
 	}
+	env.event(&ip.t, r, cause, action, len(pkt))
+	return action, r
 }
 
 // FlowWrite is what the egress program did to the flow table.
@@ -606,23 +620,24 @@ func (env *Env) policy(t, q *tuple) Reason {
 	return r
 }
 
-func (env *Env) classify(pkt []byte) Reason {
+// classify leaves in ip as much of the packet's tuple as parsed, which
+// is what its event carries.
+func (env *Env) classify(pkt []byte, ip *ipInfo) Reason {
 	et, l3, ok := parseL2(pkt)
 	if !ok {
 		return ReasonMalformed
 	}
-	var ip ipInfo
 	var r Reason
 	switch et {
 	case ethPIPv4:
-		ip, r = parseIPv4(pkt, l3)
+		*ip, r = parseIPv4(pkt, l3)
 	case ethPIPv6:
-		ip, r = parseIPv6(pkt, l3)
+		*ip, r = parseIPv6(pkt, l3)
 		if r == reasonNone && ip.frag != fragLater && ip.t.proto == protoICMPv6 {
 			if ip.l4off+icmp6MinLen > len(pkt) || ip.l4off+icmp6MinLen > ip.l3end {
 				return ReasonMalformed
 			}
-			if env.ndpBypass(pkt[ip.l4off], pkt[ip.l4off+1], &ip) {
+			if env.ndpBypass(pkt[ip.l4off], pkt[ip.l4off+1], ip) {
 				return ReasonNDP
 			}
 		}
@@ -634,7 +649,7 @@ func (env *Env) classify(pkt []byte) Reason {
 	if r != reasonNone {
 		return r
 	}
-	return env.classifyIP(pkt, &ip)
+	return env.classifyIP(pkt, ip)
 }
 
 // classifyIP is the verdict shared by both families once the IP header

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/bpf"
@@ -61,7 +62,7 @@ func TestModelMatchesProgram(t *testing.T) {
 
 // A model with one rule broken must be caught by the same comparison.
 func TestModelMutationIsCaught(t *testing.T) {
-	for _, m := range []string{"egress-synack", "related-any-dst"} {
+	for _, m := range []string{"egress-synack", "related-any-dst", "event-tuple-after-parse"} {
 		t.Run(m, func(t *testing.T) {
 			seed := uint64(time.Now().UnixNano())
 			t.Logf("seed %d", seed)
@@ -135,6 +136,8 @@ type diff struct {
 	egressN  int
 	refused  int
 	lastFrag *bpf.AegisFragKey
+	events   *ringbuf.Reader
+	emitted  [bpf.StatsSlots]int
 }
 
 func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
@@ -166,9 +169,19 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 		DefaultIdleTimeout: time.Hour, Monitor: ph.monitor,
 		AllowV4Prefixes: a4, AllowV6Prefixes: a6, NoFlowTracking: !ph.flows,
 		FlowIdleTCP: time.Hour, FlowIdleUDP: time.Hour, FlowIdleICMP: time.Hour,
+		// Rates no phase can exhaust (a bucket starts with a second's
+		// worth): every frame emits its event, and each is compared.
+		EventDropRate: 65535, EventPassRate: 65535,
 	}
 	h.setConfig(t, cfg)
 	env.Config, _ = cfg.Value()
+	env.Ifindex = h.fib.ifindex
+	rd, err := ringbuf.NewReader(h.objs.Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rd.Close() })
+	d.events = rd
 	g.grantSessions(t, h, env)
 	g.seedFlows(t, h, env)
 	return d
@@ -192,6 +205,7 @@ func (d *diff) ingress(i int) error {
 	}
 
 	env.Now, env.Late, env.Ambiguous, d.lastFrag = t0, t1, false, nil
+	env.Events = env.Events[:0]
 	wantAction, want := bpf.Verdict(pkt, env)
 	alt := want
 	if env.Ambiguous {
@@ -214,6 +228,9 @@ func (d *diff) ingress(i int) error {
 		return fmt.Errorf("ingress frame %d: program action %d for reason %v\n%s", i, got, counted, hex.Dump(pkt))
 	}
 	d.counts[counted]++
+	if err := d.compareEvent(counted, t0, t1); err != nil {
+		return fmt.Errorf("ingress frame %d: %w\n%s", i, err, hex.Dump(pkt))
+	}
 	if counted != bpf.ReasonFragment && counted != bpf.ReasonMonitor && isLaterFragment(pkt) {
 		d.fragsHit++
 	}
@@ -364,6 +381,11 @@ func (d *diff) finish(t *testing.T) {
 	}
 	if err := d.compareFlows(); err != nil {
 		t.Fatalf("%s: %v", d.name, err)
+	}
+	for r := range d.counts {
+		if uint64(d.emitted[r]) != d.counts[r] {
+			t.Fatalf("%s: reason %v: %d events for %d frames", d.name, bpf.Reason(r), d.emitted[r], d.counts[r])
+		}
 	}
 	n := 0
 	var k bpf.AegisFragKey
@@ -1000,4 +1022,41 @@ func (g *generator) frame() []byte {
 		b = append(b, make([]byte, rng.IntN(32))...)
 	}
 	return b
+}
+
+// compareEvent reads the one event the program emitted for the frame just
+// run and requires the model's event for the reason counted, with the
+// program's timestamp inside the run.
+func (d *diff) compareEvent(counted bpf.Reason, t0, t1 uint64) error {
+	var want *bpf.AegisEvent
+	for i := range d.env.Events {
+		if bpf.Reason(d.env.Events[i].Reason) == counted {
+			want = &d.env.Events[i]
+		}
+	}
+	if want == nil {
+		return fmt.Errorf("model emitted no event for reason %v: %+v", counted, d.env.Events)
+	}
+	d.events.SetDeadline(time.Now().Add(time.Second))
+	rec, err := d.events.Read()
+	if err != nil {
+		return fmt.Errorf("read event: %w", err)
+	}
+	got, err := bpf.DecodeEvent(rec.RawSample)
+	if err != nil {
+		return err
+	}
+	if got.TsNs < t0 || got.TsNs > t1 {
+		return fmt.Errorf("event stamped %d, outside the run [%d, %d]", got.TsNs, t0, t1)
+	}
+	w := *want
+	w.TsNs = got.TsNs
+	if got != w {
+		return fmt.Errorf("event\n%+v\nmodel\n%+v", got, w)
+	}
+	if n := d.events.AvailableBytes(); n != 0 {
+		return fmt.Errorf("%d bytes of further events after one frame", n)
+	}
+	d.emitted[counted]++
+	return nil
 }

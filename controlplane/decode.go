@@ -104,6 +104,8 @@ var methodOps = map[string][2]string{
 	agentv1.AgentService_LogoutEvent_FullMethodName:       {opRevoke, apiAgent},
 	agentv1.AgentService_ListSessions_FullMethodName:      {opCall, apiAgent},
 	agentv1.AgentService_GetStats_FullMethodName:          {opCall, apiAgent},
+	agentv1.AgentService_WatchVerdicts_FullMethodName:     {opCall, apiAgent},
+	agentv1.AgentService_Explain_FullMethodName:           {opCall, apiAgent},
 	session.SessionManager_SubmitSession_FullMethodName:   {opCall, apiCompat},
 	session.SessionManager_MonitorSessions_FullMethodName: {opCall, apiCompat},
 	session.SessionManager_IpChange_FullMethodName:        {opMove, apiCompat},

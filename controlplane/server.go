@@ -90,6 +90,8 @@ type Server struct {
 	auth   *authorizer
 	codec  *requestCodec
 	mon    *monitor
+	// vh reads the verdict events for WatchVerdicts (watch.go).
+	vh verdictHub
 	// tlsFailures counts refused handshakes (tlsmetrics.go).
 	tlsFailures *prometheus.CounterVec
 

@@ -71,6 +71,8 @@ type LoadCmd struct {
 	FlowIdleUDP   time.Duration `name:"flow-idle-udp" default:"${flow_idle_udp}" help:"How long a UDP flow opened outbound lives without a packet."`
 	FlowIdleICMP  time.Duration `name:"flow-idle-icmp" default:"${flow_idle_icmp}" help:"How long an ICMP echo flow (ping) lives without a packet."`
 	Monitor       bool          `help:"Monitor mode: count would-be drops as 'monitor' and pass them."`
+	EventDrops    uint16        `name:"event-drop-rate" default:"100" help:"Verdict events per second per CPU for drops and monitor's would-be drops (aegisctl observe); 0: none."`
+	EventPasses   uint16        `name:"event-pass-rate" default:"0" help:"Verdict events per second per CPU for passes; 0: none."`
 	Group         string        `default:"aegis" help:"Group that owns the pins; the daemons run in it."`
 	JSON          bool          `name:"json" env:"-" help:"Print the result as JSON."`
 
@@ -178,6 +180,9 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO, args cmdline) error {
 		FlowIdleTCP:     cmd.FlowIdleTCP,
 		FlowIdleUDP:     cmd.FlowIdleUDP,
 		FlowIdleICMP:    cmd.FlowIdleICMP,
+		EventDropRate:   cmd.EventDrops,
+		NoDropEvents:    cmd.EventDrops == 0,
+		EventPassRate:   cmd.EventPasses,
 	}
 	if cmd.IP != "" {
 		a, err := netip.ParseAddr(cmd.IP)

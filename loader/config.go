@@ -62,6 +62,12 @@ type Config struct {
 	FlowIdleTCP  time.Duration
 	FlowIdleUDP  time.Duration
 	FlowIdleICMP time.Duration
+	// EventDropRate and EventPassRate are the verdict events per second
+	// per CPU (state.Config: 0 drop rate for the default, NoDropEvents for
+	// none).
+	EventDropRate uint16
+	NoDropEvents  bool
+	EventPassRate uint16
 }
 
 // Validate checks what can be checked without touching the system.

@@ -32,6 +32,9 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 		FlowIdleTCP:        cfg.FlowIdleTCP,
 		FlowIdleUDP:        cfg.FlowIdleUDP,
 		FlowIdleICMP:       cfg.FlowIdleICMP,
+		EventDropRate:      cfg.EventDropRate,
+		NoDropEvents:       cfg.NoDropEvents,
+		EventPassRate:      cfg.EventPassRate,
 	}
 	written, err := maps.WriteConfig(c)
 	if err != nil {

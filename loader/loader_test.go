@@ -189,7 +189,7 @@ func TestLoadCreatesPinsAndAttaches(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := state.Config{Controller: netip.MustParseAddr("198.51.100.5"), ControllerPort: 443, GRPCPort: 50001, DefaultIdleTimeout: 60 * time.Second,
-		FlowIdleTCP: state.DefaultFlowIdleTCP, FlowIdleUDP: state.DefaultFlowIdleUDP, FlowIdleICMP: state.DefaultFlowIdleICMP}
+		FlowIdleTCP: state.DefaultFlowIdleTCP, FlowIdleUDP: state.DefaultFlowIdleUDP, FlowIdleICMP: state.DefaultFlowIdleICMP, EventDropRate: 100}
 	if cfg != want {
 		t.Fatalf("config %+v, want %+v", cfg, want)
 	}
@@ -454,6 +454,7 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	want[state.MapPath(e.pin, state.MapSessionsV4)] = 0o660
 	want[state.MapPath(e.pin, state.MapSessionsV6)] = 0o660
 	want[state.MapPath(e.pin, state.MapSweepSeq)] = 0o660
+	want[state.MapPath(e.pin, state.MapEvents)] = 0o660 // a ring buffer reader needs a writable descriptor
 	want[state.SweepLockPath(e.pin)] = 0o750 | os.ModeDir
 	// Every entry, not only the expected ones: nothing is world-accessible
 	// and everything is root's.

@@ -110,5 +110,7 @@ func TestAgentServiceWire(t *testing.T) {
 		{"LogoutEvent", p + "LogoutEventRequest", p + "LogoutEventResponse", false, false},
 		{"ListSessions", p + "ListSessionsRequest", p + "ListSessionsResponse", false, false},
 		{"GetStats", p + "GetStatsRequest", p + "GetStatsResponse", false, false},
+		{"WatchVerdicts", p + "WatchVerdictsRequest", p + "WatchVerdictsResponse", false, true},
+		{"Explain", p + "ExplainRequest", p + "ExplainResponse", false, false},
 	})
 }

@@ -69,6 +69,7 @@ enum {
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_LPM_TRIE = 11,
+	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
 /* UAPI: the lock the kernel finds by name in a map value's BTF, taken by
@@ -131,6 +132,8 @@ static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen,
 			      __u32 flags) = (void *)69;
 static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
+static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
+static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 static __u64 (*bpf_xdp_get_buff_len)(struct xdp_md *ctx) = (void *)188;
 
 /* BTF-defined maps, as libbpf and cilium/ebpf understand them. */

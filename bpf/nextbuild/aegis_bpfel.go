@@ -39,7 +39,8 @@ type AegisAllowValue struct {
 type AegisConfigValue struct {
 	_                    structs.HostLayout
 	LayoutVersion        uint32
-	Pad0                 uint32
+	EventDropRate        uint16
+	EventPassRate        uint16
 	DefaultIdleTimeoutNs uint64
 	ControllerV4         [4]uint8
 	ControllerV6         [16]uint8
@@ -54,6 +55,15 @@ type AegisConfigValue struct {
 	FlowIdleTcpNs        uint64
 	FlowIdleUdpNs        uint64
 	FlowIdleIcmpNs       uint64
+}
+
+type AegisEventLimit struct {
+	_          structs.HostLayout
+	Credit     uint64
+	LastNs     uint64
+	Emitted    uint64
+	Suppressed uint64
+	Lost       uint64
 }
 
 type AegisFlowKeyV4 struct {
@@ -162,6 +172,8 @@ const (
 	AegisMapAllowV4      = "allow_v4"
 	AegisMapAllowV6      = "allow_v6"
 	AegisMapConfig       = "config"
+	AegisMapEventLimits  = "event_limits"
+	AegisMapEvents       = "events"
 	AegisMapFlowsV4      = "flows_v4"
 	AegisMapFlowsV6      = "flows_v6"
 	AegisMapFrags        = "frags"
@@ -224,17 +236,19 @@ type AegisProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisMapSpecs struct {
-	AllowV4    *ebpf.MapSpec `ebpf:"allow_v4"`
-	AllowV6    *ebpf.MapSpec `ebpf:"allow_v6"`
-	Config     *ebpf.MapSpec `ebpf:"config"`
-	FlowsV4    *ebpf.MapSpec `ebpf:"flows_v4"`
-	FlowsV6    *ebpf.MapSpec `ebpf:"flows_v6"`
-	Frags      *ebpf.MapSpec `ebpf:"frags"`
-	Ifaces     *ebpf.MapSpec `ebpf:"ifaces"`
-	SessionsV4 *ebpf.MapSpec `ebpf:"sessions_v4"`
-	SessionsV6 *ebpf.MapSpec `ebpf:"sessions_v6"`
-	Stats      *ebpf.MapSpec `ebpf:"stats"`
-	SweepSeq   *ebpf.MapSpec `ebpf:"sweep_seq"`
+	AllowV4     *ebpf.MapSpec `ebpf:"allow_v4"`
+	AllowV6     *ebpf.MapSpec `ebpf:"allow_v6"`
+	Config      *ebpf.MapSpec `ebpf:"config"`
+	EventLimits *ebpf.MapSpec `ebpf:"event_limits"`
+	Events      *ebpf.MapSpec `ebpf:"events"`
+	FlowsV4     *ebpf.MapSpec `ebpf:"flows_v4"`
+	FlowsV6     *ebpf.MapSpec `ebpf:"flows_v6"`
+	Frags       *ebpf.MapSpec `ebpf:"frags"`
+	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
+	SessionsV4  *ebpf.MapSpec `ebpf:"sessions_v4"`
+	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
+	SweepSeq    *ebpf.MapSpec `ebpf:"sweep_seq"`
 }
 
 // AegisVariableSpecs contains global variables before they are loaded into the kernel.
@@ -263,17 +277,19 @@ func (o *AegisObjects) Close() error {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisMaps struct {
-	AllowV4    *ebpf.Map `ebpf:"allow_v4"`
-	AllowV6    *ebpf.Map `ebpf:"allow_v6"`
-	Config     *ebpf.Map `ebpf:"config"`
-	FlowsV4    *ebpf.Map `ebpf:"flows_v4"`
-	FlowsV6    *ebpf.Map `ebpf:"flows_v6"`
-	Frags      *ebpf.Map `ebpf:"frags"`
-	Ifaces     *ebpf.Map `ebpf:"ifaces"`
-	SessionsV4 *ebpf.Map `ebpf:"sessions_v4"`
-	SessionsV6 *ebpf.Map `ebpf:"sessions_v6"`
-	Stats      *ebpf.Map `ebpf:"stats"`
-	SweepSeq   *ebpf.Map `ebpf:"sweep_seq"`
+	AllowV4     *ebpf.Map `ebpf:"allow_v4"`
+	AllowV6     *ebpf.Map `ebpf:"allow_v6"`
+	Config      *ebpf.Map `ebpf:"config"`
+	EventLimits *ebpf.Map `ebpf:"event_limits"`
+	Events      *ebpf.Map `ebpf:"events"`
+	FlowsV4     *ebpf.Map `ebpf:"flows_v4"`
+	FlowsV6     *ebpf.Map `ebpf:"flows_v6"`
+	Frags       *ebpf.Map `ebpf:"frags"`
+	Ifaces      *ebpf.Map `ebpf:"ifaces"`
+	SessionsV4  *ebpf.Map `ebpf:"sessions_v4"`
+	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
+	Stats       *ebpf.Map `ebpf:"stats"`
+	SweepSeq    *ebpf.Map `ebpf:"sweep_seq"`
 }
 
 func (m *AegisMaps) Close() error {
@@ -281,6 +297,8 @@ func (m *AegisMaps) Close() error {
 		m.AllowV4,
 		m.AllowV6,
 		m.Config,
+		m.EventLimits,
+		m.Events,
 		m.FlowsV4,
 		m.FlowsV6,
 		m.Frags,

@@ -16,10 +16,11 @@ func TestConfigRoundTrip(t *testing.T) {
 			Controller: netip.MustParseAddr("198.51.100.5"), ControllerPort: 443, GRPCPort: 50001,
 			DefaultIdleTimeout: time.Minute, Monitor: true, AllowV4Prefixes: 3, AllowV6Prefixes: 2,
 			FlowIdleTCP: time.Hour, FlowIdleUDP: 30 * time.Second, FlowIdleICMP: 5 * time.Second,
+			EventDropRate: 50, EventPassRate: 7,
 		},
 		{
 			Controller: netip.MustParseAddr("2001:db8::5"), DefaultIdleTimeout: time.Hour, NoFlowTracking: true,
-			FlowIdleTCP: 1, FlowIdleUDP: 2, FlowIdleICMP: 3,
+			FlowIdleTCP: 1, FlowIdleUDP: 2, FlowIdleICMP: 3, NoDropEvents: true,
 		},
 	} {
 		v, err := c.Value()
@@ -61,6 +62,28 @@ func TestConfigFlowDefaults(t *testing.T) {
 	v, _ = (&state.Config{DefaultIdleTimeout: time.Minute, NoFlowTracking: true}).Value()
 	if v.TrackFlows != 0 {
 		t.Fatalf("track_flows %d with NoFlowTracking", v.TrackFlows)
+	}
+}
+
+// Drop events are sampled at the default rate unless configured or turned
+// off; pass events are off unless configured.
+func TestConfigEventDefaults(t *testing.T) {
+	for _, c := range []struct {
+		cfg        state.Config
+		drop, pass uint16
+	}{
+		{state.Config{}, state.DefaultEventDropRate, 0},
+		{state.Config{EventDropRate: 7, EventPassRate: 3}, 7, 3},
+		{state.Config{NoDropEvents: true, EventDropRate: 7}, 0, 0},
+	} {
+		c.cfg.DefaultIdleTimeout = time.Minute
+		v, err := c.cfg.Value()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.EventDropRate != c.drop || v.EventPassRate != c.pass {
+			t.Errorf("%+v: rates %d, %d; want %d, %d", c.cfg, v.EventDropRate, v.EventPassRate, c.drop, c.pass)
+		}
 	}
 }
 

@@ -45,6 +45,10 @@ type Maps struct {
 	// Ifaces records the interfaces the loader was told to filter
 	// (ifaces.go).
 	Ifaces *ebpf.Map
+	// Events is the ring buffer of verdict events, EventLimits its per-CPU
+	// rate limiters (events.go).
+	Events      *ebpf.Map
+	EventLimits *ebpf.Map
 
 	stats guardStats
 }
@@ -162,9 +166,13 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 
 // DaemonWritable reports whether the daemons write the named map: the
 // sessions maps, and the reaper's sweep counter (see sweep.go). The loader
-// alone writes the config and the allow rules.
+// alone writes the config and the allow rules. The events ring buffer is
+// here because reading one needs a writable descriptor: the reader
+// advances the consumer position in a page the kernel maps writable only
+// for one. That lets group aegis skip events, and nothing else (user space
+// cannot write into a BPF_MAP_TYPE_RINGBUF).
 func DaemonWritable(name string) bool {
-	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq
+	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq || name == MapEvents
 }
 
 type slot struct {
@@ -181,6 +189,7 @@ func (m *Maps) slots() []slot {
 		{MapSweepSeq, &m.SweepSeq},
 		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
 		{MapIfaces, &m.Ifaces},
+		{MapEvents, &m.Events}, {MapEventLimits, &m.EventLimits},
 	}
 }
 

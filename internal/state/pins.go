@@ -44,13 +44,18 @@ const (
 	MapFlowsV6 = "flows_v6"
 	// MapFrags holds the fragmented datagrams whose first fragment passed.
 	MapFrags = "frags"
+	// MapEvents is the ring buffer of sampled verdict events; MapEventLimits
+	// the per-CPU rate limiter buckets and their counters (emitted,
+	// suppressed, lost).
+	MapEvents      = "events"
+	MapEventLimits = "event_limits"
 )
 
 // MapIfaces (ifaces.go) is pinned beside them.
 
 // MapNames lists every pinned map.
 var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapSweepSeq,
-	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces}
+	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces, MapEvents, MapEventLimits}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it

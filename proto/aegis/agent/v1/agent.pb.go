@@ -1017,6 +1017,486 @@ func (x *MapUsage) GetCapacity() uint64 {
 	return 0
 }
 
+type WatchVerdictsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "pass" or "drop": what enforcement does (a would-be drop in monitor
+	// mode is a drop); empty for both.
+	Verdict string `protobuf:"bytes,1,opt,name=verdict,proto3" json:"verdict,omitempty"`
+	// Reasons as GetStats names them; an event matches if its counted
+	// reason or its cause is one of them. Empty for all.
+	Reasons []string `protobuf:"bytes,2,rep,name=reasons,proto3" json:"reasons,omitempty"`
+	// Prefixes the source and destination must lie in ("192.0.2.0/24",
+	// "2001:db8::1"); empty for any.
+	SourceCidr      string `protobuf:"bytes,3,opt,name=source_cidr,json=sourceCidr,proto3" json:"source_cidr,omitempty"`
+	DestinationCidr string `protobuf:"bytes,4,opt,name=destination_cidr,json=destinationCidr,proto3" json:"destination_cidr,omitempty"`
+	// Matches the source or the destination port; 0 for any.
+	Port uint32 `protobuf:"varint,5,opt,name=port,proto3" json:"port,omitempty"`
+	// IP protocol number; 0 for any.
+	Protocol uint32 `protobuf:"varint,6,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// The history to send first: events newer than since, at most the last
+	// of them (0: no limit). Neither set: live events only.
+	Since *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=since,proto3" json:"since,omitempty"`
+	Last  uint32                 `protobuf:"varint,8,opt,name=last,proto3" json:"last,omitempty"`
+	// Stop after the history instead of following live events.
+	NoFollow      bool `protobuf:"varint,9,opt,name=no_follow,json=noFollow,proto3" json:"no_follow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchVerdictsRequest) Reset() {
+	*x = WatchVerdictsRequest{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchVerdictsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchVerdictsRequest) ProtoMessage() {}
+
+func (x *WatchVerdictsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchVerdictsRequest.ProtoReflect.Descriptor instead.
+func (*WatchVerdictsRequest) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *WatchVerdictsRequest) GetVerdict() string {
+	if x != nil {
+		return x.Verdict
+	}
+	return ""
+}
+
+func (x *WatchVerdictsRequest) GetReasons() []string {
+	if x != nil {
+		return x.Reasons
+	}
+	return nil
+}
+
+func (x *WatchVerdictsRequest) GetSourceCidr() string {
+	if x != nil {
+		return x.SourceCidr
+	}
+	return ""
+}
+
+func (x *WatchVerdictsRequest) GetDestinationCidr() string {
+	if x != nil {
+		return x.DestinationCidr
+	}
+	return ""
+}
+
+func (x *WatchVerdictsRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *WatchVerdictsRequest) GetProtocol() uint32 {
+	if x != nil {
+		return x.Protocol
+	}
+	return 0
+}
+
+func (x *WatchVerdictsRequest) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
+func (x *WatchVerdictsRequest) GetLast() uint32 {
+	if x != nil {
+		return x.Last
+	}
+	return 0
+}
+
+func (x *WatchVerdictsRequest) GetNoFollow() bool {
+	if x != nil {
+		return x.NoFollow
+	}
+	return false
+}
+
+type WatchVerdictsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Event *VerdictEvent          `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	// Matching events this watcher lost so far because it did not read
+	// fast enough.
+	Lost          uint64 `protobuf:"varint,2,opt,name=lost,proto3" json:"lost,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchVerdictsResponse) Reset() {
+	*x = WatchVerdictsResponse{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchVerdictsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchVerdictsResponse) ProtoMessage() {}
+
+func (x *WatchVerdictsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchVerdictsResponse.ProtoReflect.Descriptor instead.
+func (*WatchVerdictsResponse) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *WatchVerdictsResponse) GetEvent() *VerdictEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *WatchVerdictsResponse) GetLost() uint64 {
+	if x != nil {
+		return x.Lost
+	}
+	return 0
+}
+
+type VerdictEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	// Ingress interface, by name when the server knows it.
+	Ifindex   uint32 `protobuf:"varint,2,opt,name=ifindex,proto3" json:"ifindex,omitempty"`
+	Interface string `protobuf:"bytes,3,opt,name=interface,proto3" json:"interface,omitempty"`
+	// Empty when the frame was not IP or its IP header did not parse.
+	Source      string `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`
+	Destination string `protobuf:"bytes,5,opt,name=destination,proto3" json:"destination,omitempty"`
+	// Zero until the L4 header parsed. ICMP echo: the identifier.
+	SourcePort      uint32 `protobuf:"varint,6,opt,name=source_port,json=sourcePort,proto3" json:"source_port,omitempty"`
+	DestinationPort uint32 `protobuf:"varint,7,opt,name=destination_port,json=destinationPort,proto3" json:"destination_port,omitempty"`
+	Protocol        uint32 `protobuf:"varint,8,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// "pass" or "drop": what the frame got.
+	Action string `protobuf:"bytes,9,opt,name=action,proto3" json:"action,omitempty"`
+	// The counted reason ("monitor" for a would-be drop) and the verdict's
+	// own reason, which says what enforcement does or would do.
+	Reason string `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
+	Cause  string `protobuf:"bytes,11,opt,name=cause,proto3" json:"cause,omitempty"`
+	// "pass" or "drop": what enforcement does with such a frame.
+	Verdict       string `protobuf:"bytes,12,opt,name=verdict,proto3" json:"verdict,omitempty"`
+	Length        uint32 `protobuf:"varint,13,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerdictEvent) Reset() {
+	*x = VerdictEvent{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerdictEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerdictEvent) ProtoMessage() {}
+
+func (x *VerdictEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerdictEvent.ProtoReflect.Descriptor instead.
+func (*VerdictEvent) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *VerdictEvent) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *VerdictEvent) GetIfindex() uint32 {
+	if x != nil {
+		return x.Ifindex
+	}
+	return 0
+}
+
+func (x *VerdictEvent) GetInterface() string {
+	if x != nil {
+		return x.Interface
+	}
+	return ""
+}
+
+func (x *VerdictEvent) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *VerdictEvent) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *VerdictEvent) GetSourcePort() uint32 {
+	if x != nil {
+		return x.SourcePort
+	}
+	return 0
+}
+
+func (x *VerdictEvent) GetDestinationPort() uint32 {
+	if x != nil {
+		return x.DestinationPort
+	}
+	return 0
+}
+
+func (x *VerdictEvent) GetProtocol() uint32 {
+	if x != nil {
+		return x.Protocol
+	}
+	return 0
+}
+
+func (x *VerdictEvent) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *VerdictEvent) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *VerdictEvent) GetCause() string {
+	if x != nil {
+		return x.Cause
+	}
+	return ""
+}
+
+func (x *VerdictEvent) GetVerdict() string {
+	if x != nil {
+		return x.Verdict
+	}
+	return ""
+}
+
+func (x *VerdictEvent) GetLength() uint32 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+type ExplainRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Source          string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Destination     string                 `protobuf:"bytes,2,opt,name=destination,proto3" json:"destination,omitempty"`
+	DestinationPort uint32                 `protobuf:"varint,3,opt,name=destination_port,json=destinationPort,proto3" json:"destination_port,omitempty"`
+	// 6 (TCP, also for 0) or 17 (UDP).
+	Protocol uint32 `protobuf:"varint,4,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// 0 for 40000, an ephemeral port.
+	SourcePort    uint32 `protobuf:"varint,5,opt,name=source_port,json=sourcePort,proto3" json:"source_port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainRequest) Reset() {
+	*x = ExplainRequest{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainRequest) ProtoMessage() {}
+
+func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
+func (*ExplainRequest) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ExplainRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *ExplainRequest) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *ExplainRequest) GetDestinationPort() uint32 {
+	if x != nil {
+		return x.DestinationPort
+	}
+	return 0
+}
+
+func (x *ExplainRequest) GetProtocol() uint32 {
+	if x != nil {
+		return x.Protocol
+	}
+	return 0
+}
+
+func (x *ExplainRequest) GetSourcePort() uint32 {
+	if x != nil {
+		return x.SourcePort
+	}
+	return 0
+}
+
+type ExplainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "pass" or "drop": what the frame would get.
+	Action string `protobuf:"bytes,1,opt,name=action,proto3" json:"action,omitempty"`
+	// The counted reason ("monitor" for a would-be drop) and the verdict's
+	// own reason.
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Cause  string `protobuf:"bytes,3,opt,name=cause,proto3" json:"cause,omitempty"`
+	// Why, for a person: which session (user, idle and lifetime left),
+	// reply flow, allow rule or bypass decides, or what is missing.
+	Why string `protobuf:"bytes,4,opt,name=why,proto3" json:"why,omitempty"`
+	// The flow explained, as "tcp 192.0.2.10:40000 -> 198.51.100.10:22".
+	Flow          string `protobuf:"bytes,5,opt,name=flow,proto3" json:"flow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainResponse) Reset() {
+	*x = ExplainResponse{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainResponse) ProtoMessage() {}
+
+func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
+func (*ExplainResponse) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ExplainResponse) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetCause() string {
+	if x != nil {
+		return x.Cause
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetWhy() string {
+	if x != nil {
+		return x.Why
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetFlow() string {
+	if x != nil {
+		return x.Flow
+	}
+	return ""
+}
+
 var File_aegis_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_aegis_agent_v1_agent_proto_rawDesc = "" +
@@ -1095,19 +1575,64 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\x05bytes\x18\x04 \x01(\x04R\x05bytes\"@\n" +
 	"\bMapUsage\x12\x18\n" +
 	"\aentries\x18\x01 \x01(\x04R\aentries\x12\x1a\n" +
-	"\bcapacity\x18\x02 \x01(\x04R\bcapacity*Z\n" +
+	"\bcapacity\x18\x02 \x01(\x04R\bcapacity\"\xa9\x02\n" +
+	"\x14WatchVerdictsRequest\x12\x18\n" +
+	"\averdict\x18\x01 \x01(\tR\averdict\x12\x18\n" +
+	"\areasons\x18\x02 \x03(\tR\areasons\x12\x1f\n" +
+	"\vsource_cidr\x18\x03 \x01(\tR\n" +
+	"sourceCidr\x12)\n" +
+	"\x10destination_cidr\x18\x04 \x01(\tR\x0fdestinationCidr\x12\x12\n" +
+	"\x04port\x18\x05 \x01(\rR\x04port\x12\x1a\n" +
+	"\bprotocol\x18\x06 \x01(\rR\bprotocol\x120\n" +
+	"\x05since\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12\x12\n" +
+	"\x04last\x18\b \x01(\rR\x04last\x12\x1b\n" +
+	"\tno_follow\x18\t \x01(\bR\bnoFollow\"_\n" +
+	"\x15WatchVerdictsResponse\x122\n" +
+	"\x05event\x18\x01 \x01(\v2\x1c.aegis.agent.v1.VerdictEventR\x05event\x12\x12\n" +
+	"\x04lost\x18\x02 \x01(\x04R\x04lost\"\x90\x03\n" +
+	"\fVerdictEvent\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x18\n" +
+	"\aifindex\x18\x02 \x01(\rR\aifindex\x12\x1c\n" +
+	"\tinterface\x18\x03 \x01(\tR\tinterface\x12\x16\n" +
+	"\x06source\x18\x04 \x01(\tR\x06source\x12 \n" +
+	"\vdestination\x18\x05 \x01(\tR\vdestination\x12\x1f\n" +
+	"\vsource_port\x18\x06 \x01(\rR\n" +
+	"sourcePort\x12)\n" +
+	"\x10destination_port\x18\a \x01(\rR\x0fdestinationPort\x12\x1a\n" +
+	"\bprotocol\x18\b \x01(\rR\bprotocol\x12\x16\n" +
+	"\x06action\x18\t \x01(\tR\x06action\x12\x16\n" +
+	"\x06reason\x18\n" +
+	" \x01(\tR\x06reason\x12\x14\n" +
+	"\x05cause\x18\v \x01(\tR\x05cause\x12\x18\n" +
+	"\averdict\x18\f \x01(\tR\averdict\x12\x16\n" +
+	"\x06length\x18\r \x01(\rR\x06length\"\xb2\x01\n" +
+	"\x0eExplainRequest\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12 \n" +
+	"\vdestination\x18\x02 \x01(\tR\vdestination\x12)\n" +
+	"\x10destination_port\x18\x03 \x01(\rR\x0fdestinationPort\x12\x1a\n" +
+	"\bprotocol\x18\x04 \x01(\rR\bprotocol\x12\x1f\n" +
+	"\vsource_port\x18\x05 \x01(\rR\n" +
+	"sourcePort\"}\n" +
+	"\x0fExplainResponse\x12\x16\n" +
+	"\x06action\x18\x01 \x01(\tR\x06action\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n" +
+	"\x05cause\x18\x03 \x01(\tR\x05cause\x12\x10\n" +
+	"\x03why\x18\x04 \x01(\tR\x03why\x12\x12\n" +
+	"\x04flow\x18\x05 \x01(\tR\x04flow*Z\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_TCP\x10\x01\x12\x10\n" +
 	"\fPROTOCOL_UDP\x10\x02\x12\x10\n" +
-	"\fPROTOCOL_ANY\x10\x032\xca\x03\n" +
+	"\fPROTOCOL_ANY\x10\x032\xf6\x04\n" +
 	"\fAgentService\x12S\n" +
 	"\n" +
 	"LoginEvent\x12!.aegis.agent.v1.LoginEventRequest\x1a\".aegis.agent.v1.LoginEventResponse\x12c\n" +
 	"\x11StreamLoginEvents\x12!.aegis.agent.v1.LoginEventRequest\x1a).aegis.agent.v1.StreamLoginEventsResponse(\x01\x12V\n" +
 	"\vLogoutEvent\x12\".aegis.agent.v1.LogoutEventRequest\x1a#.aegis.agent.v1.LogoutEventResponse\x12Y\n" +
 	"\fListSessions\x12#.aegis.agent.v1.ListSessionsRequest\x1a$.aegis.agent.v1.ListSessionsResponse\x12M\n" +
-	"\bGetStats\x12\x1f.aegis.agent.v1.GetStatsRequest\x1a .aegis.agent.v1.GetStatsResponseB;Z9github.com/aegis-agent/aegis/proto/aegis/agent/v1;agentv1b\x06proto3"
+	"\bGetStats\x12\x1f.aegis.agent.v1.GetStatsRequest\x1a .aegis.agent.v1.GetStatsResponse\x12^\n" +
+	"\rWatchVerdicts\x12$.aegis.agent.v1.WatchVerdictsRequest\x1a%.aegis.agent.v1.WatchVerdictsResponse0\x01\x12J\n" +
+	"\aExplain\x12\x1e.aegis.agent.v1.ExplainRequest\x1a\x1f.aegis.agent.v1.ExplainResponseB;Z9github.com/aegis-agent/aegis/proto/aegis/agent/v1;agentv1b\x06proto3"
 
 var (
 	file_aegis_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -1122,7 +1647,7 @@ func file_aegis_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_aegis_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_aegis_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_aegis_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_aegis_agent_v1_agent_proto_goTypes = []any{
 	(Protocol)(0),                     // 0: aegis.agent.v1.Protocol
 	(*LoginEventRequest)(nil),         // 1: aegis.agent.v1.LoginEventRequest
@@ -1138,42 +1663,54 @@ var file_aegis_agent_v1_agent_proto_goTypes = []any{
 	(*GetStatsResponse)(nil),          // 11: aegis.agent.v1.GetStatsResponse
 	(*VerdictCounter)(nil),            // 12: aegis.agent.v1.VerdictCounter
 	(*MapUsage)(nil),                  // 13: aegis.agent.v1.MapUsage
-	(*durationpb.Duration)(nil),       // 14: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 15: google.protobuf.Timestamp
+	(*WatchVerdictsRequest)(nil),      // 14: aegis.agent.v1.WatchVerdictsRequest
+	(*WatchVerdictsResponse)(nil),     // 15: aegis.agent.v1.WatchVerdictsResponse
+	(*VerdictEvent)(nil),              // 16: aegis.agent.v1.VerdictEvent
+	(*ExplainRequest)(nil),            // 17: aegis.agent.v1.ExplainRequest
+	(*ExplainResponse)(nil),           // 18: aegis.agent.v1.ExplainResponse
+	(*durationpb.Duration)(nil),       // 19: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 20: google.protobuf.Timestamp
 }
 var file_aegis_agent_v1_agent_proto_depIdxs = []int32{
 	0,  // 0: aegis.agent.v1.LoginEventRequest.protocol:type_name -> aegis.agent.v1.Protocol
-	14, // 1: aegis.agent.v1.LoginEventRequest.idle_timeout:type_name -> google.protobuf.Duration
-	14, // 2: aegis.agent.v1.LoginEventRequest.max_lifetime:type_name -> google.protobuf.Duration
+	19, // 1: aegis.agent.v1.LoginEventRequest.idle_timeout:type_name -> google.protobuf.Duration
+	19, // 2: aegis.agent.v1.LoginEventRequest.max_lifetime:type_name -> google.protobuf.Duration
 	9,  // 3: aegis.agent.v1.LoginEventResponse.session:type_name -> aegis.agent.v1.Session
 	4,  // 4: aegis.agent.v1.StreamLoginEventsResponse.rejections:type_name -> aegis.agent.v1.Rejection
 	0,  // 5: aegis.agent.v1.LogoutEventRequest.protocol:type_name -> aegis.agent.v1.Protocol
 	9,  // 6: aegis.agent.v1.ListSessionsResponse.sessions:type_name -> aegis.agent.v1.Session
 	0,  // 7: aegis.agent.v1.Session.protocol:type_name -> aegis.agent.v1.Protocol
-	15, // 8: aegis.agent.v1.Session.create_time:type_name -> google.protobuf.Timestamp
-	15, // 9: aegis.agent.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
-	15, // 10: aegis.agent.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
-	14, // 11: aegis.agent.v1.Session.idle_timeout:type_name -> google.protobuf.Duration
-	14, // 12: aegis.agent.v1.Session.time_left:type_name -> google.protobuf.Duration
+	20, // 8: aegis.agent.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	20, // 9: aegis.agent.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
+	20, // 10: aegis.agent.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	19, // 11: aegis.agent.v1.Session.idle_timeout:type_name -> google.protobuf.Duration
+	19, // 12: aegis.agent.v1.Session.time_left:type_name -> google.protobuf.Duration
 	12, // 13: aegis.agent.v1.GetStatsResponse.counters:type_name -> aegis.agent.v1.VerdictCounter
 	13, // 14: aegis.agent.v1.GetStatsResponse.sessions_v4:type_name -> aegis.agent.v1.MapUsage
 	13, // 15: aegis.agent.v1.GetStatsResponse.sessions_v6:type_name -> aegis.agent.v1.MapUsage
-	14, // 16: aegis.agent.v1.GetStatsResponse.default_idle_timeout:type_name -> google.protobuf.Duration
-	1,  // 17: aegis.agent.v1.AgentService.LoginEvent:input_type -> aegis.agent.v1.LoginEventRequest
-	1,  // 18: aegis.agent.v1.AgentService.StreamLoginEvents:input_type -> aegis.agent.v1.LoginEventRequest
-	5,  // 19: aegis.agent.v1.AgentService.LogoutEvent:input_type -> aegis.agent.v1.LogoutEventRequest
-	7,  // 20: aegis.agent.v1.AgentService.ListSessions:input_type -> aegis.agent.v1.ListSessionsRequest
-	10, // 21: aegis.agent.v1.AgentService.GetStats:input_type -> aegis.agent.v1.GetStatsRequest
-	2,  // 22: aegis.agent.v1.AgentService.LoginEvent:output_type -> aegis.agent.v1.LoginEventResponse
-	3,  // 23: aegis.agent.v1.AgentService.StreamLoginEvents:output_type -> aegis.agent.v1.StreamLoginEventsResponse
-	6,  // 24: aegis.agent.v1.AgentService.LogoutEvent:output_type -> aegis.agent.v1.LogoutEventResponse
-	8,  // 25: aegis.agent.v1.AgentService.ListSessions:output_type -> aegis.agent.v1.ListSessionsResponse
-	11, // 26: aegis.agent.v1.AgentService.GetStats:output_type -> aegis.agent.v1.GetStatsResponse
-	22, // [22:27] is the sub-list for method output_type
-	17, // [17:22] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	19, // 16: aegis.agent.v1.GetStatsResponse.default_idle_timeout:type_name -> google.protobuf.Duration
+	20, // 17: aegis.agent.v1.WatchVerdictsRequest.since:type_name -> google.protobuf.Timestamp
+	16, // 18: aegis.agent.v1.WatchVerdictsResponse.event:type_name -> aegis.agent.v1.VerdictEvent
+	20, // 19: aegis.agent.v1.VerdictEvent.time:type_name -> google.protobuf.Timestamp
+	1,  // 20: aegis.agent.v1.AgentService.LoginEvent:input_type -> aegis.agent.v1.LoginEventRequest
+	1,  // 21: aegis.agent.v1.AgentService.StreamLoginEvents:input_type -> aegis.agent.v1.LoginEventRequest
+	5,  // 22: aegis.agent.v1.AgentService.LogoutEvent:input_type -> aegis.agent.v1.LogoutEventRequest
+	7,  // 23: aegis.agent.v1.AgentService.ListSessions:input_type -> aegis.agent.v1.ListSessionsRequest
+	10, // 24: aegis.agent.v1.AgentService.GetStats:input_type -> aegis.agent.v1.GetStatsRequest
+	14, // 25: aegis.agent.v1.AgentService.WatchVerdicts:input_type -> aegis.agent.v1.WatchVerdictsRequest
+	17, // 26: aegis.agent.v1.AgentService.Explain:input_type -> aegis.agent.v1.ExplainRequest
+	2,  // 27: aegis.agent.v1.AgentService.LoginEvent:output_type -> aegis.agent.v1.LoginEventResponse
+	3,  // 28: aegis.agent.v1.AgentService.StreamLoginEvents:output_type -> aegis.agent.v1.StreamLoginEventsResponse
+	6,  // 29: aegis.agent.v1.AgentService.LogoutEvent:output_type -> aegis.agent.v1.LogoutEventResponse
+	8,  // 30: aegis.agent.v1.AgentService.ListSessions:output_type -> aegis.agent.v1.ListSessionsResponse
+	11, // 31: aegis.agent.v1.AgentService.GetStats:output_type -> aegis.agent.v1.GetStatsResponse
+	15, // 32: aegis.agent.v1.AgentService.WatchVerdicts:output_type -> aegis.agent.v1.WatchVerdictsResponse
+	18, // 33: aegis.agent.v1.AgentService.Explain:output_type -> aegis.agent.v1.ExplainResponse
+	27, // [27:34] is the sub-list for method output_type
+	20, // [20:27] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_aegis_agent_v1_agent_proto_init() }
@@ -1187,7 +1724,7 @@ func file_aegis_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_aegis_agent_v1_agent_proto_rawDesc), len(file_aegis_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   13,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,6 +28,8 @@ const (
 	AgentService_LogoutEvent_FullMethodName       = "/aegis.agent.v1.AgentService/LogoutEvent"
 	AgentService_ListSessions_FullMethodName      = "/aegis.agent.v1.AgentService/ListSessions"
 	AgentService_GetStats_FullMethodName          = "/aegis.agent.v1.AgentService/GetStats"
+	AgentService_WatchVerdicts_FullMethodName     = "/aegis.agent.v1.AgentService/WatchVerdicts"
+	AgentService_Explain_FullMethodName           = "/aegis.agent.v1.AgentService/Explain"
 )
 
 // AgentServiceClient is the client API for AgentService service.
@@ -49,6 +51,16 @@ type AgentServiceClient interface {
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
 	// GetStats returns the data path's verdict counters and the map fill.
 	GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error)
+	// WatchVerdicts streams the data path's sampled verdict events that
+	// match the filter: first those of the bounded history the request asks
+	// for, then live ones. A watcher that does not keep up loses events;
+	// each message carries how many it has lost so far. Refused with
+	// RESOURCE_EXHAUSTED when the server's watchers are all taken.
+	WatchVerdicts(ctx context.Context, in *WatchVerdictsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchVerdictsResponse], error)
+	// Explain says what the data path would do with one TCP or UDP packet
+	// and why, from the live maps, changing nothing (no counter, no
+	// last_seen).
+	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
 }
 
 type agentServiceClient struct {
@@ -112,6 +124,35 @@ func (c *agentServiceClient) GetStats(ctx context.Context, in *GetStatsRequest, 
 	return out, nil
 }
 
+func (c *agentServiceClient) WatchVerdicts(ctx context.Context, in *WatchVerdictsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchVerdictsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AgentService_ServiceDesc.Streams[1], AgentService_WatchVerdicts_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchVerdictsRequest, WatchVerdictsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AgentService_WatchVerdictsClient = grpc.ServerStreamingClient[WatchVerdictsResponse]
+
+func (c *agentServiceClient) Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExplainResponse)
+	err := c.cc.Invoke(ctx, AgentService_Explain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServiceServer is the server API for AgentService service.
 // All implementations must embed UnimplementedAgentServiceServer
 // for forward compatibility.
@@ -131,6 +172,16 @@ type AgentServiceServer interface {
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
 	// GetStats returns the data path's verdict counters and the map fill.
 	GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error)
+	// WatchVerdicts streams the data path's sampled verdict events that
+	// match the filter: first those of the bounded history the request asks
+	// for, then live ones. A watcher that does not keep up loses events;
+	// each message carries how many it has lost so far. Refused with
+	// RESOURCE_EXHAUSTED when the server's watchers are all taken.
+	WatchVerdicts(*WatchVerdictsRequest, grpc.ServerStreamingServer[WatchVerdictsResponse]) error
+	// Explain says what the data path would do with one TCP or UDP packet
+	// and why, from the live maps, changing nothing (no counter, no
+	// last_seen).
+	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
 	mustEmbedUnimplementedAgentServiceServer()
 }
 
@@ -155,6 +206,12 @@ func (UnimplementedAgentServiceServer) ListSessions(context.Context, *ListSessio
 }
 func (UnimplementedAgentServiceServer) GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStats not implemented")
+}
+func (UnimplementedAgentServiceServer) WatchVerdicts(*WatchVerdictsRequest, grpc.ServerStreamingServer[WatchVerdictsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchVerdicts not implemented")
+}
+func (UnimplementedAgentServiceServer) Explain(context.Context, *ExplainRequest) (*ExplainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Explain not implemented")
 }
 func (UnimplementedAgentServiceServer) mustEmbedUnimplementedAgentServiceServer() {}
 func (UnimplementedAgentServiceServer) testEmbeddedByValue()                      {}
@@ -256,6 +313,35 @@ func _AgentService_GetStats_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentService_WatchVerdicts_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchVerdictsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AgentServiceServer).WatchVerdicts(m, &grpc.GenericServerStream[WatchVerdictsRequest, WatchVerdictsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AgentService_WatchVerdictsServer = grpc.ServerStreamingServer[WatchVerdictsResponse]
+
+func _AgentService_Explain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExplainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).Explain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentService_Explain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).Explain(ctx, req.(*ExplainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AgentService_ServiceDesc is the grpc.ServiceDesc for AgentService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -279,12 +365,21 @@ var AgentService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "GetStats",
 			Handler:    _AgentService_GetStats_Handler,
 		},
+		{
+			MethodName: "Explain",
+			Handler:    _AgentService_Explain_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "StreamLoginEvents",
 			Handler:       _AgentService_StreamLoginEvents_Handler,
 			ClientStreams: true,
+		},
+		{
+			StreamName:    "WatchVerdicts",
+			Handler:       _AgentService_WatchVerdicts_Handler,
+			ServerStreams: true,
 		},
 	},
 	Metadata: "aegis/agent/v1/agent.proto",
