@@ -6,3 +6,6 @@ func SetEventBuffers(w *Watcher, queue, rcvbuf int) { w.queue, w.rcvbuf = queue,
 
 // ParseProcAddr is parseProcAddr, for the table test of /proc/net/tcp.
 var ParseProcAddr = parseProcAddr
+
+// Handshake is handshake, for the test of confirm.
+var Handshake = handshake
