@@ -226,6 +226,25 @@ func TestLoginSessionsLogout(t *testing.T) {
 	if n4, n6, _ := e.maps(t).Count(); n4+n6 != 0 {
 		t.Fatalf("%d sessions left", n4+n6)
 	}
+
+	// An any-protocol session: one entry, shown as any.
+	if out := mustRun(t, e.cmd("login", "-u", "carol", "--src", "192.0.2.10", "--dst", "198.51.100.10", "--port", "53", "--proto", "any")...); !strings.HasPrefix(out, "granted: carol any 192.0.2.10 -> 198.51.100.10:53") {
+		t.Fatalf("login --proto any: %q", out)
+	}
+	anyKey := key
+	anyKey.Port, anyKey.Proto = 53, state.Any
+	if s, err := e.maps(t).Lookup(anyKey); err != nil || s.User != "carol" {
+		t.Fatalf("any-protocol session %+v (%v)", s, err)
+	}
+	if err := json.Unmarshal([]byte(mustRun(t, e.cmd("sessions", "--json")...)), &rows); err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 1 || rows[0].Protocol != "any" {
+		t.Fatalf("json: %+v", rows)
+	}
+	if table := mustRun(t, e.cmd("sessions")...); !strings.Contains(table, " any ") {
+		t.Fatalf("sessions table:\n%s", table)
+	}
 }
 
 func TestStatsAndLocal(t *testing.T) {

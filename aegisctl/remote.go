@@ -34,13 +34,18 @@ func protocol(s string) (agentv1.Protocol, error) {
 		return agentv1.Protocol_PROTOCOL_TCP, nil
 	case "udp":
 		return agentv1.Protocol_PROTOCOL_UDP, nil
+	case "any":
+		return agentv1.Protocol_PROTOCOL_ANY, nil
 	}
-	return 0, &cli.UsageError{Err: fmt.Errorf("--proto %q: want tcp or udp", s)}
+	return 0, &cli.UsageError{Err: fmt.Errorf("--proto %q: want tcp, udp or any", s)}
 }
 
 func protocolName(p agentv1.Protocol) string {
-	if p == agentv1.Protocol_PROTOCOL_UDP {
+	switch p {
+	case agentv1.Protocol_PROTOCOL_UDP:
 		return "udp"
+	case agentv1.Protocol_PROTOCOL_ANY:
+		return "any"
 	}
 	return "tcp"
 }
@@ -52,7 +57,7 @@ type LoginCmd struct {
 	Src         string        `required:"" placeholder:"IP" help:"Client (source) address."`
 	Dst         string        `required:"" placeholder:"IP" help:"Service (destination) address."`
 	Port        uint32        `required:"" placeholder:"PORT" help:"Service (destination) port."`
-	Proto       string        `default:"tcp" enum:"tcp,udp" help:"Protocol: tcp or udp."`
+	Proto       string        `default:"tcp" enum:"tcp,udp,any" help:"Protocol: tcp, udp, or any (TCP and UDP as one session with one idle timer)."`
 	IdleTimeout time.Duration `help:"Idle timeout; 0 for the gateway's default (aegis-loader --rule-timeout)."`
 	MaxLifetime time.Duration `help:"Longest the session may last; 0 for no limit."`
 	JSON        bool          `name:"json" help:"Print JSON: result (created or refreshed) and the session, in the fields of sessions --json."`
@@ -117,7 +122,7 @@ type LogoutCmd struct {
 	Src   string `placeholder:"IP" help:"Client address of the one session to revoke."`
 	Dst   string `placeholder:"IP" help:"Service address of the one session to revoke."`
 	Port  uint32 `help:"Service port of the one session to revoke."`
-	Proto string `default:"tcp" enum:"tcp,udp" help:"Protocol of the one session to revoke."`
+	Proto string `default:"tcp" enum:"tcp,udp,any" help:"Protocol of the one session to revoke: tcp, udp or any."`
 	JSON  bool   `name:"json" help:"Print JSON: result (revoked or not_found), revoked (how many), and the user and session key asked for."`
 }
 

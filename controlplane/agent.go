@@ -22,6 +22,8 @@ func requestTarget(src, dst string, port uint32, proto agentv1.Protocol) *target
 		t.proto = state.TCP.String()
 	case agentv1.Protocol_PROTOCOL_UDP:
 		t.proto = state.UDP.String()
+	case agentv1.Protocol_PROTOCOL_ANY:
+		t.proto = state.Any.String()
 	default:
 		t.proto = proto.String()
 	}
@@ -50,10 +52,13 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 	}
 	cl := claim{s: s, user: sess.User, keys: []state.Key{sess.Key}}
 	s.bulk.RLock()
-	unlock := s.keys.lock(sess.Key)
+	unlock := s.keys.lock(append(overlapping(sess.Key), sess.Key)...)
 	err = s.maps.Do(func(m *state.Maps) error {
 		var err error
 		cl.m = m
+		if err := cl.checkOverlapping(m, sess.Key); err != nil {
+			return err
+		}
 		stored, created, err = m.UpsertChecked(sess, cl.check)
 		return err
 	})

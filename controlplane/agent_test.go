@@ -315,3 +315,37 @@ func TestRefusedFieldsAreClipped(t *testing.T) {
 		t.Fatalf("the log grew to %d bytes", n)
 	}
 }
+
+// PROTOCOL_ANY grants one session of protocol 0, listed as PROTOCOL_ANY
+// and revoked by that key alone.
+func TestAgentAnyProtocol(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	agent, _ := e.controller()
+	c := ctx(t)
+	if _, err := agent.LoginEvent(c, login("alice", client4, svcA4, 8080, agentv1.Protocol_PROTOCOL_ANY)); err != nil {
+		t.Fatal(err)
+	}
+	got := e.dump()
+	if s, ok := got[state.Key{Src: client4, Dst: svcA4, Port: 8080, Proto: state.Any}]; len(got) != 1 || !ok || s.User != "alice" {
+		t.Fatalf("sessions %v, want one any-protocol session", got)
+	}
+	list, err := agent.ListSessions(c, &agentv1.ListSessionsRequest{})
+	if err != nil || len(list.GetSessions()) != 1 || list.GetSessions()[0].GetProtocol() != agentv1.Protocol_PROTOCOL_ANY {
+		t.Fatalf("ListSessions: %v %v", list, err)
+	}
+	// The TCP key is another session: revoking it finds none and leaves
+	// this one.
+	if _, err := agent.LogoutEvent(c, &agentv1.LogoutEventRequest{SrcIp: client4.String(), DstIp: svcA4.String(), DstPort: 8080}); code(err) != codes.NotFound {
+		t.Fatalf("revoking the TCP key: %v, want NotFound", err)
+	}
+	if n := len(e.dump()); n != 1 {
+		t.Fatalf("%d sessions after revoking the TCP key", n)
+	}
+	if _, err := agent.LogoutEvent(c, &agentv1.LogoutEventRequest{SrcIp: client4.String(), DstIp: svcA4.String(), DstPort: 8080,
+		Protocol: agentv1.Protocol_PROTOCOL_ANY}); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.dump()); n != 0 {
+		t.Fatalf("%d sessions after revoking the any-protocol key", n)
+	}
+}

@@ -55,7 +55,7 @@ func (s *Server) auditGrant(op, api string, p *peerInfo, user, previous string, 
 	}
 	if k != nil {
 		var buf [64]byte
-		if k.Proto != 0 {
+		if k.Proto != 0 || k.Port != 0 { // a session key: protocol 0 is any
 			ev = ev.Str("proto", k.Proto.String())
 		}
 		if k.Src.IsValid() {

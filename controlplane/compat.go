@@ -13,13 +13,24 @@ import (
 
 // compatService implements session.SessionManager, the original agent's
 // API that the Aegis controller speaks. Its sessions are IPv4 only and
-// have no protocol: a grant opens TCP and UDP, a revoke closes both.
+// have no protocol: a grant is one any-protocol session (state.Any), which
+// passes TCP and UDP with one idle timer, so that what the controller sees
+// as one session expires as one. A revoke closes it, and also the TCP and
+// UDP pair that versions before any-protocol sessions granted for the same
+// request, so that an upgrade strands nothing the controller can no longer
+// name.
 type compatService struct {
 	session.UnimplementedSessionManagerServer
 	s *Server
 }
 
-var compatProtocols = [2]state.Protocol{state.TCP, state.UDP}
+// legacyKeys are the keys of the TCP and UDP pair an older version granted
+// for the compat request of key.
+func legacyKeys(key state.Key) [2]state.Key {
+	tcp, udp := key, key
+	tcp.Proto, udp.Proto = state.TCP, state.UDP
+	return [2]state.Key{tcp, udp}
+}
 
 func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEvent) (*session.Ack, error) {
 	s := c.s
@@ -39,14 +50,11 @@ func (c *compatService) SubmitSession(ctx context.Context, ev *session.LoginEven
 		s.auditTarget(op, apiCompat, &p, user, compatTarget(ev), resultInvalid, err)
 		return nil, err
 	}
-	keys := [2]state.Key{
-		{Src: src, Dst: dst, Port: port, Proto: compatProtocols[0]},
-		{Src: src, Dst: dst, Port: port, Proto: compatProtocols[1]},
-	}
+	key := state.Key{Src: src, Dst: dst, Port: port, Proto: state.Any}
 	if ev.GetActivate() {
-		return c.grant(&p, user, keys)
+		return c.grant(&p, user, key)
 	}
-	return c.revoke(&p, keys)
+	return c.revoke(&p, key)
 }
 
 // compatTarget describes the session a compat request names, as it came.
@@ -54,7 +62,7 @@ func compatTarget(ev *session.LoginEvent) *target {
 	var src, dst [4]byte
 	binary.BigEndian.PutUint32(src[:], ev.GetSrcIp())
 	binary.BigEndian.PutUint32(dst[:], ev.GetDstIp())
-	return &target{src: netip.AddrFrom4(src).String(), dst: netip.AddrFrom4(dst).String(), port: ev.GetDstPort(), proto: "tcp+udp"}
+	return &target{src: netip.AddrFrom4(src).String(), dst: netip.AddrFrom4(dst).String(), port: ev.GetDstPort(), proto: state.Any.String()}
 }
 
 func compatKey(ev *session.LoginEvent) (src, dst netip.Addr, port uint16, err error) {
@@ -68,22 +76,25 @@ func compatKey(ev *session.LoginEvent) (src, dst netip.Addr, port uint16, err er
 	return src, dst, port, err
 }
 
-// grant opens TCP and UDP together: both or, on error, neither. Either
-// key held by another user's live session refuses both (claim).
-func (c *compatService) grant(p *peerInfo, user string, keys [2]state.Key) (*session.Ack, error) {
+// grant opens TCP and UDP as one any-protocol session. A live session of
+// another user on the key refuses it (claim). A legacy TCP and UDP pair on
+// the same tuple is left to its own timers: it passes no more than the new
+// session does, and the next revoke closes it too.
+func (c *compatService) grant(p *peerInfo, user string, key state.Key) (*session.Ack, error) {
 	s := c.s
 	now := state.Now()
-	sessions := []state.Session{
-		{Key: keys[0], User: user, LastSeen: now, Created: now},
-		{Key: keys[1], User: user, LastSeen: now, Created: now},
-	}
+	keys := [1]state.Key{key}
+	sessions := []state.Session{{Key: key, User: user, LastSeen: now, Created: now}}
 	var created []bool
 	cl := claim{s: s, user: user, keys: keys[:]}
 	s.bulk.RLock()
-	unlock := s.keys.lock(keys[:]...)
+	unlock := s.keys.lock(append(overlapping(key), key)...)
 	err := s.maps.Do(func(m *state.Maps) error {
-		var err error
 		cl.m = m
+		if err := cl.checkOverlapping(m, key); err != nil {
+			return err
+		}
+		var err error
 		created, err = m.GrantAllChecked(sessions, cl.check)
 		return err
 	})
@@ -104,12 +115,16 @@ func (c *compatService) grant(p *peerInfo, user string, keys [2]state.Key) (*ses
 	return &session.Ack{Success: true}, nil
 }
 
-// revoke closes TCP and UDP. Revoking what is not there succeeds: the
-// controller's intent, no access, holds.
-func (c *compatService) revoke(p *peerInfo, keys [2]state.Key) (*session.Ack, error) {
+// revoke closes the any-protocol session and a legacy pair on the same
+// tuple. Revoking what is not there succeeds: the controller's intent, no
+// access, holds. A legacy key that is not there is not audited: it is
+// looked for on every revoke and absent after the first.
+func (c *compatService) revoke(p *peerInfo, key state.Key) (*session.Ack, error) {
 	s := c.s
-	var owners [2]string
-	var errs [2]error
+	legacy := legacyKeys(key)
+	keys := [3]state.Key{key, legacy[0], legacy[1]}
+	var owners [3]string
+	var errs [3]error
 	s.bulk.RLock()
 	err := s.maps.Do(func(m *state.Maps) error {
 		for i, k := range keys {
@@ -135,7 +150,9 @@ func (c *compatService) revoke(p *peerInfo, keys [2]state.Key) (*session.Ack, er
 		case errs[i] == nil:
 			s.audit(opRevoke, apiCompat, p, owners[i], &keys[i], resultRevoked, nil)
 		case errors.Is(errs[i], state.ErrNotFound):
-			s.audit(opRevoke, apiCompat, p, "", &keys[i], resultNotFound, nil)
+			if i == 0 {
+				s.audit(opRevoke, apiCompat, p, "", &keys[i], resultNotFound, nil)
+			}
 		default:
 			failed = statusOf(errs[i])
 			s.audit(opRevoke, apiCompat, p, owners[i], &keys[i], resultOf(failed), failed)

@@ -34,22 +34,20 @@ func TestCompatSubmitSession(t *testing.T) {
 		t.Fatalf("grant: %v %v", ack, err)
 	}
 	got := e.dump()
-	if len(got) != 2 {
-		t.Fatalf("sessions after a compat grant: %v, want TCP and UDP", got)
+	if len(got) != 1 {
+		t.Fatalf("sessions after a compat grant: %v, want one any-protocol session", got)
 	}
-	for _, proto := range []state.Protocol{state.TCP, state.UDP} {
-		s, ok := got[state.Key{Src: client4, Dst: svcA4, Port: 8080, Proto: proto}]
-		// The user is the client certificate's name; the idle timeout the
-		// gateway's default; no lifetime cap.
-		if !ok || s.User != "controller" || s.IdleTimeout != 0 || s.Expires != 0 {
-			t.Fatalf("%v session: %+v (present %v)", proto, s, ok)
-		}
+	s, ok := got[state.Key{Src: client4, Dst: svcA4, Port: 8080, Proto: state.Any}]
+	// The user is the client certificate's name; the idle timeout the
+	// gateway's default; no lifetime cap.
+	if !ok || s.User != "controller" || s.IdleTimeout != 0 || s.Expires != 0 {
+		t.Fatalf("any-protocol session: %+v (present %v)", s, ok)
 	}
-	// Re-grant: still two.
+	// Re-grant: still one.
 	if _, err := compat.SubmitSession(c, &session.LoginEvent{SrcIp: ip4(client4), DstIp: ip4(svcA4), DstPort: 8080, Activate: true}); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(e.dump()); n != 2 {
+	if n := len(e.dump()); n != 1 {
 		t.Fatalf("%d sessions after a re-grant", n)
 	}
 
@@ -199,18 +197,69 @@ func TestCompatIpChange(t *testing.T) {
 	}
 }
 
-func TestCompatFullMapGrantsNeitherProtocol(t *testing.T) {
-	e := newEnv(t, envOptions{capacity: 3})
+func TestCompatFullMapRefuses(t *testing.T) {
+	e := newEnv(t, envOptions{capacity: 2})
 	_, compat := e.controller()
 	c := ctx(t)
-	if _, err := compat.SubmitSession(c, &session.LoginEvent{SrcIp: ip4(client4), DstIp: ip4(svcA4), DstPort: 1, Activate: true}); err != nil {
-		t.Fatal(err)
+	// One compat grant takes one slot.
+	for port := uint32(1); port <= 2; port++ {
+		if _, err := compat.SubmitSession(c, &session.LoginEvent{SrcIp: ip4(client4), DstIp: ip4(svcA4), DstPort: port, Activate: true}); err != nil {
+			t.Fatalf("grant %d of 2: %v", port, err)
+		}
 	}
 	before := e.dump()
-	// One slot is left: TCP would fit, UDP not; neither may stay.
-	_, err := compat.SubmitSession(c, &session.LoginEvent{SrcIp: ip4(client4), DstIp: ip4(svcA4), DstPort: 2, Activate: true})
+	_, err := compat.SubmitSession(c, &session.LoginEvent{SrcIp: ip4(client4), DstIp: ip4(svcA4), DstPort: 3, Activate: true})
 	if code(err) != codes.ResourceExhausted {
-		t.Fatalf("grant with one slot left: %v, want ResourceExhausted", err)
+		t.Fatalf("grant on a full map: %v, want ResourceExhausted", err)
 	}
 	e.sameSessions("after a refused compat grant", before)
+}
+
+// A TCP and UDP pair granted by a version before any-protocol sessions is
+// closed by the controller's revoke, moved by its IpChange, and listed once
+// beside the any-protocol session of the same tuple.
+func TestCompatLegacyPair(t *testing.T) {
+	e := newEnv(t, envOptions{interval: 100 * time.Millisecond})
+	_, compat := e.controller()
+	c := ctx(t)
+	now := state.Now()
+	for _, proto := range []state.Protocol{state.TCP, state.UDP} {
+		if err := e.maps().Grant(state.Session{Key: state.Key{Src: client4, Dst: svcA4, Port: 8080, Proto: proto}, User: "controller",
+			LastSeen: now, Created: now}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := compat.SubmitSession(c, &session.LoginEvent{SrcIp: ip4(client4), DstIp: ip4(svcA4), DstPort: 8080, Activate: true}); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.dump()); n != 3 {
+		t.Fatalf("%d sessions, want the legacy pair and the any-protocol session", n)
+	}
+	stream, err := compat.MonitorSessions(c, &session.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := list.GetSessions(); len(got) != 1 || got[0].GetSrcIp() != ip4(client4) || got[0].GetDstPort() != 8080 {
+		t.Fatalf("snapshot %v, want the tuple once", got)
+	}
+
+	newA := netip.MustParseAddr("198.51.100.30")
+	if _, err := compat.IpChange(c, &session.IpChangeList{IpChanges: []*session.IpChangeEvent{{OldIp: ip4(svcA4), NewIp: ip4(newA)}}}); err != nil {
+		t.Fatal(err)
+	}
+	for k := range e.dump() {
+		if k.Dst != newA {
+			t.Fatalf("%v not moved", k)
+		}
+	}
+	if _, err := compat.SubmitSession(c, &session.LoginEvent{SrcIp: ip4(client4), DstIp: ip4(newA), DstPort: 8080, Activate: false}); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.dump(); len(got) != 0 {
+		t.Fatalf("after the revoke: %v", got)
+	}
 }

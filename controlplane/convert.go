@@ -124,8 +124,10 @@ func parseProtocol(p agentv1.Protocol) (state.Protocol, error) {
 		return state.TCP, nil
 	case agentv1.Protocol_PROTOCOL_UDP:
 		return state.UDP, nil
+	case agentv1.Protocol_PROTOCOL_ANY:
+		return state.Any, nil
 	}
-	return 0, invalidf("protocol %d: want PROTOCOL_TCP or PROTOCOL_UDP", int32(p))
+	return 0, invalidf("protocol %d: want PROTOCOL_TCP, PROTOCOL_UDP or PROTOCOL_ANY", int32(p))
 }
 
 func protocolOf(p state.Protocol) agentv1.Protocol {
@@ -134,6 +136,8 @@ func protocolOf(p state.Protocol) agentv1.Protocol {
 		return agentv1.Protocol_PROTOCOL_TCP
 	case state.UDP:
 		return agentv1.Protocol_PROTOCOL_UDP
+	case state.Any:
+		return agentv1.Protocol_PROTOCOL_ANY
 	}
 	return agentv1.Protocol_PROTOCOL_UNSPECIFIED
 }

@@ -124,7 +124,7 @@ func TestMetrics(t *testing.T) {
 		{"aegis_controlplane_grants_total", []string{"api=agent", "result=created"}, 4},
 		{"aegis_controlplane_grants_total", []string{"api=agent", "result=refreshed"}, 1},
 		{"aegis_controlplane_grants_total", []string{"api=agent", "result=invalid"}, 1},
-		{"aegis_controlplane_grants_total", []string{"api=compat", "result=created"}, 2},
+		{"aegis_controlplane_grants_total", []string{"api=compat", "result=created"}, 1}, // one any-protocol session
 		{"aegis_controlplane_grants_total", []string{"api=compat", "result=full"}, 0},
 		{"aegis_controlplane_revokes_total", []string{"api=agent", "result=revoked"}, 1},
 		{"aegis_controlplane_datapath_loaded", nil, 1},

@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"hash/maphash"
+	"slices"
 	"sync"
 
 	"google.golang.org/grpc/codes"
@@ -67,34 +68,29 @@ func (l *keyLocks) index(k *state.Key) int {
 	return int(maphash.Comparable(l.seed, *k) % uint64(len(l.stripes)))
 }
 
-// lock locks the stripes of keys, in stripe order so that two callers
-// never deadlock, and returns the unlock.
+// lock locks the stripes of keys (at most 3: a compat grant's key and the
+// legacy pair it checks), in stripe order so that two callers never
+// deadlock, and returns the unlock.
 func (l *keyLocks) lock(keys ...state.Key) (unlock func()) {
-	var held [2]int
-	n := 0
+	var buf [3]int
+	held := buf[:0]
 	for i := range keys {
-		idx := l.index(&keys[i])
-		if n == 1 && held[0] == idx {
-			continue
-		}
-		held[n] = idx
-		n++
+		held = append(held, l.index(&keys[i]))
 	}
-	if n == 2 && held[0] > held[1] {
-		held[0], held[1] = held[1], held[0]
-	}
-	for _, i := range held[:n] {
+	slices.Sort(held)
+	held = slices.Compact(held)
+	for _, i := range held {
 		l.stripes[i].Lock()
 	}
 	return func() {
-		for i := n - 1; i >= 0; i-- {
+		for i := len(held) - 1; i >= 0; i-- {
 			l.stripes[held[i]].Unlock()
 		}
 	}
 }
 
 // claim applies the rule above to the grants of one request (one key, or
-// the two of a compat grant) of user: its check is the state.Check of
+// the any-protocol session of a compat grant) of user: its check is the state.Check of
 // their write, called with the session found at a key between reading it
 // and overwriting it, and it records what it found there.
 type claim struct {
@@ -131,6 +127,32 @@ func (c *claim) check(old *state.Session) error {
 	}
 	if c.s.afterClaim != nil {
 		c.s.afterClaim()
+	}
+	return nil
+}
+
+// overlapping returns the keys whose sessions pass some of the traffic of
+// key's: an any-protocol session and the TCP and UDP sessions of the same
+// tuple. A grant checks them as it checks its own key, so that a live
+// session of another user refuses it however the two were granted.
+func overlapping(key state.Key) []state.Key {
+	tcp, udp, anyProto := key, key, key
+	tcp.Proto, udp.Proto, anyProto.Proto = state.TCP, state.UDP, state.Any
+	if key.Proto == state.Any {
+		return []state.Key{tcp, udp}
+	}
+	return []state.Key{anyProto}
+}
+
+// checkOverlapping applies check to the sessions found at the keys that
+// overlap key. Call it with the stripes of those keys locked.
+func (c *claim) checkOverlapping(m *state.Maps, key state.Key) error {
+	for _, k := range overlapping(key) {
+		if old, err := m.Lookup(k); err == nil {
+			if err := c.check(&old); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -80,7 +80,12 @@ func TestTakeoverOfALiveSessionIsRefused(t *testing.T) {
 	if s, _ := e.maps().Lookup(k); s != before[k] {
 		t.Fatalf("alice's session after the compat grant: %+v", s)
 	}
-	if l := grantLine(t, e, "controller", k); l["previous_user"] != "alice" || l["result"] != "conflict" || l["api"] != "compat" {
+	anyKey := k
+	anyKey.Proto = state.Any
+	if _, err := e.maps().Lookup(anyKey); err == nil {
+		t.Fatal("the refused compat grant opened the tuple")
+	}
+	if l := grantLine(t, e, "controller", anyKey); l["previous_user"] != "alice" || l["result"] != "conflict" || l["api"] != "compat" {
 		t.Errorf("audit line of the refused compat takeover: %v", l)
 	}
 	// And the other way round: a compat session is the client's.

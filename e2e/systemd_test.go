@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/guard"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 )
@@ -499,8 +500,16 @@ func TestSystemdUnits(t *testing.T) {
 
 	t.Run("the watcher re-attaches a re-created public interface", func(t *testing.T) {
 		noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
-		recreateUnderProbes(t, g, noSession, sink.Addr, 2)
+		if passed := recreateUnderProbes(t, g, noSession, sink.Addr, 2, nil); passed != 0 {
+			t.Errorf("%d probes without a session passed the re-created interface; the guard should drop them all", passed)
+		}
+		if out, err := g.Gateway.Command("nft", "list", "table", "inet", guard.TableName).CombinedOutput(); err != nil {
+			t.Errorf("the sandboxed watcher keeps no guard: %v\n%s", err, out)
+		}
 		journal := c.out("journalctl", "--no-pager", "-u", "aegis-watch.service")
+		if strings.Contains(journal, "cannot update the guard") {
+			t.Errorf("the sandboxed watcher cannot write the guard:\n%s", journal)
+		}
 		if n := strings.Count(journal, `"message":"re-attached XDP program"`); n < 3 {
 			t.Errorf("%d re-attach lines in the watcher's journal, want 3:\n%s", n, journal)
 		}

@@ -21,6 +21,7 @@ import (
 	"github.com/vishvananda/netlink"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/aegis-agent/aegis/internal/guard"
 	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 	"github.com/aegis-agent/aegis/loader"
@@ -33,11 +34,11 @@ type watcher struct {
 	notify *tu.NotifySocket
 }
 
-func startWatch(t *testing.T, g *gateway) *watcher {
+func startWatch(t *testing.T, g *gateway, extra ...string) *watcher {
 	t.Helper()
 	dir := t.TempDir()
 	w := &watcher{out: &tu.Buffer{}, notify: tu.NewNotifySocket(t, dir)}
-	w.cmd = g.Gateway.Command(bin("aegis-loader"), "watch", "--pin-path", g.pin, "--log-format", "json", "--log-level", "debug")
+	w.cmd = g.Gateway.Command(bin("aegis-loader"), append([]string{"watch", "--pin-path", g.pin, "--log-format", "json", "--log-level", "debug"}, extra...)...)
 	w.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+w.notify.Path)
 	w.cmd.Stdout, w.cmd.Stderr = w.out, w.out
 	if err := w.cmd.Start(); err != nil {
@@ -186,15 +187,16 @@ func runBatch(t *testing.T, ns *tu.Netns, batch string) {
 }
 
 // TestWatchReattachesRecreatedInterface deletes and re-creates the public
-// interface (and once renames another device to its name) while a client
-// probes, at 1000/s, a service it has no session for. With aegis-loader
-// watch running, no probe sent after netlink showed XDP on the new device
-// may pass; those sent between the deletion and that moment are counted
-// and reported (the kernel's attach takes milliseconds, and the test
-// brings the device up and addresses it at once, so a few can win that
-// race). A session's traffic passes after each re-creation, so the probes
-// crossed a working path. Without the watcher no XDP ever appears on the
-// new device and the test fails.
+// interface 10 times (once more with the watcher stalled for 300 ms, and
+// once renaming another device to its name), each
+// time bringing it up and addressing it at once, while a client probes,
+// at 1000/s, a service it has no session for. The guard (internal/guard)
+// drops the new device's IP traffic until netlink shows our XDP program on
+// it, so no probe may pass at all, neither in the window between the
+// deletion and the attach nor after. A session's traffic passes after each
+// re-creation, so the probes crossed a working path.
+// TestWatchReattachesRecreatedInterfaceUnguarded is the same run with the
+// guard disabled, reporting what passes in that window without it.
 //
 // Then "unload -i": status, the reaper's metric and the control plane's
 // health all say the interface is not filtered, and the watcher leaves it.
@@ -207,39 +209,41 @@ func TestWatchReattachesRecreatedInterface(t *testing.T) {
 		t.Fatalf("session before the re-creations: %v", err)
 	}
 
-	// Without the watcher, the problem: the re-created interface passes a
-	// service without a session, and status says why.
+	// Without the watcher the load's guard fails closed: the re-created
+	// interface passes nothing, not even a session, and status says why.
 	open := netip.AddrPortFrom(tu.ServiceBV4, 9002)
 	g.Serve(t, open)
 	recreatePublic(t, g.Topology, false, false)
-	var err error
-	for range 10 {
-		if err = g.UDP(tu.ClientV4, open, 300*time.Millisecond); err == nil {
-			break
+	for _, dst := range []netip.AddrPort{open, withSession} {
+		if err := udpRetry(g.Topology, dst); err == nil {
+			t.Fatalf("without the watcher the guard should drop %v on the re-created interface", dst)
 		}
-	}
-	if err != nil {
-		t.Fatalf("without the watcher the re-created interface should pass everything: %v", err)
 	}
 	out, err := g.Gateway.Command(bin("aegis-loader"), "status", "--pin-path", g.pin).Output()
 	var exit *exec.ExitError
 	if !errAs(err, &exit) || exit.ExitCode() != loader.ExitNotFiltered ||
-		!strings.HasPrefix(string(out), "NOT FILTERED: "+tu.PublicIface+": defunct link") {
+		!strings.HasPrefix(string(out), "NOT FILTERED: "+tu.PublicIface+": defunct link") ||
+		!strings.Contains(string(out), "dropping") {
 		t.Fatalf("status with a defunct link: %v\n%s", err, out)
 	}
 
-	// The watcher's start resync repairs it.
+	// The watcher's start resync repairs it, and lifts the guard.
 	w := startWatch(t, g)
 	if l := w.waitLines(t, "re-attached XDP program", 1); len(l) != 1 || l[0]["cause"] != "start" {
 		t.Fatalf("no repair at start: %v", l)
+	}
+	if err := udpRetry(g.Topology, withSession); err != nil {
+		t.Fatalf("the session does not pass after the watcher started: %v", err)
 	}
 	if err := g.UDP(tu.ClientV4, open, 500*time.Millisecond); err == nil {
 		t.Fatal("a service without a session passes after the watcher started")
 	}
 
-	const recreations = 5
+	const recreations = 10
 	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
-	recreateUnderProbes(t, g, noSession, withSession, recreations)
+	if passed := recreateUnderProbes(t, g, noSession, withSession, recreations, w); passed != 0 {
+		t.Errorf("%d probes without a session passed the re-created interface; the guard should drop them all", passed)
+	}
 	lines := w.waitLines(t, "re-attached XDP program", recreations+2)
 	if len(lines) < recreations+2 {
 		t.Errorf("%d re-attach lines, want %d", len(lines), recreations+2)
@@ -370,7 +374,17 @@ func (r *metricsReaper) attached(t *testing.T) float64 {
 // XDP back passed, or if withSession (a session's service) is not
 // reachable after each re-creation, and reports the probes that passed in
 // the unfiltered gaps and the time from creation to XDP attached.
-func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSession netip.AddrPort, recreations int) {
+// recreateUnderProbes re-creates the public interface recreations times
+// and renames a device onto it once, under probes at 1000/s to a service
+// without a session, and returns how many of them passed in the windows
+// between a deletion and XDP on the successor. A probe that passes outside
+// every window fails t.
+//
+// With stall, one more re-creation comes first, with the watcher stopped
+// (SIGSTOP) from before the deletion until 300 ms after the creation: a
+// busy gateway, where the watcher gets the CPU late. Without the guard
+// that window is wide open; with it nothing may pass either.
+func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSession netip.AddrPort, recreations int, stall *watcher) int {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &prober{}
@@ -380,8 +394,19 @@ func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSes
 		windows []window
 		gaps    []time.Duration
 	)
-	for i := range recreations + 1 {
+	first := 0
+	if stall != nil {
+		first = -1
+	}
+	for i := first; i <= recreations; i++ {
 		rename := i == recreations // the last one: another device renamed to the name
+		if i < 0 {
+			if err := stall.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			resume := time.AfterFunc(300*time.Millisecond+20*time.Millisecond, func() { _ = stall.cmd.Process.Signal(syscall.SIGCONT) })
+			t.Cleanup(func() { resume.Stop(); _ = stall.cmd.Process.Signal(syscall.SIGCONT) })
+		}
 		win, gap := recreatePublic(t, g.Topology, rename, true)
 		windows, gaps = append(windows, win), append(gaps, gap)
 		if err := udpRetry(g.Topology, withSession); err != nil {
@@ -416,8 +441,34 @@ func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSes
 		}
 	}
 	t.Logf("%d re-creations and 1 rename: %d probes sent at 1000/s without a session; passed: %d sent before XDP was back, %d after; creation to XDP attached: %v",
-		recreations, len(sent), inGap, after, gaps)
+		recreations+(-first), len(sent), inGap, after, gaps)
 	if int64(inGap+after) != noSession.Packets() {
 		t.Errorf("the service got %d datagrams, %d of them stream probes", noSession.Packets(), inGap+after)
+	}
+	return inGap
+}
+
+// TestWatchReattachesRecreatedInterfaceUnguarded measures the gap the
+// guard closes: the same re-creations with the guard removed and the
+// watcher told not to maintain it. Whether probes win the race of an
+// ordinary re-creation depends on scheduling, so it requires passed probes
+// only over all of them, the stalled one included (which makes it reliable).
+func TestWatchReattachesRecreatedInterfaceUnguarded(t *testing.T) {
+	g := newDaemonGateway(t)
+	withSession := netip.AddrPortFrom(tu.ServiceAV4, 9001)
+	g.Serve(t, withSession)
+	g.grant(state.Session{Key: udpKey(tu.ClientV4, tu.ServiceAV4, 9001), User: "alice"})
+	g.Gateway.Run(t, "nft", "delete", "table", "inet", guard.TableName)
+	w := startWatch(t, g, "--unguarded")
+	noSession := g.Serve(t, netip.AddrPortFrom(tu.ServiceBV4, 9000))
+	passed := recreateUnderProbes(t, g, noSession, withSession, 10, w)
+	t.Logf("without the guard %d probes passed in the windows before XDP was back", passed)
+	// The stalled re-creation leaves the device unfiltered for over
+	// 300 ms under 1000 probes/s: some pass, or the test shows nothing.
+	if passed == 0 {
+		t.Error("no probe passed without the guard, not even with the watcher stalled: the test cannot tell the guard's effect")
+	}
+	if out, err := g.Gateway.Command("nft", "list", "table", "inet", guard.TableName).CombinedOutput(); err == nil {
+		t.Errorf("the unguarded watcher created the guard:\n%s", out)
 	}
 }

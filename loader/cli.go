@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -39,6 +40,9 @@ type CLI struct {
 // WatchCmd is "aegis-loader watch".
 type WatchCmd struct {
 	ResyncInterval time.Duration `default:"10s" help:"Time between two full checks of every configured interface, besides the netlink events."`
+	// Unguarded leaves the guard alone, so that tests can measure the
+	// gap it closes. Never for production: hidden.
+	Unguarded bool `hidden:"" env:"-" help:"Do not maintain the guard (tests only)."`
 }
 
 // Run watches until SIGTERM or SIGINT.
@@ -48,22 +52,27 @@ func (cmd *WatchCmd) Run(ctx context.Context, c *CLI, l *Loader) error {
 	}
 	ctx, stop := signal.NotifyContext(ctx, unix.SIGTERM, os.Interrupt)
 	defer stop()
+	l.noGuard = cmd.Unguarded
 	return l.NewWatcher(c.PinPath, cmd.ResyncInterval).Run(ctx)
 }
 
 // LoadCmd is "aegis-loader load".
 type LoadCmd struct {
-	Iface       []string      `short:"i" default:"eth0" help:"Public interface to filter (repeatable)."`
-	IP          string        `short:"c" name:"ip" default:"172.21.0.5" help:"Aegis controller's IPv4 or IPv6 address; its login port is always reachable."`
-	Port        uint16        `short:"p" default:"443" help:"Controller's login port (TCP)."`
-	GRPCPort    uint16        `short:"g" name:"grpc-port" default:"50001" help:"Agent gRPC port the controller connects to (TCP)."`
-	RuleTimeout time.Duration `short:"r" default:"60s" help:"Default session idle timeout."`
-	Mode        string        `default:"auto" enum:"auto,native,generic" help:"XDP attach mode: ${enum}."`
-	MaxSessions uint32        `default:"${max_sessions}" help:"Capacity of each sessions map (IPv4 and IPv6)."`
-	Allow       []string      `sep:" " placeholder:"RULE" help:"Static allow rule CIDR[,PROTO[/PORT]], PROTO tcp|udp|any (repeatable; space-separated in the environment)."`
-	Monitor     bool          `help:"Monitor mode: count would-be drops as 'monitor' and pass them."`
-	Group       string        `default:"aegis" help:"Group that owns the pins; the daemons run in it."`
-	JSON        bool          `name:"json" env:"-" help:"Print the result as JSON."`
+	Iface         []string      `short:"i" default:"eth0" help:"Public interface to filter (repeatable)."`
+	IP            string        `short:"c" name:"ip" default:"172.21.0.5" help:"Aegis controller's IPv4 or IPv6 address; its login port is always reachable."`
+	Port          uint16        `short:"p" default:"443" help:"Controller's login port (TCP)."`
+	GRPCPort      uint16        `short:"g" name:"grpc-port" default:"50001" help:"Agent gRPC port the controller connects to (TCP)."`
+	RuleTimeout   time.Duration `short:"r" default:"60s" help:"Default session idle timeout."`
+	Mode          string        `default:"auto" enum:"auto,native,generic" help:"XDP attach mode: ${enum}."`
+	MaxSessions   uint32        `default:"${max_sessions}" help:"Capacity of each sessions map (IPv4 and IPv6)."`
+	Allow         []string      `sep:" " placeholder:"RULE" help:"Static allow rule CIDR[,PROTO[/PORT]], PROTO tcp|udp|any|icmp, icmp without a port (repeatable; space-separated in the environment)."`
+	ReplyTracking bool          `default:"true" negatable:"" help:"Pass replies to connections the gateway and the hosts behind it open outbound, and ICMP errors about them (tcx egress, Linux 6.6)."`
+	FlowIdleTCP   time.Duration `name:"flow-idle-tcp" default:"${flow_idle_tcp}" help:"How long a TCP flow opened outbound lives without a packet."`
+	FlowIdleUDP   time.Duration `name:"flow-idle-udp" default:"${flow_idle_udp}" help:"How long a UDP flow opened outbound lives without a packet."`
+	FlowIdleICMP  time.Duration `name:"flow-idle-icmp" default:"${flow_idle_icmp}" help:"How long an ICMP echo flow (ping) lives without a packet."`
+	Monitor       bool          `help:"Monitor mode: count would-be drops as 'monitor' and pass them."`
+	Group         string        `default:"aegis" help:"Group that owns the pins; the daemons run in it."`
+	JSON          bool          `name:"json" env:"-" help:"Print the result as JSON."`
 
 	DryRun            bool          `env:"-" help:"Print what the load would do (interfaces, bypasses, rules, changes, lock-out check) and change nothing."`
 	ConfirmWithin     time.Duration `env:"-" placeholder:"DURATION" help:"Roll back to the previous state unless \"aegis-loader confirm\" runs within DURATION (the wait survives the session; see docs/operations.md)."`
@@ -125,7 +134,11 @@ func Spec() cli.Spec {
 		Description: "Loads the Aegis XDP data path, pins its state under bpffs, and upgrades it in place.",
 		EnvPrefix:   "AEGIS",
 		EveryFlag:   true,
-		Vars:        kong.Vars{"pin_path": state.DefaultPinPath, "max_sessions": defaultMaxSessions()},
+		Vars: kong.Vars{
+			"pin_path": state.DefaultPinPath, "max_sessions": defaultMaxSessions(),
+			"flow_idle_tcp": shortDuration(state.DefaultFlowIdleTCP), "flow_idle_udp": shortDuration(state.DefaultFlowIdleUDP),
+			"flow_idle_icmp": shortDuration(state.DefaultFlowIdleICMP),
+		},
 	}
 }
 
@@ -147,6 +160,18 @@ func MainWith(ctx context.Context, args []string, stdio cli.IO, customize func(*
 			return l, nil
 		}),
 	)
+}
+
+// shortDuration prints d as an operator writes it: 6h, not 6h0m0s.
+func shortDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
 }
 
 // defaultMaxSessions is the sessions maps' capacity in the object, so that
@@ -171,6 +196,11 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO, args cmdline) error {
 		MaxSessions:    cmd.MaxSessions,
 		Monitor:        cmd.Monitor,
 		Group:          cmd.Group,
+
+		NoReplyTracking: !cmd.ReplyTracking,
+		FlowIdleTCP:     cmd.FlowIdleTCP,
+		FlowIdleUDP:     cmd.FlowIdleUDP,
+		FlowIdleICMP:    cmd.FlowIdleICMP,
 	}
 	if cmd.IP != "" {
 		a, err := netip.ParseAddr(cmd.IP)
@@ -225,6 +255,8 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO, args cmdline) error {
 	}{
 		{"created maps", res.CreatedMaps}, {"attached", res.Attached},
 		{"upgraded", res.Upgraded}, {"reattached", res.Reattached},
+		{"attached egress", res.EgressAttached}, {"upgraded egress", res.EgressUpgraded},
+		{"detached egress", res.EgressDetached},
 		{"no longer configured", res.Unconfigured},
 	} {
 		if len(p.items) > 0 {
@@ -318,16 +350,19 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	}
 	w := tabwriter.NewWriter(stdio.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "pin path\t%s\n\n", st.PinPath)
-	fmt.Fprintln(w, "CONFIGURED\tMODE\tFILTERED")
+	fmt.Fprintln(w, "CONFIGURED\tMODE\tGUARD\tFILTERED")
 	for _, f := range st.Filtering {
 		verdict := "yes"
 		if !f.Filtered {
 			verdict = fmt.Sprintf("no: %s (%s)", f.Reason, f.Detail)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\n", f.Interface.Name, f.Interface.Mode, verdict)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", f.Interface.Name, f.Interface.Mode, guardColumn(st.Guard, f), verdict)
+	}
+	if st.Guard.Error != "" {
+		fmt.Fprintf(w, "guard\tunreadable: %s\n", st.Guard.Error)
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "INTERFACE\tIFINDEX\tMODE\tLINK\tPROGRAM\tTAG\tBUILD")
+	fmt.Fprintln(w, "INTERFACE\tIFINDEX\tMODE\tLINK\tPROGRAM\tTAG\tBUILD\tEGRESS")
 	for _, i := range st.Interfaces {
 		build := "this"
 		if !i.Current {
@@ -336,7 +371,17 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		if !i.Attached {
 			build = "detached"
 		}
-		fmt.Fprintf(w, "%s\t%d\t%s\t%d\t%d\t%s\t%s\n", i.Name, i.Ifindex, i.Mode, i.LinkID, i.ProgramID, i.Tag, build)
+		egress := "none"
+		switch e := i.Egress; {
+		case e == nil:
+		case !e.Attached:
+			egress = "detached"
+		case e.Current:
+			egress = fmt.Sprintf("link %d program %d, this build", e.LinkID, e.ProgramID)
+		default:
+			egress = fmt.Sprintf("link %d program %d, other build", e.LinkID, e.ProgramID)
+		}
+		fmt.Fprintf(w, "%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n", i.Name, i.Ifindex, i.Mode, i.LinkID, i.ProgramID, i.Tag, build, egress)
 	}
 	fmt.Fprintln(w, "\nMAP\tID\tENTRIES\tCAPACITY\tFILL")
 	for _, m := range st.Maps {
@@ -350,6 +395,12 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	fmt.Fprintf(w, "agent grpc port\t%d\n", st.Config.GRPCPort)
 	fmt.Fprintf(w, "rule timeout\t%s\n", st.Config.RuleTimeout)
 	fmt.Fprintf(w, "monitor\t%v\n", st.Config.Monitor)
+	if st.Config.ReplyTracking {
+		fmt.Fprintf(w, "reply tracking\ton: flows idle out after tcp %s, udp %s, icmp %s\n",
+			st.Config.FlowIdleTCP, st.Config.FlowIdleUDP, st.Config.FlowIdleICMP)
+	} else {
+		fmt.Fprintf(w, "reply tracking\toff\n")
+	}
 	fmt.Fprintf(w, "allow\t%s\n", strings.Join(append([]string{}, st.Allow...), " "))
 	fmt.Fprintln(w, "\nVERDICT\tREASON\tPACKETS\tBYTES")
 	for _, ct := range st.Counters {
@@ -359,4 +410,15 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		return err
 	}
 	return result
+}
+
+// guardColumn says whether the guard drops an interface's IP traffic now.
+func guardColumn(g GuardStatus, f state.Filtering) string {
+	switch {
+	case slices.Contains(g.Dropping, f.Interface.Name):
+		return "dropping"
+	case !g.Present || f.Interface.OperatorDetached:
+		return "none"
+	}
+	return "armed"
 }

@@ -50,9 +50,18 @@ type Config struct {
 	Allow          []state.AllowRule
 	Monitor        bool
 	Group          string
-	// NoLockoutCheck loads even when the lock-out check (guard.go) finds
+	// NoLockoutCheck loads even when the lock-out check (lockout.go) finds
 	// that the filter would cut the operator's own session.
 	NoLockoutCheck bool
+	// NoReplyTracking leaves the egress program off the interfaces and
+	// tells the data path to honour no flow: only sessions, allow rules
+	// and the bypasses pass.
+	NoReplyTracking bool
+	// FlowIdleTCP, FlowIdleUDP and FlowIdleICMP are the flows' idle
+	// timeouts; zero for the data path's defaults (state.Config).
+	FlowIdleTCP  time.Duration
+	FlowIdleUDP  time.Duration
+	FlowIdleICMP time.Duration
 }
 
 // Validate checks what can be checked without touching the system.
@@ -74,6 +83,14 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: --mode %q: want auto, native or generic", ErrInvalid, c.Mode)
 	case c.Controller.IsValid() && (c.Controller.IsUnspecified() || c.Controller.Zone() != ""):
 		return fmt.Errorf("%w: --ip %s: the controller needs a specific address", ErrInvalid, c.Controller)
+	}
+	for _, f := range []struct {
+		flag string
+		d    time.Duration
+	}{{"--flow-idle-tcp", c.FlowIdleTCP}, {"--flow-idle-udp", c.FlowIdleUDP}, {"--flow-idle-icmp", c.FlowIdleICMP}} {
+		if f.d != 0 && f.d < time.Second {
+			return fmt.Errorf("%w: %s %v: a flow's idle timeout must be at least 1s", ErrInvalid, f.flag, f.d)
+		}
 	}
 	for _, name := range c.Interfaces {
 		if name == "" || len(name) >= unix.IFNAMSIZ || name == "." || name == ".." || filepath.Base(name) != name {

@@ -28,6 +28,10 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 		Monitor:            cfg.Monitor,
 		AllowV4Prefixes:    uint16(len(allow.V4)),
 		AllowV6Prefixes:    uint16(len(allow.V6)),
+		NoFlowTracking:     cfg.NoReplyTracking,
+		FlowIdleTCP:        cfg.FlowIdleTCP,
+		FlowIdleUDP:        cfg.FlowIdleUDP,
+		FlowIdleICMP:       cfg.FlowIdleICMP,
 	}
 	written, err := maps.WriteConfig(c)
 	if err != nil {
@@ -37,6 +41,7 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 		res.ConfigWritten = true
 		l.Log.Info().Stringer("controller", cfg.Controller).Uint16("controller_port", cfg.ControllerPort).
 			Uint16("grpc_port", cfg.GRPCPort).Stringer("rule_timeout", cfg.RuleTimeout).Bool("monitor", cfg.Monitor).
+			Bool("reply_tracking", !cfg.NoReplyTracking).
 			Int("allow_prefixes", len(allow.V4)+len(allow.V6)).Msg("wrote config")
 	}
 

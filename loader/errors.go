@@ -26,6 +26,9 @@ var (
 	ErrNoGroup = errors.New("group not found")
 	// ErrNoXDPLink means the kernel cannot attach XDP through a bpf_link.
 	ErrNoXDPLink = errors.New("kernel has no XDP bpf_link support")
+	// ErrNoTCX means the kernel cannot attach the reply path's egress
+	// program (tcx links, Linux 6.6).
+	ErrNoTCX = errors.New("kernel has no tcx link support")
 	// ErrXDPBusy means another XDP program, not ours, holds the interface.
 	ErrXDPBusy = errors.New("interface already has a foreign XDP program")
 	// ErrModeUnsupported means the driver cannot run XDP in the mode asked.

@@ -33,11 +33,16 @@ type Loader struct {
 	Attach func(link.XDPOptions) (link.Link, error)
 	// Update atomically replaces the program of an attached link.
 	Update func(link.Link, *ebpf.Program) error
+	// AttachTCX attaches a program to a tcx hook through a bpf_link.
+	AttachTCX func(link.TCXOptions) (link.Link, error)
 	// AttachedMode reports how XDP is attached to an interface.
 	AttachedMode func(ifindex int) (Mode, error)
 	// OperatorConnections finds the connections the operator runs the
-	// loader through, for the lock-out check (guard.go).
+	// loader through, for the lock-out check (lockout.go).
 	OperatorConnections func() ([]Connection, error)
+	// noGuard disables the guard of unfiltered interfaces: a seam for
+	// tests that measure the gap the guard closes.
+	noGuard bool
 }
 
 // New returns a Loader that installs the data path built into this binary.
@@ -47,6 +52,7 @@ func New(log zerolog.Logger) *Loader {
 		Spec:         embeddedSpec,
 		Attach:       link.AttachXDP,
 		Update:       func(l link.Link, p *ebpf.Program) error { return l.Update(p) },
+		AttachTCX:    link.AttachTCX,
 		AttachedMode: attachedMode,
 
 		OperatorConnections: func() ([]Connection, error) { return detectConnections(os.Getenv) },
@@ -62,9 +68,14 @@ type Result struct {
 	Reattached  []string `json:"reattached,omitempty"`
 	// Unconfigured lists interfaces a previous load configured and this
 	// one did not: no longer watched, and left attached if they were.
-	Unconfigured  []string `json:"unconfigured,omitempty"`
-	ConfigWritten bool     `json:"config_written,omitempty"`
-	AllowWritten  bool     `json:"allow_written,omitempty"`
+	Unconfigured []string `json:"unconfigured,omitempty"`
+	// EgressAttached, EgressUpgraded and EgressDetached name the
+	// interfaces whose egress link of the reply path changed.
+	EgressAttached []string `json:"egress_attached,omitempty"`
+	EgressUpgraded []string `json:"egress_upgraded,omitempty"`
+	EgressDetached []string `json:"egress_detached,omitempty"`
+	ConfigWritten  bool     `json:"config_written,omitempty"`
+	AllowWritten   bool     `json:"allow_written,omitempty"`
 	// Lockout is what the lock-out check found; it changes nothing.
 	Lockout []Finding `json:"lockout,omitempty"`
 }
@@ -72,6 +83,7 @@ type Result struct {
 // Changed reports whether the load changed anything.
 func (r *Result) Changed() bool {
 	return len(r.CreatedMaps)+len(r.Attached)+len(r.Upgraded)+len(r.Reattached)+len(r.Unconfigured) > 0 ||
+		len(r.EgressAttached)+len(r.EgressUpgraded)+len(r.EgressDetached) > 0 ||
 		r.ConfigWritten || r.AllowWritten
 }
 
@@ -167,6 +179,11 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 		return res, err
 	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {
+		l.syncGuard(cfg.PinPath)
+		return res, err
+	}
+	l.syncGuard(cfg.PinPath)
+	if err := l.convergeEgress(spec, maps, &cfg, ifaces, res); err != nil {
 		return res, err
 	}
 	return res, nil

@@ -375,7 +375,7 @@ func TestConcurrentLoadersSerialize(t *testing.T) {
 			t.Fatalf("%d loaders attached; exactly one should have", attached)
 		}
 		links, _ := os.ReadDir(state.LinksPath(e.pin))
-		if len(links) != 1 {
+		if len(links) != 2 { // the XDP link and the egress link
 			t.Fatalf("%d links pinned", len(links))
 		}
 		got := e.ids("a0")
@@ -450,7 +450,7 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	e.mustLoad(nil, "--group", fmt.Sprint(gid))
 	want := map[string]os.FileMode{
 		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o710 | os.ModeDir,
-		state.LinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
+		state.LinkPath(e.pin, "a0"): 0o600, state.EgressLinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
 	}
 	for _, name := range state.MapNames {
 		want[state.MapPath(e.pin, name)] = 0o640
@@ -516,7 +516,9 @@ func TestLoadErrors(t *testing.T) {
 	}{
 		{"missing interface", []string{"-i", "nope0"}, nil, 1, `interface not found: "nope0" does not exist`, false},
 		{"bad allow rule", []string{"--allow", "198.51.100.0/33,tcp/22"}, nil, 2, `allow rule "198.51.100.0/33,tcp/22"`, false},
-		{"bad allow protocol", []string{"--allow", "198.51.100.0/24,icmp"}, nil, 2, `protocol "icmp"`, false},
+		{"bad allow protocol", []string{"--allow", "198.51.100.0/24,gre"}, nil, 2, `protocol "gre"`, false},
+		{"icmp with a port", []string{"--allow", "198.51.100.0/24,icmp/8"}, nil, 2, `icmp has no port`, false},
+		{"short flow timeout", []string{"--flow-idle-udp", "100ms"}, nil, 1, `--flow-idle-udp 100ms`, false},
 		{"bad controller address", []string{"-c", "198.51.100"}, nil, 2, `--ip "198.51.100"`, false},
 		{"bad port", []string{"-p", "70000"}, nil, 2, `--port`, false},
 		{"zero timeout", []string{"-r", "0s"}, nil, 1, `--rule-timeout 0s`, false},

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"fmt"
+	"github.com/aegis-agent/aegis/internal/guard"
 	"net"
 
 	"github.com/cilium/ebpf"
@@ -23,6 +24,20 @@ type Status struct {
 	Config     ConfigStatus      `json:"config"`
 	Allow      []string          `json:"allow"`
 	Counters   []CounterStatus   `json:"counters"`
+	Guard      GuardStatus       `json:"guard"`
+}
+
+// GuardStatus is the fail-closed guard (internal/guard) as read back from
+// nftables.
+type GuardStatus struct {
+	// Present is false when the guard table does not exist.
+	Present bool `json:"present"`
+	// Error says why the guard could not be read; empty otherwise.
+	Error string      `json:"error,omitempty"`
+	State guard.State `json:"state"`
+	// Dropping names the configured interfaces whose IP traffic the
+	// guard drops now: not filtered, not operator-detached.
+	Dropping []string `json:"dropping"`
 }
 
 // InterfaceStatus describes one pinned XDP link.
@@ -37,6 +52,9 @@ type InterfaceStatus struct {
 	// Current reports whether the link runs the pinned program and that
 	// is this binary's build.
 	Current bool `json:"current"`
+	// Egress is the interface's egress link of the reply path; nil if
+	// none is pinned.
+	Egress *EgressStatus `json:"egress,omitempty"`
 }
 
 // MapStatus is one map's fill.
@@ -54,6 +72,10 @@ type ConfigStatus struct {
 	GRPCPort       uint16 `json:"grpc_port"`
 	RuleTimeout    string `json:"rule_timeout"`
 	Monitor        bool   `json:"monitor"`
+	ReplyTracking  bool   `json:"reply_tracking"`
+	FlowIdleTCP    string `json:"flow_idle_tcp"`
+	FlowIdleUDP    string `json:"flow_idle_udp"`
+	FlowIdleICMP   string `json:"flow_idle_icmp"`
 }
 
 // CounterStatus is one verdict reason's counters.
@@ -74,6 +96,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	defer maps.Close()
 	st := &Status{PinPath: pinPath}
 	st.Filtering, st.NotFiltered = state.NotFiltered(pinPath)
+	st.Guard = guardStatus(pinPath, st.Filtering)
 
 	spec, err := l.Spec()
 	if err != nil {
@@ -99,6 +122,9 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 		}
 		st.Interfaces = append(st.Interfaces, is)
 	}
+	if err := addEgressStatus(st, spec, pinPath); err != nil {
+		return nil, err
+	}
 
 	for _, mp := range []struct {
 		name string
@@ -106,6 +132,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	}{
 		{state.MapSessionsV4, maps.SessionsV4}, {state.MapSessionsV6, maps.SessionsV6},
 		{state.MapAllowV4, maps.AllowV4}, {state.MapAllowV6, maps.AllowV6},
+		{state.MapFlowsV4, maps.FlowsV4}, {state.MapFlowsV6, maps.FlowsV6},
 	} {
 		ms := MapStatus{Name: mp.name, Capacity: mp.m.MaxEntries()}
 		if info, err := mp.m.Info(); err == nil {
@@ -131,6 +158,8 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	st.Config = ConfigStatus{
 		ControllerPort: cfg.ControllerPort, GRPCPort: cfg.GRPCPort,
 		RuleTimeout: cfg.DefaultIdleTimeout.String(), Monitor: cfg.Monitor,
+		ReplyTracking: !cfg.NoFlowTracking, FlowIdleTCP: cfg.FlowIdleTCP.String(),
+		FlowIdleUDP: cfg.FlowIdleUDP.String(), FlowIdleICMP: cfg.FlowIdleICMP.String(),
 	}
 	if cfg.Controller.IsValid() {
 		st.Config.Controller = cfg.Controller.String()
@@ -210,4 +239,27 @@ func readAllow(maps *state.Maps) ([]string, error) {
 		out = append(out, state.FormatAllowRule(r))
 	}
 	return out, nil
+}
+
+func guardStatus(pinPath string, verdicts []state.Filtering) GuardStatus {
+	gs, ok, err := guard.Read()
+	g := GuardStatus{Present: ok, State: gs, Dropping: []string{}}
+	if err != nil {
+		g.Error = err.Error()
+		return g
+	}
+	for _, f := range verdicts {
+		o, err := state.Observe(pinPath, f.Interface)
+		if err != nil {
+			continue
+		}
+		ifindex := 0
+		if o.Device != nil {
+			ifindex = o.Device.Ifindex
+		}
+		if ok && gs.Drops(f.Interface.Name, ifindex) {
+			g.Dropping = append(g.Dropping, f.Interface.Name)
+		}
+	}
+	return g
 }

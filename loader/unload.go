@@ -53,6 +53,9 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 		if err != nil {
 			return detached, fmt.Errorf("detach %s: %w", name, err)
 		}
+		if err := l.detachEgress(pinPath, name); err != nil {
+			return detached, err
+		}
 		if !ok {
 			l.Log.Info().Str("iface", name).Msg("not attached; nothing to detach")
 			continue
@@ -61,8 +64,13 @@ func (l *Loader) Unload(pinPath string, ifaces []string) (detached []string, err
 		l.Log.Info().Str("iface", name).Msg("detached XDP program")
 	}
 	if len(ifaces) > 0 {
+		l.syncGuard(pinPath)
 		return detached, nil
 	}
+	if err := l.detachAllEgress(pinPath); err != nil {
+		return detached, err
+	}
+	l.removeGuard()
 
 	for _, path := range state.FilePins(pinPath) {
 		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {

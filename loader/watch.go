@@ -30,12 +30,24 @@ package loader
 // subscription; the watcher subscribes again, listing existing links, and
 // resyncs every configured interface. A periodic resync is the safety net
 // for anything else (a link detached by hand, say).
+//
+// The gap. The attach syscall takes ~10 ms (RCU), and the watcher may be
+// scheduled late, so a re-created device brought up at once could carry
+// packets before the filter is back. The nftables guard (internal/guard)
+// covers that gap without depending on the watcher's speed: it drops IP
+// traffic of every configured name unless it arrives on an ifindex that
+// was filtered when the guard was last written. The watcher rewrites the
+// guard before its first repair (at start and every resync) and after
+// every event of a configured name; a repair therefore exempts the new
+// device only after netlink reports our program on it. On SIGTERM the
+// guard stays: fail closed.
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"io/fs"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -146,9 +158,12 @@ func (w *Watcher) loop(ctx context.Context, updates <-chan netlink.LinkUpdate) {
 				return
 			}
 			seen := time.Now()
-			if u.Header.Type != unix.RTM_NEWLINK || u.Link == nil {
-				continue // a deleted device cannot be repaired; its re-creation can
+			if u.Link == nil || (u.Header.Type != unix.RTM_NEWLINK && u.Header.Type != unix.RTM_DELLINK) {
+				continue
 			}
+			// A deleted device cannot be repaired, but its ifindex
+			// leaves the guard's exemptions (repairIfConfigured syncs
+			// the guard after every event of a configured name).
 			w.repairIfConfigured(u.Link.Attrs().Name, seen, "netlink")
 		}
 	}
@@ -184,6 +199,7 @@ func (w *Watcher) repairIfConfigured(name string, seen time.Time, cause string) 
 	if _, err := w.repair(name, seen, cause); err != nil {
 		w.report(name, err.Error(), func(e *zerolog.Event) *zerolog.Event { return e.Err(err) })
 	}
+	w.syncGuard()
 	w.updateStatus()
 }
 
@@ -200,12 +216,28 @@ func (w *Watcher) resyncAll(cause string) {
 		w.setStatus("waiting for aegis-loader load: " + err.Error())
 		return
 	}
+	// Guard first: at start, every configured interface that is not
+	// filtered is dropped before the first (slow) attach.
+	w.syncGuard()
 	for _, r := range list {
 		if _, err := w.repair(r.Name, time.Now(), cause); err != nil {
 			w.report(r.Name, err.Error(), func(e *zerolog.Event) *zerolog.Event { return e.Err(err) })
 		}
 	}
+	w.syncGuard()
 	w.updateStatus()
+}
+
+// syncGuard rewrites the guard under the pin directory's lock: after a
+// repair it exempts the device only once netlink reports our program on
+// it; after a deletion it withdraws the old device's exemption.
+func (w *Watcher) syncGuard() {
+	lock, err := lockPinDir(w.pinPath, 0, false)
+	if err != nil {
+		return // unloaded (or never loaded): unload removed the guard
+	}
+	defer lock.Unlock()
+	w.l.syncGuard(w.pinPath)
 }
 
 // updateStatus sets the systemd status line to the configured interfaces'
@@ -213,6 +245,9 @@ func (w *Watcher) resyncAll(cause string) {
 func (w *Watcher) updateStatus() {
 	verdicts, problem := state.NotFiltered(w.pinPath)
 	if problem != "" {
+		if g := guardStatus(w.pinPath, verdicts); len(g.Dropping) > 0 {
+			problem += "; guard dropping " + strings.Join(g.Dropping, ",")
+		}
 		w.setStatus("NOT FILTERED: " + problem)
 	} else {
 		w.setStatus(fmt.Sprintf("%d configured interface(s), all filtered", len(verdicts)))
@@ -290,6 +325,10 @@ func (w *Watcher) repair(name string, seen time.Time, cause string) (bool, error
 	}
 	rec.Ifindex, rec.ProgramID = o.Device.Ifindex, progID
 	if err := w.l.attach(prog, name, o.Device.Ifindex, rec.Mode, w.pinPath, func() error { return records.Put(rec) }); err != nil {
+		return false, err
+	}
+	// The reply path's egress link went with the device too.
+	if _, err := w.l.reattachEgress(w.pinPath, name, o.Device.Ifindex); err != nil {
 		return false, err
 	}
 	took := time.Since(seen)

@@ -98,7 +98,7 @@ func TestAgentServiceWire(t *testing.T) {
 		}
 	}
 	ed := agentv1.Protocol(0).Descriptor()
-	for n, name := range []protoreflect.Name{"PROTOCOL_UNSPECIFIED", "PROTOCOL_TCP", "PROTOCOL_UDP"} {
+	for n, name := range []protoreflect.Name{"PROTOCOL_UNSPECIFIED", "PROTOCOL_TCP", "PROTOCOL_UDP", "PROTOCOL_ANY"} {
 		if v := ed.Values().ByName(name); v == nil || v.Number() != protoreflect.EnumNumber(n) {
 			t.Errorf("enum value %s: %v", name, v)
 		}

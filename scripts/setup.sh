@@ -22,6 +22,7 @@ declare -A need=(
   [flock]=util-linux     # the loader's lock-wait test
   [systemd-nspawn]=systemd-container # systemd integration test
   [socat]=socat          # the demo's small services and client; a stand-in sshd
+  [dnsmasq]=dnsmasq-base # the reply-path test's public resolver
   [/usr/bin/time]=time   # the reaper benchmark's peak RSS
   [systemd-socket-activate]=systemd # control plane socket-activation test
   [promtool]=prometheus  # alert rule tests and the metrics lint (only promtool is used)

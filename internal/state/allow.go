@@ -19,9 +19,11 @@ type AllowRule = bpf.AllowRule
 //	CIDR[,PROTO[/PORT]]
 //
 // CIDR is a prefix or a single address (198.51.100.0/24, 2001:db8::7);
-// PROTO is tcp, udp or any; PORT is a destination port. Omitted parts match
-// anything: "198.51.100.0/24" lets that network reach everything,
+// PROTO is tcp, udp, any or icmp; PORT is a destination port. Omitted parts
+// match anything: "198.51.100.0/24" lets that network reach everything,
 // "198.51.100.0/24,tcp/22" only TCP port 22, "any/53" TCP and UDP port 53.
+// icmp (ICMPv6 for an IPv6 prefix) admits every ICMP message from the
+// prefix, echo requests included; ICMP has no port, so icmp takes none.
 func ParseAllowRule(s string) (AllowRule, error) {
 	var r AllowRule
 	cidr, rest, hasRest := strings.Cut(strings.TrimSpace(s), ",")
@@ -55,8 +57,16 @@ func ParseAllowRule(s string) (AllowRule, error) {
 	case "udp":
 		r.Proto = uint8(UDP)
 	case "any":
+	case "icmp":
+		r.Proto = uint8(ICMP)
+		if r.Prefix.Addr().Is6() {
+			r.Proto = uint8(ICMPv6)
+		}
+		if hasPort {
+			return r, fmt.Errorf("allow rule %q: %w: icmp has no port: write %s,icmp", s, ErrInvalid, r.Prefix)
+		}
 	default:
-		return r, fmt.Errorf("allow rule %q: %w: protocol %q: want tcp, udp or any", s, ErrInvalid, proto)
+		return r, fmt.Errorf("allow rule %q: %w: protocol %q: want tcp, udp, any or icmp", s, ErrInvalid, proto)
 	}
 	if hasPort {
 		n, err := strconv.ParseUint(port, 10, 16)
@@ -73,9 +83,9 @@ func FormatAllowRule(r AllowRule) string {
 	if r.Proto == 0 && r.Port == 0 {
 		return r.Prefix.String()
 	}
-	proto := "any"
-	if r.Proto != 0 {
-		proto = Protocol(r.Proto).String()
+	proto := Protocol(r.Proto).String()
+	if Protocol(r.Proto) == ICMPv6 {
+		proto = "icmp" // the family's ICMP, as ParseAllowRule reads it
 	}
 	if r.Port == 0 {
 		return r.Prefix.String() + "," + proto

@@ -17,6 +17,7 @@ import (
 //	    program_next          the next build, only during an upgrade
 //	    links/                0700 root:root
 //	        <ifname>          one XDP bpf_link per interface (LinkPinName)
+//	        <ifname>:egress   the tcx egress bpf_link of the reply path
 //
 // Every path into it is built here, so that the loader, the daemons and
 // the tests agree on it.
@@ -62,6 +63,12 @@ const (
 // bpf_link per interface, named after the interface.
 const LinksDir = "links"
 
+// EgressLinkSuffix ends the pin name of an interface's tcx egress link,
+// beside its XDP link in LinksDir. The kernel refuses ':' in interface
+// names (dev_valid_name), so no interface's XDP pin can take this name,
+// and bpffs accepts it (it refuses only '.').
+const EgressLinkSuffix = ":egress"
+
 // MapPath returns the pin of the named map.
 func MapPath(pinPath, name string) string { return filepath.Join(pinPath, name) }
 
@@ -79,14 +86,24 @@ func LinkPath(pinPath, ifname string) string {
 	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname))
 }
 
+// EgressLinkPath returns the pin of the tcx egress link on the named
+// interface: the program that records the flows whose replies pass.
+func EgressLinkPath(pinPath, ifname string) string {
+	return filepath.Join(pinPath, LinksDir, LinkPinName(ifname)+EgressLinkSuffix)
+}
+
 // LinkTempPath is where a new link for the interface is pinned before it
 // is renamed over LinkPath, so that the pin is replaced in one step. No
 // interface name contains ':', so it never collides with a LinkPath.
-func LinkTempPath(pinPath, ifname string) string { return LinkPath(pinPath, ifname) + ":new" }
+func LinkTempPath(pinPath, ifname string) string { return LinkPath(pinPath, ifname) + TempLinkSuffix }
+
+// TempLinkSuffix ends the name of a link pin that is about to be renamed
+// over the pin without it.
+const TempLinkSuffix = ":new"
 
 // IsTempLinkPin reports whether a file name in LinksDir is a LinkTempPath
 // left by an interrupted attach.
-func IsTempLinkPin(name string) bool { return strings.Contains(name, ":") }
+func IsTempLinkPin(name string) bool { return strings.HasSuffix(name, TempLinkSuffix) }
 
 // FilePins returns every pin directly under the pin path, programs first:
 // what a full unload removes besides the links.
@@ -99,8 +116,18 @@ func FilePins(pinPath string) []string {
 }
 
 // LinkedInterfaces returns the names of the interfaces that have a pinned
-// link, in directory order; none if the links directory does not exist.
+// XDP link, in directory order; none if the links directory does not exist.
 func LinkedInterfaces(pinPath string) ([]string, error) {
+	return linked(pinPath, false)
+}
+
+// EgressLinkedInterfaces returns the names of the interfaces that have a
+// pinned egress link, in directory order.
+func EgressLinkedInterfaces(pinPath string) ([]string, error) {
+	return linked(pinPath, true)
+}
+
+func linked(pinPath string, egress bool) ([]string, error) {
 	entries, err := os.ReadDir(LinksPath(pinPath))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -110,9 +137,14 @@ func LinkedInterfaces(pinPath string) ([]string, error) {
 	}
 	names := make([]string, 0, len(entries))
 	for _, e := range entries {
-		if !IsTempLinkPin(e.Name()) {
-			names = append(names, IfnameFromLinkPin(e.Name()))
+		if IsTempLinkPin(e.Name()) {
+			continue
 		}
+		base, isEgress := strings.CutSuffix(e.Name(), EgressLinkSuffix)
+		if isEgress != egress {
+			continue
+		}
+		names = append(names, IfnameFromLinkPin(base))
 	}
 	return names, nil
 }

@@ -23,7 +23,10 @@ func TestParseAllowRule(t *testing.T) {
 		{"2001:db8::1,any/53", "2001:db8::1/128,any/53", false},
 		{" 198.51.100.0/24,TCP/22 ", "198.51.100.0/24,tcp/22", false},
 		{"198.51.100.0/33", "", true},
-		{"198.51.100.0/24,icmp", "", true},
+		{"198.51.100.0/24,icmp", "198.51.100.0/24,icmp", false},
+		{"2001:db8::/32,ICMP", "2001:db8::/32,icmp", false},
+		{"198.51.100.0/24,icmp/8", "", true},
+		{"198.51.100.0/24,gre", "", true},
 		{"198.51.100.0/24,tcp/0", "", true},
 		{"198.51.100.0/24,tcp/65536", "", true},
 		{"::ffff:192.0.2.1/128", "", true},
@@ -106,6 +109,11 @@ func TestValidate(t *testing.T) {
 	ok := state.Session{Key: state.Key{Src: v4, Dst: v4, Port: 1, Proto: state.TCP}, User: "u"}
 	if err := ok.Validate(); err != nil {
 		t.Fatal(err)
+	}
+	anyProto := ok
+	anyProto.Proto = state.Any
+	if err := anyProto.Validate(); err != nil {
+		t.Fatalf("any-protocol session: %v", err)
 	}
 	for name, mod := range map[string]func(*state.Session){
 		"mixed families": func(s *state.Session) { s.Dst = v6 },

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/aegis-agent/aegis/bpf"
@@ -12,31 +13,45 @@ import (
 // Protocol is an IP protocol number a session can carry.
 type Protocol uint8
 
-// The protocols the data path parses.
+// The protocols a session can carry. Any is the protocol of an
+// any-protocol session: one entry, one idle timer, passing TCP and UDP to
+// its port. ICMP and ICMPv6 appear only in allow rules.
 const (
-	TCP Protocol = 6
-	UDP Protocol = 17
+	Any    Protocol = 0
+	ICMP   Protocol = 1
+	TCP    Protocol = 6
+	UDP    Protocol = 17
+	ICMPv6 Protocol = 58
 )
 
 func (p Protocol) String() string {
 	switch p {
+	case Any:
+		return "any"
+	case ICMP:
+		return "icmp"
 	case TCP:
 		return "tcp"
 	case UDP:
 		return "udp"
+	case ICMPv6:
+		return "icmpv6"
 	}
 	return strconv.Itoa(int(p))
 }
 
-// ParseProtocol accepts "tcp" and "udp".
+// ParseProtocol accepts the protocols of a session: "tcp", "udp" and
+// "any".
 func ParseProtocol(s string) (Protocol, error) {
-	switch s {
-	case "tcp", "TCP":
+	switch strings.ToLower(s) {
+	case "tcp":
 		return TCP, nil
-	case "udp", "UDP":
+	case "udp":
 		return UDP, nil
+	case "any":
+		return Any, nil
 	}
-	return 0, fmt.Errorf("protocol %q: %w: want tcp or udp", s, ErrInvalid)
+	return 0, fmt.Errorf("protocol %q: %w: want tcp, udp or any", s, ErrInvalid)
 }
 
 // Reason re-exports the data path's verdict reasons.
@@ -66,7 +81,7 @@ func (k Key) Is4() bool { return k.Src.Is4() }
 
 // Validate returns an error wrapping ErrInvalid unless the key can be
 // stored: valid, specified, unmapped addresses of one family, a non-zero
-// port, TCP or UDP.
+// port, TCP, UDP or Any.
 func (k Key) Validate() error {
 	switch {
 	case !k.Src.IsValid() || !k.Dst.IsValid():
@@ -81,8 +96,8 @@ func (k Key) Validate() error {
 		return fmt.Errorf("%w: unspecified address", ErrInvalid)
 	case k.Port == 0:
 		return fmt.Errorf("%w: port 0", ErrInvalid)
-	case k.Proto != TCP && k.Proto != UDP:
-		return fmt.Errorf("%w: protocol %d: want tcp or udp", ErrInvalid, k.Proto)
+	case k.Proto != TCP && k.Proto != UDP && k.Proto != Any:
+		return fmt.Errorf("%w: protocol %d: want tcp, udp or any (0)", ErrInvalid, k.Proto)
 	}
 	return nil
 }

@@ -34,6 +34,8 @@ const (
 	Protocol_PROTOCOL_UNSPECIFIED Protocol = 0
 	Protocol_PROTOCOL_TCP         Protocol = 1
 	Protocol_PROTOCOL_UDP         Protocol = 2
+	// TCP and UDP to the port, as one session with one idle timer.
+	Protocol_PROTOCOL_ANY Protocol = 3
 )
 
 // Enum value maps for Protocol.
@@ -42,11 +44,13 @@ var (
 		0: "PROTOCOL_UNSPECIFIED",
 		1: "PROTOCOL_TCP",
 		2: "PROTOCOL_UDP",
+		3: "PROTOCOL_ANY",
 	}
 	Protocol_value = map[string]int32{
 		"PROTOCOL_UNSPECIFIED": 0,
 		"PROTOCOL_TCP":         1,
 		"PROTOCOL_UDP":         2,
+		"PROTOCOL_ANY":         3,
 	}
 )
 
@@ -1091,11 +1095,12 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\x05bytes\x18\x04 \x01(\x04R\x05bytes\"@\n" +
 	"\bMapUsage\x12\x18\n" +
 	"\aentries\x18\x01 \x01(\x04R\aentries\x12\x1a\n" +
-	"\bcapacity\x18\x02 \x01(\x04R\bcapacity*H\n" +
+	"\bcapacity\x18\x02 \x01(\x04R\bcapacity*Z\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_TCP\x10\x01\x12\x10\n" +
-	"\fPROTOCOL_UDP\x10\x022\xca\x03\n" +
+	"\fPROTOCOL_UDP\x10\x02\x12\x10\n" +
+	"\fPROTOCOL_ANY\x10\x032\xca\x03\n" +
 	"\fAgentService\x12S\n" +
 	"\n" +
 	"LoginEvent\x12!.aegis.agent.v1.LoginEventRequest\x1a\".aegis.agent.v1.LoginEventResponse\x12c\n" +
