@@ -128,6 +128,8 @@ type cpOptions struct {
 	// gid is the daemon's group; 0 for daemonGID.
 	gid  int
 	args []string
+	// binary is the aegis-controlplane to run; "" for this build's.
+	binary string
 }
 
 // startControlPlane runs aegis-controlplane as daemonUID with the given
@@ -148,7 +150,11 @@ func startControlPlane(t *testing.T, g *gateway, p *pkiDir, o cpOptions) *contro
 	}
 	args := append(setpriv, "--")
 	args = append(args, o.wrap...)
-	args = append(args, bin("aegis-controlplane"),
+	binary := o.binary
+	if binary == "" {
+		binary = bin("aegis-controlplane")
+	}
+	args = append(args, binary,
 		"--listen-address", grpcAddr.Addr().String(), "-g", strconv.Itoa(int(grpcAddr.Port())),
 		"--pin-path", g.pin, "--monitor-interval", "200ms", "--log-format", "json", "--log-level", "debug")
 	if !o.insecure {

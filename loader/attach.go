@@ -22,12 +22,16 @@ import (
 // stop half-way, the next load finds links on different programs and
 // converges them. A failed upgrade removes its staged pin, as the links
 // that moved hold the new program themselves.
-func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Config, ifaces map[string]int, res *Result) (err error) {
+//
+// With replacing set, the set holds maps that replace pinned ones (a
+// migration): the program is loaded afresh against them even when the
+// pinned one is this build.
+func (l *Loader) attachAll(spec *ebpf.CollectionSpec, maps *state.Maps, cfg *Config, ifaces map[string]int, replacing bool, res *Result) (err error) {
 	progPath := state.ProgramPath(cfg.PinPath)
 	nextPath := state.ProgramNextPath(cfg.PinPath)
 	_ = os.Remove(nextPath) // left by an interrupted upgrade
 
-	prog, fresh, err := l.currentProgram(spec, maps, progPath)
+	prog, fresh, err := l.currentProgram(spec, maps, progPath, replacing)
 	if err != nil {
 		return err
 	}

@@ -253,7 +253,7 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO, args cmdline) error {
 		what  string
 		items []string
 	}{
-		{"created maps", res.CreatedMaps}, {"attached", res.Attached},
+		{"created maps", res.CreatedMaps}, {"migrated maps", res.MigratedMaps}, {"attached", res.Attached},
 		{"upgraded", res.Upgraded}, {"reattached", res.Reattached},
 		{"attached egress", res.EgressAttached}, {"upgraded egress", res.EgressUpgraded},
 		{"detached egress", res.EgressDetached},
@@ -349,7 +349,15 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		fmt.Fprintf(stdio.Stdout, "NOT FILTERED: %s\n", st.NotFiltered)
 	}
 	w := tabwriter.NewWriter(stdio.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "pin path\t%s\n\n", st.PinPath)
+	fmt.Fprintf(w, "pin path\t%s\n", st.PinPath)
+	switch v, b := st.LayoutVersion, st.BuildLayoutVersion; {
+	case v == b, v == 0:
+		fmt.Fprintf(w, "layout version\t%d\n\n", b)
+	case v < b:
+		fmt.Fprintf(w, "layout version\t%d: pins from an older release (this build writes %d); \"aegis-loader load\" upgrades them in place\n\n", v, b)
+	default:
+		fmt.Fprintf(w, "layout version\t%d: pins from a newer release (this build writes %d); use that release's aegis-loader\n\n", v, b)
+	}
 	fmt.Fprintln(w, "CONFIGURED\tMODE\tGUARD\tFILTERED")
 	for _, f := range st.Filtering {
 		verdict := "yes"
@@ -382,6 +390,9 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 			egress = fmt.Sprintf("link %d program %d, other build", e.LinkID, e.ProgramID)
 		}
 		fmt.Fprintf(w, "%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n", i.Name, i.Ifindex, i.Mode, i.LinkID, i.ProgramID, i.Tag, build, egress)
+	}
+	if v := st.LayoutVersion; v != 0 && v != st.BuildLayoutVersion {
+		return w.Flush() // the maps are another release's to decode
 	}
 	fmt.Fprintln(w, "\nMAP\tID\tENTRIES\tCAPACITY\tFILL")
 	for _, m := range st.Maps {

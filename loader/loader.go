@@ -63,9 +63,12 @@ func New(log zerolog.Logger) *Loader {
 // field empty.
 type Result struct {
 	CreatedMaps []string `json:"created_maps,omitempty"`
-	Attached    []string `json:"attached,omitempty"`
-	Upgraded    []string `json:"upgraded,omitempty"`
-	Reattached  []string `json:"reattached,omitempty"`
+	// MigratedMaps were replaced by a copy of this build's layout, in an
+	// upgrade from pins of an older layout version.
+	MigratedMaps []string `json:"migrated_maps,omitempty"`
+	Attached     []string `json:"attached,omitempty"`
+	Upgraded     []string `json:"upgraded,omitempty"`
+	Reattached   []string `json:"reattached,omitempty"`
 	// Unconfigured lists interfaces a previous load configured and this
 	// one did not: no longer watched, and left attached if they were.
 	Unconfigured []string `json:"unconfigured,omitempty"`
@@ -82,13 +85,14 @@ type Result struct {
 
 // Changed reports whether the load changed anything.
 func (r *Result) Changed() bool {
-	return len(r.CreatedMaps)+len(r.Attached)+len(r.Upgraded)+len(r.Reattached)+len(r.Unconfigured) > 0 ||
+	return len(r.CreatedMaps)+len(r.MigratedMaps)+len(r.Attached)+len(r.Upgraded)+len(r.Reattached)+len(r.Unconfigured) > 0 ||
 		len(r.EgressAttached)+len(r.EgressUpgraded)+len(r.EgressDetached) > 0 ||
 		r.ConfigWritten || r.AllowWritten
 }
 
 // Load installs or converges the data path to cfg: it creates missing maps
-// (and never recreates existing ones), writes the config and allow rules if
+// (and never recreates existing ones; over pins of an older layout version
+// it migrates the maps whose layout changed, see migrate.go), writes the config and allow rules if
 // they differ, attaches the program to interfaces that lack it, and swaps
 // in this build's program wherever another build is running.
 //
@@ -157,10 +161,11 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 			pd.removeCreated() // nothing pinned: leave no empty directory
 		}
 	}()
-	if err := checkLayoutVersion(cfg.PinPath); err != nil {
+	from, err := pinnedVersion(cfg.PinPath)
+	if err != nil {
 		return nil, err
 	}
-	maps, err := l.openOrCreateMaps(spec, pd, gid, res)
+	maps, up, err := l.openOrCreateMaps(spec, pd, gid, from, res)
 	if err != nil {
 		return res, err
 	}
@@ -168,6 +173,12 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := state.EnsureSweepLock(cfg.PinPath, gid); err != nil {
 		return res, err
 	}
+	defer up.close()
+	defer func() {
+		if err != nil {
+			up.abort(pd.path)
+		}
+	}()
 
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err
@@ -178,7 +189,11 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := pd.ensureSubdir(state.LinksPath(pd.path), 0o710, gid); err != nil {
 		return res, err
 	}
-	if err := l.attachAll(spec, maps, &cfg, ifaces, res); err != nil {
+	if err := l.attachAll(spec, maps, &cfg, ifaces, up.replacing(), res); err != nil {
+		l.syncGuard(cfg.PinPath)
+		return res, err
+	}
+	if res.MigratedMaps, err = l.commit(up, pd); err != nil {
 		l.syncGuard(cfg.PinPath)
 		return res, err
 	}

@@ -188,13 +188,8 @@ func TestLoadCreatesPinsAndAttaches(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Unset flow timeouts are stored as the data path's defaults.
-	defaults, err := (&state.Config{DefaultIdleTimeout: time.Second}).Value()
-	if err != nil {
-		t.Fatal(err)
-	}
 	want := state.Config{Controller: netip.MustParseAddr("198.51.100.5"), ControllerPort: 443, GRPCPort: 50001, DefaultIdleTimeout: 60 * time.Second,
-		FlowIdleTCP: time.Duration(defaults.FlowIdleTcpNs), FlowIdleUDP: time.Duration(defaults.FlowIdleUdpNs), FlowIdleICMP: time.Duration(defaults.FlowIdleIcmpNs)}
+		FlowIdleTCP: state.DefaultFlowIdleTCP, FlowIdleUDP: state.DefaultFlowIdleUDP, FlowIdleICMP: state.DefaultFlowIdleICMP}
 	if cfg != want {
 		t.Fatalf("config %+v, want %+v", cfg, want)
 	}
@@ -581,7 +576,7 @@ func TestIncompatiblePinnedMapIsKept(t *testing.T) {
 		{"layout version", func() *ebpf.MapSpec {
 			// A config map written by a release with another layout.
 			return spec.Maps[state.MapConfig].Copy()
-		}, fmt.Sprintf("layout version 99 and this aegis-loader writes version %d", bpf.LayoutVersion)},
+		}, fmt.Sprintf("layout version 99, newer than this aegis-loader's %d: they were made by a later release", bpf.LayoutVersion)},
 		{"capacity", func() *ebpf.MapSpec {
 			ms := spec.Maps[state.MapSessionsV4].Copy()
 			ms.MaxEntries = 1000

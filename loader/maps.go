@@ -21,57 +21,62 @@ func pinMode(name string) uint32 {
 }
 
 // openOrCreateMaps opens each pinned map, checking it against spec, and
-// creates and pins the missing ones. An existing map is never replaced.
-func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pd *pinDir, gid int, res *Result) (*state.Maps, error) {
+// creates and pins the missing ones. An existing map is never replaced,
+// except by a migration when the pins are of an older layout version
+// (from; see migrate.go): the returned upgrade holds the staged maps,
+// which are in the set in place of the pinned ones.
+func (l *Loader) openOrCreateMaps(spec *ebpf.CollectionSpec, pd *pinDir, gid int, from uint32, res *Result) (_ *state.Maps, _ *upgrade, err error) {
 	pinPath := pd.path
 	maps := &state.Maps{PinPath: pinPath}
+	u := &upgrade{from: from}
+	defer func() {
+		if err != nil {
+			maps.Close()
+			u.close()
+			u.abort(pinPath)
+		}
+	}()
 	for _, name := range state.MapNames {
 		ms := spec.Maps[name]
 		path := state.MapPath(pinPath, name)
 		m, err := ebpf.LoadPinnedMap(path, nil)
 		switch {
 		case err == nil:
+			if mig, ok := migrationFor(from, name, ms, m, path); ok {
+				next, err := l.stage(u, mig, ms, m, pd, gid)
+				if err != nil {
+					m.Close()
+					return nil, nil, err
+				}
+				maps.Set(name, next)
+				continue
+			}
 			if err := checkPinnedMap(ms, m, path); err != nil {
 				m.Close()
-				maps.Close()
-				return nil, err
+				if from != 0 && from != bpf.LayoutVersion && !errors.Is(err, ErrCapacityChange) {
+					return nil, nil, fmt.Errorf("upgrade from layout version %d: no migration of map %s: %w", from, name, err)
+				}
+				return nil, nil, err
 			}
 		case errors.Is(err, fs.ErrNotExist):
 			if m, err = ebpf.NewMap(ms); err != nil {
-				maps.Close()
-				return nil, fmt.Errorf("create map %s: %w", name, err)
+				return nil, nil, fmt.Errorf("create map %s: %w", name, err)
 			}
 			if err := m.Pin(path); err != nil {
 				m.Close()
-				maps.Close()
-				return nil, fmt.Errorf("pin map %s: %w", path, err)
+				return nil, nil, fmt.Errorf("pin map %s: %w", path, err)
 			}
 			res.CreatedMaps = append(res.CreatedMaps, name)
 			l.Log.Info().Str("map", name).Uint32("capacity", m.MaxEntries()).Msg("created map")
 		default:
-			maps.Close()
-			return nil, fmt.Errorf("open pinned map %s: %w", path, err)
+			return nil, nil, fmt.Errorf("open pinned map %s: %w", path, err)
 		}
 		maps.Set(name, m)
 		if err := setPinOwner(pd.fd(), path, gid, pinMode(name)); err != nil {
-			maps.Close()
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return maps, nil
-}
-
-// checkLayoutVersion refuses pins written with another layout version.
-func checkLayoutVersion(pinPath string) error {
-	switch v, _, err := state.PinnedLayoutVersion(pinPath); {
-	case err != nil:
-		return err
-	case v == 0, v == bpf.LayoutVersion: // 0: created, config not yet written
-		return nil
-	default:
-		return fmt.Errorf("%w: the maps under %s have layout version %d and this aegis-loader writes version %d, with no migration between them: run the aegis-loader that made them, or \"aegis-loader unload\" to start empty (drops every session)",
-			ErrIncompatible, pinPath, v, bpf.LayoutVersion)
-	}
+	return maps, u, nil
 }
 
 // checkPinnedMap refuses a pinned map this build cannot use as it is.

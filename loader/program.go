@@ -12,12 +12,14 @@ import (
 )
 
 // currentProgram returns the pinned program if it is this build, or this
-// build freshly loaded against the pinned maps (fresh=true).
-func (l *Loader) currentProgram(spec *ebpf.CollectionSpec, maps *state.Maps, progPath string) (_ *ebpf.Program, fresh bool, _ error) {
+// build freshly loaded against the set's maps (fresh=true). With reload
+// set it always loads afresh: the pinned program may be this build but
+// runs on maps the set replaces.
+func (l *Loader) currentProgram(spec *ebpf.CollectionSpec, maps *state.Maps, progPath string, reload bool) (_ *ebpf.Program, fresh bool, _ error) {
 	pinned, err := ebpf.LoadPinnedProgram(progPath, nil)
 	switch {
 	case err == nil:
-		if sameBuild(spec, pinned) {
+		if !reload && sameBuild(spec, pinned) {
 			return pinned, false, nil
 		}
 		pinned.Close()

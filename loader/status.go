@@ -8,6 +8,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
@@ -18,13 +19,18 @@ type Status struct {
 	// and why, in one line; empty when all are.
 	NotFiltered string `json:"not_filtered,omitempty"`
 	// Filtering is the verdict on each configured interface.
-	Filtering  []state.Filtering `json:"filtering"`
-	Interfaces []InterfaceStatus `json:"interfaces"`
-	Maps       []MapStatus       `json:"maps"`
-	Config     ConfigStatus      `json:"config"`
-	Allow      []string          `json:"allow"`
-	Counters   []CounterStatus   `json:"counters"`
-	Guard      GuardStatus       `json:"guard"`
+	Filtering []state.Filtering `json:"filtering"`
+	// LayoutVersion is the pins' layout version, BuildLayoutVersion this
+	// binary's. When they differ only the interfaces are reported: the
+	// maps are another release's to decode.
+	LayoutVersion      uint32            `json:"layout_version"`
+	BuildLayoutVersion uint32            `json:"build_layout_version"`
+	Interfaces         []InterfaceStatus `json:"interfaces"`
+	Maps               []MapStatus       `json:"maps"`
+	Config             ConfigStatus      `json:"config"`
+	Allow              []string          `json:"allow"`
+	Counters           []CounterStatus   `json:"counters"`
+	Guard              GuardStatus       `json:"guard"`
 }
 
 // GuardStatus is the fail-closed guard (internal/guard) as read back from
@@ -89,40 +95,26 @@ type CounterStatus struct {
 // Status reads the pinned state. Returns an error wrapping
 // state.ErrNotLoaded when there is none.
 func (l *Loader) Status(pinPath string) (*Status, error) {
+	st := &Status{PinPath: pinPath, BuildLayoutVersion: bpf.LayoutVersion}
+	st.Filtering, st.NotFiltered = state.NotFiltered(pinPath)
+	st.Guard = guardStatus(pinPath, st.Filtering)
+	v, _, err := state.PinnedLayoutVersion(pinPath)
+	if err != nil {
+		return nil, err
+	}
+	st.LayoutVersion = v
+	if v != 0 && v != bpf.LayoutVersion {
+		if err := l.linkStatus(st); err != nil {
+			return nil, err
+		}
+		return st, nil
+	}
 	maps, err := state.Open(pinPath, state.OpenOptions{})
 	if err != nil {
 		return nil, err
 	}
 	defer maps.Close()
-	st := &Status{PinPath: pinPath}
-	st.Filtering, st.NotFiltered = state.NotFiltered(pinPath)
-	st.Guard = guardStatus(pinPath, st.Filtering)
-
-	spec, err := l.Spec()
-	if err != nil {
-		return nil, err
-	}
-	linked, err := state.LinkedInterfaces(pinPath)
-	if err != nil {
-		return nil, err
-	}
-	var pinned programStatus
-	if p, err := ebpf.LoadPinnedProgram(state.ProgramPath(pinPath), nil); err == nil {
-		if info, err := p.Info(); err == nil {
-			pinned.id, _ = info.ID()
-			pinned.tag = info.Tag
-			pinned.current = sameBuild(spec, p)
-		}
-		p.Close()
-	}
-	for _, name := range linked {
-		is, err := l.interfaceStatus(state.LinkPath(pinPath, name), name, pinned)
-		if err != nil {
-			return nil, err
-		}
-		st.Interfaces = append(st.Interfaces, is)
-	}
-	if err := addEgressStatus(st, spec, pinPath); err != nil {
+	if err := l.linkStatus(st); err != nil {
 		return nil, err
 	}
 
@@ -179,6 +171,35 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 		})
 	}
 	return st, nil
+}
+
+// linkStatus fills in the interfaces: what each pinned link runs.
+func (l *Loader) linkStatus(st *Status) error {
+	spec, err := l.Spec()
+	if err != nil {
+		return err
+	}
+	linked, err := state.LinkedInterfaces(st.PinPath)
+	if err != nil {
+		return err
+	}
+	var pinned programStatus
+	if p, err := ebpf.LoadPinnedProgram(state.ProgramPath(st.PinPath), nil); err == nil {
+		if info, err := p.Info(); err == nil {
+			pinned.id, _ = info.ID()
+			pinned.tag = info.Tag
+			pinned.current = sameBuild(spec, p)
+		}
+		p.Close()
+	}
+	for _, name := range linked {
+		is, err := l.interfaceStatus(state.LinkPath(st.PinPath, name), name, pinned)
+		if err != nil {
+			return err
+		}
+		st.Interfaces = append(st.Interfaces, is)
+	}
+	return addEgressStatus(st, spec, st.PinPath)
 }
 
 // programStatus describes the pinned program.

@@ -15,6 +15,7 @@ import (
 //	    sessions_v4 ...       one pin per map (MapNames)
 //	    program               the XDP program the links run
 //	    program_next          the next build, only during an upgrade
+//	    <map>_next            a migrated map, only during an upgrade
 //	    links/                0700 root:root
 //	        <ifname>          one XDP bpf_link per interface (LinkPinName)
 //	        <ifname>:egress   the tcx egress bpf_link of the reply path
@@ -72,6 +73,11 @@ const EgressLinkSuffix = ":egress"
 // MapPath returns the pin of the named map.
 func MapPath(pinPath, name string) string { return filepath.Join(pinPath, name) }
 
+// MapNextPath returns the pin an upgrade stages the migrated copy of the
+// named map at, until the links run the program that uses it and it is
+// renamed over MapPath.
+func MapNextPath(pinPath, name string) string { return filepath.Join(pinPath, name+"_next") }
+
 // ProgramPath returns the pin of the program the links run.
 func ProgramPath(pinPath string) string { return filepath.Join(pinPath, ProgramPin) }
 
@@ -105,12 +111,12 @@ const TempLinkSuffix = ":new"
 // left by an interrupted attach.
 func IsTempLinkPin(name string) bool { return strings.HasSuffix(name, TempLinkSuffix) }
 
-// FilePins returns every pin directly under the pin path, programs first:
-// what a full unload removes besides the links.
+// FilePins returns every pin directly under the pin path, programs first,
+// staged ones included: what a full unload removes besides the links.
 func FilePins(pinPath string) []string {
 	out := []string{ProgramPath(pinPath), ProgramNextPath(pinPath)}
 	for _, name := range MapNames {
-		out = append(out, MapPath(pinPath, name))
+		out = append(out, MapPath(pinPath, name), MapNextPath(pinPath, name))
 	}
 	return out
 }
