@@ -69,20 +69,26 @@ MANDIR      ?= $(PREFIX)/share/man
 BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/site-functions
 FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+DOCDIR      ?= $(PREFIX)/share/doc/aegis-agent
 SYSCONFDIR  ?= /etc
 UNITS       := $(notdir $(wildcard deploy/systemd/*))
 SYSUSERS    := $(notdir $(wildcard deploy/sysusers.d/*.conf))
 TMPFILES    := $(notdir $(wildcard deploy/tmpfiles.d/*.conf))
+# The guides the units' Documentation= names, and the examples: the
+# Prometheus rules and the Grafana dashboard, as in deploy/.
+DOCS        := README.md docs/operations.md docs/security.md
+EXAMPLES    := prometheus/aegis.rules.yml grafana/aegis.json
 
 .PHONY: install
-install: build man completions ## Install binaries, units, sysusers.d, tmpfiles.d, man pages, completions, /etc/aegis/aegis.env (DESTDIR-aware).
+install: build man completions ## Install binaries, units, sysusers.d, tmpfiles.d, man pages, completions, docs and examples, /etc/aegis/aegis.env (DESTDIR-aware).
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) \
-		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR) \
+		$(addprefix $(DESTDIR)$(DOCDIR)/examples/,$(sort $(dir $(EXAMPLES))))
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/aegis
 	install -d -m 0700 $(DESTDIR)$(SYSCONFDIR)/aegis/tls
 	install -m 0755 $(addprefix $(BIN)/,$(notdir $(CMDS))) $(DESTDIR)$(BINDIR)/
 	for u in $(UNITS); do \
-		sed 's|@BINDIR@|$(BINDIR)|g' deploy/systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && \
+		sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' deploy/systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; done
 	install -m 0644 $(addprefix deploy/sysusers.d/,$(SYSUSERS)) $(DESTDIR)$(SYSUSERSDIR)/
 	install -m 0644 $(addprefix deploy/tmpfiles.d/,$(TMPFILES)) $(DESTDIR)$(TMPFILESDIR)/
@@ -91,6 +97,8 @@ install: build man completions ## Install binaries, units, sysusers.d, tmpfiles.
 	install -m 0644 $(DIST)/completions/bash/* $(DESTDIR)$(BASHCOMPDIR)/
 	install -m 0644 $(DIST)/completions/zsh/* $(DESTDIR)$(ZSHCOMPDIR)/
 	install -m 0644 $(DIST)/completions/fish/* $(DESTDIR)$(FISHCOMPDIR)/
+	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	for e in $(EXAMPLES); do install -m 0644 deploy/$$e $(DESTDIR)$(DOCDIR)/examples/$$e; done
 	test -e $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env || install -m 0640 deploy/aegis.env $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env
 
 # The mirror of install. The configuration stays unless it is as
@@ -105,6 +113,8 @@ uninstall: ## Remove what make install installed, but an edited aegis.env and th
 	rm -f $(addprefix $(DESTDIR)$(MANDIR)/man8/,$(addsuffix .8,$(filter-out aegisctl,$(notdir $(CMDS)))))
 	rm -f $(addprefix $(DESTDIR)$(BASHCOMPDIR)/,$(notdir $(CMDS))) $(addprefix $(DESTDIR)$(ZSHCOMPDIR)/_,$(notdir $(CMDS))) \
 		$(addprefix $(DESTDIR)$(FISHCOMPDIR)/,$(addsuffix .fish,$(notdir $(CMDS))))
+	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS)) $(addprefix examples/,$(EXAMPLES)))
+	-rmdir $(addprefix $(DESTDIR)$(DOCDIR)/examples/,$(sort $(dir $(EXAMPLES)))) $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
 	if cmp -s deploy/aegis.env $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env; then rm -f $(DESTDIR)$(SYSCONFDIR)/aegis/aegis.env; fi
 	-rmdir $(DESTDIR)$(SYSCONFDIR)/aegis/tls $(DESTDIR)$(SYSCONFDIR)/aegis 2>/dev/null
 
@@ -117,12 +127,14 @@ export SOURCE_DATE_EPOCH
 .PHONY: deb
 deb: build man completions ## Build the Debian package into dist/ with nfpm (see docs/operations.md).
 	rm -rf $(STAGE)
-	install -d $(STAGE)/bin $(STAGE)/units $(STAGE)/man1 $(STAGE)/man8 $(STAGE)/doc
+	install -d $(STAGE)/bin $(STAGE)/units $(STAGE)/man1 $(STAGE)/man8 $(STAGE)/doc \
+		$(addprefix $(STAGE)/examples/,$(sort $(dir $(EXAMPLES))))
 	install -m 0755 $(addprefix $(BIN)/,$(notdir $(CMDS))) $(STAGE)/bin/
-	for u in $(UNITS); do sed 's|@BINDIR@|/usr/bin|g' deploy/systemd/$$u > $(STAGE)/units/$$u; done
+	for u in $(UNITS); do sed -e 's|@BINDIR@|/usr/bin|g' -e 's|@DOCDIR@|/usr/share/doc/aegis-agent|g' deploy/systemd/$$u > $(STAGE)/units/$$u; done
 	for s in 1 8; do for m in $(DIST)/man/*.$$s; do gzip -9n -c $$m > $(STAGE)/man$$s/$$(basename $$m).gz; done; done
 	cp -R $(DIST)/completions $(STAGE)/completions
-	cp README.md docs/operations.md docs/security.md $(STAGE)/doc/
+	cp $(DOCS) $(STAGE)/doc/
+	for e in $(EXAMPLES); do cp deploy/$$e $(STAGE)/examples/$$e; done
 	{ echo "aegis-agent ($(DEB_VERSION)) unstable; urgency=medium"; echo; \
 	  echo "  * Built from $(VERSION); the history is the project's git log."; echo; \
 	  echo " -- Aegis Agent maintainers <aegis-agent@example.org>  $$(date -u -R -d @$(SOURCE_DATE_EPOCH))"; } \

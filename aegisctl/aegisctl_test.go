@@ -189,14 +189,39 @@ func TestLoginSessionsLogout(t *testing.T) {
 		t.Errorf("a malformed --src: %+v", r)
 	}
 
+	// --json: the result and the session, in the fields of sessions --json.
+	var g aegisctl.Grant
+	if err := json.Unmarshal([]byte(mustRun(t, e.cmd("login", "--json", "-u", "alice", "--src", "192.0.2.10", "--dst", "198.51.100.10", "--port", "8080")...)), &g); err != nil {
+		t.Fatal(err)
+	}
+	if g.Result != aegisctl.ResultRefreshed || g.Session.User != "alice" || g.Session.Dest != netip.MustParseAddrPort("198.51.100.10:8080") ||
+		g.Session.IdleTimeout != time.Minute || g.Session.Created.IsZero() {
+		t.Fatalf("login --json: %+v", g)
+	}
+	var lo aegisctl.Revocation
+	if err := json.Unmarshal([]byte(mustRun(t, e.cmd("logout", "--json", "-u", "nobody")...)), &lo); err != nil {
+		t.Fatal(err)
+	}
+	if lo != (aegisctl.Revocation{Result: aegisctl.ResultNotFound, User: "nobody"}) {
+		t.Fatalf("logout --json of a user without sessions: %+v", lo)
+	}
+
 	if out := mustRun(t, e.cmd("logout", "--user", "alice")...); out != "revoked 1 session(s)\n" {
 		t.Fatalf("logout: %q", out)
 	}
 	if _, err := e.maps(t).Lookup(key); err == nil {
 		t.Fatal("alice's session is still in the map")
 	}
-	if out := mustRun(t, e.cmd("logout", "--src", "2001:db8:1::10", "--dst", "2001:db8:2::10", "--port", "53", "--proto", "udp")...); out != "revoked 1 session(s)\n" {
-		t.Fatalf("logout by key: %q", out)
+	lo = aegisctl.Revocation{}
+	if err := json.Unmarshal([]byte(mustRun(t, e.cmd("logout", "--json", "--src", "2001:db8:1::10", "--dst", "2001:db8:2::10", "--port", "53", "--proto", "udp")...)), &lo); err != nil {
+		t.Fatal(err)
+	}
+	if lo != (aegisctl.Revocation{Result: aegisctl.ResultRevoked, Revoked: 1, Proto: "udp", Family: aegisctl.FamilyIPv6,
+		Src: "2001:db8:1::10", Dst: "2001:db8:2::10", Dport: 53}) {
+		t.Fatalf("logout --json by key: %+v", lo)
+	}
+	if out := mustRun(t, e.cmd("sessions", "--json")...); out != "[]\n" {
+		t.Fatalf("sessions --json of none: %q, want []", out)
 	}
 	if n4, n6, _ := e.maps(t).Count(); n4+n6 != 0 {
 		t.Fatalf("%d sessions left", n4+n6)
@@ -263,6 +288,25 @@ func TestWatch(t *testing.T) {
 	}
 	if strings.Count(out, "dave ") != 3 || !strings.Contains(out, "PKT/S") {
 		t.Fatalf("watch output:\n%s", out)
+	}
+
+	// --json: one object a line, each frame of its own time.
+	out = mustRun(t, e.cmd("watch", "--json", "--interval", "100ms", "--count", "3")...)
+	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("%d lines, want 3:\n%s", len(lines), out)
+	}
+	var last time.Time
+	for _, l := range lines {
+		var f aegisctl.WatchFrame
+		if err := json.Unmarshal([]byte(l), &f); err != nil {
+			t.Fatalf("%v: %q", err, l)
+		}
+		if !f.Time.After(last) || f.Matched != 1 || len(f.Sessions) != 1 || f.Sessions[0].User != "dave" ||
+			len(f.Counters) != len(state.Reasons) || f.Maps[0].Entries != 1 {
+			t.Fatalf("frame %+v", f)
+		}
+		last = f.Time
 	}
 }
 
@@ -348,6 +392,34 @@ func TestGoldenTables(t *testing.T) {
 		t.Fatal(err)
 	}
 	golden(t, "stats.json.golden", js.String())
+
+	for _, c := range []struct {
+		name string
+		v    any
+	}{
+		{"login.json.golden", aegisctl.Grant{Result: aegisctl.ResultCreated, Session: aegisctl.SessionRow{User: "alice", Protocol: "tcp",
+			Source: netip.MustParseAddr("192.0.2.10"), Dest: netip.MustParseAddrPort("198.51.100.10:8080"), Created: now, LastSeen: now,
+			Expires: now.Add(time.Hour), IdleTimeout: 5 * time.Minute, Left: 5 * time.Minute}}},
+		{"logout.json.golden", aegisctl.Revocation{Result: aegisctl.ResultRevoked, Revoked: 1, User: "bob", Proto: "udp",
+			Family: aegisctl.FamilyIPv6, Src: "2001:db8:1::10", Dst: "2001:db8:2::10", Dport: 53}},
+		{"config.json.golden", aegisctl.Settings{Settings: []aegisctl.Setting{
+			{Name: "config", Value: "/home/ops/.config/aegis/aegisctl.toml", From: aegisctl.SourceFlag},
+			{Name: "profile", Value: "gw1", From: aegisctl.SourceEnvironment, Variable: "AEGISCTL_PROFILE"},
+			{Name: "address", Value: "198.51.100.1", From: aegisctl.SourceProfile, Profile: "gw1", ProfileFile: "/home/ops/.config/aegis/aegisctl.toml"},
+			{Name: "timeout", Value: "10s", From: aegisctl.SourceDefault},
+		}, Dials: "198.51.100.1:50001"}},
+	} {
+		js.Reset()
+		if err := aegisctl.WriteJSON(&js, c.v); err != nil {
+			t.Fatal(err)
+		}
+		golden(t, c.name, js.String())
+	}
+	var frame bytes.Buffer
+	if err := aegisctl.WriteJSONLine(&frame, aegisctl.WatchFrame{Time: now, Stats: st, Sessions: rows[2:], Matched: 3}); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "watch.json.golden", frame.String())
 }
 
 func golden(t *testing.T, name, got string) {

@@ -50,6 +50,7 @@ type CertsInitCmd struct {
 	Name     string        `default:"Aegis Agent CA" help:"Common name of the CA."`
 	Lifetime time.Duration `default:"87600h" help:"Lifetime of the CA."`
 	Force    bool          `help:"Replace an existing CA: every certificate it issued stops verifying; re-issue them with renew."`
+	JSON     bool          `name:"json" help:"Print JSON: the certificates written (file, key_file, subject, dns_names, ips, not_after, issuer)."`
 }
 
 // CertsServerCmd is "aegisctl certs server".
@@ -58,6 +59,7 @@ type CertsServerCmd struct {
 	IP       []net.IP      `name:"ip" placeholder:"IP" help:"IP addresses of the server certificate (repeatable), for clients that verify the address they dial; none: a warning."`
 	Lifetime time.Duration `default:"8760h" help:"Lifetime of the certificate."`
 	Force    bool          `help:"Replace an existing server certificate."`
+	JSON     bool          `name:"json" help:"Print JSON: the certificates written (file, key_file, subject, dns_names, ips, not_after, issuer)."`
 }
 
 // CertsClientCmd is "aegisctl certs client".
@@ -65,6 +67,7 @@ type CertsClientCmd struct {
 	Names    []string      `arg:"" name:"name" help:"Name of the client (CN and DNS SAN; the files are NAME.crt, NAME.key); aegis-controlplane --allowed-client-name matches it."`
 	Lifetime time.Duration `default:"8760h" help:"Lifetime of the certificates."`
 	Force    bool          `help:"Replace an existing certificate of that name."`
+	JSON     bool          `name:"json" help:"Print JSON: the certificates written (file, key_file, subject, dns_names, ips, not_after, issuer)."`
 }
 
 // CertsListCmd is "aegisctl certs list".
@@ -76,6 +79,7 @@ type CertsListCmd struct {
 type CertsRenewCmd struct {
 	Name     string        `arg:"" help:"server, or a client's name."`
 	Lifetime time.Duration `default:"8760h" help:"Lifetime of the new certificate."`
+	JSON     bool          `name:"json" help:"Print JSON: the certificates written (file, key_file, subject, dns_names, ips, not_after, issuer)."`
 }
 
 // ErrCertsDir means the certificates' directory is unusable or unsafe.
@@ -142,13 +146,41 @@ func (c *CertsCmd) loadCA() (*pki.CA, error) {
 	return ca, nil
 }
 
-func (c *CertsCmd) write(stdio cli.IO, stem string, p *pki.Pair, what string) error {
-	if err := p.WriteFiles(c.path(stem+".crt"), c.path(stem+".key")); err != nil {
-		return err
+// WrittenCert is a certificate that init, server, client or renew wrote,
+// as their --json prints it (a list): the fields of certs list --json.
+type WrittenCert struct {
+	File     string    `json:"file"`
+	KeyFile  string    `json:"key_file"`
+	Subject  string    `json:"subject"`
+	DNSNames []string  `json:"dns_names,omitempty"`
+	IPs      []string  `json:"ips,omitempty"`
+	NotAfter time.Time `json:"not_after"`
+	Issuer   string    `json:"issuer"`
+}
+
+// write writes the pair stem and says so, unless asJSON: then it only
+// returns what it wrote, for the caller to print.
+func (c *CertsCmd) write(stdio cli.IO, asJSON bool, stem string, p *pki.Pair, what string) (WrittenCert, error) {
+	w := WrittenCert{File: c.path(stem + ".crt"), KeyFile: c.path(stem + ".key"), Subject: p.Cert.Subject.CommonName,
+		DNSNames: p.Cert.DNSNames, NotAfter: p.Cert.NotAfter.UTC(), Issuer: p.Cert.Issuer.CommonName}
+	for _, ip := range p.Cert.IPAddresses {
+		w.IPs = append(w.IPs, ip.String())
 	}
-	fmt.Fprintf(stdio.Stdout, "wrote %s, %s (%s; valid until %s)\n", c.path(stem+".crt"), c.path(stem+".key"), what,
-		p.Cert.NotAfter.UTC().Format(time.DateOnly))
-	return nil
+	if err := p.WriteFiles(w.File, w.KeyFile); err != nil {
+		return w, err
+	}
+	if !asJSON {
+		fmt.Fprintf(stdio.Stdout, "wrote %s, %s (%s; valid until %s)\n", w.File, w.KeyFile, what, w.NotAfter.Format(time.DateOnly))
+	}
+	return w, nil
+}
+
+// written prints what was written, with --json.
+func written(stdio cli.IO, asJSON bool, ws ...WrittenCert) error {
+	if !asJSON {
+		return nil
+	}
+	return writeJSON(stdio.Stdout, ws)
 }
 
 func sans(c *x509.Certificate) string {
@@ -181,7 +213,11 @@ func (cmd *CertsInitCmd) Run(c *CertsCmd, stdio cli.IO) error {
 	if err != nil {
 		return err
 	}
-	return c.write(stdio, "ca", &ca.Pair, "CA "+cmd.Name)
+	w, err := c.write(stdio, cmd.JSON, "ca", &ca.Pair, "CA "+cmd.Name)
+	if err != nil {
+		return err
+	}
+	return written(stdio, cmd.JSON, w)
 }
 
 // Run issues the server certificate.
@@ -197,13 +233,14 @@ func (cmd *CertsServerCmd) Run(c *CertsCmd, stdio cli.IO) error {
 	if err != nil {
 		return err
 	}
-	if err := c.write(stdio, "server", p, "server, "+sans(p.Cert)); err != nil {
+	w, err := c.write(stdio, cmd.JSON, "server", p, "server, "+sans(p.Cert))
+	if err != nil {
 		return err
 	}
 	if len(cmd.IP) == 0 {
 		fmt.Fprintf(stdio.Stderr, "aegisctl: warning: the server certificate has no IP address: clients must verify the name %s (the controller and aegisctl do); add --ip ADDR for clients that verify the address they dial\n", pki.ServerName)
 	}
-	return nil
+	return written(stdio, cmd.JSON, w)
 }
 
 // clientName is what a client's name may be: it becomes a file name.
@@ -232,16 +269,19 @@ func (cmd *CertsClientCmd) Run(c *CertsCmd, stdio cli.IO) error {
 			return err
 		}
 	}
+	var ws []WrittenCert
 	for _, n := range cmd.Names {
 		p, err := ca.IssueClient(n, cmd.Lifetime)
 		if err != nil {
 			return err
 		}
-		if err := c.write(stdio, n, p, "client "+n); err != nil {
+		w, err := c.write(stdio, cmd.JSON, n, p, "client "+n)
+		if err != nil {
 			return err
 		}
+		ws = append(ws, w)
 	}
-	return nil
+	return written(stdio, cmd.JSON, ws...)
 }
 
 // Run renews one certificate.
@@ -267,7 +307,11 @@ func (cmd *CertsRenewCmd) Run(c *CertsCmd, stdio cli.IO) error {
 	if err != nil {
 		return err
 	}
-	return c.write(stdio, cmd.Name, p, "renewed with a new key, "+sans(p.Cert))
+	w, err := c.write(stdio, cmd.JSON, cmd.Name, p, "renewed with a new key, "+sans(p.Cert))
+	if err != nil {
+		return err
+	}
+	return written(stdio, cmd.JSON, w)
 }
 
 // CertInfo is one certificate as certs list shows it.

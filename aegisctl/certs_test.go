@@ -234,3 +234,44 @@ func copyFile(t *testing.T, from, to string) {
 		t.Fatal(err)
 	}
 }
+
+// --json of the commands that write: the certificates written, one
+// object each, and nothing else on stdout.
+func TestCertsJSON(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "tls")
+	certs := func(args ...string) []aegisctl.WrittenCert {
+		t.Helper()
+		var ws []aegisctl.WrittenCert
+		out := mustRun(t, append([]string{"certs", "--dir", dir}, args...)...)
+		if err := json.Unmarshal([]byte(out), &ws); err != nil {
+			t.Fatalf("certs %v: %v\n%s", args, err, out)
+		}
+		return ws
+	}
+	if ws := certs("init", "--json"); len(ws) != 1 || ws[0].File != filepath.Join(dir, "ca.crt") || ws[0].Subject != "Aegis Agent CA" {
+		t.Fatalf("init --json: %+v", ws)
+	}
+	ws := certs("server", "--json", "--ip", "192.0.2.1")
+	if len(ws) != 1 || ws[0].KeyFile != filepath.Join(dir, "server.key") || !slices.Equal(ws[0].IPs, []string{"192.0.2.1"}) ||
+		!slices.Equal(ws[0].DNSNames, []string{"aegis-agent"}) || ws[0].Issuer != "Aegis Agent CA" {
+		t.Fatalf("server --json: %+v", ws)
+	}
+	ws = certs("client", "--json", "aegis-controller", "ops2")
+	if len(ws) != 2 || ws[0].Subject != "aegis-controller" || ws[1].File != filepath.Join(dir, "ops2.crt") {
+		t.Fatalf("client --json: %+v", ws)
+	}
+	if !readCert(t, ws[1].File).NotAfter.Equal(ws[1].NotAfter) {
+		t.Fatalf("client --json: not_after %v is not the certificate's", ws[1].NotAfter)
+	}
+	if ws := certs("renew", "--json", "ops2"); len(ws) != 1 || ws[0].Subject != "ops2" {
+		t.Fatalf("renew --json: %+v", ws)
+	}
+
+	var js bytes.Buffer
+	if err := aegisctl.WriteJSON(&js, []aegisctl.WrittenCert{{File: "/etc/aegis/tls/server.crt", KeyFile: "/etc/aegis/tls/server.key",
+		Subject: "aegis-agent", DNSNames: []string{"aegis-agent"}, IPs: []string{"198.51.100.1", "2001:db8::1"},
+		NotAfter: time.Date(2027, 11, 26, 12, 0, 0, 0, time.UTC), Issuer: "Aegis Agent CA"}}); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "certs.json.golden", js.String())
+}

@@ -21,6 +21,7 @@ import (
 // CLI is aegisctl's command line.
 type CLI struct {
 	cli.Globals
+	Profiles `embed:""`
 
 	Login    LoginCmd    `cmd:"" help:"Grant a session, as the controller does after a user logs in."`
 	Logout   LogoutCmd   `cmd:"" help:"Revoke one session, or every session of a user."`

@@ -26,13 +26,19 @@ import (
 // dials it (gRPC's own default would be 443, the controller's login port).
 const DefaultPort = 50001
 
+// Profiles are the flags that select a profile. They belong to aegisctl
+// itself, not to a command, so that "aegisctl --profile gw1 sessions" and
+// "aegisctl sessions --profile gw1" both work.
+type Profiles struct {
+	Config  string `env:"AEGISCTL_CONFIG" default:"${config_file}" placeholder:"FILE" help:"Profile file (default ${default})."`
+	Profile string `env:"AEGISCTL_PROFILE" placeholder:"NAME" help:"Profile of the profile file to use; default: its default-profile."`
+}
+
 // Conn are the flags of the commands that call the control plane. They are
 // settings, not actions: each reads an AEGISCTL_* variable and a key of the
 // profile (the profile tag names it). Precedence: flag, then environment,
 // then profile, then the default shown in --help.
 type Conn struct {
-	Config     string        `env:"AEGISCTL_CONFIG" default:"${config_file}" placeholder:"FILE" help:"Profile file (default ${default})."`
-	Profile    string        `env:"AEGISCTL_PROFILE" placeholder:"NAME" help:"Profile of the profile file to use; default: its default-profile."`
 	Address    string        `short:"a" env:"AEGISCTL_ADDRESS" profile:"address" default:"localhost:${default_port}" placeholder:"HOST[:PORT]" help:"Control plane address (default ${default}); the port defaults to ${default_port}. IPv6 bare or as [2001:db8::1]:PORT."`
 	TLSCert    string        `name:"tls-cert" env:"AEGISCTL_TLS_CERT" profile:"tls-cert" placeholder:"FILE" help:"Client certificate (PEM) issued by the CA the control plane trusts (its --tls-client-ca)."`
 	TLSKey     string        `name:"tls-key" env:"AEGISCTL_TLS_KEY" profile:"tls-key" placeholder:"FILE" help:"Client certificate's private key (PEM)."`

@@ -1,6 +1,7 @@
 package aegisctl_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -119,6 +120,7 @@ func TestProfiles(t *testing.T) {
 	t.Setenv("AEGISCTL_PROFILE", "down")
 	unreachable(t, "127.0.0.1:1")
 	mustRun(t, "stats", "--config", file, "--profile", "gw1")
+	mustRun(t, "--config", file, "--profile", "gw1", "stats") // aegisctl's flags, before the command too
 	t.Setenv("AEGISCTL_ADDRESS", "127.0.0.1:3")
 	unreachable(t, "127.0.0.1:3", "--profile", "gw1")
 	unreachable(t, "127.0.0.1:2", "--profile", "gw1", "--address", "127.0.0.1:2")
@@ -127,6 +129,29 @@ func TestProfiles(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("config lacks %q:\n%s", want, out)
 		}
+	}
+	var set aegisctl.Settings
+	if err := json.Unmarshal([]byte(mustRun(t, "--profile", "gw1", "config", "--json", "--config", file, "--timeout", "1s")), &set); err != nil {
+		t.Fatal(err)
+	}
+	from := map[string]aegisctl.Setting{}
+	for _, s := range set.Settings {
+		from[s.Name] = s
+	}
+	for name, want := range map[string]aegisctl.Setting{
+		"config":   {Name: "config", Value: file, From: aegisctl.SourceFlag},
+		"profile":  {Name: "profile", Value: "gw1", From: aegisctl.SourceFlag},
+		"address":  {Name: "address", Value: "127.0.0.1:3", From: aegisctl.SourceEnvironment, Variable: "AEGISCTL_ADDRESS"},
+		"tls-ca":   {Name: "tls-ca", Value: filepath.Join(filepath.Dir(file), "ca.crt"), From: aegisctl.SourceProfile, Profile: "gw1", ProfileFile: file},
+		"timeout":  {Name: "timeout", Value: "1s", From: aegisctl.SourceFlag},
+		"insecure": {Name: "insecure", Value: "false", From: aegisctl.SourceDefault},
+	} {
+		if from[name] != want {
+			t.Errorf("config --json: %s is %+v, want %+v", name, from[name], want)
+		}
+	}
+	if set.Dials != "127.0.0.1:3" {
+		t.Errorf("config --json dials %q", set.Dials)
 	}
 	os.Unsetenv("AEGISCTL_ADDRESS")
 	os.Unsetenv("AEGISCTL_PROFILE")

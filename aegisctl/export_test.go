@@ -5,3 +5,6 @@ var Target = target
 
 // WriteJSON is writeJSON, for golden tests of the JSON output.
 var WriteJSON = writeJSON
+
+// WriteJSONLine is writeJSONLine, for the golden test of watch --json.
+var WriteJSONLine = writeJSONLine

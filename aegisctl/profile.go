@@ -93,7 +93,7 @@ type profileResolver struct {
 
 func (r *profileResolver) Validate(*kong.Application) error { return r.err }
 
-func (r *profileResolver) Resolve(kctx *kong.Context, parent *kong.Path, flag *kong.Flag) (any, error) {
+func (r *profileResolver) Resolve(kctx *kong.Context, _ *kong.Path, flag *kong.Flag) (any, error) {
 	key := flag.Tag.Get("profile")
 	if key == "" {
 		return nil, nil
@@ -101,7 +101,7 @@ func (r *profileResolver) Resolve(kctx *kong.Context, parent *kong.Path, flag *k
 	if envSet(flag) {
 		return nil, nil
 	}
-	r.once.Do(func() { r.load(kctx, parent) })
+	r.once.Do(func() { r.load(kctx) })
 	if r.err != nil || r.values == nil {
 		return nil, nil
 	}
@@ -121,13 +121,9 @@ func (r *profileResolver) Resolve(kctx *kong.Context, parent *kong.Path, flag *k
 
 // load reads the file named by --config and selects --profile, or the
 // file's default-profile.
-func (r *profileResolver) load(kctx *kong.Context, parent *kong.Path) {
-	node := parent.Node()
-	if node == nil {
-		return
-	}
+func (r *profileResolver) load(kctx *kong.Context) {
 	value := func(name string) string {
-		for _, f := range node.Flags {
+		for _, f := range kctx.Model.Node.Flags {
 			if f.Name == name {
 				s, _ := kctx.FlagValue(f).(string)
 				return s

@@ -60,6 +60,7 @@ type LoginCmd struct {
 	Proto       string        `default:"tcp" enum:"tcp,udp,any" help:"Protocol: tcp, udp, or any (TCP and UDP as one session with one idle timer)."`
 	IdleTimeout time.Duration `help:"Idle timeout; 0 for the gateway's default (aegis-loader --rule-timeout)."`
 	MaxLifetime time.Duration `help:"Longest the session may last; 0 for no limit."`
+	JSON        bool          `name:"json" help:"Print JSON: result (created or refreshed) and the session, in the fields of sessions --json."`
 }
 
 // Run grants the session.
@@ -86,11 +87,18 @@ func (cmd *LoginCmd) Run(ctx context.Context, stdio cli.IO) error {
 	if err != nil {
 		return callError("login", cmd.Address, err)
 	}
+	s := resp.GetSession()
+	if cmd.JSON {
+		g := Grant{Result: ResultRefreshed, Session: rowFromProto(s)}
+		if resp.GetCreated() {
+			g.Result = ResultCreated
+		}
+		return writeJSON(stdio.Stdout, g)
+	}
 	what := "refreshed"
 	if resp.GetCreated() {
 		what = "granted"
 	}
-	s := resp.GetSession()
 	lifetime := "no lifetime limit"
 	if s.GetExpireTime() != nil {
 		lifetime = "lifetime ends " + s.GetExpireTime().AsTime().Local().Format(time.DateTime)
@@ -115,6 +123,7 @@ type LogoutCmd struct {
 	Dst   string `placeholder:"IP" help:"Service address of the one session to revoke."`
 	Port  uint32 `help:"Service port of the one session to revoke."`
 	Proto string `default:"tcp" enum:"tcp,udp,any" help:"Protocol of the one session to revoke: tcp, udp or any."`
+	JSON  bool   `name:"json" help:"Print JSON: result (revoked or not_found), revoked (how many), and the user and session key asked for."`
 }
 
 // Run revokes.
@@ -144,6 +153,19 @@ func (cmd *LogoutCmd) Run(ctx context.Context, stdio cli.IO) error {
 	resp, err := client.LogoutEvent(c, req)
 	if err != nil {
 		return callError("logout", cmd.Address, err)
+	}
+	if cmd.JSON {
+		r := Revocation{Result: ResultRevoked, Revoked: resp.GetRevoked(), User: cmd.User}
+		if r.Revoked == 0 {
+			r.Result = ResultNotFound
+		}
+		if keyed {
+			r.Proto, r.Src, r.Dst, r.Dport = protocolName(req.GetProtocol()), cmd.Src, cmd.Dst, cmd.Port
+			if a, err := netip.ParseAddr(cmd.Src); err == nil {
+				r.Family = family(a)
+			}
+		}
+		return writeJSON(stdio.Stdout, r)
 	}
 	fmt.Fprintf(stdio.Stdout, "revoked %d session(s)\n", resp.GetRevoked())
 	return nil
@@ -195,7 +217,7 @@ const listPageSize = 10000
 // listSessions lists the sessions req matches, following the pages, at
 // most limit of them (0 for all). It also returns how many matched.
 func listSessions(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient, req *agentv1.ListSessionsRequest, limit int) ([]SessionRow, uint64, error) {
-	var rows []SessionRow
+	rows := []SessionRow{} // none is [] in JSON, as local sessions prints it, not null
 	var matched uint64
 	req.PageSize = listPageSize
 	if limit > 0 {

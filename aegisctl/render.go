@@ -65,12 +65,68 @@ func family(a netip.Addr) string {
 	return FamilyIPv6
 }
 
-// MarshalJSON writes the row in the documented field names.
-func (r SessionRow) MarshalJSON() ([]byte, error) {
-	return json.Marshal(sessionJSON{
+func (r SessionRow) json() sessionJSON {
+	return sessionJSON{
 		User: r.User, Proto: r.Protocol, Family: family(r.Source), Src: r.Source, Dst: r.Dest.Addr(), Dport: r.Dest.Port(),
 		Created: r.Created, LastSeen: r.LastSeen, Expires: r.Expires, IdleTimeout: r.IdleTimeout, Left: r.Left, Expired: r.Expired,
-	})
+	}
+}
+
+// MarshalJSON writes the row in the documented field names.
+func (r SessionRow) MarshalJSON() ([]byte, error) {
+	return json.Marshal(r.json())
+}
+
+// Results of a grant or a revoke, as the control plane's audit log and
+// metrics name them.
+const (
+	ResultCreated   = "created"
+	ResultRefreshed = "refreshed"
+	ResultRevoked   = "revoked"
+	ResultNotFound  = "not_found"
+)
+
+// Grant is what "aegisctl login --json" prints: the result and, in the
+// same object, the session's fields as "sessions --json" has them.
+type Grant struct {
+	// Result is ResultCreated or ResultRefreshed.
+	Result  string
+	Session SessionRow
+}
+
+// MarshalJSON writes result and the session's fields in one object.
+func (g Grant) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		Result string `json:"result"`
+		sessionJSON
+	}{g.Result, g.Session.json()})
+}
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (g *Grant) UnmarshalJSON(b []byte) error {
+	var r struct {
+		Result string `json:"result"`
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		return err
+	}
+	g.Result = r.Result
+	return json.Unmarshal(b, &g.Session)
+}
+
+// Revocation is what "aegisctl logout --json" prints: the result, how
+// many sessions were revoked, and what was asked for (the user, the
+// session key: empty when not given).
+type Revocation struct {
+	// Result is ResultRevoked, or ResultNotFound when none was.
+	Result  string `json:"result"`
+	Revoked uint32 `json:"revoked"`
+	User    string `json:"user,omitempty"`
+	Proto   string `json:"proto,omitempty"`
+	Family  string `json:"family,omitempty"`
+	Src     string `json:"src,omitempty"`
+	Dst     string `json:"dst,omitempty"`
+	Dport   uint32 `json:"dport,omitempty"`
 }
 
 // UnmarshalJSON reads what MarshalJSON writes.
@@ -172,8 +228,6 @@ func WriteStats(w io.Writer, s Stats) error {
 	return err
 }
 
-// writeJSON prints v as indented JSON, with every character that is not
-// printable escaped (escapeJSON).
 // mapName is the sessions map of a family.
 func mapName(family string) string {
 	if family == FamilyIPv4 {
@@ -182,6 +236,8 @@ func mapName(family string) string {
 	return state.MapSessionsV6
 }
 
+// writeJSON prints v as indented JSON, with every character that is not
+// printable escaped (escapeJSON).
 func writeJSON(w io.Writer, v any) error {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
@@ -190,6 +246,17 @@ func writeJSON(w io.Writer, v any) error {
 		return err
 	}
 	_, err := w.Write(escapeJSON(buf.Bytes()))
+	return err
+}
+
+// writeJSONLine prints v as JSON on one line, escaped as writeJSON's: a
+// record of a newline-delimited stream.
+func writeJSONLine(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(escapeJSON(b), '\n'))
 	return err
 }
 

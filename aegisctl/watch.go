@@ -21,6 +21,18 @@ type WatchCmd struct {
 	Interval time.Duration `default:"2s" help:"Refresh period."`
 	Count    int           `help:"Stop after this many refreshes; 0 runs until interrupted."`
 	User     string        `short:"u" help:"Only this user's sessions."`
+	JSON     bool          `name:"json" help:"Print one JSON object a line per refresh: time, counters and maps (as stats --json), sessions (as sessions --json, at most 50), matched."`
+}
+
+// WatchFrame is one refresh of "aegisctl watch --json", one line each:
+// what "stats --json" and "sessions --json" print, at one time. Rates are
+// left to the reader: two frames' packets and times give them.
+type WatchFrame struct {
+	Time time.Time `json:"time"`
+	Stats
+	Sessions []SessionRow `json:"sessions"`
+	// Matched is how many sessions matched, shown or not.
+	Matched uint64 `json:"matched"`
 }
 
 // Reconnection backoff of watch: exponential from backoffMin to
@@ -43,9 +55,8 @@ func backoff(n int) time.Duration {
 	return time.Duration(float64(d) * (1 + backoffJitter*(2*rand.Float64()-1)))
 }
 
-// Run refreshes the view until ctx ends or Count refreshes were shown.
-// On a terminal each frame replaces the last; otherwise frames follow each
-// other, separated by a line. A connection lost (a control plane
+// Run refreshes the view until ctx ends or Count refreshes were shown,
+// with --json as one WatchFrame a line. A connection lost (a control plane
 // restarting) is one line on stderr, then reconnection attempts with
 // backoff until it is back, also one line; a failure that waiting cannot
 // fix (a refused certificate, a bad request) ends the command, as does a
@@ -89,19 +100,13 @@ func (cmd *WatchCmd) Run(ctx context.Context, stdio cli.IO) error {
 			return err
 		}
 		now := time.Now()
-		if tty {
-			fmt.Fprint(stdio.Stdout, "\x1b[H\x1b[2J")
-		} else if frame > 1 {
-			fmt.Fprintln(stdio.Stdout, "---")
-		}
-		fmt.Fprintf(stdio.Stdout, "aegisctl watch  %s  every %v  %s\n\n", cmd.Address, cmd.Interval, now.Format(time.TimeOnly))
-		writeRates(stdio.Stdout, st, prev, now.Sub(prevAt))
-		fmt.Fprintln(stdio.Stdout)
-		if err := WriteSessions(stdio.Stdout, rows, now); err != nil {
+		if cmd.JSON {
+			sortSessions(rows)
+			if err := writeJSONLine(stdio.Stdout, WatchFrame{Time: now.UTC(), Stats: st, Sessions: rows, Matched: matched}); err != nil {
+				return err
+			}
+		} else if err := cmd.writeFrame(stdio.Stdout, tty, frame, now, st, prev, prevAt, rows, matched); err != nil {
 			return err
-		}
-		if matched > uint64(len(rows)) {
-			fmt.Fprintf(stdio.Stdout, "%d more not shown\n", matched-uint64(len(rows)))
 		}
 		prev, prevAt = &st, now
 		if cmd.Count > 0 && frame >= cmd.Count {
@@ -113,6 +118,27 @@ func (cmd *WatchCmd) Run(ctx context.Context, stdio cli.IO) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// writeFrame prints one refresh of the live view. On a terminal it
+// replaces the last; otherwise frames follow each other, separated by a
+// line.
+func (cmd *WatchCmd) writeFrame(w io.Writer, tty bool, frame int, now time.Time, st Stats, prev *Stats, prevAt time.Time, rows []SessionRow, matched uint64) error {
+	if tty {
+		fmt.Fprint(w, "\x1b[H\x1b[2J")
+	} else if frame > 1 {
+		fmt.Fprintln(w, "---")
+	}
+	fmt.Fprintf(w, "aegisctl watch  %s  every %v  %s\n\n", cmd.Address, cmd.Interval, now.Format(time.TimeOnly))
+	writeRates(w, st, prev, now.Sub(prevAt))
+	fmt.Fprintln(w)
+	if err := WriteSessions(w, rows, now); err != nil {
+		return err
+	}
+	if matched > uint64(len(rows)) {
+		fmt.Fprintf(w, "%d more not shown\n", matched-uint64(len(rows)))
+	}
+	return nil
 }
 
 func (cmd *WatchCmd) fetch(ctx context.Context, client agentv1.AgentServiceClient) (Stats, []SessionRow, uint64, error) {

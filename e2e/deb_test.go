@@ -249,6 +249,15 @@ func TestDeb(t *testing.T) {
 			"/usr/share/zsh/vendor-completions/_aegisctl":        {0o644, 0},
 			"/usr/share/fish/vendor_completions.d/aegisctl.fish": {0o644, 0},
 		}
+		for _, e := range []string{"prometheus/aegis.rules.yml", "grafana/aegis.json"} {
+			want["/usr/share/doc/aegis-agent/examples/"+e] = struct {
+				mode fs.FileMode
+				gid  int
+			}{0o644, 0}
+			if !sameFile(filepath.Join(c.root, "usr/share/doc/aegis-agent/examples", e), filepath.Join("../deploy", e)) {
+				t.Errorf("examples/%s is not deploy/%s", e, e)
+			}
+		}
 		for _, b := range []string{"aegis-loader", "aegis-controlplane", "aegis-reaper", "aegisctl"} {
 			want["/usr/bin/"+b] = struct {
 				mode fs.FileMode
@@ -291,6 +300,31 @@ func TestDeb(t *testing.T) {
 			}
 			if strings.Contains(string(b), "@BINDIR@") || strings.Contains(string(b), "Exec") && !strings.Contains(string(b), "=/usr/bin/aegis-") {
 				t.Errorf("%s: binaries not at /usr/bin:\n%s", u, b)
+			}
+			// Every page a unit names is one the package installs.
+			for _, line := range strings.Split(string(b), "\n") {
+				docs, ok := strings.CutPrefix(line, "Documentation=")
+				if !ok {
+					continue
+				}
+				for _, d := range strings.Fields(docs) {
+					var p string
+					switch {
+					case strings.HasPrefix(d, "file:"):
+						p = strings.TrimPrefix(d, "file:")
+					case strings.HasPrefix(d, "man:aegis"):
+						name, sec, _ := strings.Cut(strings.TrimSuffix(strings.TrimPrefix(d, "man:"), ")"), "(")
+						p = fmt.Sprintf("/usr/share/man/man%s/%s.%s.gz", sec, name, sec)
+					default:
+						continue
+					}
+					if _, err := os.Stat(filepath.Join(c.root, p)); err != nil {
+						t.Errorf("%s: Documentation=%s: %v", u, d, err)
+					}
+				}
+			}
+			if !strings.Contains(string(b), "Documentation=man:aegis") {
+				t.Errorf("%s names no man page of the package", u)
 			}
 		}
 		if out := c.run("dpkg-query", "-W", "-f", "${Conffiles}", "aegis-agent"); !strings.Contains(out, "/etc/aegis/aegis.env ") {
@@ -356,11 +390,30 @@ func TestDeb(t *testing.T) {
 		c.waitActive(u, 20*time.Second)
 	}
 
-	// The operator's tool, over gRPC with mutual TLS, from the gateway.
-	c.run("/usr/bin/aegisctl", "login", "--address", "127.0.0.1:50001",
-		"--tls-cert", "/etc/aegis/tls/aegis-controller.crt", "--tls-key", "/etc/aegis/tls/aegis-controller.key",
-		"--tls-ca", "/etc/aegis/tls/ca.crt", "--user", "alice", "--src", tu.ClientV4.String(),
-		"--dst", tu.ServiceAV4.String(), "--port", "7000", "--proto", "udp")
+	// The operator's tool, over gRPC with mutual TLS, from the gateway,
+	// with the connection in root's profile file rather than in flags.
+	profile := filepath.Join(c.root, "root/.config/aegis/aegisctl.toml")
+	if err := os.MkdirAll(filepath.Dir(profile), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(profile, []byte(`[profile.gw]
+address = "127.0.0.1:50001"
+tls-cert = "/etc/aegis/tls/aegis-controller.crt"
+tls-key = "/etc/aegis/tls/aegis-controller.key"
+tls-ca = "/etc/aegis/tls/ca.crt"
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var login struct {
+		Result, User, Src, Dst, Proto string
+		Dport                         uint16
+	}
+	out := c.run("env", "HOME=/root", "/usr/bin/aegisctl", "--profile", "gw", "login", "--json", "--user", "alice",
+		"--src", tu.ClientV4.String(), "--dst", tu.ServiceAV4.String(), "--port", "7000", "--proto", "udp")
+	if err := json.Unmarshal([]byte(out), &login); err != nil || login.Result != "created" || login.User != "alice" ||
+		login.Src != tu.ClientV4.String() || login.Dst != tu.ServiceAV4.String() || login.Dport != 7000 || login.Proto != "udp" {
+		t.Fatalf("aegisctl --profile gw login --json: %+v (%v)\n%s", login, err, out)
+	}
 	sink := g.Serve(t, netip.AddrPortFrom(tu.ServiceAV4, 7000))
 	svc := netip.AddrPortFrom(tu.ServiceBV4, 8080)
 	g.Serve(t, svc)

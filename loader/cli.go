@@ -83,7 +83,9 @@ type LoadCmd struct {
 }
 
 // ConfirmCmd is "aegis-loader confirm".
-type ConfirmCmd struct{}
+type ConfirmCmd struct {
+	JSON bool `name:"json" env:"-" help:"Print the result as JSON: result (confirmed), pin_path."`
+}
 
 // RollbackTimerCmd is the detached child that waits for a confirmation.
 type RollbackTimerCmd struct{}
@@ -98,6 +100,27 @@ type cmdline []string
 // eth0".
 type UnloadCmd struct {
 	Iface []string `short:"i" placeholder:"IFACE" env:"-" help:"Interface to detach (repeatable); none: detach all and remove every pin."`
+	JSON  bool     `name:"json" env:"-" help:"Print the result as JSON: result (unloaded, detached or not_loaded), pin_path, detached (interfaces)."`
+}
+
+// Results of unload and confirm, in their --json.
+const (
+	// ResultUnloaded: every interface detached and every pin removed.
+	ResultUnloaded = "unloaded"
+	// ResultDetached: the named interfaces detached, the pins kept.
+	ResultDetached = "detached"
+	// ResultNotLoaded: nothing was pinned; nothing changed.
+	ResultNotLoaded = "not_loaded"
+	// ResultConfirmed: the load waiting for confirmation stays.
+	ResultConfirmed = "confirmed"
+)
+
+// CommandResult is what unload --json and confirm --json print.
+type CommandResult struct {
+	Result  string `json:"result"`
+	PinPath string `json:"pin_path"`
+	// Detached lists the interfaces unload detached (unload only).
+	Detached []string `json:"detached,omitempty"`
 }
 
 // StatusCmd is "aegis-loader status".
@@ -211,7 +234,12 @@ func (cmd *LoadCmd) Run(c *CLI, l *Loader, stdio cli.IO, args cmdline) error {
 	var res *Result
 	var err error
 	if cmd.ConfirmWithin > 0 {
-		res, err = confirmed(l, cfg, cmd.ConfirmWithin, c, stdio)
+		// With --json, stdout is the result alone.
+		out := stdio.Stdout
+		if cmd.JSON {
+			out = stdio.Stderr
+		}
+		res, err = confirmed(l, cfg, cmd.ConfirmWithin, c, out)
 	} else {
 		res, err = l.Load(cfg)
 	}
@@ -255,6 +283,9 @@ func (cmd *ConfirmCmd) Run(c *CLI, stdio cli.IO) error {
 	if err := Confirm(c.PinPath); err != nil {
 		return err
 	}
+	if cmd.JSON {
+		return json.NewEncoder(stdio.Stdout).Encode(CommandResult{Result: ResultConfirmed, PinPath: c.PinPath})
+	}
 	fmt.Fprintf(stdio.Stdout, "confirmed: %s stays as loaded\n", c.PinPath)
 	return nil
 }
@@ -272,14 +303,21 @@ func (cmd *RollbackTimerCmd) Run(c *CLI, l *Loader) error {
 // Run unloads.
 func (cmd *UnloadCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	detached, err := l.Unload(c.PinPath, cmd.Iface)
-	if errors.Is(err, ErrNotLoadedHere) {
-		fmt.Fprintf(stdio.Stdout, "not loaded: nothing pinned at %s\n", c.PinPath)
-		return nil
-	}
-	if err != nil {
+	res := CommandResult{Result: ResultUnloaded, PinPath: c.PinPath, Detached: detached}
+	switch {
+	case errors.Is(err, ErrNotLoadedHere):
+		res.Result = ResultNotLoaded
+	case err != nil:
 		return err
+	case len(cmd.Iface) > 0:
+		res.Result = ResultDetached
+	}
+	if cmd.JSON {
+		return json.NewEncoder(stdio.Stdout).Encode(res)
 	}
 	switch {
+	case res.Result == ResultNotLoaded:
+		fmt.Fprintf(stdio.Stdout, "not loaded: nothing pinned at %s\n", c.PinPath)
 	case len(cmd.Iface) == 0:
 		fmt.Fprintf(stdio.Stdout, "unloaded: detached %d interface(s), removed %s\n", len(detached), c.PinPath)
 	default:

@@ -3,6 +3,7 @@ package loader
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -73,22 +74,23 @@ func (cmd *LoadCmd) builtinNames(args cmdline) []string {
 	return out
 }
 
-// confirmed runs a load that rolls back unless confirmed within d.
-func confirmed(l *Loader, cfg Config, d time.Duration, c *CLI, stdio cli.IO) (*Result, error) {
+// confirmed runs a load that rolls back unless confirmed within d. Its
+// lines for the operator go to out.
+func confirmed(l *Loader, cfg Config, d time.Duration, c *CLI, out io.Writer) (*Result, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find aegis-loader's executable for the rollback timer: %w", err)
 	}
 	args := []string{"rollback-timer", "--log-format", "json", "--log-level", c.LogLevel}
 	res, err := l.LoadConfirmed(cfg, d, exe, args, func(_ *Result, logPath string) {
-		fmt.Fprintf(stdio.Stdout, "loaded; run \"aegis-loader confirm --pin-path %s\" within %s from a NEW session, or the previous state comes back (log: %s)\n",
+		fmt.Fprintf(out, "loaded; run \"aegis-loader confirm --pin-path %s\" within %s from a NEW session, or the previous state comes back (log: %s)\n",
 			cfg.PinPath, d, logPath)
 	})
 	if err != nil {
 		return res, err
 	}
 	if res.Changed() {
-		fmt.Fprintln(stdio.Stdout, "confirmed")
+		fmt.Fprintln(out, "confirmed")
 	}
 	return res, nil
 }

@@ -9,6 +9,9 @@ func SetEventBuffers(w *Watcher, queue, rcvbuf int) { w.queue, w.rcvbuf = queue,
 // ParseProcAddr is parseProcAddr, for the table test of /proc/net/tcp.
 var ParseProcAddr = parseProcAddr
 
+// Handshake is handshake, for the test of confirm.
+var Handshake = handshake
+
 // AddRecordMigration registers, for the test's duration, a migration of the
 // named map from layout version from that converts its entries with
 // convert: a synthetic layout change, for testing the framework before a
