@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/bench/trafficgen"
 	"github.com/aegis-agent/aegis/bpf"
@@ -50,6 +51,10 @@ type ppsRig struct {
 	templateV4    []byte // to the service side: dropped, or forwarded
 	templateLocal []byte // to the gateway's own closed UDP port
 }
+
+// strayFrames is how many frames of the interfaces' own (IPv6 router
+// solicitations, MLD reports) a count may include beside the flood's.
+const strayFrames = 16
 
 const (
 	ppsFlows   = 1_000_000
@@ -294,11 +299,12 @@ func (r *ppsRig) nft(tb testing.TB, ruleset string) {
 
 var nftPackets = regexp.MustCompile(`counter packets (\d+)`)
 
-// nftCounter sums the counters of a table's rules.
-func (r *ppsRig) nftCounter(tb testing.TB, family, table string) uint64 {
+// nftCounter sums the counters of a chain's rules. (Listing the chain,
+// not the table: a table's listing prints every element of its sets.)
+func (r *ppsRig) nftCounter(tb testing.TB, family, table, chain string) uint64 {
 	tb.Helper()
 	var n uint64
-	for _, m := range nftPackets.FindAllStringSubmatch(r.topo.Gateway.Run(tb, "nft", "list", "table", family, table), -1) {
+	for _, m := range nftPackets.FindAllStringSubmatch(r.topo.Gateway.Run(tb, "nft", "list", "chain", family, table, chain), -1) {
 		v, _ := strconv.ParseUint(m[1], 10, 64)
 		n += v
 	}
@@ -403,7 +409,7 @@ func ppsCases(many uint32) []ppsCase {
 		}},
 		{name: "drop/nft-netdev-ingress", opts: flood, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
 			r.nft(tb, nftNetdevDrop)
-			return func() uint64 { return r.nftCounter(tb, "netdev", "aegisbench") },
+			return func() uint64 { return r.nftCounter(tb, "netdev", "aegisbench", "ingress") },
 				func() { r.nft(tb, "delete table netdev aegisbench\n") }
 		}},
 		{name: "drop/iptables-raw", opts: flood, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
@@ -428,12 +434,12 @@ func ppsCases(many uint32) []ppsCase {
 		}},
 		{name: "forward/nft-set/1", forward: true, opts: one, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
 			r.nft(tb, nftForward(1))
-			return func() uint64 { return r.nftCounter(tb, "inet", "aegisbench") },
+			return func() uint64 { return r.nftCounter(tb, "inet", "aegisbench", "forward") },
 				func() { r.nft(tb, "delete table inet aegisbench\n") }
 		}},
 		{name: "forward/nft-set/1M", forward: true, opts: flood, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
 			r.nft(tb, nftForward(many))
-			return func() uint64 { return r.nftCounter(tb, "inet", "aegisbench") },
+			return func() uint64 { return r.nftCounter(tb, "inet", "aegisbench", "forward") },
 				func() { r.nft(tb, "delete table inet aegisbench\n") }
 		}},
 	}
@@ -468,7 +474,7 @@ func (r *ppsRig) runCase(tb testing.TB, c ppsCase, d time.Duration, n uint64) pp
 	}
 	if count != nil {
 		own := count() - before
-		if own != res.counted {
+		if own > res.counted || res.counted-own > strayFrames {
 			tb.Errorf("%s: the filter counted %d, the interface %d (sent %d)", c.name, own, res.counted, f.sent)
 		}
 	}
@@ -485,13 +491,13 @@ func TestPPSSmoke(t *testing.T) {
 		f := res.f
 		// At this count the rings never fill: every frame sent arrives,
 		// and every frame that arrives is dropped or forwarded.
-		if f.sent != n || f.pub.rx != n || f.pub.rxDropped != 0 {
+		if f.sent != n || f.pub.rx < n || f.pub.rx > n+strayFrames || f.pub.rxDropped != 0 {
 			t.Errorf("%s: sent %d, pub0 received %d and dropped %d, want %d, %d, 0", c.name, f.sent, f.pub.rx, f.pub.rxDropped, n, n)
 		}
-		if c.forward && f.srv.rx != n {
+		if c.forward && (f.srv.rx < n || f.srv.rx > n+strayFrames) {
 			t.Errorf("%s: srv0 received %d of %d", c.name, f.srv.rx, n)
 		}
-		if !c.forward && f.srv.rx != 0 {
+		if !c.forward && f.srv.rx > strayFrames {
 			t.Errorf("%s: %d frames were forwarded, want none", c.name, f.srv.rx)
 		}
 		t.Logf("%-26s sent %d, pub0 %d, srv0 %d, %.3f Mpps", c.name, f.sent, f.pub.rx, f.srv.rx, f.mpps(res.counted))
@@ -534,6 +540,8 @@ func BenchmarkPPS(b *testing.B) {
 			c.name, rate, 1e3/rate, f.sent, f.pub.rx, f.pub.rxDropped, f.srv.rx))
 		b.ReportMetric(rate, strings.ReplaceAll(c.name, "/", "_")+"_Mpps")
 	}
+	drop, pass := aegisRunTime(b, r)
+	lines = append(lines, fmt.Sprintf("%-26s %8.1f ns/run drop (1M flows, no session), %.1f ns/run pass (1M sessions) (kernel.bpf_stats_enabled, separate pass)", "aegis_xdp run time", drop, pass))
 	afp := afPacketRate(b, r, time.Second)
 	lines = append(lines, fmt.Sprintf("%-26s %8.3f Mpps (generator alternative: AF_PACKET write(2), floor program on pub0)", "gen/af-packet", afp))
 	ratio := func(a, c string) string { return fmt.Sprintf("%.2f ×", rates[a]/rates[c]) }
@@ -570,4 +578,45 @@ func afPacketRate(tb testing.TB, r *ppsRig, d time.Duration) float64 {
 	time.Sleep(50 * time.Millisecond)
 	after := r.stats(tb, r.gw, tu.PublicIface)
 	return float64(after.rx-before.rx) / elapsed.Seconds() / 1e6
+}
+
+// aegisRunTime is aegis_xdp's own run time per packet, from the kernel's
+// BPF statistics, for a flood of 1M flows without sessions and with them.
+// It runs after the measured cases: the statistics cost two clock reads
+// per program run, on every program of the machine, while enabled.
+func aegisRunTime(tb testing.TB, r *ppsRig) (drop, pass float64) {
+	tb.Helper()
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		tb.Fatalf("enable bpf stats: %v", err)
+	}
+	defer stats.Close()
+	m, unload := r.aegis(tb)
+	defer unload()
+	var l netlink.Link
+	r.gw.Do(func() { l, err = netlink.LinkByName(tu.PublicIface) })
+	if err != nil || l.Attrs().Xdp == nil {
+		tb.Fatalf("pub0's XDP program: %v", err)
+	}
+	prog, err := ebpf.NewProgramFromID(ebpf.ProgramID(l.Attrs().Xdp.ProgId))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer prog.Close()
+	perRun := func() float64 {
+		info0, err := prog.Stats()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		r.send(tb, r.gen(tb, trafficgen.Options{Flows: ppsFlows}), r.templateV4, time.Second, 0)
+		info1, err := prog.Stats()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		return float64(info1.Runtime-info0.Runtime) / float64(info1.RunCount-info0.RunCount)
+	}
+	drop = perRun()
+	fillFlows(tb, m, 0, ppsFlows)
+	pass = perRun()
+	return drop, pass
 }
