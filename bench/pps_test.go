@@ -237,11 +237,16 @@ func buildLoader(tb testing.TB) string {
 // aegis loads the data path on pub0 with the real loader, as an operator
 // would, with room for ppsFlows sessions; the returned function unloads.
 func (r *ppsRig) aegis(tb testing.TB) (*state.Maps, func()) {
+	return r.aegisCap(tb, ppsFlows+1024)
+}
+
+// aegisCap is aegis with room for capacity sessions per family.
+func (r *ppsRig) aegisCap(tb testing.TB, capacity int) (*state.Maps, func()) {
 	tb.Helper()
 	r.pin = tu.PinDir(tb)
 	out, err := r.topo.Gateway.Command(r.loader, "load", "-i", tu.PublicIface, "-c", tu.ControllerV4.String(),
 		"--group", "root", "--pin-path", r.pin, "--mode", "native",
-		"--max-sessions", strconv.Itoa(ppsFlows+1024)).CombinedOutput()
+		"--max-sessions", strconv.Itoa(capacity)).CombinedOutput()
 	if err != nil {
 		tb.Fatalf("aegis-loader load: %v\n%s", err, out)
 	}
@@ -407,6 +412,19 @@ func ppsCases(many uint32) []ppsCase {
 			m, unload := r.aegis(tb)
 			return func() uint64 { return aegisCount(tb, m, bpf.AegisReasonREASON_NO_SESSION) }, unload
 		}},
+		// The same program on one flow: what the table lookups cost
+		// when their buckets stay in cache, as in BPF_PROG_TEST_RUN.
+		{name: "drop/aegis/1", opts: one, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
+			m, unload := r.aegis(tb)
+			return func() uint64 { return aegisCount(tb, m, bpf.AegisReasonREASON_NO_SESSION) }, unload
+		}},
+		// The flood again with sessions maps of the smallest size: the
+		// buckets of 1M-capacity maps are 16 MiB per family, and each
+		// lookup of a new flow misses the cache and the TLB.
+		{name: "drop/aegis/1K-table", opts: flood, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
+			m, unload := r.aegisCap(tb, 1024)
+			return func() uint64 { return aegisCount(tb, m, bpf.AegisReasonREASON_NO_SESSION) }, unload
+		}},
 		{name: "drop/nft-netdev-ingress", opts: flood, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
 			r.nft(tb, nftNetdevDrop)
 			return func() uint64 { return r.nftCounter(tb, "netdev", "aegisbench", "ingress") },
@@ -540,14 +558,17 @@ func BenchmarkPPS(b *testing.B) {
 			c.name, rate, 1e3/rate, f.sent, f.pub.rx, f.pub.rxDropped, f.srv.rx))
 		b.ReportMetric(rate, strings.ReplaceAll(c.name, "/", "_")+"_Mpps")
 	}
-	drop, pass := aegisRunTime(b, r)
-	lines = append(lines, fmt.Sprintf("%-26s %8.1f ns/run drop (1M flows, no session), %.1f ns/run pass (1M sessions) (kernel.bpf_stats_enabled, separate pass)", "aegis_xdp run time", drop, pass))
+	floor, drop1, drop, pass := aegisRunTime(b, r)
+	lines = append(lines, fmt.Sprintf("%-26s %.1f ns/run drop (1 flow), %.1f drop (1M flows), %.1f pass (1M flows and sessions); the empty XDP_DROP %.1f (bpf_stats_enabled, separate pass)",
+		"aegis_xdp run time", drop1, drop, pass, floor))
 	afp := afPacketRate(b, r, time.Second)
 	lines = append(lines, fmt.Sprintf("%-26s %8.3f Mpps (generator alternative: AF_PACKET write(2), floor program on pub0)", "gen/af-packet", afp))
 	ratio := func(a, c string) string { return fmt.Sprintf("%.2f ×", rates[a]/rates[c]) }
 	floorNs := 1e3 / rates["drop/floor-xdp-drop"]
 	lines = append(lines, "",
 		"Aegis drop / XDP_DROP floor   "+ratio("drop/aegis", "drop/floor-xdp-drop")+fmt.Sprintf("  (floor + %.1f ns)", 1e3/rates["drop/aegis"]-floorNs),
+		"  the same, 1 flow            "+ratio("drop/aegis/1", "drop/floor-xdp-drop")+fmt.Sprintf("  (floor + %.1f ns)", 1e3/rates["drop/aegis/1"]-floorNs),
+		"  the same, 1K-session table  "+ratio("drop/aegis/1K-table", "drop/floor-xdp-drop")+fmt.Sprintf("  (floor + %.1f ns)", 1e3/rates["drop/aegis/1K-table"]-floorNs),
 		"Aegis drop / nft netdev drop  "+ratio("drop/aegis", "drop/nft-netdev-ingress"),
 		"Aegis drop / iptables raw     "+ratio("drop/aegis", "drop/iptables-raw"),
 		"Aegis drop / no filter        "+ratio("drop/aegis", "drop/none-closed-port"),
@@ -584,13 +605,31 @@ func afPacketRate(tb testing.TB, r *ppsRig, d time.Duration) float64 {
 // BPF statistics, for a flood of 1M flows without sessions and with them.
 // It runs after the measured cases: the statistics cost two clock reads
 // per program run, on every program of the machine, while enabled.
-func aegisRunTime(tb testing.TB, r *ppsRig) (drop, pass float64) {
+func aegisRunTime(tb testing.TB, r *ppsRig) (floor, drop1, drop, pass float64) {
 	tb.Helper()
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
 		tb.Fatalf("enable bpf stats: %v", err)
 	}
 	defer stats.Close()
+	var prog *ebpf.Program
+	perRun := func(flows uint32) float64 {
+		info0, err := prog.Stats()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		r.send(tb, r.gen(tb, trafficgen.Options{Flows: flows}), r.templateV4, time.Second, 0)
+		info1, err := prog.Stats()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		return float64(info1.Runtime-info0.Runtime) / float64(info1.RunCount-info0.RunCount)
+	}
+	prog = r.drop
+	detach := r.attach(tb, r.gw, r.pubIndex, r.drop)
+	floor = perRun(ppsFlows)
+	detach()
+
 	m, unload := r.aegis(tb)
 	defer unload()
 	var l netlink.Link
@@ -598,25 +637,13 @@ func aegisRunTime(tb testing.TB, r *ppsRig) (drop, pass float64) {
 	if err != nil || l.Attrs().Xdp == nil {
 		tb.Fatalf("pub0's XDP program: %v", err)
 	}
-	prog, err := ebpf.NewProgramFromID(ebpf.ProgramID(l.Attrs().Xdp.ProgId))
+	prog, err = ebpf.NewProgramFromID(ebpf.ProgramID(l.Attrs().Xdp.ProgId))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	defer prog.Close()
-	perRun := func() float64 {
-		info0, err := prog.Stats()
-		if err != nil {
-			tb.Fatal(err)
-		}
-		r.send(tb, r.gen(tb, trafficgen.Options{Flows: ppsFlows}), r.templateV4, time.Second, 0)
-		info1, err := prog.Stats()
-		if err != nil {
-			tb.Fatal(err)
-		}
-		return float64(info1.Runtime-info0.Runtime) / float64(info1.RunCount-info0.RunCount)
-	}
-	drop = perRun()
+	drop1, drop = perRun(1), perRun(ppsFlows)
 	fillFlows(tb, m, 0, ppsFlows)
-	pass = perRun()
-	return drop, pass
+	pass = perRun(ppsFlows)
+	return floor, drop1, drop, pass
 }
