@@ -50,6 +50,7 @@ type ppsRig struct {
 	drop          *ebpf.Program
 	templateV4    []byte // to the service side: dropped, or forwarded
 	templateLocal []byte // to the gateway's own closed UDP port
+	templateV6    []byte // 62 bytes, to service A
 }
 
 // strayFrames is how many frames of the interfaces' own (IPv6 router
@@ -95,6 +96,7 @@ func newPPSRig(tb testing.TB) *ppsRig {
 	src, dst, port := trafficgen.FlowV4(0)
 	r.templateV4 = trafficgen.UDPv4(r.cliMAC, r.pubMAC, src, dst, port)
 	r.templateLocal = trafficgen.UDPv4(r.cliMAC, r.pubMAC, src, tu.GatewayPubV4, closedPort)
+	r.templateV6 = trafficgen.UDPv6(r.cliMAC, r.pubMAC, trafficgen.FlowV6Src(0), tu.ServiceAV6, 8080)
 
 	objs, err := trafficgen.Load(trafficgen.Options{Flows: 1})
 	if err != nil {
@@ -393,6 +395,7 @@ type ppsCase struct {
 	forward bool // counted at srv0; otherwise at pub0 and the filter
 	opts    trafficgen.Options
 	local   bool // the template to the gateway's closed port
+	v6      bool // the IPv6 template
 	setup   func(tb testing.TB, r *ppsRig) (count func() uint64, teardown func())
 }
 
@@ -439,6 +442,14 @@ func ppsCases(many uint32) []ppsCase {
 			setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
 				return func() uint64 { return r.udpNoPorts(tb) }, func() {}
 			}},
+		{name: "drop-v6/floor-xdp-drop", opts: flood, v6: true, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
+			detach := r.attach(tb, r.gw, r.pubIndex, r.drop)
+			return nil, detach
+		}},
+		{name: "drop-v6/aegis", opts: flood, v6: true, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
+			m, unload := r.aegis(tb)
+			return func() uint64 { return aegisCount(tb, m, bpf.AegisReasonREASON_NO_SESSION) }, unload
+		}},
 		{name: "forward/none/1", forward: true, opts: one, setup: noSetup},
 		{name: "forward/none/1M", forward: true, opts: flood, setup: noSetup},
 		{name: "forward/aegis/1", forward: true, opts: one, setup: func(tb testing.TB, r *ppsRig) (func() uint64, func()) {
@@ -482,8 +493,11 @@ func (r *ppsRig) runCase(tb testing.TB, c ppsCase, d time.Duration, n uint64) pp
 		before = count()
 	}
 	frame := r.templateV4
-	if c.local {
+	switch {
+	case c.local:
 		frame = r.templateLocal
+	case c.v6:
+		frame = r.templateV6
 	}
 	f := r.send(tb, r.gen(tb, c.opts), frame, d, n)
 	res := ppsResult{f: f, counted: f.pub.rx}
@@ -569,6 +583,7 @@ func BenchmarkPPS(b *testing.B) {
 		"Aegis drop / XDP_DROP floor   "+ratio("drop/aegis", "drop/floor-xdp-drop")+fmt.Sprintf("  (floor + %.1f ns)", 1e3/rates["drop/aegis"]-floorNs),
 		"  the same, 1 flow            "+ratio("drop/aegis/1", "drop/floor-xdp-drop")+fmt.Sprintf("  (floor + %.1f ns)", 1e3/rates["drop/aegis/1"]-floorNs),
 		"  the same, 1K-session table  "+ratio("drop/aegis/1K-table", "drop/floor-xdp-drop")+fmt.Sprintf("  (floor + %.1f ns)", 1e3/rates["drop/aegis/1K-table"]-floorNs),
+		"Aegis drop / floor, IPv6      "+ratio("drop-v6/aegis", "drop-v6/floor-xdp-drop"),
 		"Aegis drop / nft netdev drop  "+ratio("drop/aegis", "drop/nft-netdev-ingress"),
 		"Aegis drop / iptables raw     "+ratio("drop/aegis", "drop/iptables-raw"),
 		"Aegis drop / no filter        "+ratio("drop/aegis", "drop/none-closed-port"),
@@ -579,7 +594,7 @@ func BenchmarkPPS(b *testing.B) {
 		"Aegis pass 1M / 1 flow        "+ratio("forward/aegis/1M", "forward/aegis/1"),
 		"nft set 1M / 1 flow           "+ratio("forward/nft-set/1M", "forward/nft-set/1"),
 	)
-	b.Logf("packets per second, IPv4, 60-byte frames, one generator thread (floor = generator + veth):\n%s", strings.Join(lines, "\n"))
+	b.Logf("packets per second, IPv4 60-byte frames (drop-v6: IPv6, 62 bytes), one generator thread (floor = generator + veth):\n%s", strings.Join(lines, "\n"))
 }
 
 // afPacketRate is the other way to generate: write(2) of the template on

@@ -42,7 +42,7 @@ const MaxFlowsV4 = 256 * 250 * (65536 - 1024)
 type Options struct {
 	// Flows is the number of distinct flows, at least 1.
 	Flows uint32
-	// Eth is the template's Ethernet header, restored in every frame.
+	// Eth is an Ethernet header whose addresses every frame gets back.
 	Eth [14]byte
 	// KeepDst leaves the IPv4 destination and port of the template
 	// alone, for floods at one address of the gateway itself.

@@ -31,7 +31,7 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 
 /* Number of distinct flows; set before load. */
 volatile const __u32 nflows = 1;
-/* The template's Ethernet header. */
+/* The template's Ethernet header; its addresses are restored. */
 volatile const __u8 eth_hdr[14] = {};
 /* Leave the IPv4 destination and port of the template alone. */
 volatile const __u8 keep_dst = 0;
@@ -78,7 +78,7 @@ int gen_xdp(struct xdp_md *ctx)
 	/* Byte by byte: each read of the volatile constant is a load. */
 	__u8 *e = data;
 #pragma unroll
-	for (int k = 0; k < sizeof(*eth); k++)
+	for (int k = 0; k < 2 * ETH_ALEN; k++) /* the addresses, not the type */
 		e[k] = eth_hdr[k];
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
