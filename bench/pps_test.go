@@ -170,11 +170,10 @@ func (r *ppsRig) stats(tb testing.TB, th *tu.Thread, name string) ifStats {
 
 // flood is one run of a case's traffic.
 type flood struct {
-	sent      uint64
-	elapsed   time.Duration
-	pub, srv  ifStats // deltas
-	privLost  uint64  // frames priv0 could not hand to srv0 (its ring full)
-	processed uint64  // frames pub0 received (and its filter saw)
+	sent     uint64
+	elapsed  time.Duration
+	pub, srv ifStats // deltas
+	privLost uint64  // frames priv0 could not hand to srv0 (its ring full)
 }
 
 // send transmits frames through prog until d has passed (d > 0) or
@@ -218,7 +217,6 @@ func (r *ppsRig) send(tb testing.TB, prog *ebpf.Program, frame []byte, d time.Du
 	}
 	f.pub = ifStats{rx: pub1.rx - pub0.rx, rxDropped: pub1.rxDropped - pub0.rxDropped}
 	f.srv = ifStats{rx: srv1.rx - srv0.rx, rxDropped: srv1.rxDropped - srv0.rxDropped}
-	f.processed = f.pub.rx
 	f.privLost = r.stats(tb, r.gw, "priv0").txDropped - priv0.txDropped
 	return f
 }
