@@ -14,6 +14,9 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/aegis-agent/aegis/internal/cli"
@@ -145,11 +148,12 @@ func (cmd *ObserveCmd) Run(ctx context.Context, stdio cli.IO) error {
 	if err != nil {
 		return err
 	}
-	defer done()
+	defer func() { done() }()
 	stream, err := client.WatchVerdicts(ctx, req)
 	if err != nil {
 		return callError("watch verdicts", cmd.Address, err)
 	}
+	var last time.Time // of the newest event shown, for a reconnection
 	var tw *tabwriter.Writer
 	if !cmd.JSON {
 		tw = tabwriter.NewWriter(stdio.Stdout, 0, 4, 2, ' ', 0)
@@ -164,9 +168,38 @@ func (cmd *ObserveCmd) Run(ctx context.Context, stdio cli.IO) error {
 			return nil
 		}
 		if err != nil {
-			return callError("watch verdicts", cmd.Address, err)
+			// Unavailable: the stream ended by a control plane that shuts
+			// down (a restart); retryable: the connection itself is gone.
+			shutdown := status.Code(err) == codes.Unavailable
+			err = callError("watch verdicts", cmd.Address, err)
+			if !cmd.Follow || !(shutdown || retryable(err)) {
+				return err
+			}
+			// A control plane restarting: say so once, wait for it with
+			// the same backoff as watch, and go on from the newest event
+			// shown, so that a history the control plane kept is not
+			// shown twice.
+			fmt.Fprintf(stdio.Stderr, "aegisctl: observe: lost the control plane at %s, reconnecting: %v\n", cmd.Address, err)
+			done()
+			if client, done, err = cmd.reconnect(ctx, stdio.Stderr, "observe"); err != nil {
+				return err
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			again := proto.Clone(req).(*agentv1.WatchVerdictsRequest)
+			again.Last = 0
+			if !last.IsZero() {
+				again.Since = timestamppb.New(last.Add(time.Nanosecond))
+			}
+			if stream, err = client.WatchVerdicts(ctx, again); err != nil {
+				return callError("watch verdicts", cmd.Address, err)
+			}
+			lost = 0 // the counter is the new stream's
+			continue
 		}
 		e := observed(r)
+		last = e.Time
 		if cmd.JSON {
 			if err := enc.Encode(e); err != nil {
 				return err

@@ -83,7 +83,7 @@ func (cmd *WatchCmd) Run(ctx context.Context, stdio cli.IO) error {
 		if err != nil && frame > 1 && retryable(err) && ctx.Err() == nil {
 			fmt.Fprintf(stdio.Stderr, "aegisctl: watch: lost the control plane at %s, reconnecting: %v\n", cmd.Address, err)
 			done()
-			if client, done, err = cmd.reconnect(ctx, stdio.Stderr); err != nil {
+			if client, done, err = cmd.reconnect(ctx, stdio.Stderr, "watch"); err != nil {
 				return err
 			}
 			if ctx.Err() != nil {
@@ -156,21 +156,22 @@ func (cmd *WatchCmd) fetch(ctx context.Context, client agentv1.AgentServiceClien
 // reconnect dials afresh until a call succeeds, a failure that waiting
 // cannot fix happens, or ctx ends (then it returns a nil error and a
 // client that is not used). Each attempt is a new connection, so the wait
-// is this backoff alone, not also gRPC's own reconnection backoff.
-func (cmd *WatchCmd) reconnect(ctx context.Context, stderr io.Writer) (agentv1.AgentServiceClient, func(), error) {
+// is this backoff alone, not also gRPC's own reconnection backoff. what
+// names the command in the line that says the connection is back.
+func (c *Conn) reconnect(ctx context.Context, stderr io.Writer, what string) (agentv1.AgentServiceClient, func(), error) {
 	for attempt := 0; ; attempt++ {
 		select {
 		case <-ctx.Done():
 			return nil, func() {}, nil
 		case <-time.After(backoff(attempt)):
 		}
-		client, done, err := cmd.agent()
+		client, done, err := c.agent()
 		if err != nil {
 			return nil, func() {}, err
 		}
-		_, err = getStats(ctx, &cmd.Conn, client)
+		_, err = getStats(ctx, c, client)
 		if err == nil {
-			fmt.Fprintf(stderr, "aegisctl: watch: connected to %s again\n", cmd.Address)
+			fmt.Fprintf(stderr, "aegisctl: %s: connected to %s again\n", what, c.Address)
 			return client, done, nil
 		}
 		done()

@@ -76,3 +76,58 @@ func TestWatchStopsOnConfigurationErrors(t *testing.T) {
 		t.Fatalf("%+v", r)
 	}
 }
+
+// observe follows a control plane that restarts as watch does: one line
+// when the stream is lost, one when it is back, and it keeps streaming.
+func TestObserveReconnects(t *testing.T) {
+	pin := tu.PinDir(t)
+	tu.PinMaps(t, pin, tu.PinOptions{DefaultIdleTimeout: time.Minute})
+	dir := pkiDir(t)
+	addr, stop := startControlPlane(t, pin, loadCerts(t, dir), nil, "127.0.0.1:0")
+	conn := []string{"--address", addr, "--tls-cert", dir + "/aegis-controller.crt", "--tls-key", dir + "/aegis-controller.key",
+		"--tls-ca", dir + "/ca.crt", "--timeout", "5s"}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stdout, stderr tu.Buffer
+	exited := make(chan int, 1)
+	go func() {
+		exited <- aegisctl.Main(ctx, append([]string{"observe"}, conn...), cli.IO{Stdout: &stdout, Stderr: &stderr})
+	}()
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); !ok(); time.Sleep(20 * time.Millisecond) {
+			select {
+			case code := <-exited:
+				t.Fatalf("observe exited %d while waiting for %s\nstdout:\n%s\nstderr:\n%s", code, what, stdout.String(), stderr.String())
+			default:
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s\nstdout:\n%s\nstderr:\n%s", what, stdout.String(), stderr.String())
+			}
+		}
+	}
+	waitFor("the table header", func() bool { return strings.Contains(stdout.String(), "TIME") })
+	time.Sleep(200 * time.Millisecond) // the stream is open on the server
+	stop()
+	waitFor("line for the lost stream", func() bool {
+		return strings.Contains(stderr.String(), "aegisctl: observe: lost the control plane at "+addr+", reconnecting: ")
+	})
+	time.Sleep(700 * time.Millisecond) // an attempt or two fail
+	startControlPlane(t, pin, loadCerts(t, dir), nil, addr)
+	waitFor("line for the connection back", func() bool {
+		return strings.Contains(stderr.String(), "aegisctl: observe: connected to "+addr+" again")
+	})
+	cancel()
+	select {
+	case code := <-exited:
+		if code != 0 {
+			t.Fatalf("observe exited %d\n%s", code, stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("observe did not stop when its context ended")
+	}
+	if lines := strings.Split(strings.TrimSpace(stderr.String()), "\n"); len(lines) != 2 {
+		t.Fatalf("stderr, want two lines:\n%s", stderr.String())
+	}
+}
