@@ -93,6 +93,21 @@ func sameEgressBuild(spec *ebpf.CollectionSpec, id ebpf.ProgramID, pinPath strin
 	return ps.Compatible(info) == nil
 }
 
+// linkedEgressProgram opens the egress program with this id: the pinned
+// one when it is that program (the watcher has no CAP_SYS_ADMIN, which
+// opening a program by id needs), else by id.
+func linkedEgressProgram(pinPath string, id ebpf.ProgramID) (*ebpf.Program, error) {
+	if p, err := ebpf.LoadPinnedProgram(state.EgressProgramPath(pinPath), nil); err == nil {
+		if info, err := p.Info(); err == nil {
+			if pid, ok := info.ID(); ok && pid == id {
+				return p, nil
+			}
+		}
+		p.Close()
+	}
+	return ebpf.NewProgramFromID(id)
+}
+
 // pinEgressProgram pins prog as the egress program, replacing the pin in
 // one rename.
 func pinEgressProgram(prog *ebpf.Program, pinPath string) error {
@@ -183,7 +198,7 @@ func (l *Loader) reattachEgress(pinPath, name string, ifindex int) (bool, error)
 	if t := info.TCX(); t != nil && t.Ifindex != 0 && int(t.Ifindex) == ifindex {
 		return false, nil
 	}
-	prog, err := ebpf.NewProgramFromID(info.Program)
+	prog, err := linkedEgressProgram(pinPath, info.Program)
 	if err != nil {
 		return false, fmt.Errorf("open egress program %d of %s: %w", info.Program, path, err)
 	}

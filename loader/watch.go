@@ -327,9 +327,12 @@ func (w *Watcher) repair(name string, seen time.Time, cause string) (bool, error
 	if err := w.l.attach(prog, name, o.Device.Ifindex, rec.Mode, w.pinPath, func() error { return records.Put(rec) }); err != nil {
 		return false, err
 	}
-	// The reply path's egress link went with the device too.
+	// The reply path's egress link went with the device too. Failing to
+	// restore it drops replies, not filtering: the interface is filtered
+	// now, so the repair stands and the failure is logged.
 	if _, err := w.l.reattachEgress(w.pinPath, name, o.Device.Ifindex); err != nil {
-		return false, err
+		w.l.Log.Error().Err(err).Str("iface", name).
+			Msg("re-attached XDP but not the reply path's egress program; replies to outbound connections drop until \"aegis-loader load\" runs")
 	}
 	took := time.Since(seen)
 	w.reported[name] = ""
