@@ -296,7 +296,9 @@ func TestLockoutGuard(t *testing.T) {
 			t.Fatal("socat not installed (make setup installs it)")
 		}
 		// sshd, as far as the process tree says: socat renamed, serving
-		// one connection with aegis-loader as the session's command.
+		// one connection with aegis-loader as the session's command. The
+		// command runs under a shell that exits 0: socat may close the
+		// connection before relaying the output of a child that failed.
 		dir := t.TempDir()
 		sshd := filepath.Join(dir, "sshd")
 		b, err := os.ReadFile(socat)
@@ -309,7 +311,7 @@ func TestLockoutGuard(t *testing.T) {
 		loadCmd := fmt.Sprintf("%s load -i %s -c %s --group root --pin-path %s --log-format json",
 			bin("aegis-loader"), tu.PublicIface, tu.ControllerV4, g.pin)
 		srv := g.Gateway.Command(sshd, fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", operatorPort+1, tu.GatewayPubV4),
-			"EXEC:"+loadCmd+",stderr")
+			"SYSTEM:"+loadCmd+" 2>&1; true")
 		srv.Env = loaderEnv()
 		var srvOut bytes.Buffer
 		srv.Stdout, srv.Stderr = &srvOut, &srvOut
