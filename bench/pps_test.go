@@ -507,7 +507,14 @@ func (r *ppsRig) runCase(tb testing.TB, c ppsCase, d time.Duration, n uint64) pp
 	}
 	if count != nil {
 		own := count() - before
-		if own > res.counted || res.counted-own > strayFrames {
+		_, bench := tb.(*testing.B)
+		switch {
+		case bench && c.forward && own > res.counted:
+			// At full rate the path after the filter (the veth to the
+			// service side) may drop: the rate is what arrived, and the
+			// loss is reported rather than failing the run.
+			tb.Logf("%s: the filter passed %d, %d of them arrived on the service side (sent %d)", c.name, own, res.counted, f.sent)
+		case own > res.counted || res.counted-own > strayFrames:
 			tb.Errorf("%s: the filter counted %d, the interface %d (sent %d)", c.name, own, res.counted, f.sent)
 		}
 	}
