@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/aegis-agent/aegis/internal/cli"
+	"github.com/aegis-agent/aegis/internal/state"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 )
 
@@ -50,13 +51,13 @@ func (f *VerdictFilter) request() (*agentv1.WatchVerdictsRequest, error) {
 func parseProtocol(s string) (uint8, error) {
 	switch strings.ToLower(s) {
 	case "tcp":
-		return 6, nil
+		return uint8(state.TCP), nil
 	case "udp":
-		return 17, nil
+		return uint8(state.UDP), nil
 	case "icmp":
-		return 1, nil
+		return uint8(state.ICMP), nil
 	case "icmpv6", "ipv6-icmp":
-		return 58, nil
+		return uint8(state.ICMPv6), nil
 	}
 	n, err := strconv.ParseUint(s, 10, 8)
 	if err != nil {
@@ -66,19 +67,10 @@ func parseProtocol(s string) (uint8, error) {
 }
 
 func protoName(p uint32) string {
-	switch p {
-	case 6:
-		return "tcp"
-	case 17:
-		return "udp"
-	case 1:
-		return "icmp"
-	case 58:
-		return "icmpv6"
-	case 0:
-		return "-"
+	if p == 0 {
+		return "-" // an event of a frame whose L4 did not parse
 	}
-	return strconv.Itoa(int(p))
+	return state.Protocol(p).String()
 }
 
 // ObserveCmd streams the data path's sampled verdict events.

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/aegis-agent/aegis/bpf"
 )
 
@@ -16,25 +18,17 @@ import (
 // fn returns false. The key and value are only valid during the call.
 // Concurrent writes behave as in Sessions.
 func (m *Maps) EachV4(fn func(k *bpf.AegisSessionKeyV4, v *bpf.AegisSessionValue) bool) error {
-	err := eachBatch(m.SessionsV4, make([]bpf.AegisSessionKeyV4, batchSize), make([]bpf.AegisSessionValue, batchSize),
-		func(keys []bpf.AegisSessionKeyV4, vals []bpf.AegisSessionValue) bool {
-			for i := range keys {
-				if !fn(&keys[i], &vals[i]) {
-					return false
-				}
-			}
-			return true
-		})
-	if errors.Is(err, errStopped) {
-		return nil
-	}
-	return err
+	return eachEntry(m.SessionsV4, fn)
 }
 
 // EachV6 is EachV4 for sessions_v6.
 func (m *Maps) EachV6(fn func(k *bpf.AegisSessionKeyV6, v *bpf.AegisSessionValue) bool) error {
-	err := eachBatch(m.SessionsV6, make([]bpf.AegisSessionKeyV6, batchSize), make([]bpf.AegisSessionValue, batchSize),
-		func(keys []bpf.AegisSessionKeyV6, vals []bpf.AegisSessionValue) bool {
+	return eachEntry(m.SessionsV6, fn)
+}
+
+func eachEntry[K any](mp *ebpf.Map, fn func(k *K, v *bpf.AegisSessionValue) bool) error {
+	err := eachBatch(mp, make([]K, batchSize), make([]bpf.AegisSessionValue, batchSize),
+		func(keys []K, vals []bpf.AegisSessionValue) bool {
 			for i := range keys {
 				if !fn(&keys[i], &vals[i]) {
 					return false
