@@ -69,16 +69,9 @@ type FieldChange struct {
 
 // Plan returns what Load(cfg) would do, changing nothing.
 func (l *Loader) Plan(cfg Config) (*Plan, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
-	allow, err := state.CompileAllow(cfg.Allow)
+	allow, spec, err := l.prepare(&cfg)
 	if err != nil {
 		return nil, err
-	}
-	spec, err := l.Spec()
-	if err != nil {
-		return nil, fmt.Errorf("load embedded data path: %w", err)
 	}
 	p := &Plan{PinPath: cfg.PinPath, Mode: cfg.Mode, Monitor: cfg.Monitor,
 		RuleTimeout: cfg.RuleTimeout.String(), MaxSessions: cfg.MaxSessions}

@@ -90,6 +90,31 @@ func (r *Result) Changed() bool {
 		r.ConfigWritten || r.AllowWritten
 }
 
+// prepare checks cfg and returns its compiled allow rules and this build's
+// spec sized by it: what Load and Plan both start from.
+func (l *Loader) prepare(cfg *Config) (state.AllowEntries, *ebpf.CollectionSpec, error) {
+	if err := cfg.Validate(); err != nil {
+		return state.AllowEntries{}, nil, err
+	}
+	allow, err := state.CompileAllow(cfg.Allow)
+	if err != nil {
+		return state.AllowEntries{}, nil, err
+	}
+	spec, err := l.Spec()
+	if err != nil {
+		return state.AllowEntries{}, nil, fmt.Errorf("load embedded data path: %w", err)
+	}
+	spec = spec.Copy()
+	spec.Maps[state.MapSessionsV4].MaxEntries = cfg.MaxSessions
+	spec.Maps[state.MapSessionsV6].MaxEntries = cfg.MaxSessions
+	// The allow maps' capacity is the object's, not the operator's.
+	if n4, n6 := spec.Maps[state.MapAllowV4].MaxEntries, spec.Maps[state.MapAllowV6].MaxEntries; len(allow.V4) > int(n4) || len(allow.V6) > int(n6) {
+		return state.AllowEntries{}, nil, fmt.Errorf("%w: %d IPv4 and %d IPv6 allow-rule prefixes: this build holds at most %d and %d",
+			ErrInvalid, len(allow.V4), len(allow.V6), n4, n6)
+	}
+	return allow, spec, nil
+}
+
 // Load installs or converges the data path to cfg: it creates missing maps
 // (and never recreates existing ones; over pins of an older layout version
 // it migrates the maps whose layout changed, see migrate.go), writes the config and allow rules if
@@ -99,24 +124,9 @@ func (r *Result) Changed() bool {
 // Returns an error wrapping one of the package's sentinels when the system
 // cannot take the config; what was already changed stays consistent.
 func (l *Loader) Load(cfg Config) (_ *Result, err error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
-	allow, err := state.CompileAllow(cfg.Allow)
+	allow, spec, err := l.prepare(&cfg)
 	if err != nil {
 		return nil, err
-	}
-	spec, err := l.Spec()
-	if err != nil {
-		return nil, fmt.Errorf("load embedded data path: %w", err)
-	}
-	spec = spec.Copy()
-	spec.Maps[state.MapSessionsV4].MaxEntries = cfg.MaxSessions
-	spec.Maps[state.MapSessionsV6].MaxEntries = cfg.MaxSessions
-	// The allow maps' capacity is the object's, not the operator's.
-	if n4, n6 := spec.Maps[state.MapAllowV4].MaxEntries, spec.Maps[state.MapAllowV6].MaxEntries; len(allow.V4) > int(n4) || len(allow.V6) > int(n6) {
-		return nil, fmt.Errorf("%w: %d IPv4 and %d IPv6 allow-rule prefixes: this build holds at most %d and %d",
-			ErrInvalid, len(allow.V4), len(allow.V6), n4, n6)
 	}
 	if err := checkRoot(); err != nil {
 		return nil, err
