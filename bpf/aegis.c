@@ -140,7 +140,9 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  *    flows_v4, flows_v6, frags. Later, still 2: event_drop_rate and
  *    event_pass_rate took config_value's first padding (0 in older maps:
  *    no events); new maps events, event_limit. A new map changes no
- *    existing layout: the loader creates what is missing.
+ *    existing layout: the loader creates what is missing. Later, still 2:
+ *    allow_port's padding byte holds the rule id (0 in older maps: counted
+ *    as unnumbered); new map allow_hits.
  */
 #define AEGIS_LAYOUT_VERSION 2
 
@@ -149,6 +151,13 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 
 /* Port rules one allow-list prefix can carry (see struct allow_value). */
 #define ALLOW_MAX_PORTS 16
+
+/* Allow rules with a hit counter of their own, per address family: ids
+ * 1-255 fit the one byte struct allow_port has for it; id 0 (a rule past
+ * the 255th, or a slot written by a loader that numbered none) counts in
+ * the family's slot 0. allow_hits holds both families' slots. */
+#define ALLOW_RULE_IDS 256
+#define ALLOW_HIT_SLOTS (2 * ALLOW_RULE_IDS)
 
 /* Slots in the stats map: room for reasons added by later versions without
  * changing the map's layout. */
@@ -216,6 +225,7 @@ enum limits {
 	LIMIT_REFRESH_NS = AEGIS_REFRESH_NS,
 	LIMIT_IPV6_MAX_EXT = IPV6_MAX_EXT,
 	LIMIT_ALLOW_MAX_PORTS = ALLOW_MAX_PORTS,
+	LIMIT_ALLOW_RULE_IDS = ALLOW_RULE_IDS,
 	LIMIT_STATS_SLOTS = STATS_SLOTS,
 	LIMIT_FRAG_TIMEOUT_NS = FRAG_TIMEOUT_NS,
 	LIMIT_EVENT_BURST_NS = EVENT_BURST_NS,
@@ -309,10 +319,15 @@ struct allow_key_v6 {
  * For ICMP (1) and ICMPv6 (58) the port is meaningless and 0: such a rule
  * admits every ICMP type from the prefix, as does a rule of protocol 0 and
  * port 0.
+ *
+ * rule is the id of the allow rule the pair comes from, its hit counter in
+ * allow_hits. A prefix carries its covering prefixes' pairs, so the same
+ * pair (and id) appears in every prefix the rule covers. The byte was
+ * padding in older builds, which wrote it 0 and never read it.
  */
 struct allow_port {
 	__u8 proto;
-	__u8 pad;
+	__u8 rule;
 	__u16 port;
 };
 
@@ -386,6 +401,19 @@ struct {
 	__type(key, struct allow_key_v6);
 	__type(value, struct allow_value);
 } allow_v6 SEC(".maps");
+
+/*
+ * Packets each allow rule admitted, per CPU, at (family 6 ? 256 : 0) +
+ * rule id. Only aegis_xdp's allow path writes it: one per-CPU increment,
+ * after the lookup it already made. The loader numbers the rules and keeps
+ * an unchanged rule's id (and so its count) across loads.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ALLOW_HIT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} allow_hits SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -794,21 +822,24 @@ static __always_inline int flow_live(struct flow_value *v, __u8 proto,
 	return 1;
 }
 
-static __always_inline int ports_match(const struct allow_value *v, __u8 proto, __u16 port)
+/* The first of v's pairs that admits (proto, port), in stored order. */
+static __always_inline const struct allow_port *ports_match(const struct allow_value *v, __u8 proto,
+							    __u16 port)
 {
 	for (__u32 i = 0; i < ALLOW_MAX_PORTS; i++) {
 		if (i >= v->count)
 			break;
 		const struct allow_port *p = &v->ports[i];
 		if ((p->proto == 0 || p->proto == proto) && (p->port == 0 || p->port == port))
-			return 1;
+			return p;
 	}
 	return 0;
 }
 
-/* Whether an allow rule admits t. ICMP has no port: only rules of port 0
- * match it. */
-static __always_inline int allowed(const struct tuple *t, const struct config_value *cfg)
+/* The allow rule's pair that admits t, or NULL. ICMP has no port: only
+ * rules of port 0 match it. */
+static __always_inline const struct allow_port *allow_match(const struct tuple *t,
+							    const struct config_value *cfg)
 {
 	__u16 port = is_icmp(t->proto) ? 0 : t->dport;
 	const struct allow_value *av;
@@ -826,7 +857,21 @@ static __always_inline int allowed(const struct tuple *t, const struct config_va
 		__builtin_memcpy(ak.addr, t->src, 16);
 		av = bpf_map_lookup_elem(&allow_v6, &ak);
 	}
-	return av && ports_match(av, t->proto, port);
+	return av ? ports_match(av, t->proto, port) : 0;
+}
+
+static __always_inline int allowed(const struct tuple *t, const struct config_value *cfg)
+{
+	return allow_match(t, cfg) != 0;
+}
+
+/* Counts a packet an allow rule admitted against the rule. */
+static __always_inline void allow_hit(__u8 family, const struct allow_port *p)
+{
+	__u32 slot = (family == 6 ? ALLOW_RULE_IDS : 0) + p->rule;
+	__u64 *n = bpf_map_lookup_elem(&allow_hits, &slot);
+	if (n)
+		(*n)++;
 }
 
 /*
@@ -980,8 +1025,11 @@ static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
 			return REASON_REPLY;
 	}
 
-	if (allowed(t, cfg))
+	const struct allow_port *ap = allow_match(t, cfg);
+	if (ap) {
+		allow_hit(t->family, ap);
 		return REASON_ALLOWLIST;
+	}
 	if (t->kind == L4_ICMP_OTHER)
 		return REASON_UNSUPPORTED_L4;
 	return r;
@@ -1468,4 +1516,39 @@ int aegis_egress(struct __sk_buff *skb)
 		return TCX_NEXT;
 	record(&p.t, cfg);
 	return TCX_NEXT;
+}
+
+/*
+ * aegis_locality answers delivered_locally() for user space: explaining a
+ * bypass candidate needs the kernel's own answer (the same bpf_fib_lookup
+ * from the same ingress interface), which no route query over netlink
+ * reproduces (an input lookup without source validation, the ingress
+ * interface's forwarding switch, its policy rules and VRF). User space
+ * runs it with BPF_PROG_TEST_RUN on a frame whose IP header carries the
+ * destination and the interface in the context's ingress_ifindex.
+ * XDP_PASS: local; XDP_DROP: not; XDP_ABORTED: not an IP frame. It uses
+ * no map, so running it changes nothing.
+ */
+SEC("xdp")
+int aegis_locality(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	__u64 off = 0;
+	__be16 proto = parse_l2(data, data_end, &off);
+	struct ip_info p = {};
+	int r;
+
+	if (!off)
+		return XDP_ABORTED;
+	if (proto == bpf_htons(ETH_P_IP))
+		r = parse_v4(data, data_end, len, off, &p);
+	else if (proto == bpf_htons(ETH_P_IPV6))
+		r = parse_v6(data, data_end, len, off, &p);
+	else
+		return XDP_ABORTED;
+	if (r)
+		return XDP_ABORTED;
+	return delivered_locally(ctx, &p.t) ? XDP_PASS : XDP_DROP;
 }

@@ -191,7 +191,14 @@ type Env struct {
 	FlowsV4    map[AegisFlowKeyV4]*AegisFlowValue
 	FlowsV6    map[AegisFlowKeyV6]*AegisFlowValue
 	Frags      map[AegisFragKey]*AegisFragValue
-	Allow      []AllowRule
+	// AllowV4 and AllowV6 are the allow maps' entries, as the loader
+	// compiles them from the rules (each prefix holds the pairs of the
+	// prefixes covering it, each pair its rule's id).
+	AllowV4 map[AegisAllowKeyV4]AegisAllowValue
+	AllowV6 map[AegisAllowKeyV6]AegisAllowValue
+	// AllowHits counts the packets each allow rule admitted, by
+	// AllowHitSlot, as allow_hits does; Verdict allocates it.
+	AllowHits map[uint32]uint64
 	// Local is the gateway's routing table as the data path asks it
 	// (bpf_fib_lookup from the ingress interface): whether a packet for
 	// the unicast address dst is not forwarded (BPF_FIB_LKUP_RET_NOT_FWDED):
@@ -497,17 +504,71 @@ func (env *Env) flowLive(v *AegisFlowValue, proto uint8, refresh bool) bool {
 	return live
 }
 
-func (env *Env) allowed(t *tuple) bool {
+// allowMatch mirrors allow_match(): the entry of the longest prefix that
+// holds the source, then the first of its pairs, in stored order, that
+// admits the packet; nil for none.
+func (env *Env) allowMatch(t *tuple) *AegisAllowPort {
 	if t.family == 4 && env.Config.AllowV4Rules == 0 || t.family == 6 && env.Config.AllowV6Rules == 0 {
-		return false
+		return nil
 	}
 	src := t.srcAddr()
-	for _, rule := range env.Allow {
-		if rule.Matches(src, t.proto, t.dport) {
-			return true
+	var v *AegisAllowValue
+	best := -1
+	consider := func(p netip.Prefix, val AegisAllowValue) {
+		if p.Bits() > best && p.Masked().Contains(src) {
+			best, v = p.Bits(), &val
 		}
 	}
-	return false
+	if t.family == 4 {
+		for k, val := range env.AllowV4 {
+			consider(netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)), val)
+		}
+	} else {
+		for k, val := range env.AllowV6 {
+			consider(netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)), val)
+		}
+	}
+	if v == nil {
+		return nil
+	}
+	port := t.dport
+	if t.proto == protoICMP || t.proto == protoICMPv6 {
+		port = 0
+	}
+	for i := range min(int(v.Count), MaxAllowPorts) {
+		p := &v.Ports[i]
+		if (p.Proto == 0 || p.Proto == t.proto) && (p.Port == 0 || p.Port == port) {
+			return p
+		}
+	}
+	return nil
+}
+
+func (env *Env) allowed(t *tuple) bool { return env.allowMatch(t) != nil }
+
+// AllowRuleIDs is ALLOW_RULE_IDS: the hit counter slots of one family.
+const AllowRuleIDs = int(AegisLimitsLIMIT_ALLOW_RULE_IDS)
+
+// AllowHitSlot returns the allow_hits slot that counts the allow rule of
+// the family (4 or 6) with the id: the family's slot 0 counts the pairs
+// that carry no id.
+func AllowHitSlot(family uint8, id uint8) uint32 {
+	if family == 6 {
+		return uint32(AllowRuleIDs) + uint32(id)
+	}
+	return uint32(id)
+}
+
+// allowHit counts a packet an allow rule admitted, as allow_hit() does.
+func (env *Env) allowHit(family uint8, p *AegisAllowPort) {
+	if env.AllowHits == nil {
+		env.AllowHits = map[uint32]uint64{}
+	}
+	rule := p.Rule
+	if mutation == "allow-hit-first-rule" && rule != 0 {
+		rule = 1
+	}
+	env.AllowHits[AllowHitSlot(family, rule)]++
 }
 
 func (env *Env) controllerBypass(t *tuple) bool {
@@ -611,7 +672,8 @@ func (env *Env) policy(t, q *tuple) Reason {
 			return ReasonReply
 		}
 	}
-	if env.allowed(t) {
+	if p := env.allowMatch(t); p != nil {
+		env.allowHit(t.family, p)
 		return ReasonAllowlist
 	}
 	if t.kind == l4ICMPOther {

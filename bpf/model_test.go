@@ -62,7 +62,7 @@ func TestModelMatchesProgram(t *testing.T) {
 
 // A model with one rule broken must be caught by the same comparison.
 func TestModelMutationIsCaught(t *testing.T) {
-	for _, m := range []string{"egress-synack", "related-any-dst", "event-tuple-after-parse"} {
+	for _, m := range []string{"egress-synack", "related-any-dst", "event-tuple-after-parse", "allow-hit-first-rule"} {
 		t.Run(m, func(t *testing.T) {
 			seed := uint64(time.Now().UnixNano())
 			t.Logf("seed %d", seed)
@@ -99,12 +99,18 @@ func diffPhases(g *generator) []diffPhase {
 }
 
 // The allow rules of the phases that have them: TCP, UDP and any-protocol
-// rules, and ICMP rules (one with a port, which ICMP never matches).
+// rules, and ICMP rules (one with a port, which ICMP never matches). For
+// the hit counters, rules that overlap every way attribution must settle:
+// the same pair from a covering prefix (192.0.2.0/29,any/53 over /30's),
+// a pair a broader one covers (/29's tcp/22 under 192.0.2.4/31), and two
+// pairs that both admit a packet (192.0.2.6's udp and /29's any/53).
 func diffAllowRules() []state.AllowRule {
 	var rules []state.AllowRule
 	for _, s := range []string{
 		"203.0.113.0/24,tcp/22", "203.0.113.7,udp", "192.0.2.0/30,any/53", "192.0.2.4/31",
+		"192.0.2.0/29,any/53", "192.0.2.6,udp", "192.0.2.0/29,tcp/22",
 		"2001:db8:3::/64,tcp/22", "2001:db8:3::7,udp", "2001:db8:1::/126,any/53", "2001:db8:1::4/127",
+		"2001:db8:1::/125,any/53", "2001:db8:1::6,udp", "2001:db8:1::/125,tcp/22",
 	} {
 		r, _ := state.ParseAllowRule(s)
 		rules = append(rules, r)
@@ -159,8 +165,9 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 	env.OnFragment(func(k bpf.AegisFragKey) { d.lastFrag = &k })
 	var a4, a6 uint16
 	if ph.allow {
-		env.Allow = diffAllowRules()
-		a4, a6 = h.setAllowRules(t, env.Allow...)
+		e := h.setAllowEntries(t, diffAllowRules()...)
+		env.AllowV4, env.AllowV6 = e.V4, e.V6
+		a4, a6 = uint16(len(e.V4)), uint16(len(e.V6))
 	}
 	// Flow timeouts of an hour: the only deadline a frame can meet during
 	// the run is a fragment's.
@@ -228,6 +235,11 @@ func (d *diff) ingress(i int) error {
 		return fmt.Errorf("ingress frame %d: program action %d for reason %v\n%s", i, got, counted, hex.Dump(pkt))
 	}
 	d.counts[counted]++
+	if counted == bpf.ReasonAllowlist {
+		if err := d.compareAllowHits(); err != nil {
+			return fmt.Errorf("ingress frame %d: %w\n%s", i, err, hex.Dump(pkt))
+		}
+	}
 	if err := d.compareEvent(counted, t0, t1); err != nil {
 		return fmt.Errorf("ingress frame %d: %w\n%s", i, err, hex.Dump(pkt))
 	}
@@ -382,6 +394,25 @@ func (d *diff) finish(t *testing.T) {
 	if err := d.compareFlows(); err != nil {
 		t.Fatalf("%s: %v", d.name, err)
 	}
+	// Every slot, so that a count on a path the model does not count on
+	// (or in a slot it does not) shows.
+	hits := 0
+	for slot := range uint32(d.h.objs.AllowHits.MaxEntries()) {
+		got, err := allowHits(d.h, slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := d.env.AllowHits[slot]; got != want {
+			t.Fatalf("%s: allow_hits slot %d counted %d, model %d", d.name, slot, got, want)
+		}
+		if got > 0 {
+			hits++
+		}
+	}
+	t.Logf("%s: allow rules hit %d", d.name, hits)
+	if d.env.Config.AllowV4Rules != 0 && hits < 8 {
+		t.Fatalf("%s: only %d allow rules hit", d.name, hits)
+	}
 	for r := range d.counts {
 		if uint64(d.emitted[r]) != d.counts[r] {
 			t.Fatalf("%s: reason %v: %d events for %d frames", d.name, bpf.Reason(r), d.emitted[r], d.counts[r])
@@ -442,6 +473,33 @@ func (d *diff) finish(t *testing.T) {
 		d.writes[bpf.FlowCreated] < 500 || d.writes[bpf.FlowKept] < 500 || d.writes[bpf.FlowRefused] < 100 {
 		t.Fatalf("%s: flows were barely exercised", d.name)
 	}
+}
+
+// compareAllowHits compares the program's allow rule counters with the
+// model's, for the slots the model has counted in.
+func (d *diff) compareAllowHits() error {
+	for slot, want := range d.env.AllowHits {
+		got, err := allowHits(d.h, slot)
+		if err != nil {
+			return err
+		}
+		if got != want {
+			return fmt.Errorf("allow_hits slot %d counted %d, model %d (%v)", slot, got, want, d.env.AllowHits)
+		}
+	}
+	return nil
+}
+
+func allowHits(h *harness, slot uint32) (uint64, error) {
+	var perCPU []uint64
+	if err := h.objs.AllowHits.Lookup(slot, &perCPU); err != nil {
+		return 0, fmt.Errorf("read allow_hits slot %d: %w", slot, err)
+	}
+	var n uint64
+	for _, c := range perCPU {
+		n += c
+	}
+	return n, nil
 }
 
 func isLaterFragment(pkt []byte) bool {

@@ -193,6 +193,7 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err
 	}
+	l.pinLocality(spec, pd, gid)
 	// Searchable, not listable, by the pins' group: the daemons stat
 	// links/<name> to tell a configured interface's link from none; the
 	// links themselves stay root's (see internal/state/filtered.go).

@@ -29,8 +29,14 @@ type Status struct {
 	Maps               []MapStatus       `json:"maps"`
 	Config             ConfigStatus      `json:"config"`
 	Allow              []string          `json:"allow"`
-	Counters           []CounterStatus   `json:"counters"`
-	Guard              GuardStatus       `json:"guard"`
+	// AllowHits are the allow rules, in Allow's order, with the packets
+	// each admitted.
+	AllowHits []AllowHitStatus `json:"allow_hits"`
+	// AllowUnnumbered counts the packets of allow rules without a counter
+	// of their own (past the 255th of a family).
+	AllowUnnumbered uint64          `json:"allow_unnumbered,omitempty"`
+	Counters        []CounterStatus `json:"counters"`
+	Guard           GuardStatus     `json:"guard"`
 }
 
 // GuardStatus is the fail-closed guard (internal/guard) as read back from
@@ -82,6 +88,15 @@ type ConfigStatus struct {
 	FlowIdleTCP    string `json:"flow_idle_tcp"`
 	FlowIdleUDP    string `json:"flow_idle_udp"`
 	FlowIdleICMP   string `json:"flow_idle_icmp"`
+}
+
+// AllowHitStatus is one allow rule's hit counter.
+type AllowHitStatus struct {
+	Rule string `json:"rule"`
+	// ID is the rule's counter within its family; 0: it has none of its
+	// own and counts in AllowUnnumbered.
+	ID      uint8  `json:"id"`
+	Packets uint64 `json:"packets"`
 }
 
 // CounterStatus is one verdict reason's counters.
@@ -160,6 +175,15 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
+	hits, err := state.ReadAllowHits(maps)
+	if err != nil {
+		return nil, err
+	}
+	st.AllowHits = []AllowHitStatus{}
+	for _, h := range hits.Rules {
+		st.AllowHits = append(st.AllowHits, AllowHitStatus{Rule: state.FormatAllowRule(h.Rule), ID: h.ID, Packets: h.Packets})
+	}
+	st.AllowUnnumbered = hits.Unnumbered[0] + hits.Unnumbered[1]
 
 	counters, err := maps.ReadStats()
 	if err != nil {

@@ -252,21 +252,22 @@ func userOf(b []int8) string {
 }
 
 // allowRules reads the longest prefix matching src, as the program's LPM
-// lookup does, and gives the model its rules as rules of src alone: the
-// loader stores in each prefix every rule of the shorter prefixes that
+// lookup does, and gives the model that entry as the entry of src alone:
+// the loader stores in each prefix every rule of the shorter prefixes that
 // cover it, so this one entry answers for all.
 func allowRules(m *state.Maps, src netip.Addr, env *bpf.Env, res *Result) error {
 	var v bpf.AegisAllowValue
 	var err error
-	var plen uint32
 	if src.Is4() {
 		k := bpf.AegisAllowKeyV4{Prefixlen: 32, Addr: src.As4()}
-		err = m.AllowV4.Lookup(&k, &v)
-		plen = 32
+		if err = m.AllowV4.Lookup(&k, &v); err == nil {
+			env.AllowV4 = map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue{k: v}
+		}
 	} else {
 		k := bpf.AegisAllowKeyV6{Prefixlen: 128, Addr: src.As16()}
-		err = m.AllowV6.Lookup(&k, &v)
-		plen = 128
+		if err = m.AllowV6.Lookup(&k, &v); err == nil {
+			env.AllowV6 = map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue{k: v}
+		}
 	}
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil
@@ -274,11 +275,6 @@ func allowRules(m *state.Maps, src netip.Addr, env *bpf.Env, res *Result) error 
 	if err != nil {
 		return fmt.Errorf("read allow rules: %w", err)
 	}
-	host := netip.PrefixFrom(src, int(plen))
-	n := min(int(v.Count), len(v.Ports))
-	for _, p := range v.Ports[:n] {
-		env.Allow = append(env.Allow, bpf.AllowRule{Prefix: host, Proto: p.Proto, Port: p.Port})
-	}
-	res.AllowRules = v.Ports[:n]
+	res.AllowRules = v.Ports[:min(int(v.Count), len(v.Ports))]
 	return nil
 }

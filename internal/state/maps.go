@@ -49,6 +49,8 @@ type Maps struct {
 	// rate limiters (events.go).
 	Events      *ebpf.Map
 	EventLimits *ebpf.Map
+	// AllowHits counts the packets each allow rule admitted (allowhits.go).
+	AllowHits *ebpf.Map
 
 	stats guardStats
 }
@@ -190,6 +192,7 @@ func (m *Maps) slots() []slot {
 		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
 		{MapIfaces, &m.Ifaces},
 		{MapEvents, &m.Events}, {MapEventLimits, &m.EventLimits},
+		{MapAllowHits, &m.AllowHits},
 	}
 }
 
