@@ -160,6 +160,20 @@ type MapRow struct {
 type Stats struct {
 	Counters []CounterRow `json:"counters"`
 	Maps     []MapRow     `json:"maps"`
+	// AllowRules are the static allow rules with the packets each
+	// admitted; AllowUnnumbered the packets of rules without a counter of
+	// their own (past the 255th of a family).
+	AllowRules      []AllowRuleRow `json:"allow_rules,omitempty"`
+	AllowUnnumbered uint64         `json:"allow_unnumbered,omitempty"`
+}
+
+// AllowRuleRow is one allow rule's hit counter.
+type AllowRuleRow struct {
+	// Rule is spelled as aegis-loader --allow takes it.
+	Rule    string `json:"rule"`
+	Packets uint64 `json:"packets"`
+	// Counted is false for a rule without a counter of its own.
+	Counted bool `json:"counted"`
 }
 
 func sortSessions(rows []SessionRow) {
@@ -223,6 +237,27 @@ func WriteStats(w io.Writer, s Stats) error {
 			fill = 100 * float64(m.Entries) / float64(m.Capacity)
 		}
 		fmt.Fprintf(&b, "%-11s  %*d  %*d  %5.1f%%\n", mapName(m.Family), ew, m.Entries, cw, m.Capacity, fill)
+	}
+	if len(s.AllowRules) > 0 {
+		const unnumbered = "(rules without a counter)"
+		aw, hw := len("ALLOW RULE"), len("HITS")
+		for _, r := range s.AllowRules {
+			aw, hw = max(aw, len(r.Rule)), max(hw, len(fmt.Sprint(r.Packets)))
+		}
+		if s.AllowUnnumbered > 0 {
+			aw, hw = max(aw, len(unnumbered)), max(hw, len(fmt.Sprint(s.AllowUnnumbered)))
+		}
+		fmt.Fprintf(&b, "\n%-*s  %*s\n", aw, "ALLOW RULE", hw, "HITS")
+		for _, r := range s.AllowRules {
+			hits := "-"
+			if r.Counted {
+				hits = fmt.Sprint(r.Packets)
+			}
+			fmt.Fprintf(&b, "%-*s  %*s\n", aw, r.Rule, hw, hits)
+		}
+		if s.AllowUnnumbered > 0 {
+			fmt.Fprintf(&b, "%-*s  %*d\n", aw, unnumbered, hw, s.AllowUnnumbered)
+		}
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
