@@ -84,7 +84,7 @@ func admitThroughRules(t *testing.T, pin string) {
 func TestStatsShowAllowRuleHits(t *testing.T) {
 	e := newEnv(t)
 	admitThroughRules(t, e.pin)
-	want := "[{198.51.100.0/24 0 true} {203.0.113.0/24,tcp/443 2 true} {2001:db8::/32,tcp/22 1 true}]"
+	want := "[{198.51.100.0/24 1 0} {203.0.113.0/24,tcp/443 2 2} {2001:db8::/32,tcp/22 1 1}]"
 	for _, args := range [][]string{e.cmd("stats", "--json"), {"local", "stats", "--json", "--pin-path", e.pin}} {
 		var st aegisctl.Stats
 		if err := json.Unmarshal([]byte(mustRun(t, args...)), &st); err != nil {

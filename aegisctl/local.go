@@ -174,7 +174,7 @@ func localStats(m *state.Maps) (Stats, error) {
 		return Stats{}, err
 	}
 	for _, h := range hits.Rules {
-		st.AllowRules = append(st.AllowRules, AllowRuleRow{Rule: state.FormatAllowRule(h.Rule), Packets: h.Packets, Counted: h.ID != 0})
+		st.AllowRules = append(st.AllowRules, AllowRuleRow{Rule: state.FormatAllowRule(h.Rule), ID: h.ID, Packets: h.Packets})
 	}
 	st.AllowUnnumbered = hits.Unnumbered[0] + hits.Unnumbered[1]
 	return st, nil

@@ -170,10 +170,11 @@ type Stats struct {
 // AllowRuleRow is one allow rule's hit counter.
 type AllowRuleRow struct {
 	// Rule is spelled as aegis-loader --allow takes it.
-	Rule    string `json:"rule"`
+	Rule string `json:"rule"`
+	// ID is the rule's counter within its family (the rule_id label of
+	// aegis_datapath_allow_rule_packets_total); 0 for none of its own.
+	ID      uint8  `json:"id"`
 	Packets uint64 `json:"packets"`
-	// Counted is false for a rule without a counter of its own.
-	Counted bool `json:"counted"`
 }
 
 func sortSessions(rows []SessionRow) {
@@ -247,16 +248,16 @@ func WriteStats(w io.Writer, s Stats) error {
 		if s.AllowUnnumbered > 0 {
 			aw, hw = max(aw, len(unnumbered)), max(hw, len(fmt.Sprint(s.AllowUnnumbered)))
 		}
-		fmt.Fprintf(&b, "\n%-*s  %*s\n", aw, "ALLOW RULE", hw, "HITS")
+		fmt.Fprintf(&b, "\n%-*s  %3s  %*s\n", aw, "ALLOW RULE", "ID", hw, "HITS")
 		for _, r := range s.AllowRules {
-			hits := "-"
-			if r.Counted {
-				hits = fmt.Sprint(r.Packets)
+			id, hits := "-", "-"
+			if r.ID != 0 {
+				id, hits = fmt.Sprint(r.ID), fmt.Sprint(r.Packets)
 			}
-			fmt.Fprintf(&b, "%-*s  %*s\n", aw, r.Rule, hw, hits)
+			fmt.Fprintf(&b, "%-*s  %3s  %*s\n", aw, r.Rule, id, hw, hits)
 		}
 		if s.AllowUnnumbered > 0 {
-			fmt.Fprintf(&b, "%-*s  %*d\n", aw, unnumbered, hw, s.AllowUnnumbered)
+			fmt.Fprintf(&b, "%-*s  %3s  %*d\n", aw, unnumbered, "0", hw, s.AllowUnnumbered)
 		}
 	}
 	_, err := io.WriteString(w, b.String())

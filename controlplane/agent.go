@@ -301,7 +301,7 @@ func (a *agentService) GetStats(ctx context.Context, _ *agentv1.GetStatsRequest)
 		}
 		for _, h := range hits.Rules {
 			resp.AllowRules = append(resp.AllowRules, &agentv1.AllowRuleCounter{
-				Rule: state.FormatAllowRule(h.Rule), Packets: h.Packets, Counted: h.ID != 0,
+				Rule: state.FormatAllowRule(h.Rule), Packets: h.Packets, Id: uint32(h.ID),
 			})
 		}
 		resp.AllowUnnumberedPackets = hits.Unnumbered[0] + hits.Unnumbered[1]

@@ -48,7 +48,7 @@ func TestAllowHitsPerRuleAcrossReload(t *testing.T) {
 	send(2, "203.0.113.9", 23) // no rule admits it
 	expect("map[192.0.2.0/24,udp/53:0 198.51.100.0/24,tcp:2 203.0.113.0/24,tcp/22:3]")
 	out := e.cli(nil, "status", "--pin-path", e.pin).stdout
-	if !regexp.MustCompile(`(?m)^ALLOW RULE\s+HITS$`).MatchString(out) || !regexp.MustCompile(`(?m)^203\.0\.113\.0/24,tcp/22\s+3$`).MatchString(out) {
+	if !regexp.MustCompile(`(?m)^ALLOW RULE\s+ID\s+HITS$`).MatchString(out) || !regexp.MustCompile(`(?m)^203\.0\.113\.0/24,tcp/22\s+\d+\s+3$`).MatchString(out) {
 		t.Fatalf("status does not show the hits:\n%s", out)
 	}
 

@@ -2,6 +2,7 @@ package reaper
 
 import (
 	"errors"
+	"strconv"
 	"sync"
 	"time"
 
@@ -32,6 +33,7 @@ type exporter struct {
 	packets, bytes           *prometheus.Desc
 	active, entries, sessCap *prometheus.Desc
 	allow, allowCap          *prometheus.Desc
+	allowHits                *prometheus.Desc
 	monitor, loaded          *prometheus.Desc
 
 	// lastErr is the read error last logged: a broken map is said once
@@ -59,6 +61,13 @@ func newExporter(maps *state.Handle, log zerolog.Logger) *exporter {
 			"Prefixes in the static allow maps, by address family (one prefix holds every port rule of its source).", fam, nil),
 		allowCap: prometheus.NewDesc("aegis_datapath_allow_capacity",
 			"Capacity of the static allow maps in prefixes, by address family.", fam, nil),
+		// The rule's id, not the rule, labels the series: a rule is a
+		// prefix, and no label value is an address. Ids are bounded (255
+		// per family), stable while the rule stays loaded, and listed with
+		// their rules by aegis-loader status and aegisctl stats.
+		allowHits: prometheus.NewDesc("aegis_datapath_allow_rule_packets_total",
+			"Packets each static allow rule admitted, by address family and rule id (aegis-loader status and aegisctl stats list the rules with their ids); rule_id 0 counts the rules without a counter of their own.",
+			[]string{"family", "rule_id"}, nil),
 		monitor: prometheus.NewDesc("aegis_datapath_monitor_mode",
 			"1 when the data path runs in monitor mode (would-be drops pass and count as reason monitor), 0 when it enforces.", nil, nil),
 		loaded: prometheus.NewDesc("aegis_datapath_loaded",
@@ -67,7 +76,7 @@ func newExporter(maps *state.Handle, log zerolog.Logger) *exporter {
 }
 
 func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.active, e.entries, e.sessCap, e.allow, e.allowCap, e.monitor, e.loaded} {
+	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.active, e.entries, e.sessCap, e.allow, e.allowCap, e.allowHits, e.monitor, e.loaded} {
 		ch <- d
 	}
 }
@@ -130,6 +139,10 @@ func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
 	if err != nil {
 		return nil, err
 	}
+	hits, err := state.ReadAllowHits(m)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]prometheus.Metric, 0, 2*len(state.Reasons)+11)
 	for _, r := range state.Reasons {
 		out = append(out,
@@ -148,6 +161,19 @@ func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
 			prometheus.MustNewConstMetric(e.sessCap, prometheus.GaugeValue, float64(f.fill.Capacity), f.family),
 			prometheus.MustNewConstMetric(e.allow, prometheus.GaugeValue, float64(f.allow), f.family),
 			prometheus.MustNewConstMetric(e.allowCap, prometheus.GaugeValue, float64(f.allowM.MaxEntries()), f.family))
+	}
+	for i, fam := range []string{familyV4, familyV6} {
+		out = append(out, prometheus.MustNewConstMetric(e.allowHits, prometheus.CounterValue, float64(hits.Unnumbered[i]), fam, "0"))
+	}
+	for _, h := range hits.Rules {
+		if h.ID == 0 {
+			continue
+		}
+		fam := familyV4
+		if h.Rule.Prefix.Addr().Is6() {
+			fam = familyV6
+		}
+		out = append(out, prometheus.MustNewConstMetric(e.allowHits, prometheus.CounterValue, float64(h.Packets), fam, strconv.Itoa(int(h.ID))))
 	}
 	mon := 0.0
 	if cfg.Monitor {

@@ -919,9 +919,11 @@ type AllowRuleCounter struct {
 	// As aegis-loader --allow takes it: "203.0.113.0/24,tcp/443".
 	Rule    string `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
 	Packets uint64 `protobuf:"varint,2,opt,name=packets,proto3" json:"packets,omitempty"`
-	// False for a rule without a counter of its own: packets is 0 and its
-	// packets count in allow_unnumbered_packets.
-	Counted       bool `protobuf:"varint,3,opt,name=counted,proto3" json:"counted,omitempty"`
+	// The rule's counter within its address family, as the metric
+	// aegis_datapath_allow_rule_packets_total labels it (rule_id); 0 for a
+	// rule without a counter of its own, whose packets count in
+	// allow_unnumbered_packets.
+	Id            uint32 `protobuf:"varint,3,opt,name=id,proto3" json:"id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -970,11 +972,11 @@ func (x *AllowRuleCounter) GetPackets() uint64 {
 	return 0
 }
 
-func (x *AllowRuleCounter) GetCounted() bool {
+func (x *AllowRuleCounter) GetId() uint32 {
 	if x != nil {
-		return x.Counted
+		return x.Id
 	}
-	return false
+	return 0
 }
 
 type VerdictCounter struct {
@@ -1653,11 +1655,11 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\amonitor\x18\x05 \x01(\bR\amonitor\x12A\n" +
 	"\vallow_rules\x18\x06 \x03(\v2 .aegis.agent.v1.AllowRuleCounterR\n" +
 	"allowRules\x128\n" +
-	"\x18allow_unnumbered_packets\x18\a \x01(\x04R\x16allowUnnumberedPackets\"Z\n" +
+	"\x18allow_unnumbered_packets\x18\a \x01(\x04R\x16allowUnnumberedPackets\"P\n" +
 	"\x10AllowRuleCounter\x12\x12\n" +
 	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x18\n" +
-	"\apackets\x18\x02 \x01(\x04R\apackets\x12\x18\n" +
-	"\acounted\x18\x03 \x01(\bR\acounted\"r\n" +
+	"\apackets\x18\x02 \x01(\x04R\apackets\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\rR\x02id\"r\n" +
 	"\x0eVerdictCounter\x12\x18\n" +
 	"\averdict\x18\x01 \x01(\tR\averdict\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
