@@ -62,8 +62,8 @@ var formerPadding = map[string]string{
 // element types, not qualifiers or typedef names.
 func layoutOf(t btf.Type) string { return describeAs(t, nil) }
 
-// describeAs is layoutOf with the members renames names called by their
-// other names.
+// describeAs is layoutOf calling the members that renames names (as
+// struct.member) by the names it gives them.
 func describeAs(t btf.Type, renames map[string]string) string {
 	var b strings.Builder
 	describe(&b, t, 0, renames)

@@ -447,6 +447,8 @@ func TestPinOwnershipAndModes(t *testing.T) {
 		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o710 | os.ModeDir,
 		state.LinkPath(e.pin, "a0"): 0o600, state.EgressLinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
 		state.EgressProgramPath(e.pin): 0o600,
+		// Opening a program pin takes read and write; the daemons run it.
+		state.LocalityProgramPath(e.pin): 0o660,
 	}
 	for _, name := range state.MapNames {
 		want[state.MapPath(e.pin, name)] = 0o640
