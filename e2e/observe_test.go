@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 
 	"github.com/aegis-agent/aegis/aegisctl"
 	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
@@ -217,5 +220,43 @@ func TestLoaderTurnsDropEventsOff(t *testing.T) {
 	}
 	if emitted == 0 {
 		t.Fatal("no event after reloading with the default rate")
+	}
+}
+
+// "aegisctl observe" keeps working across a full unload and a new load:
+// the control plane's one events reader moves to the new events map (a
+// new kernel object) without ending the watcher's stream, and a knock
+// after the load shows up within a couple of seconds.
+func TestObserveFollowsFullReload(t *testing.T) {
+	g := newDaemonGateway(t)
+	p := newPKI(t)
+	cp := startControlPlane(t, g, p, cpOptions{caps: "+bpf"})
+	events := observe(t, g, p.ctlArgs(t), "--from", tu.ClientV4.String())
+	knock := func(port uint16) {
+		t.Helper()
+		svc := netip.AddrPortFrom(tu.ServiceAV4, port)
+		g.expectBlocked("TCP without a session", bpf.ReasonNoSession, func() error { return g.TCP(tu.ClientV4, svc, probeTimeout) })
+		nextEvent(t, events, 2*time.Second, func(e aegisctl.ObservedEvent) bool { return e.DestPort == uint32(port) })
+	}
+	g.Serve(t, netip.AddrPortFrom(tu.ServiceAV4, 8080))
+	g.Serve(t, netip.AddrPortFrom(tu.ServiceAV4, 8081))
+	knock(8080)
+	eventsID := func() ebpf.MapID {
+		id, err := state.MapIDOf(g.maps().Events)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	before := eventsID()
+
+	g.loader("unload")
+	g.loader("load", "--group", strconv.Itoa(daemonGID))
+	if after := eventsID(); after == before {
+		t.Fatalf("the reload kept events map %d", after)
+	}
+	knock(8081)
+	if !strings.Contains(cp.out.String(), "the verdict watchers now follow the new one") {
+		t.Fatalf("the control plane did not log the switch:\n%s", cp.out.String())
 	}
 }
