@@ -260,3 +260,42 @@ func TestObserveFollowsFullReload(t *testing.T) {
 		t.Fatalf("the control plane did not log the switch:\n%s", cp.out.String())
 	}
 }
+
+// The control plane, unprivileged with CAP_BPF only, explains the
+// controller's gRPC bypass with the data path's own locality answer (the
+// locality program the loader pins), and the data path then does what it
+// said with the same packets on the wire: from the controller's address
+// to the gateway's own address passes, to a host behind it drops.
+func TestExplainControllerBypassMatchesTheWire(t *testing.T) {
+	g := newDaemonGateway(t)
+	p := newPKI(t)
+	startControlPlane(t, g, p, cpOptions{caps: "+bpf"})
+	conn := p.ctlArgs(t)
+	link := g.Client.OpenLink(t, "cli0")
+	gwMAC := mac(t, g.Gateway, "pub0")
+	for _, c := range []struct {
+		dst    netip.Addr
+		reason bpf.Reason
+	}{{tu.GatewayPubV4, bpf.ReasonController}, {tu.GatewayPrivV4, bpf.ReasonController}, {tu.ServiceAV4, bpf.ReasonNoSession}} {
+		var ex aegisctl.Explanation
+		out, err := g.Gateway.Command(bin("aegisctl"), append([]string{"explain", "--json", tu.ControllerV4.String(), c.dst.String(), "50001"}, conn...)...).Output()
+		if err != nil {
+			t.Fatalf("aegisctl explain: %v", err)
+		}
+		if err := json.Unmarshal(out, &ex); err != nil {
+			t.Fatalf("%s: %v", out, err)
+		}
+		if ex.Reason != c.reason.String() || strings.Contains(ex.Why, "routing table") {
+			t.Fatalf("explain to %v: %+v, want %v from the data path's own lookup", c.dst, ex, c.reason)
+		}
+		before := g.stats()
+		link.Send(t, gwMAC, tu.TCPPacket(netip.AddrPortFrom(tu.ControllerV4, 40000), netip.AddrPortFrom(c.dst, 50001), tu.TCPSyn, 64))
+		deadline := time.Now().Add(2 * time.Second)
+		for g.stats()[c.reason].Packets == before[c.reason].Packets {
+			if time.Now().After(deadline) {
+				t.Fatalf("the packet to %v was not counted as %v", c.dst, c.reason)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}

@@ -117,6 +117,9 @@ type Result struct {
 	// those of its longest matching prefix, which include the rules of
 	// every shorter prefix covering it.
 	AllowRules []bpf.AegisAllowPort
+	// AllowRule is the one of them the data path counts the packet
+	// against (its Rule is the rule's id), when an allow rule admits it.
+	AllowRule *bpf.AegisAllowPort
 }
 
 // skipAnyProtocol, set only by tests (export_test.go), leaves the
@@ -205,6 +208,15 @@ func Explain(m *state.Maps, f Flow, local Local) (*Result, error) {
 		env.Config.Monitor = 0
 		_, res.Cause = bpf.Verdict(pkt, env)
 	}
+	if res.Cause == bpf.ReasonAllowlist {
+		for slot := range env.AllowHits {
+			for i := range res.AllowRules {
+				if p := &res.AllowRules[i]; bpf.AllowHitSlot(familyOf(f.Src), p.Rule) == slot {
+					res.AllowRule = p
+				}
+			}
+		}
+	}
 	switch res.Cause {
 	case bpf.ReasonSession, bpf.ReasonExpired:
 		for i, v := range sessions {
@@ -238,6 +250,13 @@ func (r *Result) describeSession(f Flow, v *bpf.AegisSessionValue, proto uint8, 
 	if v.ExpiresNs != 0 {
 		r.LifetimeLeft = time.Duration(int64(v.ExpiresNs - now))
 	}
+}
+
+func familyOf(a netip.Addr) uint8 {
+	if a.Is4() {
+		return 4
+	}
+	return 6
 }
 
 func userOf(b []int8) string {

@@ -3,7 +3,10 @@ package explain
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
+	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 
@@ -93,4 +96,74 @@ func (p *Probe) Local(dst netip.Addr) bool {
 		p.Err = fmt.Errorf("locality program returned %d for %s", ret, dst)
 	}
 	return false
+}
+
+// Locality answers Local for explaining a packet that arrives on one of
+// the configured interfaces: the first, by name, that the loader attached.
+// It asks the pinned locality program when there is one, and the routing
+// table over netlink otherwise (Note then says so).
+type Locality struct {
+	// Interface is the interface the answers are for; empty when none is
+	// attached.
+	Interface string
+	probe     *Probe
+	asked     bool
+}
+
+// ForPins returns the Locality of the data path pinned at pinPath. Run
+// Local in the gateway's network namespace.
+func ForPins(pinPath string) *Locality {
+	l := &Locality{}
+	ifaces, err := state.ReadInterfaces(pinPath)
+	if err != nil {
+		return l
+	}
+	slices.SortFunc(ifaces, func(a, b state.Interface) int { return strings.Compare(a.Name, b.Name) })
+	for _, i := range ifaces {
+		if i.Ifindex == 0 {
+			continue
+		}
+		if ifc, err := net.InterfaceByIndex(i.Ifindex); err != nil || ifc.Name != i.Name {
+			continue
+		}
+		l.Interface = i.Name
+		if p, err := OpenProbe(pinPath, uint32(i.Ifindex)); err == nil {
+			l.probe = p
+		}
+		break
+	}
+	return l
+}
+
+// Local answers whether dst is local to a packet arriving on Interface.
+func (l *Locality) Local(dst netip.Addr) bool {
+	l.asked = true
+	if l.probe != nil {
+		return l.probe.Local(dst)
+	}
+	return RoutedLocally(dst)
+}
+
+// Err is the probe's failure, if it failed.
+func (l *Locality) Err() error {
+	if l.probe != nil {
+		return l.probe.Err
+	}
+	return nil
+}
+
+// Note says, when the answer came from the routing table instead of the
+// data path's own lookup, that it may differ; empty otherwise.
+func (l *Locality) Note() string {
+	if !l.asked || l.probe != nil {
+		return ""
+	}
+	return "whether the destination is local comes from the routing table, which may differ from the data path's lookup (no locality program pinned: run aegis-loader load of this release)"
+}
+
+// Close releases the probe.
+func (l *Locality) Close() {
+	if l.probe != nil {
+		l.probe.Close()
+	}
 }
