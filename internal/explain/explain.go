@@ -5,6 +5,9 @@
 // protocol 0, the flow, the allow rules of the longest matching prefix).
 // The lookups are plain reads: no counter moves and no last_seen is
 // refreshed, which running the real program (BPF_PROG_TEST_RUN) would do.
+// The one question the maps cannot answer, whether a destination is local
+// to the gateway (the controller's gRPC bypass), is asked of the kernel by
+// the data path's own code, which touches no map (locality.go).
 package explain
 
 import (
