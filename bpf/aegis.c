@@ -36,6 +36,9 @@
  *   aegis_egress (tcx, egress of the same interface) records the flows the
  *   gateway and the hosts behind it open outbound; it never drops.
  *
+ *   aegis_locality, attached nowhere and using no map, lets user space ask
+ *   delivered_locally() (see the end of this file).
+ *
  * The order only decides which counter a packet lands in where two rules
  * admit it; session-first keeps an established session's hot path to one
  * hash lookup and keeps last_seen accurate for sessions that an allow rule
