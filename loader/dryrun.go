@@ -216,7 +216,9 @@ func configChanges(cfg *Config) []FieldChange {
 	if rules, same, ok := pinnedAllow(cfg.PinPath, cfg.Allow); ok && !same {
 		want := make([]state.AllowRule, len(cfg.Allow))
 		copy(want, cfg.Allow)
-		out = append(out, FieldChange{Field: "allow", From: formatRules(rules), To: formatRules(want)})
+		// The same rules stored differently (without rule ids, by an older
+		// loader) are rewritten, but that changes nothing that passes.
+		add("allow", formatRules(rules), formatRules(want))
 	}
 	if s4, err := ebpf.LoadPinnedMap(state.MapPath(cfg.PinPath, state.MapSessionsV4), &ebpf.LoadPinOptions{ReadOnly: true}); err == nil {
 		if s4.MaxEntries() != cfg.MaxSessions {
