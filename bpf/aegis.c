@@ -696,6 +696,16 @@ static __always_inline void reverse(const struct tuple *t, struct tuple *r)
 	r->tcp_flags = 0;
 }
 
+/*
+ * The two families' lookups must stay two call sites. Merged into one (the
+ * compiler sinks the identical calls into their common successor), the map
+ * is no longer a constant at the call, so the verifier cannot inline the
+ * lookup and the program pays the generic helper's indirect call. The
+ * empty asm after one of them leaves the two paths nothing in common to
+ * sink.
+ */
+#define LOOKUP_APART(v) barrier_var(v)
+
 static __always_inline struct session_value *session_find(const struct tuple *t, __u8 proto)
 {
 	if (t->family == 4) {
@@ -704,7 +714,9 @@ static __always_inline struct session_value *session_find(const struct tuple *t,
 		__builtin_memcpy(k.dst, t->dst, 4);
 		k.dport = t->dport;
 		k.proto = proto;
-		return bpf_map_lookup_elem(&sessions_v4, &k);
+		struct session_value *v = bpf_map_lookup_elem(&sessions_v4, &k);
+		LOOKUP_APART(v);
+		return v;
 	}
 	struct session_key_v6 k = {};
 	__builtin_memcpy(k.src, t->src, 16);
@@ -737,7 +749,9 @@ static __always_inline struct flow_value *flow_find(const struct tuple *t)
 	if (t->family == 4) {
 		struct flow_key_v4 k = {};
 		flow_key4(t, &k);
-		return bpf_map_lookup_elem(&flows_v4, &k);
+		struct flow_value *v = bpf_map_lookup_elem(&flows_v4, &k);
+		LOOKUP_APART(v);
+		return v;
 	}
 	struct flow_key_v6 k = {};
 	flow_key6(t, &k);
