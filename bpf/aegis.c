@@ -11,6 +11,10 @@
  *   1. Parse Ethernet, up to two 802.1Q/802.1ad tags, IPv4 (honouring IHL)
  *      or IPv6 (skipping up to IPV6_MAX_EXT extension headers), then TCP,
  *      UDP or ICMP/ICMPv6 (for an ICMP error also the header it quotes).
+ *      The common frame (untagged, no IPv4 options, no IPv6 extension
+ *      headers, not a fragment, TCP or UDP) has a parser of its own,
+ *      parse_fast(); it reaches the same tuple, and the same policy()
+ *      decides, in the order below.
  *   2. Bypass, each as narrow as its purpose:
  *      - ARP;
  *      - IPv6 neighbour discovery (ICMPv6 133-137) with code 0 and hop
