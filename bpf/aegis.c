@@ -1467,8 +1467,7 @@ static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_e
 
 /* Every frame parse_fast() does not take, from a zeroed ip_info. */
 static __always_inline int classify_slow(struct xdp_md *ctx, struct ip_info *p,
-						   const struct config_value *cfg, __u64 len,
-						   __u64 now)
+					 const struct config_value *cfg, __u64 len, __u64 now)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
