@@ -215,8 +215,8 @@ type Env struct {
 	// egress program reads and refreshes.
 	TombsV4 map[AegisSessionKeyV4]*AegisTombValue
 	TombsV6 map[AegisSessionKeyV6]*AegisTombValue
-	Frags      map[AegisFragKey]*AegisFragValue
-	Allow      []AllowRule
+	Frags   map[AegisFragKey]*AegisFragValue
+	Allow   []AllowRule
 	// Local is the gateway's routing table as the data path asks it
 	// (bpf_fib_lookup from the ingress interface): whether a packet for
 	// the unicast address dst is not forwarded (BPF_FIB_LKUP_RET_NOT_FWDED):
