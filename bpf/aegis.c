@@ -1413,10 +1413,17 @@ int aegis_xdp(struct xdp_md *ctx)
  * that keeps sending to a revoked user (a stream, game state, keepalives)
  * still opens nothing the user could answer through. Each refused packet
  * refreshes the tombstone, with the sessions' refresh granularity; one
- * idle longer than its protocol's flow idle timeout (the longer of TCP's
- * and UDP's for an any-protocol key) counts as absent, and the reaper
- * deletes it. A service quiet for that long and then sending again opens
- * a flow as any host behind the gateway opening one would.
+ * idle longer than the UDP flow idle timeout counts as absent, and the
+ * reaper deletes it. A service quiet for that long and then sending again
+ * opens a flow as any host behind the gateway opening one would.
+ *
+ * UDP's timeout for every key, TCP and any-protocol ones too: what a
+ * service sends unprompted, again and again, is datagrams. A service's
+ * TCP answers (SYN-ACK, ACK, FIN, RST) never open a flow, with or without
+ * a tombstone; a TCP tombstone only refuses a bare SYN from the service's
+ * port to the user (an active open from the listening port), and each
+ * such SYN refreshes it. TCP's flow timeout (hours) would keep hours of
+ * revocations in the map for that corner.
  *
  * User space writes them (internal/state: Revoke, and the reaper's sweep),
  * before it deletes the session, so that at every instant the session
@@ -1479,15 +1486,6 @@ static __always_inline struct tomb_value *tomb_find(const struct tuple *t, __u8 
 	return bpf_map_lookup_elem(&tombs_v6, &k);
 }
 
-/* The idle timeout of a tombstone of the key's protocol. */
-static __always_inline __u64 tomb_idle(__u8 proto, const struct config_value *cfg)
-{
-	if (proto)
-		return flow_idle(proto, cfg);
-	return cfg->flow_idle_tcp_ns > cfg->flow_idle_udp_ns ? cfg->flow_idle_tcp_ns
-							     : cfg->flow_idle_udp_ns;
-}
-
 /* Whether a live tombstone of proto refuses a flow for the reply r;
  * refreshes it if so. */
 static __always_inline int tomb_refuses(const struct tuple *r, __u8 proto,
@@ -1497,7 +1495,7 @@ static __always_inline int tomb_refuses(const struct tuple *r, __u8 proto,
 	if (!v)
 		return 0;
 	__s64 age = (__s64)(now - READ_ONCE(v->last_seen_ns));
-	if (age > (__s64)tomb_idle(proto, cfg))
+	if (age > (__s64)cfg->flow_idle_udp_ns)
 		return 0;
 	if (age > (__s64)AEGIS_REFRESH_NS)
 		WRITE_ONCE(v->last_seen_ns, now);

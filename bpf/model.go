@@ -181,15 +181,9 @@ func FlowVerdict(v *AegisFlowValue, idle, now uint64) (live, refresh bool) {
 	return true, age > int64(RefreshGranularity)
 }
 
-// TombIdle is how long a tombstone of the session key's protocol lives
-// without a refused packet: that protocol's flow idle timeout, and for an
-// any-protocol key the longer of TCP's and UDP's.
-func TombIdle(cfg *AegisConfigValue, proto uint8) uint64 {
-	if proto != 0 {
-		return FlowIdle(cfg, proto)
-	}
-	return max(cfg.FlowIdleTcpNs, cfg.FlowIdleUdpNs)
-}
+// TombIdle is how long a tombstone lives without a refused packet: the
+// UDP flow idle timeout, whatever the key's protocol (aegis.c says why).
+func TombIdle(cfg *AegisConfigValue) uint64 { return cfg.FlowIdleUdpNs }
 
 // TombVerdict decides whether a tombstone still refuses flows at now, and
 // whether the egress program rewrites its last_seen. One that does not
@@ -524,7 +518,7 @@ func (env *Env) tombRefuses(r *tuple, proto uint8) bool {
 	if v == nil {
 		return false
 	}
-	live, refresh := TombVerdict(v, TombIdle(&env.Config, proto), env.Now)
+	live, refresh := TombVerdict(v, TombIdle(&env.Config), env.Now)
 	if refresh {
 		v.LastSeenNs = env.Now
 	}

@@ -49,6 +49,10 @@ type Maps struct {
 	// rate limiters (events.go).
 	Events      *ebpf.Map
 	EventLimits *ebpf.Map
+	// TombsV4 and TombsV6 hold the tombstones of removed sessions
+	// (tomb.go).
+	TombsV4 *ebpf.Map
+	TombsV6 *ebpf.Map
 
 	stats guardStats
 }
@@ -165,14 +169,16 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 }
 
 // DaemonWritable reports whether the daemons write the named map: the
-// sessions maps, and the reaper's sweep counter (see sweep.go). The loader
+// sessions maps and their tombstones, and the reaper's sweep counter (see
+// sweep.go). The loader
 // alone writes the config and the allow rules. The events ring buffer is
 // here because reading one needs a writable descriptor: the reader
 // advances the consumer position in a page the kernel maps writable only
 // for one. That lets group aegis skip events, and nothing else (user space
 // cannot write into a BPF_MAP_TYPE_RINGBUF).
 func DaemonWritable(name string) bool {
-	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq || name == MapEvents
+	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq || name == MapEvents ||
+		name == MapTombsV4 || name == MapTombsV6
 }
 
 type slot struct {
@@ -190,6 +196,7 @@ func (m *Maps) slots() []slot {
 		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
 		{MapIfaces, &m.Ifaces},
 		{MapEvents, &m.Events}, {MapEventLimits, &m.EventLimits},
+		{MapTombsV4, &m.TombsV4}, {MapTombsV6, &m.TombsV6},
 	}
 }
 
