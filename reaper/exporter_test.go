@@ -48,6 +48,11 @@ func TestExporter(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	revoked := state.Key{Src: tu.ClientV6, Dst: tu.ServiceAV6, Port: 7000, Proto: state.Any}
+	grant(t, m, state.Session{Key: revoked, User: "bob", LastSeen: state.Now(), IdleTimeout: time.Hour})
+	if err := m.Revoke(revoked); err != nil {
+		t.Fatal(err)
+	}
 
 	body := scrape(t, addr)
 	// Ethernet, IPv4, UDP and the 4-byte payload.
@@ -65,6 +70,10 @@ func TestExporter(t *testing.T) {
 		`aegis_datapath_sessions_capacity{family="ipv6"}`:                                             1000,
 		`aegis_datapath_allow_entries{family="ipv4"}`:                                                 1,
 		`aegis_datapath_allow_entries{family="ipv6"}`:                                                 1,
+		`aegis_datapath_tombstones_entries{family="ipv4"}`:                                            0,
+		`aegis_datapath_tombstones_entries{family="ipv6"}`:                                            1,
+		`aegis_datapath_tombstones_active{family="ipv6"}`:                                             1,
+		`aegis_datapath_tombstones_capacity{family="ipv6"}`:                                           65536,
 		`aegis_datapath_monitor_mode`:                                                                 0,
 		`aegis_datapath_loaded`:                                                                       1,
 		fmt.Sprintf(`aegis_build_info{program_tag=%q,version=%q}`, daemon.ProgramTag(), cliVersion()): 1,
