@@ -423,26 +423,36 @@ func TestReplyRevokeWhileServiceSends(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			g.t = t
 			defer func() { g.t = t }()
-			removeWhileServiceSends(t, g, ps, svc, uint16(40000+i), tc.grant, tc.remove, tc.reason)
+			measureRemoval(t, g, ps, svc, uint16(40000+i), tc.grant, tc.remove, tc.reason).check(t, tc.reason)
+			revokeAll(t, g, svc)
 		})
 	}
 	g.t = t
 }
 
-// removeWhileServiceSends grants a session of tu.ClientV4 to svc (which
-// ps serves), streams from port while the service pushes, removes the
-// session, and requires that in the 500 ms after the removal none of the
-// user's datagrams reached the service while the service kept sending,
-// that they dropped as reason, and that another port of the user gets
-// nothing through; then that a new grant passes the user's next datagram.
-// It revokes what is left at the end.
-func removeWhileServiceSends(t *testing.T, g *gateway, ps *pushService, svc netip.AddrPort, port uint16,
-	grant, remove func(*testing.T), reason bpf.Reason) {
+// removal is what the user's side saw after its session was removed
+// while the service kept sending (measureRemoval).
+type removal struct {
+	// fromPort counts the user's datagrams from the streaming port that
+	// reached the service in the 500 ms after the removal, reply those the
+	// data path passed as reply, dropped those it dropped as the reason
+	// asked for; pushes the service's datagrams the user received then.
+	fromPort, reply, dropped, pushes int64
+	// fromOther counts a probe's datagrams from another port of the user
+	// that reached the service.
+	fromOther int64
+	// regranted: after a new grant, the user's next datagram got through.
+	regranted bool
+}
+
+// measureRemoval grants a session of tu.ClientV4 to svc (which ps
+// serves), streams from port while the service pushes, removes the
+// session, measures the 500 ms after the removal, probes from another
+// port, then grants again and sends one datagram. It reads the counters
+// from the pins raw, so that it also measures another build's pins.
+func measureRemoval(t *testing.T, g *gateway, ps *pushService, svc netip.AddrPort, port uint16,
+	grant, remove func(*testing.T), reason bpf.Reason) (r removal) {
 	t.Helper()
-	var r struct {
-		fromPort, fromOther, pushes, reply, dropped int64
-		regranted                                   bool
-	}
 	grant(t)
 	uc, err := dialIn(g.Client, "udp", netip.AddrPortFrom(tu.ClientV4, port), svc.String(), time.Second)
 	if err != nil {
@@ -482,10 +492,10 @@ func removeWhileServiceSends(t *testing.T, g *gateway, ps *pushService, svc neti
 	}
 	remove(t)
 	time.Sleep(50 * time.Millisecond) // what was in flight may still land
-	base, pushBase, st := ps.received.Load(), pushes.Load(), g.stats()
+	base, pushBase, st := ps.received.Load(), pushes.Load(), rawStats(t, g.pin)
 	time.Sleep(500 * time.Millisecond)
 	r.fromPort, r.pushes = ps.received.Load()-base, pushes.Load()-pushBase
-	after := g.stats()
+	after := rawStats(t, g.pin)
 	r.reply = int64(after[bpf.ReasonReply].Packets - st[bpf.ReasonReply].Packets)
 	r.dropped = int64(after[reason].Packets - st[reason].Packets)
 
@@ -506,13 +516,15 @@ func removeWhileServiceSends(t *testing.T, g *gateway, ps *pushService, svc neti
 		time.Sleep(5 * time.Millisecond)
 		r.regranted = ps.received.Load() > base
 	}
-	m := g.maps()
-	for _, proto := range []state.Protocol{state.Any, state.UDP} {
-		k := state.Key{Src: tu.ClientV4, Dst: svc.Addr(), Port: svc.Port(), Proto: proto}
-		if err := m.Revoke(k); err != nil && !errors.Is(err, state.ErrNotFound) {
-			t.Fatal(err)
-		}
-	}
+	return r
+}
+
+// check requires that none of the user's datagrams got through after the
+// removal while the service kept sending, that they dropped as reason,
+// that another port got nothing through either, and that the new grant
+// passed the next datagram.
+func (r removal) check(t *testing.T, reason bpf.Reason) {
+	t.Helper()
 	t.Logf("after the removal: %d of the user's datagrams reached the service (%d passed as reply), %d dropped as %v; the user got %d pushes; another port: %d",
 		r.fromPort, r.reply, r.dropped, reason, r.pushes, r.fromOther)
 	if r.fromPort != 0 || r.reply != 0 {
@@ -529,5 +541,17 @@ func removeWhileServiceSends(t *testing.T, g *gateway, ps *pushService, svc neti
 	}
 	if r.fromOther != 0 {
 		t.Errorf("%d datagrams from another source port passed after the removal", r.fromOther)
+	}
+}
+
+// revokeAll revokes every session of tu.ClientV4 to svc, of any protocol.
+func revokeAll(t *testing.T, g *gateway, svc netip.AddrPort) {
+	t.Helper()
+	m := g.maps()
+	for _, proto := range []state.Protocol{state.Any, state.TCP, state.UDP} {
+		k := state.Key{Src: tu.ClientV4, Dst: svc.Addr(), Port: svc.Port(), Proto: proto}
+		if err := m.Revoke(k); err != nil && !errors.Is(err, state.ErrNotFound) {
+			t.Fatal(err)
+		}
 	}
 }

@@ -33,11 +33,13 @@ var beforeTombstones = release.Release{
 // control plane and a stream through one of them, upgraded in place by
 // this loader: the tombstone maps are created empty, nothing else is
 // replaced, the stream loses nothing, and with this build's control plane
-// a revoke while the service keeps sending lets nothing through.
+// a revoke while the service keeps sending lets nothing through, where
+// the old build, measured the same way first, let the user's datagrams
+// through as reply.
 func TestUpgradeAddsTombstones(t *testing.T) {
 	tu.RequireKernel(t)
-	old := buildRelease(t, beforeTombstones)
-	oldLoader, oldCP := filepath.Join(old, "aegis-loader"), filepath.Join(old, "aegis-controlplane")
+	dir := buildRelease(t, beforeTombstones)
+	oldLoader, oldCP := filepath.Join(dir, "aegis-loader"), filepath.Join(dir, "aegis-controlplane")
 
 	g := &gateway{Topology: tu.NewTopology(t), t: t, pin: tu.PinDir(t)}
 	load := []string{"load", "--group", strconv.Itoa(daemonGID)}
@@ -50,16 +52,37 @@ func TestUpgradeAddsTombstones(t *testing.T) {
 
 	p := newPKI(t)
 	cp := startControlPlane(t, g, p, cpOptions{caps: "+bpf", binary: oldCP})
-	c := rpcCtx(t)
 	svc := netip.AddrPortFrom(tu.ServiceAV4, 5353)
 	sinkAddr := netip.AddrPortFrom(tu.ServiceBV4, 7000)
-	for _, dst := range []netip.AddrPort{svc, sinkAddr} {
-		if _, err := agentv1.NewAgentServiceClient(cp.dial(p.controller)).LoginEvent(c, &agentv1.LoginEventRequest{
-			User: "alice", SrcIp: tu.ClientV4.String(), DstIp: dst.Addr().String(), DstPort: uint32(dst.Port()),
-			Protocol: agentv1.Protocol_PROTOCOL_UDP}); err != nil {
-			t.Fatalf("%s's control plane: grant: %v", beforeTombstones.Version, err)
+	ps := startPushService(t, g, svc)
+	var agent agentv1.AgentServiceClient
+	var c context.Context
+	login := func(t *testing.T, dst netip.AddrPort) {
+		t.Helper()
+		if _, err := agent.LoginEvent(c, &agentv1.LoginEventRequest{User: "alice", SrcIp: tu.ClientV4.String(),
+			DstIp: dst.Addr().String(), DstPort: uint32(dst.Port()), Protocol: agentv1.Protocol_PROTOCOL_UDP}); err != nil {
+			t.Fatalf("LoginEvent: %v", err)
 		}
 	}
+	grant := func(t *testing.T) { login(t, svc) }
+	revoke := func(t *testing.T) {
+		t.Helper()
+		if resp, err := agent.LogoutEvent(c, &agentv1.LogoutEventRequest{User: "alice", SrcIp: tu.ClientV4.String(),
+			DstIp: svc.Addr().String(), DstPort: uint32(svc.Port()), Protocol: agentv1.Protocol_PROTOCOL_UDP}); err != nil || resp.GetRevoked() != 1 {
+			t.Fatalf("LogoutEvent: %v %v", resp, err)
+		}
+	}
+	agent, c = agentv1.NewAgentServiceClient(cp.dial(p.controller)), rpcCtx(t)
+
+	// The old build lets the revoked user's datagrams through while the
+	// service keeps sending: the measurement tells the two builds apart.
+	old := measureRemoval(t, g, ps, svc, 40099, grant, revoke, bpf.ReasonNoSession)
+	t.Logf("%s: %d of the user's datagrams reached the service in the 500 ms after the revoke (%d as reply)",
+		beforeTombstones.Version, old.fromPort, old.reply)
+	if old.fromPort == 0 || old.reply == 0 {
+		t.Errorf("%s let nothing through after the revoke: the measurement cannot tell the builds apart", beforeTombstones.Version)
+	}
+	login(t, sinkAddr)
 	_, sessionsID := sessionsV4(t, g.pin)
 
 	sink := g.Serve(t, sinkAddr)
@@ -98,7 +121,7 @@ func TestUpgradeAddsTombstones(t *testing.T) {
 	if got := sink.WaitReceived(r.sent, 3*time.Second); got != r.sent || r.sent < 2000 {
 		t.Fatalf("streamed %d datagrams across the upgrade, %d arrived", r.sent, got)
 	}
-	if after, id := sessionsV4(t, g.pin); id != sessionsID || len(after) != 2 {
+	if after, id := sessionsV4(t, g.pin); id != sessionsID || len(after) != 2 { // the re-grant and the sink
 		t.Fatalf("after the upgrade: sessions map %d (was %d) with %d sessions, want the same map with 2", id, sessionsID, len(after))
 	}
 	for _, name := range []string{state.MapTombsV4, state.MapTombsV6} {
@@ -111,22 +134,7 @@ func TestUpgradeAddsTombstones(t *testing.T) {
 	// The daemons of this build, as the upgrade procedure restarts them.
 	_ = cp.kill(syscall.SIGKILL)
 	cp = startControlPlane(t, g, p, cpOptions{caps: "+bpf"})
-	c = rpcCtx(t)
-	agent := agentv1.NewAgentServiceClient(cp.dial(p.controller))
-	ps := startPushService(t, g, svc)
-	grant := func(t *testing.T) {
-		t.Helper()
-		if _, err := agent.LoginEvent(c, &agentv1.LoginEventRequest{User: "alice", SrcIp: tu.ClientV4.String(),
-			DstIp: svc.Addr().String(), DstPort: uint32(svc.Port()), Protocol: agentv1.Protocol_PROTOCOL_UDP}); err != nil {
-			t.Fatalf("LoginEvent: %v", err)
-		}
-	}
-	revoke := func(t *testing.T) {
-		t.Helper()
-		if resp, err := agent.LogoutEvent(c, &agentv1.LogoutEventRequest{User: "alice", SrcIp: tu.ClientV4.String(),
-			DstIp: svc.Addr().String(), DstPort: uint32(svc.Port()), Protocol: agentv1.Protocol_PROTOCOL_UDP}); err != nil || resp.GetRevoked() != 1 {
-			t.Fatalf("LogoutEvent: %v %v", resp, err)
-		}
-	}
-	removeWhileServiceSends(t, g, ps, svc, 40100, grant, revoke, bpf.ReasonNoSession)
+	agent, c = agentv1.NewAgentServiceClient(cp.dial(p.controller)), rpcCtx(t)
+	revokeAll(t, g, svc) // the old measurement's re-grant
+	measureRemoval(t, g, ps, svc, 40100, grant, revoke, bpf.ReasonNoSession).check(t, bpf.ReasonNoSession)
 }
