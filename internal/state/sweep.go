@@ -272,8 +272,10 @@ func NewSweeper() *Sweeper {
 
 // Sweep deletes every session of m that the data path refuses now: past
 // its idle timeout (its own, or the config map's default as read at the
-// start of the sweep) or its lifetime. onReap, if not nil, is called for
-// each deleted session, outside the sections.
+// start of the sweep) or its lifetime, each after writing its tombstone
+// (tomb.go). Before the sessions it deletes the tombstones that no longer
+// refuse anything. onReap, if not nil, is called for each deleted session,
+// outside the sections.
 //
 // It stops between two sections when ctx ends and returns what it did so
 // far with ctx's error. It first closes a section that a dead sweep left
@@ -305,9 +307,9 @@ func (s *Sweeper) Sweep(ctx context.Context, m *Maps, onReap func(*Reaped)) (Swe
 	// The tombstones before the sessions, so that the room the stale ones
 	// leave serves this sweep's burials.
 	if m.hasTombs() && !s.legacy {
-		err = sweepTombs(s, &j, m, m.TombsV4, keyFromV4, &res.TombsV4)
+		err = sweepTombs(ctx, s, &j, m, m.TombsV4, keyFromV4, &res.TombsV4, &res.Interrupted)
 		if err == nil {
-			err = sweepTombs(s, &j, m, m.TombsV6, keyFromV6, &res.TombsV6)
+			err = sweepTombs(ctx, s, &j, m, m.TombsV6, keyFromV6, &res.TombsV6, &res.Interrupted)
 		}
 		if err != nil {
 			return res, err

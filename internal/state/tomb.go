@@ -1,6 +1,7 @@
 package state
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"iter"
@@ -254,8 +255,9 @@ type TombResult struct {
 // sweepTombs deletes the tombstones of mp that no longer refuse anything at
 // j.now, in sections like the sessions' (sweep.go): a revoke's tombstone
 // written between a section's re-read and its delete is written again by
-// the revoke (putTomb).
-func sweepTombs[K any](s *Sweeper, j *judge, m *Maps, mp *ebpf.Map, toKey func(*K) Key, res *TombResult) error {
+// the revoke (putTomb). It stops between two sections when ctx ends.
+func sweepTombs[K any](ctx context.Context, s *Sweeper, j *judge, m *Maps, mp *ebpf.Map, toKey func(*K) Key,
+	res *TombResult, interrupted *int) error {
 	keys := make([]K, batchSize)
 	vals := make([]bpf.AegisTombValue, batchSize)
 	var stale []K
@@ -272,9 +274,12 @@ func sweepTombs[K any](s *Sweeper, j *judge, m *Maps, mp *ebpf.Map, toKey func(*
 		return err
 	}
 	for len(stale) > 0 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		part := stale[:min(len(stale), sectionSize)]
 		stale = stale[len(part):]
-		if err := s.inSection(m, nil, func() error { return deleteStale(s, j, mp, part, toKey, res) }); err != nil {
+		if err := s.inSection(m, interrupted, func() error { return deleteStale(s, j, mp, part, toKey, res) }); err != nil {
 			return err
 		}
 	}
