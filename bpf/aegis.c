@@ -1449,13 +1449,14 @@ struct tomb_value {
 	__u32 pad;
 };
 
-/* Sized apart from the sessions maps: a tombstone outlives its session by
- * a flow idle timeout at least, and a full map makes user space keep the
- * dead session entry instead (see internal/state). Allocated on insert. */
+/* As large as the sessions maps (the loader sizes both with
+ * --max-sessions), so that the reaper can bury a whole map of sessions
+ * expiring at once; a full map makes user space keep the dead session
+ * entry instead (see internal/state). Allocated on insert. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 262144);
 	__type(key, struct session_key_v4);
 	__type(value, struct tomb_value);
 } tombs_v4 SEC(".maps");
@@ -1463,7 +1464,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 262144);
 	__type(key, struct session_key_v6);
 	__type(value, struct tomb_value);
 } tombs_v6 SEC(".maps");

@@ -73,7 +73,7 @@ func TestExporter(t *testing.T) {
 		`aegis_datapath_tombstones_entries{family="ipv4"}`:                                            0,
 		`aegis_datapath_tombstones_entries{family="ipv6"}`:                                            1,
 		`aegis_datapath_tombstones_active{family="ipv6"}`:                                             1,
-		`aegis_datapath_tombstones_capacity{family="ipv6"}`:                                           65536,
+		`aegis_datapath_tombstones_capacity{family="ipv6"}`:                                           1000, // --max-sessions
 		`aegis_datapath_monitor_mode`:                                                                 0,
 		`aegis_datapath_loaded`:                                                                       1,
 		fmt.Sprintf(`aegis_build_info{program_tag=%q,version=%q}`, daemon.ProgramTag(), cliVersion()): 1,

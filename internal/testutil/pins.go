@@ -17,7 +17,8 @@ type PinOptions struct {
 	Capacity uint32
 	// DefaultIdleTimeout written to the config map; 0 for one minute.
 	DefaultIdleTimeout time.Duration
-	// TombCapacity of each tombstone map; 0 keeps the build's default.
+	// TombCapacity of each tombstone map; 0 for Capacity, as the loader
+	// does.
 	TombCapacity uint32
 }
 
@@ -34,6 +35,8 @@ func PinMaps(t testing.TB, dir string, opts PinOptions) {
 	if opts.Capacity != 0 {
 		spec.Maps[state.MapSessionsV4].MaxEntries = opts.Capacity
 		spec.Maps[state.MapSessionsV6].MaxEntries = opts.Capacity
+		spec.Maps[state.MapTombsV4].MaxEntries = opts.Capacity
+		spec.Maps[state.MapTombsV6].MaxEntries = opts.Capacity
 	}
 	if opts.TombCapacity != 0 {
 		spec.Maps[state.MapTombsV4].MaxEntries = opts.TombCapacity
