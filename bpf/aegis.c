@@ -65,22 +65,24 @@
  *    (the identifier stands in for the port).
  *  - No flow is created for an outbound packet whose reply is already
  *    admitted by a session entry (live or expired, exact or any-protocol)
- *    or by an allow rule. A service answering a user over UDP therefore
- *    leaves no trace in the flow table, and revoking or expiring the
- *    session stops the user at once. Allow rules get the same treatment
+ *    or by an allow rule, nor for one whose reply was a session's until
+ *    it was removed (a live tombstone, see "Tombstones"). A service
+ *    answering a user therefore leaves no trace in the flow table, and
+ *    revoking or expiring the session stops the user at once, even while
+ *    the service keeps sending. Allow rules get the same treatment
  *    so that removing one also takes effect at once.
  *  - This program never creates flows; it refreshes a live one in place
  *    with the sessions' refresh granularity.
  *
  * What remains, stated so that operators can judge it:
  *
- *  - A UDP service that keeps SENDING to a user after the user's session
- *    is gone (a push protocol: media, game state, a VPN's keepalives)
- *    opens a flow with its first datagram after the session entry is
- *    deleted, and that user's same source port can answer for as long as
- *    the service keeps sending. A request/response service (DNS, NTP)
- *    never sends unprompted and is not affected. Turn reply
- *    tracking off (config.track_flows = 0) where that matters.
+ *  - A service that falls silent towards a removed session's user for
+ *    longer than the flow idle timeout loses the tombstone; if it then
+ *    sends to that user again, it opens a flow as any host behind the
+ *    gateway may. A flow that the private side opened to the user
+ *    before the session was granted is an ordinary outbound flow and
+ *    outlives the session while it is used. Turn reply tracking off
+ *    (config.track_flows = 0) where either matters.
  *  - A spoofer on the public side must guess a live 5-tuple: the peer's
  *    address and port (often public knowledge, e.g. a DNS resolver's :53)
  *    and the local ephemeral port (about 28,000 possibilities per peer on
@@ -1579,10 +1581,112 @@ int aegis_xdp(struct xdp_md *ctx)
 }
 
 /*
+ * Tombstones
+ * ----------
+ * A session key whose session left the sessions map (revoked, or deleted
+ * by the reaper once expired) keeps a tombstone in tombs_v4/tombs_v6, keyed
+ * like the session. While the session entry existed, no outbound packet
+ * from its service to its user could open a flow (record() below); the
+ * tombstone carries that refusal past the entry's deletion, so a service
+ * that keeps sending to a revoked user (a stream, game state, keepalives)
+ * still opens nothing the user could answer through. Each refused packet
+ * refreshes the tombstone, with the sessions' refresh granularity; one
+ * idle longer than the UDP flow idle timeout counts as absent, and the
+ * reaper deletes it. A service quiet for that long and then sending again
+ * opens a flow as any host behind the gateway opening one would.
+ *
+ * UDP's timeout for every key, TCP and any-protocol ones too: what a
+ * service sends unprompted, again and again, is datagrams. A service's
+ * TCP answers (SYN-ACK, ACK, FIN, RST) never open a flow, with or without
+ * a tombstone; a TCP tombstone only refuses a bare SYN from the service's
+ * port to the user (an active open from the listening port), and each
+ * such SYN refreshes it. TCP's flow timeout (hours) would keep hours of
+ * revocations in the map for that corner.
+ *
+ * User space writes them (internal/state: Revoke, and the reaper's sweep),
+ * before it deletes the session, so that at every instant the session
+ * entry or its tombstone exists; this program only reads them and writes
+ * last_seen in place. A grant does not remove one: record() asks for a
+ * session entry first, and a tombstone under an existing entry is never
+ * consulted. The ingress program does not read them: a revoked user's
+ * packets find no session and no flow and drop as no_session.
+ *
+ * They are looked up only where record() would otherwise create a flow,
+ * so a packet of a live flow costs nothing more.
+ */
+enum tomb_cause {
+	TOMB_REVOKED = 1, /* revoked */
+	TOMB_EXPIRED = 2, /* expired, then deleted by the reaper */
+};
+const enum tomb_cause tomb_cause_btf SEC(".btf.anchor") __attribute__((unused));
+
+struct tomb_value {
+	__u64 last_seen_ns; /* the session's removal, or the last packet refused since */
+	__u64 removed_ns;   /* when the session was removed */
+	__u32 cause;        /* enum tomb_cause */
+	__u32 pad;
+};
+
+/* As large as the sessions maps (the loader sizes both with
+ * --max-sessions), so that the reaper can bury a whole map of sessions
+ * expiring at once; a full map makes user space keep the dead session
+ * entry instead (see internal/state). Allocated on insert. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct session_key_v4);
+	__type(value, struct tomb_value);
+} tombs_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct session_key_v6);
+	__type(value, struct tomb_value);
+} tombs_v6 SEC(".maps");
+
+static __always_inline struct tomb_value *tomb_find(const struct tuple *t, __u8 proto)
+{
+	if (t->family == 4) {
+		struct session_key_v4 k = {};
+		__builtin_memcpy(k.src, t->src, 4);
+		__builtin_memcpy(k.dst, t->dst, 4);
+		k.dport = t->dport;
+		k.proto = proto;
+		return bpf_map_lookup_elem(&tombs_v4, &k);
+	}
+	struct session_key_v6 k = {};
+	__builtin_memcpy(k.src, t->src, 16);
+	__builtin_memcpy(k.dst, t->dst, 16);
+	k.dport = t->dport;
+	k.proto = proto;
+	return bpf_map_lookup_elem(&tombs_v6, &k);
+}
+
+/* Whether a live tombstone of proto refuses a flow for the reply r;
+ * refreshes it if so. */
+static __always_inline int tomb_refuses(const struct tuple *r, __u8 proto,
+					const struct config_value *cfg, __u64 now)
+{
+	struct tomb_value *v = tomb_find(r, proto);
+	if (!v)
+		return 0;
+	__s64 age = (__s64)(now - READ_ONCE(v->last_seen_ns));
+	if (age > (__s64)cfg->flow_idle_udp_ns)
+		return 0;
+	if (age > (__s64)AEGIS_REFRESH_NS)
+		WRITE_ONCE(v->last_seen_ns, now);
+	return 1;
+}
+
+/*
  * Records the flow an outbound packet belongs to (see "Flows" above): a
  * live flow is refreshed; otherwise a new one is created if the packet may
  * open one and its reply is not already admitted by a session or an allow
- * rule. An expired flow counts as absent.
+ * rule, and is not the reply of a removed session (see "Tombstones"). An
+ * expired flow or tombstone counts as absent.
  */
 static __always_inline void record(const struct tuple *o, const struct config_value *cfg)
 {
@@ -1600,6 +1704,11 @@ static __always_inline void record(const struct tuple *o, const struct config_va
 	if (o->proto == IPPROTO_TCP && (o->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
 		return;
 	if (r.kind == L4_PORTS && (session_find(&r, r.proto) || session_find(&r, 0)))
+		return;
+	/* Both are looked up (and refreshed) when both exist, so that each
+	 * lives as long as the service keeps sending. */
+	if (r.kind == L4_PORTS &&
+	    (tomb_refuses(&r, r.proto, cfg, now) | tomb_refuses(&r, 0, cfg, now)))
 		return;
 	if (allowed(&r, cfg))
 		return;

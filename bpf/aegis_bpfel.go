@@ -237,6 +237,21 @@ type AegisSweepSeqValue struct {
 	Seq uint64
 }
 
+type AegisTombCause uint32
+
+const (
+	AegisTombCauseTOMB_REVOKED AegisTombCause = 1
+	AegisTombCauseTOMB_EXPIRED AegisTombCause = 2
+)
+
+type AegisTombValue struct {
+	_          structs.HostLayout
+	LastSeenNs uint64
+	RemovedNs  uint64
+	Cause      uint32
+	Pad        uint32
+}
+
 type AegisVerdict uint32
 
 const (
@@ -261,6 +276,8 @@ const (
 	AegisMapSessionsV6     = "sessions_v6"
 	AegisMapStats          = "stats"
 	AegisMapSweepSeq       = "sweep_seq"
+	AegisMapTombsV4        = "tombs_v4"
+	AegisMapTombsV6        = "tombs_v6"
 	AegisProgAegisEgress   = "aegis_egress"
 	AegisProgAegisLocality = "aegis_locality"
 	AegisProgAegisXdp      = "aegis_xdp"
@@ -331,6 +348,8 @@ type AegisMapSpecs struct {
 	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
 	SweepSeq    *ebpf.MapSpec `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.MapSpec `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.MapSpec `ebpf:"tombs_v6"`
 }
 
 // AegisVariableSpecs contains global variables before they are loaded into the kernel.
@@ -373,6 +392,8 @@ type AegisMaps struct {
 	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
 	Stats       *ebpf.Map `ebpf:"stats"`
 	SweepSeq    *ebpf.Map `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.Map `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.Map `ebpf:"tombs_v6"`
 }
 
 func (m *AegisMaps) Close() error {
@@ -391,6 +412,8 @@ func (m *AegisMaps) Close() error {
 		m.SessionsV6,
 		m.Stats,
 		m.SweepSeq,
+		m.TombsV4,
+		m.TombsV6,
 	)
 }
 

@@ -181,6 +181,21 @@ func FlowVerdict(v *AegisFlowValue, idle, now uint64) (live, refresh bool) {
 	return true, age > int64(RefreshGranularity)
 }
 
+// TombIdle is how long a tombstone lives without a refused packet: the
+// UDP flow idle timeout, whatever the key's protocol (aegis.c says why).
+func TombIdle(cfg *AegisConfigValue) uint64 { return cfg.FlowIdleUdpNs }
+
+// TombVerdict decides whether a tombstone still refuses flows at now, and
+// whether the egress program rewrites its last_seen. One that does not
+// counts as absent, and the reaper deletes it.
+func TombVerdict(v *AegisTombValue, idle, now uint64) (live, refresh bool) {
+	age := int64(now - v.LastSeenNs)
+	if age > int64(idle) {
+		return false, false
+	}
+	return true, age > int64(RefreshGranularity)
+}
+
 // Env is everything besides the packet that the verdict depends on, and
 // the state both programs write.
 type Env struct {
@@ -199,6 +214,10 @@ type Env struct {
 	// AllowHits counts the packets each allow rule admitted, by
 	// AllowHitSlot, as allow_hits does; Verdict allocates it.
 	AllowHits map[uint32]uint64
+	// TombsV4 and TombsV6 are the removed sessions' tombstones, which the
+	// egress program reads and refreshes.
+	TombsV4 map[AegisSessionKeyV4]*AegisTombValue
+	TombsV6 map[AegisSessionKeyV6]*AegisTombValue
 	// Local is the gateway's routing table as the data path asks it
 	// (bpf_fib_lookup from the ingress interface): whether a packet for
 	// the unicast address dst is not forwarded (BPF_FIB_LKUP_RET_NOT_FWDED):
@@ -260,7 +279,7 @@ const (
 	FlowNone    FlowWrite = iota // not a packet that opens or keeps a flow
 	FlowKept                     // a live flow; last_seen refreshed if stale
 	FlowCreated                  // a new flow (or one that had expired)
-	FlowRefused                  // could open a flow, but its reply is already admitted
+	FlowRefused                  // could open a flow, but its reply is already admitted or was a removed session's
 )
 
 // Egress models aegis_egress for one outgoing frame: it updates env's flow
@@ -313,6 +332,12 @@ func (env *Env) record(o *tuple) (FlowWrite, any) {
 	}
 	if r.kind == l4Ports && (env.session(&r, r.proto) != nil || env.session(&r, 0) != nil) {
 		return FlowRefused, r.flowKey()
+	}
+	if r.kind == l4Ports && mutation != "egress-no-tomb" {
+		exact, any := env.tombRefuses(&r, r.proto), env.tombRefuses(&r, 0)
+		if exact || any {
+			return FlowRefused, r.flowKey()
+		}
 	}
 	if env.allowed(&r) {
 		return FlowRefused, r.flowKey()
@@ -484,6 +509,27 @@ func (env *Env) flow(t *tuple) *AegisFlowValue {
 		return env.FlowsV6[k]
 	}
 	return nil
+}
+
+func (env *Env) tomb(t *tuple, proto uint8) *AegisTombValue {
+	if t.family == 4 {
+		return env.TombsV4[AegisSessionKeyV4{Src: [4]byte(t.src[:4]), Dst: [4]byte(t.dst[:4]), Dport: t.dport, Proto: proto}]
+	}
+	return env.TombsV6[AegisSessionKeyV6{Src: t.src, Dst: t.dst, Dport: t.dport, Proto: proto}]
+}
+
+// tombRefuses reports whether a live tombstone of proto refuses a flow for
+// the reply r, refreshing it if so.
+func (env *Env) tombRefuses(r *tuple, proto uint8) bool {
+	v := env.tomb(r, proto)
+	if v == nil {
+		return false
+	}
+	live, refresh := TombVerdict(v, TombIdle(&env.Config), env.Now)
+	if refresh {
+		v.LastSeenNs = env.Now
+	}
+	return live
 }
 
 // sessionLive applies SessionVerdict, refreshing last_seen if asked.

@@ -45,6 +45,7 @@ func newHarness(t testing.TB) *harness {
 			SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6,
 			AllowV4: objs.AllowV4, AllowV6: objs.AllowV6,
 			Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq,
+			TombsV4: objs.TombsV4, TombsV6: objs.TombsV6,
 		},
 	}
 }

@@ -222,7 +222,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	}()
 	time.Sleep(800 * time.Millisecond)
 	out := g.loader(load...)
-	for _, want := range []string{"created maps sweep_seq,flows_v4,flows_v6,frags,ifaces,events,event_limits", "migrated maps config", "upgraded " + tu.PublicIface, "wrote config"} {
+	for _, want := range []string{"created maps sweep_seq,flows_v4,flows_v6,frags,ifaces,events,event_limits,allow_hits,tombs_v4,tombs_v6", "migrated maps config", "upgraded " + tu.PublicIface, "wrote config"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("upgrade over %s: output lacks %q:\n%s", prev.Version, want, out)
 		}

@@ -140,6 +140,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 		{state.MapSessionsV4, maps.SessionsV4}, {state.MapSessionsV6, maps.SessionsV6},
 		{state.MapAllowV4, maps.AllowV4}, {state.MapAllowV6, maps.AllowV6},
 		{state.MapFlowsV4, maps.FlowsV4}, {state.MapFlowsV6, maps.FlowsV6},
+		{state.MapTombsV4, maps.TombsV4}, {state.MapTombsV6, maps.TombsV6},
 	} {
 		ms := MapStatus{Name: mp.name, Capacity: mp.m.MaxEntries()}
 		if info, err := mp.m.Info(); err == nil {
@@ -147,7 +148,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 				ms.ID = uint32(id)
 			}
 		}
-		if mp.m.Type() == ebpf.Hash {
+		if mp.m == maps.SessionsV4 || mp.m == maps.SessionsV6 {
 			ms.Entries, err = state.CountEntries(mp.m)
 		} else {
 			ms.Entries, err = countIterate(mp.m)

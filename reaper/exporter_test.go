@@ -66,6 +66,11 @@ func TestExporter(t *testing.T) {
 	ruleSeries := func(id uint8) string {
 		return fmt.Sprintf(`aegis_datapath_allow_rule_packets_total{family="ipv4",rule_id="%d"}`, id)
 	}
+	revoked := state.Key{Src: tu.ClientV6, Dst: tu.ServiceAV6, Port: 7000, Proto: state.Any}
+	grant(t, m, state.Session{Key: revoked, User: "bob", LastSeen: state.Now(), IdleTimeout: time.Hour})
+	if err := m.Revoke(revoked); err != nil {
+		t.Fatal(err)
+	}
 
 	body := scrape(t, addr)
 	// Ethernet, IPv4, UDP and the 4-byte payload.
@@ -87,6 +92,10 @@ func TestExporter(t *testing.T) {
 		ruleSeries(ids[sshRule]):                                                                      0,
 		ruleSeries(0):                                                                                 0,
 		`aegis_datapath_allow_rule_packets_total{family="ipv6",rule_id="0"}`:                          0,
+		`aegis_datapath_tombstones_entries{family="ipv4"}`:                                            0,
+		`aegis_datapath_tombstones_entries{family="ipv6"}`:                                            1,
+		`aegis_datapath_tombstones_active{family="ipv6"}`:                                             1,
+		`aegis_datapath_tombstones_capacity{family="ipv6"}`:                                           1000, // --max-sessions
 		`aegis_datapath_monitor_mode`:                                                                 0,
 		`aegis_datapath_loaded`:                                                                       1,
 		fmt.Sprintf(`aegis_build_info{program_tag=%q,version=%q}`, daemon.ProgramTag(), cliVersion()): 1,

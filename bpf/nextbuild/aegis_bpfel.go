@@ -165,6 +165,14 @@ type AegisSweepSeqValue struct {
 	Seq uint64
 }
 
+type AegisTombValue struct {
+	_          structs.HostLayout
+	LastSeenNs uint64
+	RemovedNs  uint64
+	Cause      uint32
+	Pad        uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -183,6 +191,8 @@ const (
 	AegisMapSessionsV6     = "sessions_v6"
 	AegisMapStats          = "stats"
 	AegisMapSweepSeq       = "sweep_seq"
+	AegisMapTombsV4        = "tombs_v4"
+	AegisMapTombsV6        = "tombs_v6"
 	AegisProgAegisEgress   = "aegis_egress"
 	AegisProgAegisLocality = "aegis_locality"
 	AegisProgAegisXdp      = "aegis_xdp"
@@ -253,6 +263,8 @@ type AegisMapSpecs struct {
 	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
 	SweepSeq    *ebpf.MapSpec `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.MapSpec `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.MapSpec `ebpf:"tombs_v6"`
 }
 
 // AegisVariableSpecs contains global variables before they are loaded into the kernel.
@@ -295,6 +307,8 @@ type AegisMaps struct {
 	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
 	Stats       *ebpf.Map `ebpf:"stats"`
 	SweepSeq    *ebpf.Map `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.Map `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.Map `ebpf:"tombs_v6"`
 }
 
 func (m *AegisMaps) Close() error {
@@ -313,6 +327,8 @@ func (m *AegisMaps) Close() error {
 		m.SessionsV6,
 		m.Stats,
 		m.SweepSeq,
+		m.TombsV4,
+		m.TombsV6,
 	)
 }
 

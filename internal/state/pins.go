@@ -54,13 +54,19 @@ const (
 	// MapAllowHits counts, per CPU, the packets each allow rule admitted,
 	// by the rule's id (allowhits.go).
 	MapAllowHits = "allow_hits"
+	// MapTombsV4 and MapTombsV6 hold the tombstones of removed sessions,
+	// keyed like the sessions (tomb.go); written by the daemons, read and
+	// refreshed by the egress program.
+	MapTombsV4 = "tombs_v4"
+	MapTombsV6 = "tombs_v6"
 )
 
 // MapIfaces (ifaces.go) is pinned beside them.
 
 // MapNames lists every pinned map.
 var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapSweepSeq,
-	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces, MapEvents, MapEventLimits, MapAllowHits}
+	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces, MapEvents, MapEventLimits, MapAllowHits,
+	MapTombsV4, MapTombsV6}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
