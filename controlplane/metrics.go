@@ -79,6 +79,9 @@ func (m *metrics) revoke(api, result string) {
 func (m *metrics) collectors() []prometheus.Collector {
 	cs := []prometheus.Collector{m.grants, m.revokes, mapsCollector{m}, daemon.BuildInfo(), m.s.tlsFailures}
 	cs = append(cs, m.s.mon.collectors()...)
+	if m.s.sl != nil {
+		cs = append(cs, m.s.sl.m.collectors()...)
+	}
 	if c := m.s.opts.Certificates; c != nil {
 		cs = append(cs,
 			c.expiryCollector(),

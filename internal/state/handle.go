@@ -21,6 +21,9 @@ type Handle struct {
 	mu   sync.RWMutex
 	maps *Maps
 	ids  [2]ebpf.MapID // sessions_v4, sessions_v6 of maps
+	// gen counts the opens, so that a cache of the maps' content (a
+	// control plane with a store) sees that they were replaced.
+	gen uint64
 }
 
 // NewHandle returns a handle on the maps pinned under pinPath. It does not
@@ -66,6 +69,7 @@ func (h *Handle) open() error {
 		return err
 	}
 	h.maps, h.ids = m, ids
+	h.gen++
 	h.log.Info().Str("pin_path", h.pinPath).Uint32("sessions_v4_id", uint32(ids[0])).Msg("opened pinned maps")
 	return nil
 }
@@ -91,6 +95,15 @@ func (h *Handle) Refresh() error {
 		return err
 	}
 	return h.open()
+}
+
+// Generation returns how many times the handle opened maps: it changes
+// when the loader replaced them (an unload and a load make new, empty
+// ones).
+func (h *Handle) Generation() uint64 {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.gen
 }
 
 // Close releases the maps.
