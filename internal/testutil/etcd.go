@@ -249,7 +249,7 @@ func (e *Etcd) args(p *etcdProc) []string {
 		"--trusted-ca-file", e.file("ca.crt"), "--client-cert-auth",
 		"--peer-cert-file", e.file(p.name + ".crt"), "--peer-key-file", e.file(p.name + ".key"),
 		"--peer-trusted-ca-file", e.file("ca.crt"), "--peer-client-cert-auth",
-		"--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+		"--logger", "zap", "--log-outputs", "stderr", "--log-level", "error",
 	}
 	if d := e.opts.HeartbeatInterval; d > 0 {
 		args = append(args, "--heartbeat-interval", strconv.FormatInt(d.Milliseconds(), 10))
