@@ -64,6 +64,10 @@ type EtcdOptions struct {
 	// the defaults: a shorter election timeout turns scheduling delays
 	// into leader changes.
 	HeartbeatInterval, ElectionTimeout time.Duration
+	// DataDir is where the members' data directories are made; "" for
+	// t.TempDir(). Benchmarks that want etcd's own disk out of the figure
+	// give a tmpfs (/dev/shm): a member fsyncs its log on every commit.
+	DataDir string
 }
 
 // Etcd is a running etcd cluster of child processes with mutual TLS on
@@ -136,6 +140,12 @@ func StartEtcdOptions(t testing.TB, members []EtcdMember, opts EtcdOptions) *Etc
 	}
 
 	data := t.TempDir()
+	if opts.DataDir != "" {
+		if data, err = os.MkdirTemp(opts.DataDir, "aegis-etcd-data-"); err != nil {
+			t.Fatalf("start etcd: %v", err)
+		}
+		t.Cleanup(func() { os.RemoveAll(data) })
+	}
 	for i, m := range members {
 		if !m.IP.IsValid() {
 			t.Fatalf("start etcd: member %d has no address", i)
@@ -554,4 +564,27 @@ func (e *Etcd) gateway(ctx context.Context, i int, path string, req any) ([]byte
 		return nil, fmt.Errorf("%w: %s %s: %s", ErrEtcdRequest, path, resp.Status, bytes.TrimSpace(body))
 	}
 	return body, nil
+}
+
+// Metrics returns member i's Prometheus metrics (/metrics on its client
+// URL), for benchmarks that count the requests a workload makes.
+func (e *Etcd) Metrics(ctx context.Context, i int) (string, error) {
+	p := e.member(i)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.clientURL()+"/metrics", nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := e.httpClient(i).Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%w: /metrics: %s", ErrEtcdRequest, resp.Status)
+	}
+	return string(body), nil
 }
