@@ -153,6 +153,10 @@ func (f *File) drop(sub *fileSub, err error) {
 	close(sub.ch)
 }
 
+// errNothing rolls back a transaction that changed nothing, so that the
+// revision counts changes only, as etcd's does.
+var errNothing = errors.New("nothing changed")
+
 // Txn implements Store.
 func (f *File) Txn(ctx context.Context, ops []Op) (int64, error) {
 	if len(ops) > MaxTxnOps {
@@ -200,8 +204,14 @@ func (f *File) Txn(ctx context.Context, ops []Op) (int64, error) {
 			}
 			events = append(events, Event{Type: Put, Entry: Entry{Record: op.Record, ModRev: rev}})
 		}
+		if len(events) == 0 {
+			return errNothing
+		}
 		return tx.Bucket(bucketMeta).Put(keyRevision, beBytes(uint64(rev)))
 	})
+	if errors.Is(err, errNothing) {
+		return 0, nil
+	}
 	if err != nil {
 		if errors.Is(err, ErrConflict) {
 			return 0, err
