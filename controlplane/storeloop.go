@@ -82,6 +82,12 @@ type storeLoop struct {
 	resync   chan struct{} // asks the loop to resynchronise
 
 	m *storeMetrics
+
+	// Test seams: beforeReapTxn runs between the reaping's judgment and
+	// its delete; reapUnconditional drops the revision condition of that
+	// delete, to show what the condition prevents.
+	beforeReapTxn     func()
+	reapUnconditional bool
 }
 
 func newStoreLoop(s *Server, o *Options) *storeLoop {
@@ -155,9 +161,11 @@ func (l *storeLoop) probe(ctx context.Context) {
 			l.log.Error().Err(err).Msg("session store unreachable: grants and revokes refused (Unavailable), the maps keep enforcing what they hold")
 		case err == nil && !was:
 			l.log.Info().Msg("session store reachable")
-			l.requestResync()
+			if l.restored.Load() {
+				l.requestResync()
+			}
 		}
-		if gen := l.s.maps.Generation(); gen != l.genSeen() {
+		if l.restored.Load() && l.s.maps.Generation() != l.genSeen() {
 			l.requestResync()
 		}
 		select {

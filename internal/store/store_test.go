@@ -37,10 +37,10 @@ func rec(k state.Key, user string) store.Record {
 
 func TestParseSpec(t *testing.T) {
 	for in, want := range map[string]store.Spec{
-		"none":                             {Kind: "none"},
-		"":                                 {Kind: "none"},
-		"file:/var/lib/aegis/sessions.db":  {Kind: "file", Path: "/var/lib/aegis/sessions.db"},
-		"etcd:https://192.0.2.1:2379":      {Kind: "etcd", Endpoints: []string{"https://192.0.2.1:2379"}},
+		"none":                            {Kind: "none"},
+		"":                                {Kind: "none"},
+		"file:/var/lib/aegis/sessions.db": {Kind: "file", Path: "/var/lib/aegis/sessions.db"},
+		"etcd:https://192.0.2.1:2379":     {Kind: "etcd", Endpoints: []string{"https://192.0.2.1:2379"}},
 		"etcd:https://a:2379,https://b:1": {Kind: "etcd", Endpoints: []string{"https://a:2379", "https://b:1"}},
 	} {
 		got, err := store.ParseSpec(in)
