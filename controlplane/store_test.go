@@ -487,3 +487,46 @@ func TestStoreReapVersusRegrant(t *testing.T) {
 		})
 	}
 }
+
+// IpChange with a store moves the stored sessions: a swap swaps, in the
+// maps and in the store (a restart restores the moved sessions).
+func TestStoreIpChangeSwap(t *testing.T) {
+	tu.RequireKernel(t)
+	path := filepath.Join(t.TempDir(), "sessions.db")
+	e := newEnv(t, envOptions{store: openFileStore(t, path), gateway: "gw", activityInterval: time.Hour})
+	agent, compat := e.controller()
+	a, b := netip.MustParseAddr("198.51.100.1"), netip.MustParseAddr("198.51.100.2")
+	for _, r := range []*agentv1.LoginEventRequest{
+		{User: "alice", SrcIp: "192.0.2.10", DstIp: a.String(), DstPort: 22},
+		{User: "bob", SrcIp: "192.0.2.10", DstIp: b.String(), DstPort: 22},
+		{User: "carol", SrcIp: "192.0.2.11", DstIp: a.String(), DstPort: 22},
+	} {
+		if _, err := agent.LoginEvent(ctx(t), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := compat.IpChange(ctx(t), &session.IpChangeList{IpChanges: []*session.IpChangeEvent{
+		{OldIp: 0xC6336401, NewIp: 0xC6336402}, {OldIp: 0xC6336402, NewIp: 0xC6336401}}}); err != nil {
+		t.Fatal(err)
+	}
+	k := func(src string, dst netip.Addr) state.Key {
+		return state.Key{Src: netip.MustParseAddr(src), Dst: dst, Port: 22, Proto: state.TCP}
+	}
+	want := map[state.Key]string{k("192.0.2.10", b): "alice", k("192.0.2.10", a): "bob", k("192.0.2.11", b): "carol"}
+	check := func(what string) {
+		t.Helper()
+		got := e.dump()
+		if len(got) != len(want) {
+			t.Fatalf("%s: %v", what, got)
+		}
+		for key, user := range want {
+			if got[key].User != user {
+				t.Fatalf("%s: %v is %q's, want %q's", what, key, got[key].User, user)
+			}
+		}
+	}
+	check("after the swap")
+	e.stop()
+	e = newEnv(t, envOptions{store: openFileStore(t, path), gateway: "gw", activityInterval: time.Hour})
+	check("restored after the swap")
+}

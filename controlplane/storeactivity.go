@@ -70,17 +70,15 @@ func (l *storeLoop) publish(ctx context.Context) {
 		if l.s.maps.Generation() != l.genSeen() {
 			return nil
 		}
-		l.mu.Lock()
-		defer l.mu.Unlock()
+		// The lock is taken per session, not across the walk, so that
+		// grants and the apply loop are not held up by a large map.
 		for s, err := range m.Sessions() {
 			if err != nil {
 				return err
 			}
+			l.mu.Lock()
 			e := l.index[s.Key]
-			if e == nil {
-				continue
-			}
-			if s.LastSeen != e.local {
+			if e != nil && s.LastSeen != e.local {
 				e.local = s.LastSeen
 				// Only traffic counts: the grant's own stamp is in the record.
 				if w := l.clock.ToWall(s.LastSeen); w > e.published && w > e.rec.LastSeen+int64(time.Second) {
@@ -88,7 +86,10 @@ func (l *storeLoop) publish(ctx context.Context) {
 					changed = append(changed, store.Activity{Key: s.Key, LastSeen: w})
 				}
 			}
+			l.mu.Unlock()
 		}
+		l.mu.Lock()
+		defer l.mu.Unlock()
 		if l.st.Shared() {
 			for k, e := range l.index {
 				if e.published != 0 {

@@ -219,8 +219,11 @@ func (l *storeLoop) userKeys(user string) []state.Key {
 }
 
 // move moves the stored sessions whose destination is a key of moves, as
-// state.Maps.MoveDestinations does in the maps: a session whose new key
-// is taken by one that is not moving is deleted (superseded).
+// state.Maps.MoveDestinations does in the maps: a moving session whose
+// new key holds a session that is not moving itself is deleted, and the
+// one there kept (superseded). A swap (a to b, b to a) swaps: a key that
+// receives a moved session is overwritten, not deleted (etcd refuses two
+// writes of one key in a transaction anyway).
 func (l *storeLoop) move(moves map[netip.Addr]netip.Addr) (state.MoveResult, int64, error) {
 	var res state.MoveResult
 	for from, to := range moves {
@@ -228,51 +231,69 @@ func (l *storeLoop) move(moves map[netip.Addr]netip.Addr) (state.MoveResult, int
 			return res, 0, fmt.Errorf("%w: cannot move %s to %s", state.ErrInvalid, from, to)
 		}
 	}
+	type pending struct {
+		from  state.Key
+		e     indexEntry
+		to    state.Key
+		taken int64 // the new key's revision; 0 when free
+	}
 	l.mu.Lock()
-	var ops []store.Op
-	var moved, superseded int
+	var ps []pending
+	moving := map[state.Key]bool{}
 	for k, e := range l.index {
-		to, ok := moves[k.Dst]
-		if !ok || to == k.Dst {
+		if to, ok := moves[k.Dst]; ok && to != k.Dst {
+			nk := k
+			nk.Dst = to
+			ps = append(ps, pending{from: k, e: *e, to: nk})
+			moving[k] = true
+		}
+	}
+	targets, deleted := map[state.Key]bool{}, map[state.Key]bool{}
+	var groups [][]store.Op
+	for i := range ps {
+		p := &ps[i]
+		if t := l.index[p.to]; t != nil {
+			p.taken = t.modRev
+		}
+		if (p.taken != 0 && !moving[p.to]) || targets[p.to] {
+			res.Superseded++
+			deleted[p.from] = true
+			groups = append(groups, []store.Op{{Record: store.Record{Key: p.from}, Delete: true, IfModRev: p.e.modRev}})
 			continue
 		}
-		nk := k
-		nk.Dst = to
-		ops = append(ops, store.Op{Record: store.Record{Key: k}, Delete: true, IfModRev: e.modRev})
-		target, taken := l.index[nk]
-		if taken {
-			if _, moving := moves[nk.Dst]; !moving {
-				superseded++
-				continue
-			}
+		targets[p.to] = true
+		rec := p.e.rec
+		rec.Key = p.to
+		groups = append(groups, []store.Op{{Record: rec, IfModRev: p.taken}})
+		res.Moved++
+	}
+	for i := range ps {
+		p := &ps[i]
+		if !targets[p.from] && !deleted[p.from] {
+			groups = append(groups, []store.Op{{Record: store.Record{Key: p.from}, Delete: true, IfModRev: p.e.modRev}})
 		}
-		rec := e.rec
-		rec.Key = nk
-		cond := int64(0)
-		if taken {
-			cond = target.modRev
-		}
-		ops = append(ops, store.Op{Record: rec, IfModRev: cond})
-		moved++
 	}
 	l.mu.Unlock()
-	// One transaction, so that a swap never loses a session half way; a
-	// move larger than one transaction takes several.
 	var rev int64
-	for len(ops) > 0 {
-		n := min(len(ops), store.MaxTxnOps)
-		if n < len(ops) && !ops[n-1].Delete && n > 1 {
-			// keep a delete and its put together
-		} else if n < len(ops) && ops[n-1].Delete {
-			n--
+	var ops []store.Op
+	flush := func() error {
+		if len(ops) == 0 {
+			return nil
 		}
-		r, err := l.commit(context.Background(), ops[:n])
-		if err != nil {
-			return res, rev, err
-		}
-		rev = max(rev, r)
-		ops = ops[n:]
+		r, err := l.commit(context.Background(), ops)
+		rev, ops = max(rev, r), ops[:0]
+		return err
 	}
-	res.Moved, res.Superseded = moved, superseded
+	for _, g := range groups {
+		if len(ops)+len(g) > store.MaxTxnOps {
+			if err := flush(); err != nil {
+				return state.MoveResult{}, rev, err
+			}
+		}
+		ops = append(ops, g...)
+	}
+	if err := flush(); err != nil {
+		return state.MoveResult{}, rev, err
+	}
 	return res, rev, nil
 }
