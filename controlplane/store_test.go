@@ -530,3 +530,97 @@ func TestStoreIpChangeSwap(t *testing.T) {
 	e = newEnv(t, envOptions{store: openFileStore(t, path), gateway: "gw", activityInterval: time.Hour})
 	check("restored after the swap")
 }
+
+// Revokes are final against everything that deletes concurrently: grants
+// and revokes through the store race the reaper's sweeps of the maps and
+// the control plane's reaping of the store, on sessions at the edge of
+// expiry. At the end no revoked session is in the maps or the store, and
+// every acknowledged grant not revoked is in both.
+func TestStoreRevokeVersusSweep(t *testing.T) {
+	tu.RequireKernel(t)
+	path := filepath.Join(t.TempDir(), "sessions.db")
+	e := newEnv(t, envOptions{store: openFileStore(t, path), gateway: "gw", activityInterval: time.Hour})
+	agent, _ := e.controller()
+	m := e.maps()
+	stop := make(chan struct{})
+	done := make(chan struct{}, 2)
+	go func() {
+		sw := state.NewSweeper()
+		for {
+			select {
+			case <-stop:
+				done <- struct{}{}
+				return
+			default:
+			}
+			if _, err := sw.Sweep(context.Background(), m, nil); err != nil {
+				t.Error(err)
+			}
+		}
+	}()
+	go func() {
+		for {
+			select {
+			case <-stop:
+				done <- struct{}{}
+				return
+			default:
+			}
+			controlplane.PublishAndReap(e.srv)
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	src := func(i int) string { return netip.AddrFrom4([4]byte{192, 0, 2, byte(i + 1)}).String() }
+	const keys, rounds = 20, 15
+	for r := range rounds {
+		for i := range keys {
+			// 1 s idle: expired, swept and reaped while the rounds go on.
+			if _, err := agent.LoginEvent(ctx(t), grantReq("alice", src(i), time.Second, 0)); err != nil {
+				t.Fatalf("round %d grant %d: %v", r, i, err)
+			}
+		}
+		time.Sleep(time.Duration(r%4) * 400 * time.Millisecond)
+		for i := range keys {
+			if i%2 == 0 {
+				_, err := agent.LogoutEvent(ctx(t), &agentv1.LogoutEventRequest{SrcIp: src(i), DstIp: "198.51.100.1", DstPort: 22})
+				if err != nil && status.Code(err) != codes.NotFound {
+					t.Fatalf("round %d revoke %d: %v", r, i, err)
+				}
+			}
+		}
+	}
+	// The last grants, long-lived: they must all stay.
+	for i := range keys {
+		if i%2 == 1 {
+			if _, err := agent.LoginEvent(ctx(t), grantReq("alice", src(i), time.Hour, 0)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	<-done
+	<-done
+	got := e.dump()
+	for i := range keys {
+		_, ok := got[tcpKey(src(i))]
+		if ok != (i%2 == 1) {
+			t.Errorf("session %d in the maps: %v, want %v", i, ok, i%2 == 1)
+		}
+	}
+	e.stop()
+	st := openFileStore(t, path)
+	defer st.Close()
+	snap, err := st.Snapshot(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snap.Entries) != keys/2 {
+		t.Errorf("the store holds %d sessions, want %d", len(snap.Entries), keys/2)
+	}
+	for _, en := range snap.Entries {
+		if en.IdleTimeout != time.Hour {
+			t.Errorf("the store holds %v with idle %v", en.Key, en.IdleTimeout)
+		}
+	}
+}

@@ -48,11 +48,8 @@ const localApplyTimeout = 5 * time.Second
 // returns the revision (0 if the ops changed nothing) and, for a put this
 // gateway could not apply, that error.
 func (l *storeLoop) commit(ctx context.Context, ops []store.Op) (int64, error) {
-	if !l.restored.Load() {
-		return 0, status.Error(codes.Unavailable, "session store: the maps are not restored from the store yet")
-	}
-	if !l.up.Load() {
-		return 0, status.Error(codes.Unavailable, "session store unreachable: grants and revokes are refused until it is back; the maps keep enforcing what they hold")
+	if err := l.writable(); err != nil {
+		return 0, err
 	}
 	ctx = context.WithoutCancel(ctx)
 	rev, err := l.st.Txn(ctx, ops)
@@ -76,6 +73,19 @@ func (l *storeLoop) commit(ctx context.Context, ops []store.Op) (int64, error) {
 		return rev, err
 	}
 	return rev, nil
+}
+
+// writable refuses writes while the store cannot take them: before
+// anything else about a request is judged, so that an unreachable store
+// always answers Unavailable.
+func (l *storeLoop) writable() error {
+	if !l.restored.Load() {
+		return status.Error(codes.Unavailable, "session store: the maps are not restored from the store yet")
+	}
+	if !l.up.Load() {
+		return status.Error(codes.Unavailable, "session store unreachable: grants and revokes are refused until it is back; the maps keep enforcing what they hold")
+	}
+	return nil
 }
 
 // ack waits for the other live gateways to apply rev (see the top of this
@@ -117,6 +127,9 @@ func (l *storeLoop) record(s *state.Session) (store.Record, int64) {
 // the revision to ack once the locks are released. The maps are not held
 // open across the wait for the apply loop, which needs them.
 func (l *storeLoop) grant(cl *claim, sess state.Session) (stored state.Session, created bool, rev int64, err error) {
+	if err := l.writable(); err != nil {
+		return stored, false, 0, err
+	}
 	err = l.s.maps.Do(func(m *state.Maps) error {
 		cl.m = m
 		if err := cl.checkOverlapping(m, sess.Key); err != nil {
@@ -172,6 +185,9 @@ func (l *storeLoop) stored(k state.Key) (string, int64, bool) {
 // returns which were deleted, and the revision to ack.
 func (l *storeLoop) revoke(keys []state.Key, user string) (deleted []bool, owners []string, rev int64, err error) {
 	deleted, owners = make([]bool, len(keys)), make([]string, len(keys))
+	if err := l.writable(); err != nil {
+		return deleted, owners, 0, err
+	}
 	var ops []store.Op
 	var idx []int
 	for i, k := range keys {
@@ -226,6 +242,9 @@ func (l *storeLoop) userKeys(user string) []state.Key {
 // writes of one key in a transaction anyway).
 func (l *storeLoop) move(moves map[netip.Addr]netip.Addr) (state.MoveResult, int64, error) {
 	var res state.MoveResult
+	if err := l.writable(); err != nil {
+		return res, 0, err
+	}
 	for from, to := range moves {
 		if from.Is4() != to.Is4() || !from.IsValid() || !to.IsValid() || from.IsUnspecified() || to.IsUnspecified() {
 			return res, 0, fmt.Errorf("%w: cannot move %s to %s", state.ErrInvalid, from, to)
