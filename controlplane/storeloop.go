@@ -327,6 +327,13 @@ func (l *storeLoop) follow(ctx context.Context, rev int64) error {
 
 // apply writes one batch into the maps and the index.
 func (l *storeLoop) apply(b *store.Batch) error {
+	if len(b.Events) == 0 {
+		// Progress, or other gateways' liveness keys: nothing to write.
+		l.mu.Lock()
+		l.advance(b.Rev)
+		l.mu.Unlock()
+		return nil
+	}
 	sessions := false
 	err := l.s.maps.Do(func(m *state.Maps) error {
 		if l.s.maps.Generation() != l.genSeen() {
