@@ -108,16 +108,22 @@ func (l *storeLoop) serving() bool { return l.up.Load() && l.restored.Load() }
 func (l *storeLoop) run(ctx context.Context) {
 	go l.probe(ctx)
 	go l.activityLoop(ctx)
+	lastErr := ""
 	for ctx.Err() == nil {
 		rev, err := l.restore(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			l.log.Warn().Err(err).Msg("restore from the store failed; the maps keep enforcing what they hold, retrying")
+			// Once per distinct error, not once a second.
+			if err.Error() != lastErr {
+				l.log.Warn().Err(err).Msg("restore from the store failed; the maps keep enforcing what they hold, retrying every second")
+				lastErr = err.Error()
+			}
 			sleepCtx(ctx, time.Second)
 			continue
 		}
+		lastErr = ""
 		err = l.follow(ctx, rev)
 		if ctx.Err() != nil {
 			return
