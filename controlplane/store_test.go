@@ -334,12 +334,22 @@ func TestStoreEtcdPartition(t *testing.T) {
 	eventually(t, "SERVING", 5*time.Second, func() bool { return healthOf(t, e, svc) == healthpb.HealthCheckResponse_SERVING })
 
 	etcd.Kill(0)
+	// At once, before the probe may have noticed: a grant this gateway
+	// would refuse (alice holds the key) and a revoke of nothing are
+	// still Unavailable, not answers from a view that may be stale.
+	if _, err := agent.LoginEvent(ctx(t), grantReq("bob", "192.0.2.10", time.Hour, 0)); status.Code(err) != codes.Unavailable {
+		t.Fatalf("conflicting grant right after etcd went down: %v, want Unavailable", err)
+	}
+	_, err := agent.LogoutEvent(ctx(t), &agentv1.LogoutEventRequest{SrcIp: "192.0.2.99", DstIp: "198.51.100.1", DstPort: 22})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("revoke of nothing right after etcd went down: %v, want Unavailable", err)
+	}
 	eventually(t, "aegis_store_up 0", 10*time.Second, func() bool { return metricValue(t, e.reg, "aegis_store_up") == 0 })
 	eventually(t, "NOT_SERVING", 5*time.Second, func() bool {
 		return healthOf(t, e, svc) == healthpb.HealthCheckResponse_NOT_SERVING &&
 			healthOf(t, e, session.SessionManager_ServiceDesc.ServiceName) == healthpb.HealthCheckResponse_NOT_SERVING
 	})
-	_, err := agent.LoginEvent(ctx(t), grantReq("alice", "192.0.2.12", time.Hour, 0))
+	_, err = agent.LoginEvent(ctx(t), grantReq("alice", "192.0.2.12", time.Hour, 0))
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("grant with etcd down: %v, want Unavailable", err)
 	}

@@ -88,6 +88,24 @@ func (l *storeLoop) writable() error {
 	return nil
 }
 
+// confirm returns err, a refusal judged on what this gateway applied of
+// the store (the session is another user's, there is no such session),
+// once the store answers a linearizable read: within the second before
+// the probe notices a partition, this gateway's view may be stale, and
+// the answer is then Unavailable like every other write's.
+func (l *storeLoop) confirm(err error) error {
+	if err == nil {
+		return nil
+	}
+	if c := status.Code(err); c != codes.AlreadyExists && c != codes.NotFound && !errors.Is(err, state.ErrNotFound) {
+		return err
+	}
+	if perr := l.st.Probe(context.Background()); perr != nil {
+		return status.Errorf(codes.Unavailable, "%v: cannot confirm the refusal (%v)", perr, status.Convert(err).Message())
+	}
+	return err
+}
+
 // ack waits for the other live gateways to apply rev (see the top of this
 // file); call it with no lock held.
 func (l *storeLoop) ack(rev int64, op string) {
@@ -146,7 +164,7 @@ func (l *storeLoop) grant(cl *claim, sess state.Session) (stored state.Session, 
 		return err
 	})
 	if err != nil {
-		return stored, false, 0, err
+		return stored, false, 0, l.confirm(err)
 	}
 	rec, mod := l.record(&sess)
 	rev, err = l.commit(context.Background(), []store.Op{{Record: rec, IfModRev: mod}})
@@ -205,6 +223,10 @@ func (l *storeLoop) revoke(keys []state.Key, user string) (deleted []bool, owner
 		}
 		ops = append(ops, store.Op{Record: store.Record{Key: k}, Delete: true, IfModRev: cond})
 		idx = append(idx, i)
+	}
+	if len(ops) == 0 {
+		// Nothing to revoke, by this gateway's view: confirmed below.
+		return deleted, owners, 0, l.confirm(state.ErrNotFound)
 	}
 	for len(ops) > 0 {
 		n := min(len(ops), store.MaxTxnOps)
