@@ -44,7 +44,7 @@ type fileSub struct {
 
 // OpenFile opens or creates the store at path (mode 0600).
 func OpenFile(path string) (*File, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: %w: another process holds it", path, err)
