@@ -356,6 +356,20 @@ func TestEtcdActivityShards(t *testing.T) {
 	if len(resp.Kvs) != 1 {
 		t.Errorf("%d shards for 10 sessions", len(resp.Kvs))
 	}
+	// A restarted gateway that publishes less removes what its earlier
+	// run wrote beyond.
+	if err := a.PublishActivity(ctx, all, nil); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	a2 := openEtcd(t, e, "gw-a", "/aegis/")
+	if err := a2.PublishActivity(ctx, all[:10], nil); err != nil {
+		t.Fatal(err)
+	}
+	resp, _ = raw.Get(ctx, "/aegis/activity/gw-a/", clientv3.WithPrefix())
+	if len(resp.Kvs) != 1 {
+		t.Errorf("%d shards for 10 sessions after a restart", len(resp.Kvs))
+	}
 }
 
 // A write waits for the other live gateways' applied revisions; a gateway
