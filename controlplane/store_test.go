@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -554,6 +555,15 @@ func TestStoreRevokeVersusSweep(t *testing.T) {
 	m := e.maps()
 	stop := make(chan struct{})
 	done := make(chan struct{}, 2)
+	var stopOnce sync.Once
+	halt := func() {
+		stopOnce.Do(func() {
+			close(stop)
+			<-done
+			<-done
+		})
+	}
+	t.Cleanup(halt) // before the maps close: cleanups run last first
 	go func() {
 		sw := state.NewSweeper()
 		for {
@@ -608,9 +618,7 @@ func TestStoreRevokeVersusSweep(t *testing.T) {
 		}
 	}
 	time.Sleep(300 * time.Millisecond)
-	close(stop)
-	<-done
-	<-done
+	halt()
 	got := e.dump()
 	for i := range keys {
 		_, ok := got[tcpKey(src(i))]

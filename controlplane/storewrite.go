@@ -39,6 +39,15 @@ import (
 // through another gateway fails the condition, and the grant gets Aborted
 // (retry) rather than silently replacing what it did not check.
 
+// errConflict is commit's error for a write whose condition failed: the
+// session changed in the store since this gateway applied it.
+var errConflict = status.Error(codes.Aborted, "the session changed meanwhile in the store (another gateway wrote it, or it expired and was reaped): retry")
+
+// grantAttempts is how often a grant is judged again after its write lost
+// a race (errConflict): the session was reaped or rewritten meanwhile, and
+// once this gateway applied that, the grant is judged on it.
+const grantAttempts = 3
+
 // localApplyTimeout bounds the wait for this gateway's own apply of a
 // write it committed: the watch delivers within milliseconds unless the
 // store went away right after the commit.
@@ -55,7 +64,7 @@ func (l *storeLoop) commit(ctx context.Context, ops []store.Op) (int64, error) {
 	rev, err := l.st.Txn(ctx, ops)
 	switch {
 	case errors.Is(err, store.ErrConflict):
-		return 0, status.Error(codes.Aborted, "the session changed meanwhile (another gateway wrote it): retry")
+		return rev, errConflict
 	case errors.Is(err, store.ErrUnavailable):
 		return 0, status.Errorf(codes.Unavailable, "%v: nothing was written", err)
 	case err != nil:
@@ -145,6 +154,24 @@ func (l *storeLoop) record(s *state.Session) (store.Record, int64) {
 // the revision to ack once the locks are released. The maps are not held
 // open across the wait for the apply loop, which needs them.
 func (l *storeLoop) grant(cl *claim, sess state.Session) (stored state.Session, created bool, rev int64, err error) {
+	for range grantAttempts {
+		stored, created, rev, err = l.grantOnce(cl, sess)
+		if err != errConflict {
+			return stored, created, rev, err
+		}
+		// Judged again on the change that won, once it is applied here.
+		wctx, cancel := context.WithTimeout(context.Background(), localApplyTimeout)
+		werr := l.waitApplied(wctx, rev)
+		cancel()
+		if werr != nil && wctx.Err() != nil {
+			break
+		}
+		*cl = claim{s: cl.s, user: cl.user, keys: cl.keys}
+	}
+	return stored, false, 0, errConflict
+}
+
+func (l *storeLoop) grantOnce(cl *claim, sess state.Session) (stored state.Session, created bool, rev int64, err error) {
 	if err := l.writable(); err != nil {
 		return stored, false, 0, err
 	}
@@ -168,6 +195,9 @@ func (l *storeLoop) grant(cl *claim, sess state.Session) (stored state.Session, 
 	}
 	rec, mod := l.record(&sess)
 	rev, err = l.commit(context.Background(), []store.Op{{Record: rec, IfModRev: mod}})
+	if err == errConflict {
+		return stored, false, rev, err
+	}
 	if err != nil {
 		if rev != 0 && errors.Is(err, state.ErrFull) {
 			// Not here, so not anywhere: take it back unless rewritten.

@@ -325,7 +325,7 @@ func (e *Etcd) Txn(ctx context.Context, ops []Op) (int64, error) {
 		return 0, unavailable("write sessions", err)
 	}
 	if !resp.Succeeded {
-		return 0, ErrConflict
+		return resp.Header.Revision, ErrConflict
 	}
 	changed := false
 	for _, r := range resp.Responses {

@@ -214,7 +214,7 @@ func (f *File) Txn(ctx context.Context, ops []Op) (int64, error) {
 	}
 	if err != nil {
 		if errors.Is(err, ErrConflict) {
-			return 0, err
+			return rev - 1, err
 		}
 		return 0, fmt.Errorf("write sessions: %w", err)
 	}
