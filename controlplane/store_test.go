@@ -642,3 +642,48 @@ func TestStoreRevokeVersusSweep(t *testing.T) {
 		}
 	}
 }
+
+// Traffic through gateway A keeps the session live on gateway B, where it
+// passes nothing: A publishes its activity every interval and B raises its
+// last_seen. A session with no traffic anywhere expires on both.
+func TestStoreEtcdActivityKeepsPeersLive(t *testing.T) {
+	tu.RequireKernel(t)
+	etcd := tu.StartEtcdLocal(t)
+	const interval = 300 * time.Millisecond
+	a := newEnv(t, envOptions{store: openEtcdStore(t, etcd, "gw-a"), gateway: "gw-a", activityInterval: interval})
+	b := newEnv(t, envOptions{store: openEtcdStore(t, etcd, "gw-b"), gateway: "gw-b", activityInterval: interval})
+	eventually(t, "gw-a sees gw-b", 10*time.Second, func() bool { return metricValue(t, a.reg, "aegis_store_peers") == 1 })
+	agentA, _ := a.controller()
+	const idle = 3 * time.Second
+	busy, quiet := tcpKey("192.0.2.10"), tcpKey("192.0.2.11")
+	for _, src := range []string{"192.0.2.10", "192.0.2.11"} {
+		if _, err := agentA.LoginEvent(ctx(t), grantReq("alice", src, idle, 0)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ma, mb := a.maps(), b.maps()
+	// Twice the idle timeout of traffic through A only, stamped as the
+	// data path does.
+	for end := time.Now().Add(2 * idle); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+		now := state.Now()
+		if _, err := ma.Touch(busy, now, uint64(time.Hour), now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := state.Now()
+	sb, err := mb.Lookup(busy)
+	if err != nil {
+		t.Fatalf("gw-b lost the busy session: %v", err)
+	}
+	if r := sb.Verdict(time.Hour, now); !r.Pass() {
+		t.Fatalf("the session busy on gw-a is %v on gw-b (idle %v there)", r, time.Duration(int64(now-sb.LastSeen)))
+	}
+	if metricValue(t, b.reg, "aegis_store_activity_touched_total") == 0 {
+		t.Error("gw-b counted no activity touch")
+	}
+	for name, m := range map[string]*state.Maps{"gw-a": ma, "gw-b": mb} {
+		if s, err := m.Lookup(quiet); err == nil && s.Verdict(time.Hour, now).Pass() {
+			t.Errorf("%s: the quiet session is still live after %v", name, 2*idle)
+		}
+	}
+}
