@@ -216,6 +216,9 @@ func (a *agentService) revokeUser(p *peerInfo, user string) (*agentv1.LogoutEven
 		all := s.sl.userKeys(user)
 		var deleted []bool
 		deleted, _, rev, err = s.sl.revoke(all, user)
+		if errors.Is(err, state.ErrNotFound) {
+			err = nil // none: Revoked 0, as without a store
+		}
 		for i, d := range deleted {
 			if d {
 				keys = append(keys, all[i])
@@ -255,6 +258,9 @@ func (a *agentService) revokeStored(p *peerInfo, k state.Key, user string) (*age
 	s.bulk.RLock()
 	unlock := s.keys.lock(k)
 	deleted, owners, rev, err := s.sl.revoke([]state.Key{k}, user)
+	if errors.Is(err, state.ErrNotFound) {
+		err = nil // told apart below
+	}
 	unlock()
 	s.bulk.RUnlock()
 	s.sl.ack(rev, opRevoke)

@@ -59,11 +59,41 @@ type CLI struct {
 	ActivityInterval time.Duration `name:"activity-interval" default:"10s" help:"How often this gateway publishes its sessions' activity to the store (and reaps the store); a session active within its idle timeout minus this survives a failover."`
 }
 
-// openStore opens the store of --store; nil for none.
-func (c *CLI) openStore(log zerolog.Logger) (store.Store, string, error) {
+// storeSpec parses --store and checks the flags that go with it.
+func (c *CLI) storeSpec() (store.Spec, error) {
 	spec, err := store.ParseSpec(c.Store)
 	if err != nil {
-		return nil, "", &cli.UsageError{Err: fmt.Errorf("--store: %w", err)}
+		return spec, &cli.UsageError{Err: fmt.Errorf("--store: %w", err)}
+	}
+	if spec.Kind != "etcd" {
+		return spec, nil
+	}
+	plain := 0
+	for _, ep := range spec.Endpoints {
+		if strings.HasPrefix(ep, "http://") {
+			plain++
+			host, _, err := net.SplitHostPort(strings.TrimPrefix(ep, "http://"))
+			a, perr := netip.ParseAddr(host)
+			if !c.StorePlaintext || err != nil || perr != nil || !a.IsLoopback() {
+				return spec, &cli.UsageError{Err: fmt.Errorf("--store endpoint %s: plaintext is allowed only with --store-plaintext on a loopback address; use https:// with --store-ca, --store-cert and --store-key", ep)}
+			}
+		}
+	}
+	switch {
+	case plain == len(spec.Endpoints):
+	case plain != 0:
+		return spec, &cli.UsageError{Err: errors.New("--store: mixes http:// and https:// endpoints")}
+	case c.StoreCA == "" || c.StoreCert == "" || c.StoreKey == "":
+		return spec, &cli.UsageError{Err: errors.New("--store etcd:https://...: needs --store-ca, --store-cert and --store-key (mutual TLS)")}
+	}
+	return spec, nil
+}
+
+// openStore opens the store of --store; nil for none.
+func (c *CLI) openStore(log zerolog.Logger) (store.Store, string, error) {
+	spec, err := c.storeSpec()
+	if err != nil {
+		return nil, "", err
 	}
 	id := c.GatewayID
 	if id == "" {
@@ -79,24 +109,7 @@ func (c *CLI) openStore(log zerolog.Logger) (store.Store, string, error) {
 		return st, id, err
 	}
 	var tlsConf *tls.Config
-	plain := 0
-	for _, ep := range spec.Endpoints {
-		if strings.HasPrefix(ep, "http://") {
-			plain++
-			host, _, err := net.SplitHostPort(strings.TrimPrefix(ep, "http://"))
-			a, perr := netip.ParseAddr(host)
-			if !c.StorePlaintext || err != nil || perr != nil || !a.IsLoopback() {
-				return nil, "", &cli.UsageError{Err: fmt.Errorf("--store endpoint %s: plaintext is allowed only with --store-plaintext on a loopback address; use https:// with --store-ca, --store-cert and --store-key", ep)}
-			}
-		}
-	}
-	if plain != len(spec.Endpoints) {
-		if plain != 0 {
-			return nil, "", &cli.UsageError{Err: errors.New("--store: mixes http:// and https:// endpoints")}
-		}
-		if c.StoreCA == "" || c.StoreCert == "" || c.StoreKey == "" {
-			return nil, "", &cli.UsageError{Err: errors.New("--store etcd:https://...: needs --store-ca, --store-cert and --store-key (mutual TLS)")}
-		}
+	if strings.HasPrefix(spec.Endpoints[0], "https://") {
 		if tlsConf, err = store.TLSConfig(c.StoreCA, c.StoreCert, c.StoreKey); err != nil {
 			return nil, "", err
 		}
@@ -142,8 +155,8 @@ func (c *CLI) check() error {
 	if c.StoreAckTimeout <= 0 || c.ActivityInterval <= 0 {
 		return &cli.UsageError{Err: fmt.Errorf("--store-ack-timeout %v, --activity-interval %v: must be positive", c.StoreAckTimeout, c.ActivityInterval)}
 	}
-	if _, err := store.ParseSpec(c.Store); err != nil {
-		return &cli.UsageError{Err: fmt.Errorf("--store: %w", err)}
+	if _, err := c.storeSpec(); err != nil {
+		return err
 	}
 	if c.ShutdownTimeout < 0 {
 		return &cli.UsageError{Err: fmt.Errorf("--shutdown-timeout %v: must not be negative", c.ShutdownTimeout)}

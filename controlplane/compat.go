@@ -155,6 +155,9 @@ func (c *compatService) revoke(p *peerInfo, key state.Key) (*session.Ack, error)
 	var err error
 	if s.sl != nil {
 		deleted, own, r, serr := s.sl.revoke(keys[:], "")
+		if errors.Is(serr, state.ErrNotFound) {
+			serr = nil // nothing there: the controller's intent holds
+		}
 		rev, err = r, serr
 		for i := range keys {
 			owners[i] = own[i]

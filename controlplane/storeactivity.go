@@ -36,7 +36,8 @@ import (
 // intervals (the other gateways' publications in flight), and, with a
 // shared store, for this gateway to have watched the store unbroken for
 // the idle timeout and those two intervals, so that it knows every
-// activity in the window. The delete is a transaction conditioned on the
+// activity in the window. (A gateway alone with a file store reads all
+// activity from its own maps and waits for nothing.) The delete is a transaction conditioned on the
 // session's revision, so a grant in between is not deleted, and only one
 // gateway's delete of a session succeeds; the first live gateway by name
 // reaps, the others only what it left for three more intervals.
@@ -69,17 +70,15 @@ func (l *storeLoop) publish(ctx context.Context) {
 		if l.s.maps.Generation() != l.genSeen() {
 			return nil
 		}
-		l.mu.Lock()
-		defer l.mu.Unlock()
+		// The lock is taken per session, not across the walk, so that
+		// grants and the apply loop are not held up by a large map.
 		for s, err := range m.Sessions() {
 			if err != nil {
 				return err
 			}
+			l.mu.Lock()
 			e := l.index[s.Key]
-			if e == nil {
-				continue
-			}
-			if s.LastSeen != e.local {
+			if e != nil && s.LastSeen != e.local {
 				e.local = s.LastSeen
 				// Only traffic counts: the grant's own stamp is in the record.
 				if w := l.clock.ToWall(s.LastSeen); w > e.published && w > e.rec.LastSeen+int64(time.Second) {
@@ -87,7 +86,10 @@ func (l *storeLoop) publish(ctx context.Context) {
 					changed = append(changed, store.Activity{Key: s.Key, LastSeen: w})
 				}
 			}
+			l.mu.Unlock()
 		}
+		l.mu.Lock()
+		defer l.mu.Unlock()
 		if l.st.Shared() {
 			for k, e := range l.index {
 				if e.published != 0 {
@@ -144,9 +146,13 @@ func (l *storeLoop) reap(ctx context.Context) {
 	}); err != nil {
 		return
 	}
-	grace := 2 * l.activityInterval
-	if l.st.Shared() && !l.firstReaper() {
-		grace += 3 * l.activityInterval
+	// One gateway alone knows all activity from its own maps: no grace.
+	var grace time.Duration
+	if l.st.Shared() {
+		grace = 2 * l.activityInterval
+		if !l.firstReaper() {
+			grace += 3 * l.activityInterval
+		}
 	}
 	now := l.clock.NowWall()
 	var ops []store.Op
@@ -170,6 +176,14 @@ func (l *storeLoop) reap(ctx context.Context) {
 		}
 	}
 	l.mu.Unlock()
+	if l.beforeReapTxn != nil && len(ops) > 0 {
+		l.beforeReapTxn()
+	}
+	if l.reapUnconditional {
+		for i := range ops {
+			ops[i].IfModRev = -1
+		}
+	}
 	for len(ops) > 0 && ctx.Err() == nil {
 		batch := ops[:min(len(ops), reapBatch)]
 		ops = ops[len(batch):]

@@ -82,6 +82,12 @@ type storeLoop struct {
 	resync   chan struct{} // asks the loop to resynchronise
 
 	m *storeMetrics
+
+	// Test seams: beforeReapTxn runs between the reaping's judgment and
+	// its delete; reapUnconditional drops the revision condition of that
+	// delete, to show what the condition prevents.
+	beforeReapTxn     func()
+	reapUnconditional bool
 }
 
 func newStoreLoop(s *Server, o *Options) *storeLoop {
@@ -102,16 +108,22 @@ func (l *storeLoop) serving() bool { return l.up.Load() && l.restored.Load() }
 func (l *storeLoop) run(ctx context.Context) {
 	go l.probe(ctx)
 	go l.activityLoop(ctx)
+	lastErr := ""
 	for ctx.Err() == nil {
 		rev, err := l.restore(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			l.log.Warn().Err(err).Msg("restore from the store failed; the maps keep enforcing what they hold, retrying")
+			// Once per distinct error, not once a second.
+			if err.Error() != lastErr {
+				l.log.Warn().Err(err).Msg("restore from the store failed; the maps keep enforcing what they hold, retrying every second")
+				lastErr = err.Error()
+			}
 			sleepCtx(ctx, time.Second)
 			continue
 		}
+		lastErr = ""
 		err = l.follow(ctx, rev)
 		if ctx.Err() != nil {
 			return
@@ -155,9 +167,11 @@ func (l *storeLoop) probe(ctx context.Context) {
 			l.log.Error().Err(err).Msg("session store unreachable: grants and revokes refused (Unavailable), the maps keep enforcing what they hold")
 		case err == nil && !was:
 			l.log.Info().Msg("session store reachable")
-			l.requestResync()
+			if l.restored.Load() {
+				l.requestResync()
+			}
 		}
-		if gen := l.s.maps.Generation(); gen != l.genSeen() {
+		if l.restored.Load() && l.s.maps.Generation() != l.genSeen() {
 			l.requestResync()
 		}
 		select {
@@ -319,6 +333,13 @@ func (l *storeLoop) follow(ctx context.Context, rev int64) error {
 
 // apply writes one batch into the maps and the index.
 func (l *storeLoop) apply(b *store.Batch) error {
+	if len(b.Events) == 0 {
+		// Progress, or other gateways' liveness keys: nothing to write.
+		l.mu.Lock()
+		l.advance(b.Rev)
+		l.mu.Unlock()
+		return nil
+	}
 	sessions := false
 	err := l.s.maps.Do(func(m *state.Maps) error {
 		if l.s.maps.Generation() != l.genSeen() {

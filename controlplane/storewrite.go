@@ -39,6 +39,15 @@ import (
 // through another gateway fails the condition, and the grant gets Aborted
 // (retry) rather than silently replacing what it did not check.
 
+// errConflict is commit's error for a write whose condition failed: the
+// session changed in the store since this gateway applied it.
+var errConflict = status.Error(codes.Aborted, "the session changed meanwhile in the store (another gateway wrote it, or it expired and was reaped): retry")
+
+// grantAttempts is how often a grant is judged again after its write lost
+// a race (errConflict): the session was reaped or rewritten meanwhile, and
+// once this gateway applied that, the grant is judged on it.
+const grantAttempts = 3
+
 // localApplyTimeout bounds the wait for this gateway's own apply of a
 // write it committed: the watch delivers within milliseconds unless the
 // store went away right after the commit.
@@ -48,17 +57,14 @@ const localApplyTimeout = 5 * time.Second
 // returns the revision (0 if the ops changed nothing) and, for a put this
 // gateway could not apply, that error.
 func (l *storeLoop) commit(ctx context.Context, ops []store.Op) (int64, error) {
-	if !l.restored.Load() {
-		return 0, status.Error(codes.Unavailable, "session store: the maps are not restored from the store yet")
-	}
-	if !l.up.Load() {
-		return 0, status.Error(codes.Unavailable, "session store unreachable: grants and revokes are refused until it is back; the maps keep enforcing what they hold")
+	if err := l.writable(); err != nil {
+		return 0, err
 	}
 	ctx = context.WithoutCancel(ctx)
 	rev, err := l.st.Txn(ctx, ops)
 	switch {
 	case errors.Is(err, store.ErrConflict):
-		return 0, status.Error(codes.Aborted, "the session changed meanwhile (another gateway wrote it): retry")
+		return rev, errConflict
 	case errors.Is(err, store.ErrUnavailable):
 		return 0, status.Errorf(codes.Unavailable, "%v: nothing was written", err)
 	case err != nil:
@@ -76,6 +82,37 @@ func (l *storeLoop) commit(ctx context.Context, ops []store.Op) (int64, error) {
 		return rev, err
 	}
 	return rev, nil
+}
+
+// writable refuses writes while the store cannot take them: before
+// anything else about a request is judged, so that an unreachable store
+// always answers Unavailable.
+func (l *storeLoop) writable() error {
+	if !l.restored.Load() {
+		return status.Error(codes.Unavailable, "session store: the maps are not restored from the store yet")
+	}
+	if !l.up.Load() {
+		return status.Error(codes.Unavailable, "session store unreachable: grants and revokes are refused until it is back; the maps keep enforcing what they hold")
+	}
+	return nil
+}
+
+// confirm returns err, a refusal judged on what this gateway applied of
+// the store (the session is another user's, there is no such session),
+// once the store answers a linearizable read: within the second before
+// the probe notices a partition, this gateway's view may be stale, and
+// the answer is then Unavailable like every other write's.
+func (l *storeLoop) confirm(err error) error {
+	if err == nil {
+		return nil
+	}
+	if c := status.Code(err); c != codes.AlreadyExists && c != codes.NotFound && !errors.Is(err, state.ErrNotFound) {
+		return err
+	}
+	if perr := l.st.Probe(context.Background()); perr != nil {
+		return status.Errorf(codes.Unavailable, "%v: cannot confirm the refusal (%v)", perr, status.Convert(err).Message())
+	}
+	return err
 }
 
 // ack waits for the other live gateways to apply rev (see the top of this
@@ -117,6 +154,27 @@ func (l *storeLoop) record(s *state.Session) (store.Record, int64) {
 // the revision to ack once the locks are released. The maps are not held
 // open across the wait for the apply loop, which needs them.
 func (l *storeLoop) grant(cl *claim, sess state.Session) (stored state.Session, created bool, rev int64, err error) {
+	for range grantAttempts {
+		stored, created, rev, err = l.grantOnce(cl, sess)
+		if err != errConflict {
+			return stored, created, rev, err
+		}
+		// Judged again on the change that won, once it is applied here.
+		wctx, cancel := context.WithTimeout(context.Background(), localApplyTimeout)
+		werr := l.waitApplied(wctx, rev)
+		cancel()
+		if werr != nil && wctx.Err() != nil {
+			break
+		}
+		*cl = claim{s: cl.s, user: cl.user, keys: cl.keys}
+	}
+	return stored, false, 0, errConflict
+}
+
+func (l *storeLoop) grantOnce(cl *claim, sess state.Session) (stored state.Session, created bool, rev int64, err error) {
+	if err := l.writable(); err != nil {
+		return stored, false, 0, err
+	}
 	err = l.s.maps.Do(func(m *state.Maps) error {
 		cl.m = m
 		if err := cl.checkOverlapping(m, sess.Key); err != nil {
@@ -133,10 +191,13 @@ func (l *storeLoop) grant(cl *claim, sess state.Session) (stored state.Session, 
 		return err
 	})
 	if err != nil {
-		return stored, false, 0, err
+		return stored, false, 0, l.confirm(err)
 	}
 	rec, mod := l.record(&sess)
 	rev, err = l.commit(context.Background(), []store.Op{{Record: rec, IfModRev: mod}})
+	if err == errConflict {
+		return stored, false, rev, err
+	}
 	if err != nil {
 		if rev != 0 && errors.Is(err, state.ErrFull) {
 			// Not here, so not anywhere: take it back unless rewritten.
@@ -172,6 +233,9 @@ func (l *storeLoop) stored(k state.Key) (string, int64, bool) {
 // returns which were deleted, and the revision to ack.
 func (l *storeLoop) revoke(keys []state.Key, user string) (deleted []bool, owners []string, rev int64, err error) {
 	deleted, owners = make([]bool, len(keys)), make([]string, len(keys))
+	if err := l.writable(); err != nil {
+		return deleted, owners, 0, err
+	}
 	var ops []store.Op
 	var idx []int
 	for i, k := range keys {
@@ -189,6 +253,10 @@ func (l *storeLoop) revoke(keys []state.Key, user string) (deleted []bool, owner
 		}
 		ops = append(ops, store.Op{Record: store.Record{Key: k}, Delete: true, IfModRev: cond})
 		idx = append(idx, i)
+	}
+	if len(ops) == 0 {
+		// Nothing to revoke, by this gateway's view: confirmed below.
+		return deleted, owners, 0, l.confirm(state.ErrNotFound)
 	}
 	for len(ops) > 0 {
 		n := min(len(ops), store.MaxTxnOps)
@@ -219,60 +287,84 @@ func (l *storeLoop) userKeys(user string) []state.Key {
 }
 
 // move moves the stored sessions whose destination is a key of moves, as
-// state.Maps.MoveDestinations does in the maps: a session whose new key
-// is taken by one that is not moving is deleted (superseded).
+// state.Maps.MoveDestinations does in the maps: a moving session whose
+// new key holds a session that is not moving itself is deleted, and the
+// one there kept (superseded). A swap (a to b, b to a) swaps: a key that
+// receives a moved session is overwritten, not deleted (etcd refuses two
+// writes of one key in a transaction anyway).
 func (l *storeLoop) move(moves map[netip.Addr]netip.Addr) (state.MoveResult, int64, error) {
 	var res state.MoveResult
+	if err := l.writable(); err != nil {
+		return res, 0, err
+	}
 	for from, to := range moves {
 		if from.Is4() != to.Is4() || !from.IsValid() || !to.IsValid() || from.IsUnspecified() || to.IsUnspecified() {
 			return res, 0, fmt.Errorf("%w: cannot move %s to %s", state.ErrInvalid, from, to)
 		}
 	}
+	type pending struct {
+		from  state.Key
+		e     indexEntry
+		to    state.Key
+		taken int64 // the new key's revision; 0 when free
+	}
 	l.mu.Lock()
-	var ops []store.Op
-	var moved, superseded int
+	var ps []pending
+	moving := map[state.Key]bool{}
 	for k, e := range l.index {
-		to, ok := moves[k.Dst]
-		if !ok || to == k.Dst {
+		if to, ok := moves[k.Dst]; ok && to != k.Dst {
+			nk := k
+			nk.Dst = to
+			ps = append(ps, pending{from: k, e: *e, to: nk})
+			moving[k] = true
+		}
+	}
+	targets, deleted := map[state.Key]bool{}, map[state.Key]bool{}
+	var groups [][]store.Op
+	for i := range ps {
+		p := &ps[i]
+		if t := l.index[p.to]; t != nil {
+			p.taken = t.modRev
+		}
+		if (p.taken != 0 && !moving[p.to]) || targets[p.to] {
+			res.Superseded++
+			deleted[p.from] = true
+			groups = append(groups, []store.Op{{Record: store.Record{Key: p.from}, Delete: true, IfModRev: p.e.modRev}})
 			continue
 		}
-		nk := k
-		nk.Dst = to
-		ops = append(ops, store.Op{Record: store.Record{Key: k}, Delete: true, IfModRev: e.modRev})
-		target, taken := l.index[nk]
-		if taken {
-			if _, moving := moves[nk.Dst]; !moving {
-				superseded++
-				continue
-			}
+		targets[p.to] = true
+		rec := p.e.rec
+		rec.Key = p.to
+		groups = append(groups, []store.Op{{Record: rec, IfModRev: p.taken}})
+		res.Moved++
+	}
+	for i := range ps {
+		p := &ps[i]
+		if !targets[p.from] && !deleted[p.from] {
+			groups = append(groups, []store.Op{{Record: store.Record{Key: p.from}, Delete: true, IfModRev: p.e.modRev}})
 		}
-		rec := e.rec
-		rec.Key = nk
-		cond := int64(0)
-		if taken {
-			cond = target.modRev
-		}
-		ops = append(ops, store.Op{Record: rec, IfModRev: cond})
-		moved++
 	}
 	l.mu.Unlock()
-	// One transaction, so that a swap never loses a session half way; a
-	// move larger than one transaction takes several.
 	var rev int64
-	for len(ops) > 0 {
-		n := min(len(ops), store.MaxTxnOps)
-		if n < len(ops) && !ops[n-1].Delete && n > 1 {
-			// keep a delete and its put together
-		} else if n < len(ops) && ops[n-1].Delete {
-			n--
+	var ops []store.Op
+	flush := func() error {
+		if len(ops) == 0 {
+			return nil
 		}
-		r, err := l.commit(context.Background(), ops[:n])
-		if err != nil {
-			return res, rev, err
-		}
-		rev = max(rev, r)
-		ops = ops[n:]
+		r, err := l.commit(context.Background(), ops)
+		rev, ops = max(rev, r), ops[:0]
+		return err
 	}
-	res.Moved, res.Superseded = moved, superseded
+	for _, g := range groups {
+		if len(ops)+len(g) > store.MaxTxnOps {
+			if err := flush(); err != nil {
+				return state.MoveResult{}, rev, err
+			}
+		}
+		ops = append(ops, g...)
+	}
+	if err := flush(); err != nil {
+		return state.MoveResult{}, rev, err
+	}
 	return res, rev, nil
 }

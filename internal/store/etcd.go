@@ -325,7 +325,7 @@ func (e *Etcd) Txn(ctx context.Context, ops []Op) (int64, error) {
 		return 0, unavailable("write sessions", err)
 	}
 	if !resp.Succeeded {
-		return 0, ErrConflict
+		return resp.Header.Revision, ErrConflict
 	}
 	changed := false
 	for _, r := range resp.Responses {
@@ -361,6 +361,14 @@ func (e *Etcd) PublishActivity(ctx context.Context, all, _ []Activity) error {
 	}
 	e.actMu.Lock()
 	defer e.actMu.Unlock()
+	if e.shards == nil {
+		// The first publication of this process: shards an earlier run
+		// wrote beyond n would otherwise stay.
+		if err := e.dropShardsFrom(ctx, n); err != nil {
+			return err
+		}
+		e.shards = []uint64{}
+	}
 	for s, part := range parts {
 		slices.SortFunc(part, bytes.Compare)
 		v := append(make([]byte, 0, 1+len(part)*entrySize4), activityVersion)
@@ -388,6 +396,26 @@ func (e *Etcd) PublishActivity(ctx context.Context, all, _ []Activity) error {
 		}
 	}
 	e.shards = e.shards[:n]
+	return nil
+}
+
+// dropShardsFrom deletes this gateway's activity shards numbered n and
+// up.
+func (e *Etcd) dropShardsFrom(ctx context.Context, n int) error {
+	dir := e.prefix + activityDir + e.id + "/"
+	rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	resp, err := e.cli.Get(rctx, dir, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return unavailable("read activity", err)
+	}
+	for _, kv := range resp.Kvs {
+		if s, err := strconv.Atoi(strings.TrimPrefix(string(kv.Key), dir)); err == nil && s >= n {
+			if _, err := e.cli.Delete(rctx, string(kv.Key)); err != nil {
+				return unavailable("write activity", err)
+			}
+		}
+	}
 	return nil
 }
 

@@ -44,7 +44,7 @@ type fileSub struct {
 
 // OpenFile opens or creates the store at path (mode 0600).
 func OpenFile(path string) (*File, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: %w: another process holds it", path, err)
@@ -153,6 +153,10 @@ func (f *File) drop(sub *fileSub, err error) {
 	close(sub.ch)
 }
 
+// errNothing rolls back a transaction that changed nothing, so that the
+// revision counts changes only, as etcd's does.
+var errNothing = errors.New("nothing changed")
+
 // Txn implements Store.
 func (f *File) Txn(ctx context.Context, ops []Op) (int64, error) {
 	if len(ops) > MaxTxnOps {
@@ -200,11 +204,17 @@ func (f *File) Txn(ctx context.Context, ops []Op) (int64, error) {
 			}
 			events = append(events, Event{Type: Put, Entry: Entry{Record: op.Record, ModRev: rev}})
 		}
+		if len(events) == 0 {
+			return errNothing
+		}
 		return tx.Bucket(bucketMeta).Put(keyRevision, beBytes(uint64(rev)))
 	})
+	if errors.Is(err, errNothing) {
+		return 0, nil
+	}
 	if err != nil {
 		if errors.Is(err, ErrConflict) {
-			return 0, err
+			return rev - 1, err
 		}
 		return 0, fmt.Errorf("write sessions: %w", err)
 	}

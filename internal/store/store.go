@@ -127,8 +127,10 @@ type Store interface {
 	// before the channel closes.
 	Watch(ctx context.Context, rev int64) <-chan Batch
 	// Txn applies ops all or none and returns the revision they were
-	// written at. Returns ErrConflict, writing nothing, if a condition
-	// fails. At most MaxTxnOps ops.
+	// written at (0 if they changed nothing). Returns ErrConflict,
+	// writing nothing, if a condition fails, with the store's current
+	// revision, which a watcher reaches once it has seen the change that
+	// failed it. At most MaxTxnOps ops.
 	Txn(ctx context.Context, ops []Op) (rev int64, err error)
 	// PublishActivity records this gateway's activity: all is every
 	// session it saw pass traffic with its latest time (a shared store
