@@ -361,7 +361,8 @@ func TestClusterEtcdQuorumAndPartition(t *testing.T) {
 	t.Logf("revoke with gw-c cut off acknowledged in %v", time.Since(t0).Round(time.Millisecond))
 	revokedKeys = append(revokedKeys, kAlice)
 	// Through C itself nothing can be written while it is cut off.
-	if err := cgw.login(rpcCtx(t), "frank", tu.OtherClientV4, svc, tcpProto, 0); !isUnavailable(err) {
+	frank := netip.AddrPortFrom(tu.ServiceAV4, 9003)
+	if err := cgw.login(rpcCtx(t), "frank", tu.OtherClientV4, frank, tcpProto, 0); !isUnavailable(err) {
 		t.Fatalf("grant through the cut off gw-c: %v, want Unavailable", err)
 	}
 	cgw.waitMetric("aegis_store_up", 0, 15*time.Second)
