@@ -19,6 +19,7 @@ import (
 //	aegis_controlplane_tls_reloads_total{result}
 //	aegis_controlplane_tls_handshake_failures_total{reason} (tlsmetrics.go)
 //	aegis_controlplane_monitor_*              MonitorSessions snapshots and streams (monitor.go)
+//	aegis_store_*                             the session store, with --store (storemetrics.go)
 //	aegis_grpc_server_*                       go-grpc-middleware's server metrics
 //	aegis_build_info{version,program_tag}     as every daemon
 type metrics struct {

@@ -7,7 +7,10 @@
 // reflection on one listener, over mutual TLS (tls.go, auth.go), and
 // exports Prometheus metrics (metrics.go; refused TLS handshakes in
 // tlsmetrics.go). The command line and the
-// systemd integration are in cli.go.
+// systemd integration are in cli.go. With a session store (--store), the
+// maps are the store's cache: writes go through the store (storewrite.go),
+// one loop applies the store to the maps (storeloop.go), and the gateways
+// share their sessions' activity (storeactivity.go).
 package controlplane
 
 import (

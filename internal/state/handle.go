@@ -3,6 +3,7 @@ package state
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/rs/zerolog"
@@ -22,8 +23,10 @@ type Handle struct {
 	maps *Maps
 	ids  [2]ebpf.MapID // sessions_v4, sessions_v6 of maps
 	// gen counts the opens, so that a cache of the maps' content (a
-	// control plane with a store) sees that they were replaced.
-	gen uint64
+	// control plane with a store) sees that they were replaced. Atomic,
+	// not under mu: it is read inside Do, where taking mu again would
+	// deadlock against a waiting Refresh.
+	gen atomic.Uint64
 }
 
 // NewHandle returns a handle on the maps pinned under pinPath. It does not
@@ -69,7 +72,7 @@ func (h *Handle) open() error {
 		return err
 	}
 	h.maps, h.ids = m, ids
-	h.gen++
+	h.gen.Add(1)
 	h.log.Info().Str("pin_path", h.pinPath).Uint32("sessions_v4_id", uint32(ids[0])).Msg("opened pinned maps")
 	return nil
 }
@@ -100,11 +103,7 @@ func (h *Handle) Refresh() error {
 // Generation returns how many times the handle opened maps: it changes
 // when the loader replaced them (an unload and a load make new, empty
 // ones).
-func (h *Handle) Generation() uint64 {
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	return h.gen
-}
+func (h *Handle) Generation() uint64 { return h.gen.Load() }
 
 // Close releases the maps.
 func (h *Handle) Close() error {

@@ -228,25 +228,40 @@ func (e *Etcd) Watch(ctx context.Context, rev int64) <-chan Batch {
 	out := make(chan Batch, 16)
 	go func() {
 		defer close(out)
+		// The last batch is sent only if someone still reads.
+		fail := func(err error) {
+			select {
+			case out <- Batch{Err: err}:
+			case <-ctx.Done():
+			}
+		}
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		defer cancel()
 		wch := e.cli.Watch(wctx, e.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
 		for resp := range wch {
 			if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
-				out <- Batch{Err: ErrCompacted}
+				fail(ErrCompacted)
 				return
 			}
 			if err := resp.Err(); err != nil {
-				out <- Batch{Err: unavailable("watch store", err)}
+				fail(unavailable("watch store", err))
 				return
 			}
 			if resp.Canceled {
-				out <- Batch{Err: unavailable("watch store", errors.New("watch canceled"))}
+				fail(unavailable("watch store", errors.New("watch canceled")))
 				return
 			}
-			b := Batch{Rev: resp.Header.Revision}
-			if n := len(resp.Events); n > 0 {
+			// Only a progress notification's header says that every change
+			// up to it was delivered; the watch's first response carries
+			// the store's revision while older events may still follow.
+			var b Batch
+			switch n := len(resp.Events); {
+			case n > 0:
 				b.Rev = resp.Events[n-1].Kv.ModRevision
+			case resp.IsProgressNotify():
+				b.Rev = resp.Header.Revision
+			default:
+				continue
 			}
 			for _, ev := range resp.Events {
 				if x, ok := e.event(ev); ok {
@@ -260,7 +275,7 @@ func (e *Etcd) Watch(ctx context.Context, rev int64) <-chan Batch {
 			}
 		}
 		if ctx.Err() == nil {
-			out <- Batch{Err: unavailable("watch store", errors.New("watch ended"))}
+			fail(unavailable("watch store", errors.New("watch ended")))
 		}
 	}()
 	return out
