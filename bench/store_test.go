@@ -274,9 +274,20 @@ func startStoreGateway(b *testing.B, dir, binary string, e *tu.Etcd, id string, 
 	if err := g.cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
+	exited := make(chan error, 1)
+	go func() { exited <- g.cmd.Wait() }()
 	b.Cleanup(func() {
 		_ = g.cmd.Process.Signal(syscall.SIGTERM)
-		_ = g.cmd.Wait()
+		select {
+		case err := <-exited:
+			if err != nil {
+				b.Errorf("%s: %v", id, err)
+			}
+		case <-time.After(30 * time.Second):
+			_ = g.cmd.Process.Kill()
+			<-exited
+			b.Errorf("%s did not stop within 30 s of SIGTERM; killed", id)
+		}
 	})
 	ca, err := pki.LoadCA(filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key"))
 	if err != nil {
