@@ -51,9 +51,10 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 		return sess, false, err
 	}
 	cl := claim{s: s, user: sess.User, keys: []state.Key{sess.Key}}
+	var rev int64
 	s.bulk.RLock()
 	unlock := s.keys.lock(append(overlapping(sess.Key), sess.Key)...)
-	err = s.maps.Do(func(m *state.Maps) error {
+	grant := func(m *state.Maps) error {
 		var err error
 		cl.m = m
 		if err := cl.checkOverlapping(m, sess.Key); err != nil {
@@ -61,9 +62,17 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 		}
 		stored, created, err = m.UpsertChecked(sess, cl.check)
 		return err
-	})
+	}
+	if s.sl != nil {
+		stored, created, rev, err = s.sl.grant(&cl, sess)
+	} else {
+		err = s.maps.Do(grant)
+	}
 	unlock()
 	s.bulk.RUnlock()
+	if s.sl != nil {
+		s.sl.ack(rev, opGrant)
+	}
 	previous := cl.previous[0]
 	if err != nil {
 		err = statusOf(err)
@@ -154,6 +163,9 @@ func (a *agentService) LogoutEvent(ctx context.Context, req *agentv1.LogoutEvent
 		return nil, err
 	}
 	var owner string
+	if s.sl != nil {
+		return a.revokeStored(&p, k, user)
+	}
 	if user == "" {
 		s.bulk.RLock()
 		err = s.maps.Do(func(m *state.Maps) error {
@@ -197,13 +209,32 @@ func (a *agentService) LogoutEvent(ctx context.Context, req *agentv1.LogoutEvent
 func (a *agentService) revokeUser(p *peerInfo, user string) (*agentv1.LogoutEventResponse, error) {
 	s := a.s
 	var keys []state.Key
+	var rev int64
 	s.bulk.Lock()
-	err := s.maps.Do(func(m *state.Maps) error {
-		var err error
-		keys, err = m.RevokeUser(user)
-		return err
-	})
+	var err error
+	if s.sl != nil {
+		all := s.sl.userKeys(user)
+		var deleted []bool
+		deleted, _, rev, err = s.sl.revoke(all, user)
+		if errors.Is(err, state.ErrNotFound) {
+			err = nil // none: Revoked 0, as without a store
+		}
+		for i, d := range deleted {
+			if d {
+				keys = append(keys, all[i])
+			}
+		}
+	} else {
+		err = s.maps.Do(func(m *state.Maps) error {
+			var err error
+			keys, err = m.RevokeUser(user)
+			return err
+		})
+	}
 	s.bulk.Unlock()
+	if s.sl != nil {
+		s.sl.ack(rev, opRevoke)
+	}
 	for i := range keys {
 		s.audit(opRevoke, apiAgent, p, user, &keys[i], resultRevoked, nil)
 	}
@@ -216,6 +247,41 @@ func (a *agentService) revokeUser(p *peerInfo, user string) (*agentv1.LogoutEven
 		s.audit(opRevoke, apiAgent, p, user, nil, resultNotFound, nil)
 	}
 	return &agentv1.LogoutEventResponse{Revoked: uint32(len(keys))}, nil
+}
+
+// revokeStored is LogoutEvent of one key with a store.
+func (a *agentService) revokeStored(p *peerInfo, k state.Key, user string) (*agentv1.LogoutEventResponse, error) {
+	s := a.s
+	var deleted []bool
+	var owners []string
+	var rev int64
+	s.bulk.RLock()
+	unlock := s.keys.lock(k)
+	deleted, owners, rev, err := s.sl.revoke([]state.Key{k}, user)
+	if errors.Is(err, state.ErrNotFound) {
+		err = nil // told apart below
+	}
+	unlock()
+	s.bulk.RUnlock()
+	s.sl.ack(rev, opRevoke)
+	owner := user
+	if err == nil && !deleted[0] {
+		if owners[0] != "" && user != "" && owners[0] != user {
+			err = status.Errorf(codes.NotFound, "%v: the session belongs to another user", state.ErrNotFound)
+		} else {
+			err = state.ErrNotFound
+		}
+	}
+	if owners[0] != "" && (user == "" || owners[0] == user) {
+		owner = owners[0]
+	}
+	if err != nil {
+		err = statusOf(err)
+		s.audit(opRevoke, apiAgent, p, owner, &k, resultOf(err), err)
+		return nil, err
+	}
+	s.audit(opRevoke, apiAgent, p, owner, &k, resultRevoked, nil)
+	return &agentv1.LogoutEventResponse{Revoked: 1}, nil
 }
 
 func (a *agentService) ListSessions(ctx context.Context, req *agentv1.ListSessionsRequest) (*agentv1.ListSessionsResponse, error) {

@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -23,6 +24,7 @@ import (
 	"github.com/aegis-agent/aegis/internal/cli"
 	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
+	"github.com/aegis-agent/aegis/internal/store"
 )
 
 // CLI is aegis-controlplane's command line.
@@ -45,6 +47,75 @@ type CLI struct {
 	PinPath                  string        `default:"${pin_path}" placeholder:"DIR" help:"bpffs directory holding the pinned maps (aegis-loader --pin-path)."`
 
 	AllowSessionTakeover bool `help:"Let a grant take over a live session of another user on the same key (source, destination, port, protocol); by default it is refused with AlreadyExists until that session expires or is revoked."`
+
+	Store            string        `default:"none" placeholder:"none|file:PATH|etcd:ENDPOINT[,...]" help:"Where sessions live besides the maps: none (the maps only), file:PATH (a database on this gateway: sessions survive a reboot) or etcd:https://HOST:PORT[,...] (shared by a fleet of gateways)."`
+	StoreCA          string        `name:"store-ca" placeholder:"FILE" help:"CA (PEM) that issued the etcd servers' certificates."`
+	StoreCert        string        `name:"store-cert" placeholder:"FILE" help:"Client certificate (PEM) for mutual TLS to etcd."`
+	StoreKey         string        `name:"store-key" placeholder:"FILE" help:"Client certificate's private key (PEM)."`
+	StorePlaintext   bool          `name:"store-plaintext" help:"Allow http:// etcd endpoints, on loopback addresses only (testing)."`
+	StorePrefix      string        `name:"store-prefix" default:"/aegis/" help:"Key prefix in etcd, so that several fleets can share one cluster."`
+	GatewayID        string        `name:"gateway-id" placeholder:"NAME" help:"This gateway's name in the store; default: the host name."`
+	StoreAckTimeout  time.Duration `name:"store-ack-timeout" default:"2s" help:"How long a grant or revoke waits for every other live gateway to apply it before it is acknowledged anyway (counted in aegis_store_ack_timeouts_total)."`
+	ActivityInterval time.Duration `name:"activity-interval" default:"10s" help:"How often this gateway publishes its sessions' activity to the store (and reaps the store); a session active within its idle timeout minus this survives a failover."`
+}
+
+// storeSpec parses --store and checks the flags that go with it.
+func (c *CLI) storeSpec() (store.Spec, error) {
+	spec, err := store.ParseSpec(c.Store)
+	if err != nil {
+		return spec, &cli.UsageError{Err: fmt.Errorf("--store: %w", err)}
+	}
+	if spec.Kind != "etcd" {
+		return spec, nil
+	}
+	plain := 0
+	for _, ep := range spec.Endpoints {
+		if strings.HasPrefix(ep, "http://") {
+			plain++
+			host, _, err := net.SplitHostPort(strings.TrimPrefix(ep, "http://"))
+			a, perr := netip.ParseAddr(host)
+			if !c.StorePlaintext || err != nil || perr != nil || !a.IsLoopback() {
+				return spec, &cli.UsageError{Err: fmt.Errorf("--store endpoint %s: plaintext is allowed only with --store-plaintext on a loopback address; use https:// with --store-ca, --store-cert and --store-key", ep)}
+			}
+		}
+	}
+	switch {
+	case plain == len(spec.Endpoints):
+	case plain != 0:
+		return spec, &cli.UsageError{Err: errors.New("--store: mixes http:// and https:// endpoints")}
+	case c.StoreCA == "" || c.StoreCert == "" || c.StoreKey == "":
+		return spec, &cli.UsageError{Err: errors.New("--store etcd:https://...: needs --store-ca, --store-cert and --store-key (mutual TLS)")}
+	}
+	return spec, nil
+}
+
+// openStore opens the store of --store; nil for none.
+func (c *CLI) openStore(log zerolog.Logger) (store.Store, string, error) {
+	spec, err := c.storeSpec()
+	if err != nil {
+		return nil, "", err
+	}
+	id := c.GatewayID
+	if id == "" {
+		if id, err = os.Hostname(); err != nil {
+			return nil, "", fmt.Errorf("--gateway-id: host name: %w", err)
+		}
+	}
+	switch spec.Kind {
+	case "none":
+		return nil, id, nil
+	case "file":
+		st, err := store.OpenFile(spec.Path)
+		return st, id, err
+	}
+	var tlsConf *tls.Config
+	if strings.HasPrefix(spec.Endpoints[0], "https://") {
+		if tlsConf, err = store.TLSConfig(c.StoreCA, c.StoreCert, c.StoreKey); err != nil {
+			return nil, "", err
+		}
+	}
+	st, err := store.OpenEtcd(store.EtcdOptions{Endpoints: spec.Endpoints, TLS: tlsConf, Prefix: c.StorePrefix, Gateway: id, Log: log})
+	return st, id, err
 }
 
 // Main runs aegis-controlplane with args until ctx ends or SIGTERM or
@@ -80,6 +151,12 @@ func (c *CLI) check() error {
 	}
 	if c.MonitorMaxMessageSize < 1024 {
 		return &cli.UsageError{Err: fmt.Errorf("--monitor-max-message-size %d: want at least 1024 bytes", c.MonitorMaxMessageSize)}
+	}
+	if c.StoreAckTimeout <= 0 || c.ActivityInterval <= 0 {
+		return &cli.UsageError{Err: fmt.Errorf("--store-ack-timeout %v, --activity-interval %v: must be positive", c.StoreAckTimeout, c.ActivityInterval)}
+	}
+	if _, err := c.storeSpec(); err != nil {
+		return err
 	}
 	if c.ShutdownTimeout < 0 {
 		return &cli.UsageError{Err: fmt.Errorf("--shutdown-timeout %v: must not be negative", c.ShutdownTimeout)}
@@ -247,6 +324,14 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 		return err
 	}
 
+	st, gateway, err := c.openStore(log)
+	if err != nil {
+		return err
+	}
+	if st != nil {
+		log.Info().Str("store", c.Store).Str("gateway_id", gateway).Msg("sessions are kept in the store; the maps are its cache")
+	}
+
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	srv, err := New(Options{
@@ -262,8 +347,16 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 		Registerer:            reg,
 
 		AllowSessionTakeover: c.AllowSessionTakeover,
+
+		Store:            st,
+		Gateway:          gateway,
+		AckTimeout:       c.StoreAckTimeout,
+		ActivityInterval: c.ActivityInterval,
 	})
 	if err != nil {
+		if st != nil {
+			st.Close()
+		}
 		return err
 	}
 
@@ -286,6 +379,18 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	log.Info().Stringer("address", ln.Addr()).Bool("tls", certs != nil).Bool("datapath_loaded", srv.Loaded()).
 		Bool("allow_session_takeover", c.AllowSessionTakeover).
 		Msg("serving session.SessionManager and aegis.agent.v1.AgentService")
+	if ready := srv.StoreReady(); ready != nil {
+		// A rebooted gateway logs no one out: every stored session is in
+		// the maps before systemd hears READY=1.
+		daemon.Status("restoring sessions from the store")
+		select {
+		case <-ready:
+			log.Info().Msg("sessions restored from the store")
+		case <-ctx.Done():
+		case serveErr := <-served:
+			served <- serveErr
+		}
+	}
 	daemon.Ready(log)
 	go daemon.Watchdog(ctx, log, srv.Healthy)
 

@@ -87,9 +87,10 @@ func (c *compatService) grant(p *peerInfo, user string, key state.Key) (*session
 	sessions := []state.Session{{Key: key, User: user, LastSeen: now, Created: now}}
 	var created []bool
 	cl := claim{s: s, user: user, keys: keys[:]}
+	var rev int64
 	s.bulk.RLock()
 	unlock := s.keys.lock(append(overlapping(key), key)...)
-	err := s.maps.Do(func(m *state.Maps) error {
+	grant := func(m *state.Maps) error {
 		cl.m = m
 		if err := cl.checkOverlapping(m, key); err != nil {
 			return err
@@ -97,9 +98,20 @@ func (c *compatService) grant(p *peerInfo, user string, key state.Key) (*session
 		var err error
 		created, err = m.GrantAllChecked(sessions, cl.check)
 		return err
-	})
+	}
+	var err error
+	if s.sl != nil {
+		var c bool
+		_, c, rev, err = s.sl.grant(&cl, sessions[0])
+		created = []bool{c}
+	} else {
+		err = s.maps.Do(grant)
+	}
 	unlock()
 	s.bulk.RUnlock()
+	if s.sl != nil {
+		s.sl.ack(rev, opGrant)
+	}
 	previous, takeover := cl.previous, cl.takeover
 	s.mon.wrote()
 	if err != nil {
@@ -125,8 +137,13 @@ func (c *compatService) revoke(p *peerInfo, key state.Key) (*session.Ack, error)
 	keys := [3]state.Key{key, legacy[0], legacy[1]}
 	var owners [3]string
 	var errs [3]error
+	var rev int64
 	s.bulk.RLock()
-	err := s.maps.Do(func(m *state.Maps) error {
+	unlock := func() {}
+	if s.sl != nil {
+		unlock = s.keys.lock(keys[:]...)
+	}
+	revoke := func(m *state.Maps) error {
 		for i, k := range keys {
 			if old, err := m.Lookup(k); err == nil {
 				owners[i] = old.User
@@ -134,8 +151,28 @@ func (c *compatService) revoke(p *peerInfo, key state.Key) (*session.Ack, error)
 			errs[i] = m.Revoke(k)
 		}
 		return nil
-	})
+	}
+	var err error
+	if s.sl != nil {
+		deleted, own, r, serr := s.sl.revoke(keys[:], "")
+		if errors.Is(serr, state.ErrNotFound) {
+			serr = nil // nothing there: the controller's intent holds
+		}
+		rev, err = r, serr
+		for i := range keys {
+			owners[i] = own[i]
+			if !deleted[i] {
+				errs[i] = state.ErrNotFound
+			}
+		}
+	} else {
+		err = s.maps.Do(revoke)
+	}
+	unlock()
 	s.bulk.RUnlock()
+	if s.sl != nil {
+		s.sl.ack(rev, opRevoke)
+	}
 	s.mon.wrote()
 	if err != nil {
 		err = statusOf(err)
@@ -194,13 +231,22 @@ func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList)
 		return &session.Ack{Success: true}, nil
 	}
 	var res state.MoveResult
+	var rev int64
 	s.bulk.Lock()
-	err := s.maps.Do(func(m *state.Maps) error {
-		var err error
-		res, err = m.MoveDestinations(moves)
-		return err
-	})
+	var err error
+	if s.sl != nil {
+		res, rev, err = s.sl.move(moves)
+	} else {
+		err = s.maps.Do(func(m *state.Maps) error {
+			var err error
+			res, err = m.MoveDestinations(moves)
+			return err
+		})
+	}
 	s.bulk.Unlock()
+	if s.sl != nil {
+		s.sl.ack(rev, opMove)
+	}
 	s.mon.wrote()
 	changes := make([]string, 0, len(moves))
 	for from, to := range moves {

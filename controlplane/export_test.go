@@ -1,6 +1,7 @@
 package controlplane
 
 import (
+	"context"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -69,3 +70,18 @@ func NewLimitedLog(log zerolog.Logger, n int, period time.Duration, now func() t
 	l.now = now
 	return l
 }
+
+// PublishAndReap runs one activity publication and one reaping of the
+// store now, as the activity loop does every --activity-interval.
+func PublishAndReap(s *Server) {
+	s.sl.publish(context.Background())
+	s.sl.reap(context.Background())
+}
+
+// SetBeforeReapTxn runs fn between the store reaping's judgment and its
+// delete.
+func SetBeforeReapTxn(s *Server, fn func()) { s.sl.beforeReapTxn = fn }
+
+// SetReapUnconditional makes the store reaping delete without its
+// revision condition.
+func SetReapUnconditional(s *Server) { s.sl.reapUnconditional = true }

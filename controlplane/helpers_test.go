@@ -18,6 +18,7 @@ import (
 	"github.com/aegis-agent/aegis/controlplane"
 	"github.com/aegis-agent/aegis/internal/pki"
 	"github.com/aegis-agent/aegis/internal/state"
+	"github.com/aegis-agent/aegis/internal/store"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 	"github.com/aegis-agent/aegis/proto/session"
@@ -53,6 +54,12 @@ type envOptions struct {
 	// setup runs on the server before it serves.
 	setup    func(*controlplane.Server)
 	takeover bool // --allow-session-takeover
+	// store, when set, keeps the sessions (--store); the env waits for
+	// the first restore before it returns.
+	store            store.Store
+	gateway          string
+	ackTimeout       time.Duration
+	activityInterval time.Duration
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -95,6 +102,11 @@ func newEnv(t *testing.T, o envOptions) *env {
 		MonitorSendTimeout:    o.sendTimeout,
 
 		AllowSessionTakeover: o.takeover,
+
+		Store:            o.store,
+		Gateway:          o.gateway,
+		AckTimeout:       o.ackTimeout,
+		ActivityInterval: o.activityInterval,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -109,6 +121,13 @@ func newEnv(t *testing.T, o envOptions) *env {
 	e.addr = ln.Addr().String()
 	served := make(chan error, 1)
 	go func() { served <- e.srv.Serve(ln) }()
+	if o.store != nil && !o.noPins {
+		select {
+		case <-e.srv.StoreReady():
+		case <-time.After(30 * time.Second):
+			t.Fatalf("maps not restored from the store within 30 s:\n%s", e.logs.String())
+		}
+	}
 	t.Cleanup(func() {
 		e.stop()
 		if err := <-served; err != nil {

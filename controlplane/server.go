@@ -7,7 +7,10 @@
 // reflection on one listener, over mutual TLS (tls.go, auth.go), and
 // exports Prometheus metrics (metrics.go; refused TLS handshakes in
 // tlsmetrics.go). The command line and the
-// systemd integration are in cli.go.
+// systemd integration are in cli.go. With a session store (--store), the
+// maps are the store's cache: writes go through the store (storewrite.go),
+// one loop applies the store to the maps (storeloop.go), and the gateways
+// share their sessions' activity (storeactivity.go).
 package controlplane
 
 import (
@@ -31,6 +34,7 @@ import (
 
 	"github.com/aegis-agent/aegis/internal/daemon"
 	"github.com/aegis-agent/aegis/internal/state"
+	"github.com/aegis-agent/aegis/internal/store"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
 	"github.com/aegis-agent/aegis/proto/session"
 )
@@ -77,7 +81,28 @@ type Options struct {
 	// AllowSessionTakeover lets a grant replace a live session of another
 	// user (see claim); by default it is refused with AlreadyExists.
 	AllowSessionTakeover bool
+
+	// Store, when not nil, holds the sessions; the maps are then its cache
+	// (storeloop.go). The server closes it on Shutdown.
+	Store store.Store
+	// Gateway is this gateway's name in the store.
+	Gateway string
+	// AckTimeout bounds the wait for the other live gateways to apply a
+	// write; 0 for DefaultAckTimeout.
+	AckTimeout time.Duration
+	// ActivityInterval is how often this gateway publishes its sessions'
+	// activity and reaps the store; 0 for DefaultActivityInterval.
+	ActivityInterval time.Duration
+	// Clock converts the store's wall-clock times; the zero value reads
+	// the real clocks.
+	Clock store.Clock
 }
+
+// Defaults of the store options.
+const (
+	DefaultAckTimeout       = 2 * time.Second
+	DefaultActivityInterval = 10 * time.Second
+)
 
 // Server serves both session APIs over one grpc.Server.
 type Server struct {
@@ -90,6 +115,8 @@ type Server struct {
 	auth   *authorizer
 	codec  *requestCodec
 	mon    *monitor
+	// sl is the store loop; nil without a store.
+	sl *storeLoop
 	// vh reads the verdict events for WatchVerdicts (watch.go).
 	vh verdictHub
 	// tlsFailures counts refused handshakes (tlsmetrics.go).
@@ -112,6 +139,7 @@ type Server struct {
 	// stopping is closed when Shutdown starts: long-lived streams end.
 	stopping    chan struct{}
 	stopOnce    sync.Once
+	storeStop   context.CancelFunc
 	lastRefresh atomic.Int64 // unix nanoseconds of the last refresh
 	loaded      atomic.Bool  // the maps were usable at the last refresh
 	filtered    atomic.Bool  // and every configured interface was filtered
@@ -165,6 +193,16 @@ func New(opts Options) (*Server, error) {
 	s.lastRefresh.Store(time.Now().UnixNano())
 	s.mon = newMonitor(s, &opts)
 	s.tlsFailures = newTLSFailures()
+	if opts.Store != nil {
+		if opts.AckTimeout <= 0 {
+			opts.AckTimeout = DefaultAckTimeout
+		}
+		if opts.ActivityInterval <= 0 {
+			opts.ActivityInterval = DefaultActivityInterval
+		}
+		s.opts = opts
+		s.sl = newStoreLoop(s, &opts)
+	}
 	s.m = newMetrics(s)
 
 	grpcMetrics := grpcprom.NewServerMetrics(
@@ -228,6 +266,12 @@ func (s *Server) Serve(ln net.Listener) error {
 	defer close(done)
 	go s.refreshLoop(done)
 	go s.mon.run(done)
+	if s.sl != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		s.storeStop = cancel
+		defer cancel()
+		go s.sl.run(ctx)
+	}
 	if err := s.grpc.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		return fmt.Errorf("serve gRPC on %s: %w", ln.Addr(), err)
 	}
@@ -296,7 +340,9 @@ func (s *Server) refresh() {
 	default:
 	}
 	status := healthpb.HealthCheckResponse_SERVING
-	if err != nil || unfiltered != "" {
+	if err != nil || unfiltered != "" || (s.sl != nil && !s.sl.serving()) {
+		// With a store, also while it is unreachable or the maps are not
+		// restored from it yet: grants and revokes are refused then.
 		status = healthpb.HealthCheckResponse_NOT_SERVING
 	}
 	for _, name := range healthNames {
@@ -315,6 +361,15 @@ func (s *Server) Healthy() error {
 	return nil
 }
 
+// StoreReady is closed once the maps were first restored from the store;
+// nil without a store.
+func (s *Server) StoreReady() <-chan struct{} {
+	if s.sl == nil {
+		return nil
+	}
+	return s.sl.Ready()
+}
+
 // Loaded reports whether the pinned maps were usable at the last check.
 func (s *Server) Loaded() bool { return s.loaded.Load() }
 
@@ -330,6 +385,9 @@ func (s *Server) Shutdown(ctx context.Context) {
 		s.health.Shutdown()
 		close(s.stopping)
 	})
+	if s.sl != nil {
+		defer s.sl.close(ctx)
+	}
 	done := make(chan struct{})
 	go func() {
 		s.grpc.GracefulStop()

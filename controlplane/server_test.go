@@ -275,6 +275,12 @@ func TestCommandLineRefusals(t *testing.T) {
 		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--monitor-interval", "0s"}, 2, "--monitor-interval"},
 		{[]string{"--tls-cert", dir + "/missing.crt", "--tls-key", dir + "/missing.key", "--tls-client-ca", dir + "/ca.crt"}, 1, "missing.crt"},
 		{[]string{"--grpc-port", "70000"}, 2, "grpc-port"},
+		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--store", "redis:x"}, 2, "--store"},
+		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--store", "file:"}, 2, "file:PATH"},
+		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--store", "etcd:http://127.0.0.1:2379"}, 2, "--store-plaintext"},
+		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--store", "etcd:http://192.0.2.1:2379", "--store-plaintext"}, 2, "loopback"},
+		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--store", "etcd:https://192.0.2.1:2379"}, 2, "--store-ca"},
+		{[]string{"--insecure", "--listen-address", "127.0.0.1", "--store-ack-timeout", "0s"}, 2, "--store-ack-timeout"},
 	} {
 		code, out := runMain(context.Background(), append(tc.args, "--pin-path", dir)...)
 		if code != tc.code || !strings.Contains(out, tc.want) {

@@ -8,6 +8,13 @@
 // sweep never deletes a session that is still live, are in
 // internal/state/sweep.go. With --metrics-address it is also the data
 // path's exporter (exporter.go).
+//
+// With a session store (aegis-controlplane --store), the reaper still
+// only reclaims its own gateway's maps, and needs no store flags: removing
+// a session that expired on every gateway from the store is the control
+// plane's (controlplane/storeactivity.go), since only it knows the
+// activity the other gateways published. A restore from the store never
+// writes back a session the store's times say has expired.
 package reaper
 
 import (

@@ -31,6 +31,7 @@ declare -A need=(
   [lintian]=lintian      # make deb-lint and the package test
   [zsh]=zsh              # the generated completions' test
   [fish]=fish
+  [/usr/bin/etcd]=etcd-server # the session store's tests run their own etcd members
 )
 missing=()
 for cmd in "${!need[@]}"; do
@@ -49,6 +50,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   # root in a container, where an enabled server would start too.
   if printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
     systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
+  # The same for etcd: its package starts a member on 127.0.0.1:2379.
+  # Tests run members of their own and must never find this one.
+  if printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
   fi
 fi
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/rs/zerolog"
@@ -22,6 +23,11 @@ type Handle struct {
 	mu   sync.RWMutex
 	maps *Maps
 	ids  map[string]ebpf.MapID // of every map of maps, by pin name
+	// gen counts the opens, so that a cache of the maps' content (a
+	// control plane with a store) sees that they were replaced. Atomic,
+	// not under mu: it is read inside Do, where taking mu again would
+	// deadlock against a waiting Refresh.
+	gen atomic.Uint64
 }
 
 // NewHandle returns a handle on the maps pinned under pinPath. It does not
@@ -67,6 +73,7 @@ func (h *Handle) open() error {
 		return err
 	}
 	h.maps, h.ids = m, ids
+	h.gen.Add(1)
 	h.log.Info().Str("pin_path", h.pinPath).Uint32("sessions_v4_id", uint32(ids[MapSessionsV4])).Msg("opened pinned maps")
 	return nil
 }
@@ -99,6 +106,11 @@ func (h *Handle) Refresh() error {
 	}
 	return h.open()
 }
+
+// Generation returns how many times the handle opened maps: it changes
+// when the loader replaced them (an unload and a load make new, empty
+// ones).
+func (h *Handle) Generation() uint64 { return h.gen.Load() }
 
 // Close releases the maps.
 func (h *Handle) Close() error {
