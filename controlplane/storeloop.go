@@ -245,9 +245,17 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 			}
 		}
 		now := l.clock.NowWall()
+		failed := func(s state.Session, err error) {
+			l.log.Error().Err(err).Stringer("session", s.Key).Msg("restore session into the maps")
+			l.m.applyErrors.Inc()
+		}
+		// Sessions the maps lack (all of them after a reboot) go in
+		// batches; those the maps hold are merged one by one.
+		var fresh []state.Session
 		for k, e := range idx {
 			seen := e.remote
-			if ls, ok := local[k]; ok {
+			ls, held := local[k]
+			if held {
 				e.local = ls
 				seen = max(seen, l.clock.ToWall(ls))
 			}
@@ -255,13 +263,18 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 				skipped++
 				continue
 			}
-			if err := m.Apply(l.session(&e.rec, seen)); err != nil {
-				l.log.Error().Err(err).Stringer("session", k).Msg("restore session into the maps")
-				l.m.applyErrors.Inc()
+			s := l.session(&e.rec, seen)
+			if !held {
+				fresh = append(fresh, s)
+				continue
+			}
+			if err := m.Apply(s); err != nil {
+				failed(s, err)
 				continue
 			}
 			written++
 		}
+		written += m.InsertNew(fresh, failed)
 		return nil
 	})
 	if err != nil {

@@ -66,7 +66,10 @@ func (l *storeLoop) commit(ctx context.Context, ops []store.Op) (int64, error) {
 	case errors.Is(err, store.ErrConflict):
 		return rev, errConflict
 	case errors.Is(err, store.ErrUnavailable):
-		return 0, status.Errorf(codes.Unavailable, "%v: nothing was written", err)
+		// A request that timed out may still commit once etcd has its
+		// quorum again, on every gateway alike: the caller cannot
+		// know, so it must not be told that nothing happened.
+		return 0, status.Errorf(codes.Unavailable, "%v: the store did not confirm the write; it may still take effect on every gateway once the store is back, so repeat the call (it is idempotent) or revoke", err)
 	case err != nil:
 		return 0, status.Error(codes.Internal, err.Error())
 	case rev == 0:

@@ -88,3 +88,87 @@ func (m *Maps) lookup(k Key, v *bpf.AegisSessionValue) error {
 	}
 	return nil
 }
+
+// InsertNew writes sessions whose keys the maps did not hold when the
+// caller last read them, as a restore into fresh maps does, batchSize to a
+// system call instead of Apply's four. The kernel's batch update knows no
+// BPF_NOEXIST, so a session written under one of these keys meanwhile is
+// overwritten: the caller must be these keys' only writer, as the control
+// plane's store loop is (the data path never creates a session, and the
+// sweep only deletes). It takes no key lock for the same reason. A batch
+// is ordered against the sweep as one grant is (guard.go): if a sweep
+// section overlapped it, every session of the batch is put back if the
+// section deleted it. It reports how many sessions it wrote and calls fail
+// for each it could not write (ErrInvalid, ErrFull, or the map's error).
+func (m *Maps) InsertNew(ss []Session, fail func(Session, error)) int {
+	var v4, v6 []Session
+	for _, s := range ss {
+		if err := s.Validate(); err != nil {
+			fail(s, err)
+			continue
+		}
+		if s.Is4() {
+			v4 = append(v4, s)
+		} else {
+			v6 = append(v6, s)
+		}
+	}
+	return insertNew(m, m.SessionsV4, v4, Key.v4, fail) + insertNew(m, m.SessionsV6, v6, Key.v6, fail)
+}
+
+func insertNew[K any](m *Maps, mp *ebpf.Map, ss []Session, key func(Key) K, fail func(Session, error)) int {
+	written := 0
+	keys := make([]K, 0, batchSize)
+	vals := make([]bpf.AegisSessionValue, 0, batchSize)
+	for len(ss) > 0 {
+		chunk := ss[:min(len(ss), batchSize)]
+		ss = ss[len(chunk):]
+		keys, vals = keys[:0], vals[:0]
+		for i := range chunk {
+			keys = append(keys, key(chunk[i].Key))
+			vals = append(vals, chunk[i].value())
+		}
+		before, err := readSeq(m.SweepSeq)
+		if err != nil {
+			for _, s := range chunk {
+				fail(s, err)
+			}
+			continue
+		}
+		done := 0
+		for done < len(chunk) {
+			n, err := mp.BatchUpdate(keys[done:], vals[done:], nil)
+			if err == nil {
+				done = len(chunk)
+				break
+			}
+			if err = updateError(err); !errors.Is(err, ErrFull) {
+				// Refused as a whole (the count it returns is then
+				// not what it wrote): the rest fails.
+				for _, s := range chunk[done:] {
+					fail(s, err)
+				}
+				break
+			}
+			// A full map stops the batch at the first session that
+			// does not fit; the count says how many went in before it.
+			done += n
+			for _, s := range chunk[done:] {
+				fail(s, err)
+			}
+			break
+		}
+		written += done
+		after, err := readSeq(m.SweepSeq)
+		if err == nil && before == after && before%2 == 0 {
+			continue
+		}
+		m.stats.overlaps.Add(1)
+		for j := range done {
+			if err := m.repair(chunk[j].Key, &vals[j]); err != nil {
+				fail(chunk[j], err)
+			}
+		}
+	}
+	return written
+}
