@@ -30,9 +30,15 @@ func (c Clock) now() (wall int64, mono uint64) {
 		m = c.Mono
 	}
 	// Read back to back, so that the pair is one instant to within the
-	// coarse clock's tick.
-	mono = m()
-	return w().UnixNano(), mono
+	// coarse clock's tick; read again if a preemption came between.
+	for range 3 {
+		mono = m()
+		wall = w().UnixNano()
+		if m()-mono <= uint64(time.Millisecond) {
+			break
+		}
+	}
+	return wall, mono
 }
 
 // ToMono converts a wall time (Unix nanoseconds) to the data path's clock.

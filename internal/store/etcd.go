@@ -171,8 +171,9 @@ func (e *Etcd) Snapshot(ctx context.Context) (Snapshot, error) {
 	return snap, err
 }
 
-// snapshotPage is how many keys one range request of a snapshot reads.
-const snapshotPage = 5000
+// snapshotPage is how many keys one range request of a snapshot reads:
+// about 3 MB, four round trips for 80,000 sessions.
+const snapshotPage = 20000
 
 // rangeAll reads every key under prefix at revision rev (0: now, which it
 // stores in *gotRev), a page at a time.

@@ -248,7 +248,7 @@ func TestEtcdSnapshotPages(t *testing.T) {
 	e := tu.StartEtcdLocal(t)
 	st := openEtcd(t, e, "gw-a", "/aegis/")
 	ctx := context.Background()
-	const n = 5000 + 300
+	const n = 20000 + 300
 	var ops []store.Op
 	for i := range n {
 		k := state.Key{Src: netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), Dst: netip.AddrFrom4([4]byte{198, 51, 100, byte(i >> 8)}), Port: 22, Proto: state.TCP}
