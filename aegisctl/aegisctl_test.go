@@ -375,6 +375,9 @@ func TestGoldenTables(t *testing.T) {
 	st := aegisctl.Stats{
 		Counters: []aegisctl.CounterRow{{"pass", "session", 123456, 98765432}, {"pass", "controller", 7, 420}, {"drop", "no_session", 1234567890, 9}},
 		Maps:     []aegisctl.MapRow{{aegisctl.FamilyIPv4, 3, 262144}, {aegisctl.FamilyIPv6, 0, 262144}},
+		AllowRules: []aegisctl.AllowRuleRow{{Rule: "203.0.113.0/24,tcp/443", ID: 3, Packets: 42},
+			{Rule: "2001:db8::/32", ID: 0, Packets: 0}},
+		AllowUnnumbered: 5,
 	}
 	if err := aegisctl.WriteStats(&stats, st); err != nil {
 		t.Fatal(err)

@@ -169,5 +169,13 @@ func localStats(m *state.Maps) (Stats, error) {
 		{Family: FamilyIPv4, Entries: uint64(v4), Capacity: uint64(m.SessionsV4.MaxEntries())},
 		{Family: FamilyIPv6, Entries: uint64(v6), Capacity: uint64(m.SessionsV6.MaxEntries())},
 	}
+	hits, err := state.ReadAllowHits(m)
+	if err != nil {
+		return Stats{}, err
+	}
+	for _, h := range hits.Rules {
+		st.AllowRules = append(st.AllowRules, AllowRuleRow{Rule: state.FormatAllowRule(h.Rule), ID: h.ID, Packets: h.Packets})
+	}
+	st.AllowUnnumbered = hits.Unnumbered[0] + hits.Unnumbered[1]
 	return st, nil
 }

@@ -70,11 +70,20 @@ func (cmd *LocalExplainCmd) Run(parent *LocalCmd, stdio cli.IO) error {
 		return err
 	}
 	defer m.Close()
-	res, err := explain.Explain(m, f, explain.RoutedLocally)
+	loc := explain.ForPins(parent.PinPath)
+	defer loc.Close()
+	res, err := explain.Explain(m, f, loc.Local)
+	if err == nil {
+		err = loc.Err()
+	}
 	if err != nil {
 		return err
 	}
-	return writeExplanation(stdio.Stdout, describe(res), cmd.JSON)
+	e := describe(res)
+	if n := loc.Note(); n != "" {
+		e.Why += "; " + n
+	}
+	return writeExplanation(stdio.Stdout, e, cmd.JSON)
 }
 
 func writeExplanation(w io.Writer, e Explanation, asJSON bool) error {

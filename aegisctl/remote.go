@@ -305,5 +305,9 @@ func getStats(ctx context.Context, conn *Conn, client agentv1.AgentServiceClient
 		{Family: FamilyIPv4, Entries: resp.GetSessionsV4().GetEntries(), Capacity: resp.GetSessionsV4().GetCapacity()},
 		{Family: FamilyIPv6, Entries: resp.GetSessionsV6().GetEntries(), Capacity: resp.GetSessionsV6().GetCapacity()},
 	}
+	for _, r := range resp.GetAllowRules() {
+		st.AllowRules = append(st.AllowRules, AllowRuleRow{Rule: r.GetRule(), ID: uint8(r.GetId()), Packets: r.GetPackets()})
+	}
+	st.AllowUnnumbered = resp.GetAllowUnnumberedPackets()
 	return st, nil
 }

@@ -160,6 +160,21 @@ type MapRow struct {
 type Stats struct {
 	Counters []CounterRow `json:"counters"`
 	Maps     []MapRow     `json:"maps"`
+	// AllowRules are the static allow rules with the packets each
+	// admitted; AllowUnnumbered the packets of rules without a counter of
+	// their own (past the 255th of a family).
+	AllowRules      []AllowRuleRow `json:"allow_rules,omitempty"`
+	AllowUnnumbered uint64         `json:"allow_unnumbered,omitempty"`
+}
+
+// AllowRuleRow is one allow rule's hit counter.
+type AllowRuleRow struct {
+	// Rule is spelled as aegis-loader --allow takes it.
+	Rule string `json:"rule"`
+	// ID is the rule's counter within its family (the rule_id label of
+	// aegis_datapath_allow_rule_packets_total); 0 for none of its own.
+	ID      uint8  `json:"id"`
+	Packets uint64 `json:"packets"`
 }
 
 func sortSessions(rows []SessionRow) {
@@ -223,6 +238,27 @@ func WriteStats(w io.Writer, s Stats) error {
 			fill = 100 * float64(m.Entries) / float64(m.Capacity)
 		}
 		fmt.Fprintf(&b, "%-11s  %*d  %*d  %5.1f%%\n", mapName(m.Family), ew, m.Entries, cw, m.Capacity, fill)
+	}
+	if len(s.AllowRules) > 0 {
+		const unnumbered = "(rules without a counter)"
+		aw, hw := len("ALLOW RULE"), len("HITS")
+		for _, r := range s.AllowRules {
+			aw, hw = max(aw, len(r.Rule)), max(hw, len(fmt.Sprint(r.Packets)))
+		}
+		if s.AllowUnnumbered > 0 {
+			aw, hw = max(aw, len(unnumbered)), max(hw, len(fmt.Sprint(s.AllowUnnumbered)))
+		}
+		fmt.Fprintf(&b, "\n%-*s  %3s  %*s\n", aw, "ALLOW RULE", "ID", hw, "HITS")
+		for _, r := range s.AllowRules {
+			id, hits := "-", "-"
+			if r.ID != 0 {
+				id, hits = fmt.Sprint(r.ID), fmt.Sprint(r.Packets)
+			}
+			fmt.Fprintf(&b, "%-*s  %3s  %*s\n", aw, r.Rule, id, hw, hits)
+		}
+		if s.AllowUnnumbered > 0 {
+			fmt.Fprintf(&b, "%-*s  %3s  %*d\n", aw, unnumbered, "0", hw, s.AllowUnnumbered)
+		}
 	}
 	_, err := io.WriteString(w, b.String())
 	return err

@@ -69,7 +69,7 @@ func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps, *e
 	b.Cleanup(func() { objs.Close() })
 	maps := &state.Maps{SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6, AllowV4: objs.AllowV4,
 		AllowV6: objs.AllowV6, Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq,
-		Events: objs.Events, EventLimits: objs.EventLimits}
+		Events: objs.Events, EventLimits: objs.EventLimits, AllowHits: objs.AllowHits}
 
 	rule, _ := state.ParseAllowRule("203.0.113.0/24,tcp/22")
 	entries, err := state.CompileAllow([]state.AllowRule{rule})
@@ -271,6 +271,8 @@ func BenchmarkDataPath(b *testing.B) {
 		{"hit-1M", big, v4Hit, bpf.XDPPass},
 		{"any-proto-hit", small, tcp(client4, svc4, 8090), bpf.XDPPass},
 		{"reply", small, replyPkt, bpf.XDPPass},
+		// An allow rule: the LPM lookup and the rule's hit counter.
+		{"allow", small, tcp(netip.MustParseAddr("203.0.113.9"), svc4, 22), bpf.XDPPass},
 		{"icmp-related", small, relatedPkt, bpf.XDPPass},
 	}
 	samples := make(map[string][]float64)

@@ -11,6 +11,10 @@
  *   1. Parse Ethernet, up to two 802.1Q/802.1ad tags, IPv4 (honouring IHL)
  *      or IPv6 (skipping up to IPV6_MAX_EXT extension headers), then TCP,
  *      UDP or ICMP/ICMPv6 (for an ICMP error also the header it quotes).
+ *      The common frame (untagged, no IPv4 options, no IPv6 extension
+ *      headers, not a fragment, TCP or UDP) has a parser of its own,
+ *      parse_fast(); it reaches the same tuple, and the same policy()
+ *      decides, in the order below.
  *   2. Bypass, each as narrow as its purpose:
  *      - ARP;
  *      - IPv6 neighbour discovery (ICMPv6 133-137) with code 0 and hop
@@ -36,6 +40,9 @@
  *   aegis_egress (tcx, egress of the same interface) records the flows the
  *   gateway and the hosts behind it open outbound; it never drops.
  *
+ *   aegis_locality, attached nowhere and using no map, lets user space ask
+ *   delivered_locally() (see the end of this file).
+ *
  * The order only decides which counter a packet lands in where two rules
  * admit it; session-first keeps an established session's hot path to one
  * hash lookup and keeps last_seen accurate for sessions that an allow rule
@@ -58,22 +65,24 @@
  *    (the identifier stands in for the port).
  *  - No flow is created for an outbound packet whose reply is already
  *    admitted by a session entry (live or expired, exact or any-protocol)
- *    or by an allow rule. A service answering a user over UDP therefore
- *    leaves no trace in the flow table, and revoking or expiring the
- *    session stops the user at once. Allow rules get the same treatment
+ *    or by an allow rule, nor for one whose reply was a session's until
+ *    it was removed (a live tombstone, see "Tombstones"). A service
+ *    answering a user therefore leaves no trace in the flow table, and
+ *    revoking or expiring the session stops the user at once, even while
+ *    the service keeps sending. Allow rules get the same treatment
  *    so that removing one also takes effect at once.
  *  - This program never creates flows; it refreshes a live one in place
  *    with the sessions' refresh granularity.
  *
  * What remains, stated so that operators can judge it:
  *
- *  - A UDP service that keeps SENDING to a user after the user's session
- *    is gone (a push protocol: media, game state, a VPN's keepalives)
- *    opens a flow with its first datagram after the session entry is
- *    deleted, and that user's same source port can answer for as long as
- *    the service keeps sending. A request/response service (DNS, NTP)
- *    never sends unprompted and is not affected. Turn reply
- *    tracking off (config.track_flows = 0) where that matters.
+ *  - A service that falls silent towards a removed session's user for
+ *    longer than the flow idle timeout loses the tombstone; if it then
+ *    sends to that user again, it opens a flow as any host behind the
+ *    gateway may. A flow that the private side opened to the user
+ *    before the session was granted is an ordinary outbound flow and
+ *    outlives the session while it is used. Turn reply tracking off
+ *    (config.track_flows = 0) where either matters.
  *  - A spoofer on the public side must guess a live 5-tuple: the peer's
  *    address and port (often public knowledge, e.g. a DNS resolver's :53)
  *    and the local ephemeral port (about 28,000 possibilities per peer on
@@ -140,7 +149,9 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  *    flows_v4, flows_v6, frags. Later, still 2: event_drop_rate and
  *    event_pass_rate took config_value's first padding (0 in older maps:
  *    no events); new maps events, event_limit. A new map changes no
- *    existing layout: the loader creates what is missing.
+ *    existing layout: the loader creates what is missing. Later, still 2:
+ *    allow_port's padding byte holds the rule id (0 in older maps: counted
+ *    as unnumbered); new map allow_hits.
  */
 #define AEGIS_LAYOUT_VERSION 2
 
@@ -149,6 +160,13 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 
 /* Port rules one allow-list prefix can carry (see struct allow_value). */
 #define ALLOW_MAX_PORTS 16
+
+/* Allow rules with a hit counter of their own, per address family: ids
+ * 1-255 fit the one byte struct allow_port has for it; id 0 (a rule past
+ * the 255th, or a slot written by a loader that numbered none) counts in
+ * the family's slot 0. allow_hits holds both families' slots. */
+#define ALLOW_RULE_IDS 256
+#define ALLOW_HIT_SLOTS (2 * ALLOW_RULE_IDS)
 
 /* Slots in the stats map: room for reasons added by later versions without
  * changing the map's layout. */
@@ -216,6 +234,7 @@ enum limits {
 	LIMIT_REFRESH_NS = AEGIS_REFRESH_NS,
 	LIMIT_IPV6_MAX_EXT = IPV6_MAX_EXT,
 	LIMIT_ALLOW_MAX_PORTS = ALLOW_MAX_PORTS,
+	LIMIT_ALLOW_RULE_IDS = ALLOW_RULE_IDS,
 	LIMIT_STATS_SLOTS = STATS_SLOTS,
 	LIMIT_FRAG_TIMEOUT_NS = FRAG_TIMEOUT_NS,
 	LIMIT_EVENT_BURST_NS = EVENT_BURST_NS,
@@ -309,10 +328,15 @@ struct allow_key_v6 {
  * For ICMP (1) and ICMPv6 (58) the port is meaningless and 0: such a rule
  * admits every ICMP type from the prefix, as does a rule of protocol 0 and
  * port 0.
+ *
+ * rule is the id of the allow rule the pair comes from, its hit counter in
+ * allow_hits. A prefix carries its covering prefixes' pairs, so the same
+ * pair (and id) appears in every prefix the rule covers. The byte was
+ * padding in older builds, which wrote it 0 and never read it.
  */
 struct allow_port {
 	__u8 proto;
-	__u8 pad;
+	__u8 rule;
 	__u16 port;
 };
 
@@ -386,6 +410,19 @@ struct {
 	__type(key, struct allow_key_v6);
 	__type(value, struct allow_value);
 } allow_v6 SEC(".maps");
+
+/*
+ * Packets each allow rule admitted, per CPU, at (family 6 ? 256 : 0) +
+ * rule id. Only aegis_xdp's allow path writes it: one per-CPU increment,
+ * after the lookup it already made. The loader numbers the rules and keeps
+ * an unchanged rule's id (and so its count) across loads.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ALLOW_HIT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} allow_hits SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -634,8 +671,16 @@ static __always_inline void event_emit(struct xdp_md *ctx, const struct config_v
 	e->ts_ns = now;
 	e->ifindex = ctx->ingress_ifindex;
 	e->len = len;
-	__builtin_memcpy(e->src, t->src, 16);
-	__builtin_memcpy(e->dst, t->dst, 16);
+	if (t->family == 4) {
+		/* The fast path writes only an IPv4 address's 4 bytes. */
+		__builtin_memset(e->src, 0, 16);
+		__builtin_memset(e->dst, 0, 16);
+		__builtin_memcpy(e->src, t->src, 4);
+		__builtin_memcpy(e->dst, t->dst, 4);
+	} else {
+		__builtin_memcpy(e->src, t->src, 16);
+		__builtin_memcpy(e->dst, t->dst, 16);
+	}
 	e->sport = t->sport;
 	e->dport = t->dport;
 	e->proto = t->proto;
@@ -688,6 +733,16 @@ static __always_inline void reverse(const struct tuple *t, struct tuple *r)
 	r->tcp_flags = 0;
 }
 
+/*
+ * The two families' lookups must stay two call sites. Merged into one (the
+ * compiler sinks the identical calls into their common successor), the map
+ * is no longer a constant at the call, so the verifier cannot inline the
+ * lookup and the program pays the generic helper's indirect call. The
+ * empty asm after one of them leaves the two paths nothing in common to
+ * sink.
+ */
+#define LOOKUP_APART(v) barrier_var(v)
+
 static __always_inline struct session_value *session_find(const struct tuple *t, __u8 proto)
 {
 	if (t->family == 4) {
@@ -696,7 +751,9 @@ static __always_inline struct session_value *session_find(const struct tuple *t,
 		__builtin_memcpy(k.dst, t->dst, 4);
 		k.dport = t->dport;
 		k.proto = proto;
-		return bpf_map_lookup_elem(&sessions_v4, &k);
+		struct session_value *v = bpf_map_lookup_elem(&sessions_v4, &k);
+		LOOKUP_APART(v);
+		return v;
 	}
 	struct session_key_v6 k = {};
 	__builtin_memcpy(k.src, t->src, 16);
@@ -729,7 +786,9 @@ static __always_inline struct flow_value *flow_find(const struct tuple *t)
 	if (t->family == 4) {
 		struct flow_key_v4 k = {};
 		flow_key4(t, &k);
-		return bpf_map_lookup_elem(&flows_v4, &k);
+		struct flow_value *v = bpf_map_lookup_elem(&flows_v4, &k);
+		LOOKUP_APART(v);
+		return v;
 	}
 	struct flow_key_v6 k = {};
 	flow_key6(t, &k);
@@ -794,21 +853,24 @@ static __always_inline int flow_live(struct flow_value *v, __u8 proto,
 	return 1;
 }
 
-static __always_inline int ports_match(const struct allow_value *v, __u8 proto, __u16 port)
+/* The first of v's pairs that admits (proto, port), in stored order. */
+static __always_inline const struct allow_port *ports_match(const struct allow_value *v, __u8 proto,
+							    __u16 port)
 {
 	for (__u32 i = 0; i < ALLOW_MAX_PORTS; i++) {
 		if (i >= v->count)
 			break;
 		const struct allow_port *p = &v->ports[i];
 		if ((p->proto == 0 || p->proto == proto) && (p->port == 0 || p->port == port))
-			return 1;
+			return p;
 	}
 	return 0;
 }
 
-/* Whether an allow rule admits t. ICMP has no port: only rules of port 0
- * match it. */
-static __always_inline int allowed(const struct tuple *t, const struct config_value *cfg)
+/* The allow rule's pair that admits t, or NULL. ICMP has no port: only
+ * rules of port 0 match it. */
+static __always_inline const struct allow_port *allow_match(const struct tuple *t,
+							    const struct config_value *cfg)
 {
 	__u16 port = is_icmp(t->proto) ? 0 : t->dport;
 	const struct allow_value *av;
@@ -826,7 +888,21 @@ static __always_inline int allowed(const struct tuple *t, const struct config_va
 		__builtin_memcpy(ak.addr, t->src, 16);
 		av = bpf_map_lookup_elem(&allow_v6, &ak);
 	}
-	return av && ports_match(av, t->proto, port);
+	return av ? ports_match(av, t->proto, port) : 0;
+}
+
+static __always_inline int allowed(const struct tuple *t, const struct config_value *cfg)
+{
+	return allow_match(t, cfg) != 0;
+}
+
+/* Counts a packet an allow rule admitted against the rule. */
+static __always_inline void allow_hit(__u8 family, const struct allow_port *p)
+{
+	__u32 slot = (family == 6 ? ALLOW_RULE_IDS : 0) + p->rule;
+	__u64 *n = bpf_map_lookup_elem(&allow_hits, &slot);
+	if (n)
+		(*n)++;
 }
 
 /*
@@ -980,8 +1056,11 @@ static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
 			return REASON_REPLY;
 	}
 
-	if (allowed(t, cfg))
+	const struct allow_port *ap = allow_match(t, cfg);
+	if (ap) {
+		allow_hit(t->family, ap);
 		return REASON_ALLOWLIST;
+	}
 	if (t->kind == L4_ICMP_OTHER)
 		return REASON_UNSUPPORTED_L4;
 	return r;
@@ -1252,9 +1331,11 @@ static __always_inline int classify_ip(struct xdp_md *ctx, void *data, void *dat
 	if (r)
 		return r;
 
-	/* Set, and read by the policy, only for an ICMP error: zeroing it for
-	 * every packet would cost the session hit path. */
-	struct tuple q;
+	/* Read by the policy only for an ICMP error. Zeroed all the same: the
+	 * common frame never comes here (parse_fast), and left undefined the
+	 * compiler may read it from whatever register is at hand, which the
+	 * verifier rightly refuses. */
+	struct tuple q = {};
 	if (p->t.kind == L4_ICMP_ERROR) {
 		r = parse_quote(data, data_end, p->l4off + sizeof(struct icmphdr), p->l3end,
 				p->t.family, &q);
@@ -1338,6 +1419,81 @@ static __always_inline __be16 parse_l2(void *data, void *data_end, __u64 *l3off)
 	return proto;
 }
 
+/*
+ * The common frame, parsed straight into t: untagged Ethernet, IPv4
+ * without options or IPv6 without extension headers, not a fragment, a
+ * TCP or UDP header within the datagram and the first buffer. For such a
+ * frame parse_l2, parse_v4/parse_v6 and parse_l4 reach the same tuple with
+ * no drop reason, frag is FRAG_NONE, there is no quote to read and no
+ * bypass but the controller's (which policy() checks first, as ever), so
+ * classify() would return exactly policy(t): the fast path changes what
+ * parses a frame, never what decides it. Returns 0 for any other frame,
+ * having written nothing the general path reads: it starts over from a
+ * zeroed ip_info.
+ *
+ * t is not zeroed: for IPv4 only the first 4 bytes of each address are
+ * written, which is all the policy reads; event_emit() copies by family.
+ */
+static __always_inline int parse_fast(void *data, void *data_end, __u64 len, struct tuple *t)
+{
+	struct ethhdr *eth = data;
+	void *l4;
+	__u64 l3end;
+
+	if (data + sizeof(*eth) + sizeof(struct iphdr) + sizeof(struct udphdr) > data_end)
+		return 0; /* short frames: the general path sorts them out */
+
+	__be16 type = *(__be16 *)(data + __builtin_offsetof(struct ethhdr, h_proto));
+	if (type == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if (ip->ver_ihl != 0x45 || (ip->frag_off & bpf_htons(IP_OFFSET | IP_MF)))
+			return 0;
+		l3end = sizeof(*eth) + bpf_ntohs(ip->tot_len);
+		if (l3end > len)
+			return 0;
+		t->family = 4;
+		t->proto = ip->protocol;
+		*(__u32 *)t->src = ip->saddr;
+		*(__u32 *)t->dst = ip->daddr;
+		l4 = ip + 1;
+	} else if (type == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end || (*(__u8 *)ip6 >> 4) != 6)
+			return 0;
+		l3end = sizeof(*eth) + sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		if (l3end > len)
+			return 0;
+		t->family = 6;
+		t->proto = ip6->nexthdr;
+		__builtin_memcpy(t->src, ip6->saddr, 16);
+		__builtin_memcpy(t->dst, ip6->daddr, 16);
+		l4 = ip6 + 1;
+	} else {
+		return 0;
+	}
+
+	__u64 l4off = l4 - data;
+	if (t->proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end || l4off + sizeof(*th) > l3end)
+			return 0;
+		t->tcp_flags = th->flags;
+	} else if (t->proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end || l4off + sizeof(*uh) > l3end)
+			return 0;
+		t->tcp_flags = 0;
+	} else {
+		return 0;
+	}
+	/* TCP and UDP both start with the ports. */
+	struct udphdr *ports = l4;
+	t->sport = bpf_ntohs(ports->source);
+	t->dport = bpf_ntohs(ports->dest);
+	t->kind = L4_PORTS;
+	return 1;
+}
+
 /* p, zeroed by the caller, is left holding as much of the tuple as parsed,
  * for the verdict event. */
 static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_end, __u64 len,
@@ -1362,6 +1518,17 @@ static __always_inline int classify(struct xdp_md *ctx, void *data, void *data_e
 	return REASON_UNSUPPORTED_L3;
 }
 
+/* Every frame parse_fast() does not take, from a zeroed ip_info. */
+static __always_inline int classify_slow(struct xdp_md *ctx, struct ip_info *p,
+					 const struct config_value *cfg, __u64 len, __u64 now)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	__builtin_memset(p, 0, sizeof(*p));
+	return classify(ctx, data, data_end, len, p, cfg, now);
+}
+
 /*
  * xdp.frags: the program accepts multi-buffer frames, so it attaches in
  * native mode to interfaces whose MTU exceeds a page (jumbo frames). The
@@ -1382,8 +1549,21 @@ int aegis_xdp(struct xdp_md *ctx)
 	__u64 len = bpf_xdp_get_buff_len(ctx);
 	/* One clock read serves the verdict and its event. */
 	__u64 now = bpf_ktime_get_coarse_ns();
-	struct ip_info p = {};
-	__u32 cause = classify(ctx, data, data_end, len, &p, cfg, now);
+	struct ip_info p;
+	__u32 cause;
+	/* p's address escapes into an empty asm, so that p stays one struct in
+	 * memory. Otherwise the compiler splits it into a dozen scalars (the
+	 * addresses byte by byte), shares them between both parsers, spills
+	 * them to the stack and zeroes them on every branch, which costs the
+	 * fast path what it saves. (A called function would do the same but
+	 * would add a call per frame and a subprogram, whose instructions no
+	 * longer match the object's tag, by which the loader recognises its
+	 * own build.) */
+	asm volatile("" : : "r"(&p) : "memory");
+	if (parse_fast(data, data_end, len, &p.t))
+		cause = policy(ctx, &p.t, &p.t, cfg, now);
+	else
+		cause = classify_slow(ctx, &p, cfg, len, now);
 	__u32 reason = cause;
 	__u32 action = passes(reason) ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
@@ -1401,10 +1581,112 @@ int aegis_xdp(struct xdp_md *ctx)
 }
 
 /*
+ * Tombstones
+ * ----------
+ * A session key whose session left the sessions map (revoked, or deleted
+ * by the reaper once expired) keeps a tombstone in tombs_v4/tombs_v6, keyed
+ * like the session. While the session entry existed, no outbound packet
+ * from its service to its user could open a flow (record() below); the
+ * tombstone carries that refusal past the entry's deletion, so a service
+ * that keeps sending to a revoked user (a stream, game state, keepalives)
+ * still opens nothing the user could answer through. Each refused packet
+ * refreshes the tombstone, with the sessions' refresh granularity; one
+ * idle longer than the UDP flow idle timeout counts as absent, and the
+ * reaper deletes it. A service quiet for that long and then sending again
+ * opens a flow as any host behind the gateway opening one would.
+ *
+ * UDP's timeout for every key, TCP and any-protocol ones too: what a
+ * service sends unprompted, again and again, is datagrams. A service's
+ * TCP answers (SYN-ACK, ACK, FIN, RST) never open a flow, with or without
+ * a tombstone; a TCP tombstone only refuses a bare SYN from the service's
+ * port to the user (an active open from the listening port), and each
+ * such SYN refreshes it. TCP's flow timeout (hours) would keep hours of
+ * revocations in the map for that corner.
+ *
+ * User space writes them (internal/state: Revoke, and the reaper's sweep),
+ * before it deletes the session, so that at every instant the session
+ * entry or its tombstone exists; this program only reads them and writes
+ * last_seen in place. A grant does not remove one: record() asks for a
+ * session entry first, and a tombstone under an existing entry is never
+ * consulted. The ingress program does not read them: a revoked user's
+ * packets find no session and no flow and drop as no_session.
+ *
+ * They are looked up only where record() would otherwise create a flow,
+ * so a packet of a live flow costs nothing more.
+ */
+enum tomb_cause {
+	TOMB_REVOKED = 1, /* revoked */
+	TOMB_EXPIRED = 2, /* expired, then deleted by the reaper */
+};
+const enum tomb_cause tomb_cause_btf SEC(".btf.anchor") __attribute__((unused));
+
+struct tomb_value {
+	__u64 last_seen_ns; /* the session's removal, or the last packet refused since */
+	__u64 removed_ns;   /* when the session was removed */
+	__u32 cause;        /* enum tomb_cause */
+	__u32 pad;
+};
+
+/* As large as the sessions maps (the loader sizes both with
+ * --max-sessions), so that the reaper can bury a whole map of sessions
+ * expiring at once; a full map makes user space keep the dead session
+ * entry instead (see internal/state). Allocated on insert. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct session_key_v4);
+	__type(value, struct tomb_value);
+} tombs_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct session_key_v6);
+	__type(value, struct tomb_value);
+} tombs_v6 SEC(".maps");
+
+static __always_inline struct tomb_value *tomb_find(const struct tuple *t, __u8 proto)
+{
+	if (t->family == 4) {
+		struct session_key_v4 k = {};
+		__builtin_memcpy(k.src, t->src, 4);
+		__builtin_memcpy(k.dst, t->dst, 4);
+		k.dport = t->dport;
+		k.proto = proto;
+		return bpf_map_lookup_elem(&tombs_v4, &k);
+	}
+	struct session_key_v6 k = {};
+	__builtin_memcpy(k.src, t->src, 16);
+	__builtin_memcpy(k.dst, t->dst, 16);
+	k.dport = t->dport;
+	k.proto = proto;
+	return bpf_map_lookup_elem(&tombs_v6, &k);
+}
+
+/* Whether a live tombstone of proto refuses a flow for the reply r;
+ * refreshes it if so. */
+static __always_inline int tomb_refuses(const struct tuple *r, __u8 proto,
+					const struct config_value *cfg, __u64 now)
+{
+	struct tomb_value *v = tomb_find(r, proto);
+	if (!v)
+		return 0;
+	__s64 age = (__s64)(now - READ_ONCE(v->last_seen_ns));
+	if (age > (__s64)cfg->flow_idle_udp_ns)
+		return 0;
+	if (age > (__s64)AEGIS_REFRESH_NS)
+		WRITE_ONCE(v->last_seen_ns, now);
+	return 1;
+}
+
+/*
  * Records the flow an outbound packet belongs to (see "Flows" above): a
  * live flow is refreshed; otherwise a new one is created if the packet may
  * open one and its reply is not already admitted by a session or an allow
- * rule. An expired flow counts as absent.
+ * rule, and is not the reply of a removed session (see "Tombstones"). An
+ * expired flow or tombstone counts as absent.
  */
 static __always_inline void record(const struct tuple *o, const struct config_value *cfg)
 {
@@ -1422,6 +1704,11 @@ static __always_inline void record(const struct tuple *o, const struct config_va
 	if (o->proto == IPPROTO_TCP && (o->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
 		return;
 	if (r.kind == L4_PORTS && (session_find(&r, r.proto) || session_find(&r, 0)))
+		return;
+	/* Both are looked up (and refreshed) when both exist, so that each
+	 * lives as long as the service keeps sending. */
+	if (r.kind == L4_PORTS &&
+	    (tomb_refuses(&r, r.proto, cfg, now) | tomb_refuses(&r, 0, cfg, now)))
 		return;
 	if (allowed(&r, cfg))
 		return;
@@ -1468,4 +1755,39 @@ int aegis_egress(struct __sk_buff *skb)
 		return TCX_NEXT;
 	record(&p.t, cfg);
 	return TCX_NEXT;
+}
+
+/*
+ * aegis_locality answers delivered_locally() for user space: explaining a
+ * bypass candidate needs the kernel's own answer (the same bpf_fib_lookup
+ * from the same ingress interface), which no route query over netlink
+ * reproduces (an input lookup without source validation, the ingress
+ * interface's forwarding switch, its policy rules and VRF). User space
+ * runs it with BPF_PROG_TEST_RUN on a frame whose IP header carries the
+ * destination and the interface in the context's ingress_ifindex.
+ * XDP_PASS: local; XDP_DROP: not; XDP_ABORTED: not an IP frame. It uses
+ * no map, so running it changes nothing.
+ */
+SEC("xdp")
+int aegis_locality(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	__u64 off = 0;
+	__be16 proto = parse_l2(data, data_end, &off);
+	struct ip_info p = {};
+	int r;
+
+	if (!off)
+		return XDP_ABORTED;
+	if (proto == bpf_htons(ETH_P_IP))
+		r = parse_v4(data, data_end, len, off, &p);
+	else if (proto == bpf_htons(ETH_P_IPV6))
+		r = parse_v6(data, data_end, len, off, &p);
+	else
+		return XDP_ABORTED;
+	if (r)
+		return XDP_ABORTED;
+	return delivered_locally(ctx, &p.t) ? XDP_PASS : XDP_DROP;
 }

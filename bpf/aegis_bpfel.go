@@ -28,7 +28,7 @@ type AegisAllowKeyV6 struct {
 type AegisAllowPort struct {
 	_     structs.HostLayout
 	Proto uint8
-	Pad   uint8
+	Rule  uint8
 	Port  uint16
 }
 
@@ -169,6 +169,7 @@ const (
 	AegisLimitsLIMIT_REFRESH_NS      AegisLimits = 100000000
 	AegisLimitsLIMIT_IPV6MAX_EXT     AegisLimits = 6
 	AegisLimitsLIMIT_ALLOW_MAX_PORTS AegisLimits = 16
+	AegisLimitsLIMIT_ALLOW_RULE_IDS  AegisLimits = 256
 	AegisLimitsLIMIT_STATS_SLOTS     AegisLimits = 32
 	AegisLimitsLIMIT_FRAG_TIMEOUT_NS AegisLimits = 2000000000
 	AegisLimitsLIMIT_EVENT_BURST_NS  AegisLimits = 1000000000
@@ -236,6 +237,21 @@ type AegisSweepSeqValue struct {
 	Seq uint64
 }
 
+type AegisTombCause uint32
+
+const (
+	AegisTombCauseTOMB_REVOKED AegisTombCause = 1
+	AegisTombCauseTOMB_EXPIRED AegisTombCause = 2
+)
+
+type AegisTombValue struct {
+	_          structs.HostLayout
+	LastSeenNs uint64
+	RemovedNs  uint64
+	Cause      uint32
+	Pad        uint32
+}
+
 type AegisVerdict uint32
 
 const (
@@ -246,21 +262,25 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	AegisMapAllowV4      = "allow_v4"
-	AegisMapAllowV6      = "allow_v6"
-	AegisMapConfig       = "config"
-	AegisMapEventLimits  = "event_limits"
-	AegisMapEvents       = "events"
-	AegisMapFlowsV4      = "flows_v4"
-	AegisMapFlowsV6      = "flows_v6"
-	AegisMapFrags        = "frags"
-	AegisMapIfaces       = "ifaces"
-	AegisMapSessionsV4   = "sessions_v4"
-	AegisMapSessionsV6   = "sessions_v6"
-	AegisMapStats        = "stats"
-	AegisMapSweepSeq     = "sweep_seq"
-	AegisProgAegisEgress = "aegis_egress"
-	AegisProgAegisXdp    = "aegis_xdp"
+	AegisMapAllowHits      = "allow_hits"
+	AegisMapAllowV4        = "allow_v4"
+	AegisMapAllowV6        = "allow_v6"
+	AegisMapConfig         = "config"
+	AegisMapEventLimits    = "event_limits"
+	AegisMapEvents         = "events"
+	AegisMapFlowsV4        = "flows_v4"
+	AegisMapFlowsV6        = "flows_v6"
+	AegisMapFrags          = "frags"
+	AegisMapIfaces         = "ifaces"
+	AegisMapSessionsV4     = "sessions_v4"
+	AegisMapSessionsV6     = "sessions_v6"
+	AegisMapStats          = "stats"
+	AegisMapSweepSeq       = "sweep_seq"
+	AegisMapTombsV4        = "tombs_v4"
+	AegisMapTombsV6        = "tombs_v6"
+	AegisProgAegisEgress   = "aegis_egress"
+	AegisProgAegisLocality = "aegis_locality"
+	AegisProgAegisXdp      = "aegis_xdp"
 )
 
 // LoadAegis returns the embedded CollectionSpec for Aegis.
@@ -305,14 +325,16 @@ type AegisSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisProgramSpecs struct {
-	AegisEgress *ebpf.ProgramSpec `ebpf:"aegis_egress"`
-	AegisXdp    *ebpf.ProgramSpec `ebpf:"aegis_xdp"`
+	AegisEgress   *ebpf.ProgramSpec `ebpf:"aegis_egress"`
+	AegisLocality *ebpf.ProgramSpec `ebpf:"aegis_locality"`
+	AegisXdp      *ebpf.ProgramSpec `ebpf:"aegis_xdp"`
 }
 
 // AegisMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisMapSpecs struct {
+	AllowHits   *ebpf.MapSpec `ebpf:"allow_hits"`
 	AllowV4     *ebpf.MapSpec `ebpf:"allow_v4"`
 	AllowV6     *ebpf.MapSpec `ebpf:"allow_v6"`
 	Config      *ebpf.MapSpec `ebpf:"config"`
@@ -326,6 +348,8 @@ type AegisMapSpecs struct {
 	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
 	SweepSeq    *ebpf.MapSpec `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.MapSpec `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.MapSpec `ebpf:"tombs_v6"`
 }
 
 // AegisVariableSpecs contains global variables before they are loaded into the kernel.
@@ -354,6 +378,7 @@ func (o *AegisObjects) Close() error {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisMaps struct {
+	AllowHits   *ebpf.Map `ebpf:"allow_hits"`
 	AllowV4     *ebpf.Map `ebpf:"allow_v4"`
 	AllowV6     *ebpf.Map `ebpf:"allow_v6"`
 	Config      *ebpf.Map `ebpf:"config"`
@@ -367,10 +392,13 @@ type AegisMaps struct {
 	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
 	Stats       *ebpf.Map `ebpf:"stats"`
 	SweepSeq    *ebpf.Map `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.Map `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.Map `ebpf:"tombs_v6"`
 }
 
 func (m *AegisMaps) Close() error {
 	return _AegisClose(
+		m.AllowHits,
 		m.AllowV4,
 		m.AllowV6,
 		m.Config,
@@ -384,6 +412,8 @@ func (m *AegisMaps) Close() error {
 		m.SessionsV6,
 		m.Stats,
 		m.SweepSeq,
+		m.TombsV4,
+		m.TombsV6,
 	)
 }
 
@@ -397,13 +427,15 @@ type AegisVariables struct {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisPrograms struct {
-	AegisEgress *ebpf.Program `ebpf:"aegis_egress"`
-	AegisXdp    *ebpf.Program `ebpf:"aegis_xdp"`
+	AegisEgress   *ebpf.Program `ebpf:"aegis_egress"`
+	AegisLocality *ebpf.Program `ebpf:"aegis_locality"`
+	AegisXdp      *ebpf.Program `ebpf:"aegis_xdp"`
 }
 
 func (p *AegisPrograms) Close() error {
 	return _AegisClose(
 		p.AegisEgress,
+		p.AegisLocality,
 		p.AegisXdp,
 	)
 }

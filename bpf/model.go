@@ -181,6 +181,21 @@ func FlowVerdict(v *AegisFlowValue, idle, now uint64) (live, refresh bool) {
 	return true, age > int64(RefreshGranularity)
 }
 
+// TombIdle is how long a tombstone lives without a refused packet: the
+// UDP flow idle timeout, whatever the key's protocol (aegis.c says why).
+func TombIdle(cfg *AegisConfigValue) uint64 { return cfg.FlowIdleUdpNs }
+
+// TombVerdict decides whether a tombstone still refuses flows at now, and
+// whether the egress program rewrites its last_seen. One that does not
+// counts as absent, and the reaper deletes it.
+func TombVerdict(v *AegisTombValue, idle, now uint64) (live, refresh bool) {
+	age := int64(now - v.LastSeenNs)
+	if age > int64(idle) {
+		return false, false
+	}
+	return true, age > int64(RefreshGranularity)
+}
+
 // Env is everything besides the packet that the verdict depends on, and
 // the state both programs write.
 type Env struct {
@@ -191,7 +206,18 @@ type Env struct {
 	FlowsV4    map[AegisFlowKeyV4]*AegisFlowValue
 	FlowsV6    map[AegisFlowKeyV6]*AegisFlowValue
 	Frags      map[AegisFragKey]*AegisFragValue
-	Allow      []AllowRule
+	// AllowV4 and AllowV6 are the allow maps' entries, as the loader
+	// compiles them from the rules (each prefix holds the pairs of the
+	// prefixes covering it, each pair its rule's id).
+	AllowV4 map[AegisAllowKeyV4]AegisAllowValue
+	AllowV6 map[AegisAllowKeyV6]AegisAllowValue
+	// AllowHits counts the packets each allow rule admitted, by
+	// AllowHitSlot, as allow_hits does; Verdict allocates it.
+	AllowHits map[uint32]uint64
+	// TombsV4 and TombsV6 are the removed sessions' tombstones, which the
+	// egress program reads and refreshes.
+	TombsV4 map[AegisSessionKeyV4]*AegisTombValue
+	TombsV6 map[AegisSessionKeyV6]*AegisTombValue
 	// Local is the gateway's routing table as the data path asks it
 	// (bpf_fib_lookup from the ingress interface): whether a packet for
 	// the unicast address dst is not forwarded (BPF_FIB_LKUP_RET_NOT_FWDED):
@@ -253,7 +279,7 @@ const (
 	FlowNone    FlowWrite = iota // not a packet that opens or keeps a flow
 	FlowKept                     // a live flow; last_seen refreshed if stale
 	FlowCreated                  // a new flow (or one that had expired)
-	FlowRefused                  // could open a flow, but its reply is already admitted
+	FlowRefused                  // could open a flow, but its reply is already admitted or was a removed session's
 )
 
 // Egress models aegis_egress for one outgoing frame: it updates env's flow
@@ -306,6 +332,12 @@ func (env *Env) record(o *tuple) (FlowWrite, any) {
 	}
 	if r.kind == l4Ports && (env.session(&r, r.proto) != nil || env.session(&r, 0) != nil) {
 		return FlowRefused, r.flowKey()
+	}
+	if r.kind == l4Ports && mutation != "egress-no-tomb" {
+		exact, any := env.tombRefuses(&r, r.proto), env.tombRefuses(&r, 0)
+		if exact || any {
+			return FlowRefused, r.flowKey()
+		}
 	}
 	if env.allowed(&r) {
 		return FlowRefused, r.flowKey()
@@ -479,6 +511,27 @@ func (env *Env) flow(t *tuple) *AegisFlowValue {
 	return nil
 }
 
+func (env *Env) tomb(t *tuple, proto uint8) *AegisTombValue {
+	if t.family == 4 {
+		return env.TombsV4[AegisSessionKeyV4{Src: [4]byte(t.src[:4]), Dst: [4]byte(t.dst[:4]), Dport: t.dport, Proto: proto}]
+	}
+	return env.TombsV6[AegisSessionKeyV6{Src: t.src, Dst: t.dst, Dport: t.dport, Proto: proto}]
+}
+
+// tombRefuses reports whether a live tombstone of proto refuses a flow for
+// the reply r, refreshing it if so.
+func (env *Env) tombRefuses(r *tuple, proto uint8) bool {
+	v := env.tomb(r, proto)
+	if v == nil {
+		return false
+	}
+	live, refresh := TombVerdict(v, TombIdle(&env.Config), env.Now)
+	if refresh {
+		v.LastSeenNs = env.Now
+	}
+	return live
+}
+
 // sessionLive applies SessionVerdict, refreshing last_seen if asked.
 func (env *Env) sessionLive(v *AegisSessionValue, refresh bool) bool {
 	r, stale := SessionVerdict(v, env.Config.DefaultIdleTimeoutNs, env.Now)
@@ -497,17 +550,71 @@ func (env *Env) flowLive(v *AegisFlowValue, proto uint8, refresh bool) bool {
 	return live
 }
 
-func (env *Env) allowed(t *tuple) bool {
+// allowMatch mirrors allow_match(): the entry of the longest prefix that
+// holds the source, then the first of its pairs, in stored order, that
+// admits the packet; nil for none.
+func (env *Env) allowMatch(t *tuple) *AegisAllowPort {
 	if t.family == 4 && env.Config.AllowV4Rules == 0 || t.family == 6 && env.Config.AllowV6Rules == 0 {
-		return false
+		return nil
 	}
 	src := t.srcAddr()
-	for _, rule := range env.Allow {
-		if rule.Matches(src, t.proto, t.dport) {
-			return true
+	var v *AegisAllowValue
+	best := -1
+	consider := func(p netip.Prefix, val AegisAllowValue) {
+		if p.Bits() > best && p.Masked().Contains(src) {
+			best, v = p.Bits(), &val
 		}
 	}
-	return false
+	if t.family == 4 {
+		for k, val := range env.AllowV4 {
+			consider(netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)), val)
+		}
+	} else {
+		for k, val := range env.AllowV6 {
+			consider(netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)), val)
+		}
+	}
+	if v == nil {
+		return nil
+	}
+	port := t.dport
+	if t.proto == protoICMP || t.proto == protoICMPv6 {
+		port = 0
+	}
+	for i := range min(int(v.Count), MaxAllowPorts) {
+		p := &v.Ports[i]
+		if (p.Proto == 0 || p.Proto == t.proto) && (p.Port == 0 || p.Port == port) {
+			return p
+		}
+	}
+	return nil
+}
+
+func (env *Env) allowed(t *tuple) bool { return env.allowMatch(t) != nil }
+
+// AllowRuleIDs is ALLOW_RULE_IDS: the hit counter slots of one family.
+const AllowRuleIDs = int(AegisLimitsLIMIT_ALLOW_RULE_IDS)
+
+// AllowHitSlot returns the allow_hits slot that counts the allow rule of
+// the family (4 or 6) with the id: the family's slot 0 counts the pairs
+// that carry no id.
+func AllowHitSlot(family uint8, id uint8) uint32 {
+	if family == 6 {
+		return uint32(AllowRuleIDs) + uint32(id)
+	}
+	return uint32(id)
+}
+
+// allowHit counts a packet an allow rule admitted, as allow_hit() does.
+func (env *Env) allowHit(family uint8, p *AegisAllowPort) {
+	if env.AllowHits == nil {
+		env.AllowHits = map[uint32]uint64{}
+	}
+	rule := p.Rule
+	if mutation == "allow-hit-first-rule" && rule != 0 {
+		rule = 1
+	}
+	env.AllowHits[AllowHitSlot(family, rule)]++
 }
 
 func (env *Env) controllerBypass(t *tuple) bool {
@@ -611,7 +718,8 @@ func (env *Env) policy(t, q *tuple) Reason {
 			return ReasonReply
 		}
 	}
-	if env.allowed(t) {
+	if p := env.allowMatch(t); p != nil {
+		env.allowHit(t.family, p)
 		return ReasonAllowlist
 	}
 	if t.kind == l4ICMPOther {

@@ -62,7 +62,7 @@ func TestModelMatchesProgram(t *testing.T) {
 
 // A model with one rule broken must be caught by the same comparison.
 func TestModelMutationIsCaught(t *testing.T) {
-	for _, m := range []string{"egress-synack", "related-any-dst", "event-tuple-after-parse"} {
+	for _, m := range []string{"egress-synack", "egress-no-tomb", "related-any-dst", "event-tuple-after-parse", "allow-hit-first-rule"} {
 		t.Run(m, func(t *testing.T) {
 			seed := uint64(time.Now().UnixNano())
 			t.Logf("seed %d", seed)
@@ -99,12 +99,18 @@ func diffPhases(g *generator) []diffPhase {
 }
 
 // The allow rules of the phases that have them: TCP, UDP and any-protocol
-// rules, and ICMP rules (one with a port, which ICMP never matches).
+// rules, and ICMP rules (one with a port, which ICMP never matches). For
+// the hit counters, rules that overlap every way attribution must settle:
+// the same pair from a covering prefix (192.0.2.0/29,any/53 over /30's),
+// a pair a broader one covers (/29's tcp/22 under 192.0.2.4/31), and two
+// pairs that both admit a packet (192.0.2.6's udp and /29's any/53).
 func diffAllowRules() []state.AllowRule {
 	var rules []state.AllowRule
 	for _, s := range []string{
 		"203.0.113.0/24,tcp/22", "203.0.113.7,udp", "192.0.2.0/30,any/53", "192.0.2.4/31",
+		"192.0.2.0/29,any/53", "192.0.2.6,udp", "192.0.2.0/29,tcp/22",
 		"2001:db8:3::/64,tcp/22", "2001:db8:3::7,udp", "2001:db8:1::/126,any/53", "2001:db8:1::4/127",
+		"2001:db8:1::/125,any/53", "2001:db8:1::6,udp", "2001:db8:1::/125,tcp/22",
 	} {
 		r, _ := state.ParseAllowRule(s)
 		rules = append(rules, r)
@@ -148,6 +154,8 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 		SessionsV6: map[bpf.AegisSessionKeyV6]*bpf.AegisSessionValue{},
 		FlowsV4:    map[bpf.AegisFlowKeyV4]*bpf.AegisFlowValue{},
 		FlowsV6:    map[bpf.AegisFlowKeyV6]*bpf.AegisFlowValue{},
+		TombsV4:    map[bpf.AegisSessionKeyV4]*bpf.AegisTombValue{},
+		TombsV6:    map[bpf.AegisSessionKeyV6]*bpf.AegisTombValue{},
 		Frags:      map[bpf.AegisFragKey]*bpf.AegisFragValue{},
 	}
 	d := &diff{name: ph.name, g: g, h: h, env: env, writes: map[bpf.FlowWrite]int{}}
@@ -159,8 +167,9 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 	env.OnFragment(func(k bpf.AegisFragKey) { d.lastFrag = &k })
 	var a4, a6 uint16
 	if ph.allow {
-		env.Allow = diffAllowRules()
-		a4, a6 = h.setAllowRules(t, env.Allow...)
+		e := h.setAllowEntries(t, diffAllowRules()...)
+		env.AllowV4, env.AllowV6 = e.V4, e.V6
+		a4, a6 = uint16(len(e.V4)), uint16(len(e.V6))
 	}
 	// Flow timeouts of an hour: the only deadline a frame can meet during
 	// the run is a fragment's.
@@ -228,6 +237,11 @@ func (d *diff) ingress(i int) error {
 		return fmt.Errorf("ingress frame %d: program action %d for reason %v\n%s", i, got, counted, hex.Dump(pkt))
 	}
 	d.counts[counted]++
+	if counted == bpf.ReasonAllowlist {
+		if err := d.compareAllowHits(); err != nil {
+			return fmt.Errorf("ingress frame %d: %w\n%s", i, err, hex.Dump(pkt))
+		}
+	}
 	if err := d.compareEvent(counted, t0, t1); err != nil {
 		return fmt.Errorf("ingress frame %d: %w\n%s", i, err, hex.Dump(pkt))
 	}
@@ -321,24 +335,38 @@ func near(a, b uint64) bool { return a-b <= stampTolerance || b-a <= stampTolera
 // compareFlows compares both flow tables whole and adopts the program's
 // timestamps.
 func (d *diff) compareFlows() error {
-	if err := compareTable(d.h.objs.FlowsV4, d.env.FlowsV4); err != nil {
-		return err
-	}
-	return compareTable(d.h.objs.FlowsV6, d.env.FlowsV6)
+	err := errors.Join(
+		compareTable(d.h.objs.FlowsV4, d.env.FlowsV4, flowNear),
+		compareTable(d.h.objs.FlowsV6, d.env.FlowsV6, flowNear),
+		compareTable(d.h.objs.TombsV4, d.env.TombsV4, tombNear),
+		compareTable(d.h.objs.TombsV6, d.env.TombsV6, tombNear))
+	return err
 }
 
-func compareTable[K comparable](m *ebpf.Map, model map[K]*bpf.AegisFlowValue) error {
+func flowNear(a, b *bpf.AegisFlowValue) bool {
+	return near(a.LastSeenNs, b.LastSeenNs) && near(a.CreatedNs, b.CreatedNs)
+}
+
+// A tombstone's timestamps are the egress program's only writes to it;
+// the rest is compared exactly.
+func tombNear(a, b *bpf.AegisTombValue) bool {
+	return near(a.LastSeenNs, b.LastSeenNs) && a.RemovedNs == b.RemovedNs && a.Cause == b.Cause
+}
+
+// compareTable compares a table of the program with the model's whole and
+// adopts the program's values.
+func compareTable[K comparable, V any](m *ebpf.Map, model map[K]*V, same func(a, b *V) bool) error {
 	var k K
-	var v bpf.AegisFlowValue
+	var v V
 	seen := 0
 	it := m.Iterate()
 	for it.Next(&k, &v) {
 		mv := model[k]
 		if mv == nil {
-			return fmt.Errorf("flow %+v in the program only", k)
+			return fmt.Errorf("%v: %+v in the program only", m, k)
 		}
-		if !near(v.LastSeenNs, mv.LastSeenNs) || !near(v.CreatedNs, mv.CreatedNs) {
-			return fmt.Errorf("flow %+v is %+v in the program, %+v in the model", k, v, *mv)
+		if !same(&v, mv) {
+			return fmt.Errorf("%v: %+v is %+v in the program, %+v in the model", m, k, v, *mv)
 		}
 		*mv = v
 		seen++
@@ -347,7 +375,7 @@ func compareTable[K comparable](m *ebpf.Map, model map[K]*bpf.AegisFlowValue) er
 		return err
 	}
 	if seen != len(model) {
-		return fmt.Errorf("%d flows in %v, %d in the model", seen, m, len(model))
+		return fmt.Errorf("%d entries in %v, %d in the model", seen, m, len(model))
 	}
 	return nil
 }
@@ -381,6 +409,25 @@ func (d *diff) finish(t *testing.T) {
 	}
 	if err := d.compareFlows(); err != nil {
 		t.Fatalf("%s: %v", d.name, err)
+	}
+	// Every slot, so that a count on a path the model does not count on
+	// (or in a slot it does not) shows.
+	hits := 0
+	for slot := range uint32(d.h.objs.AllowHits.MaxEntries()) {
+		got, err := allowHits(d.h, slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := d.env.AllowHits[slot]; got != want {
+			t.Fatalf("%s: allow_hits slot %d counted %d, model %d", d.name, slot, got, want)
+		}
+		if got > 0 {
+			hits++
+		}
+	}
+	t.Logf("%s: allow rules hit %d", d.name, hits)
+	if d.env.Config.AllowV4Rules != 0 && hits < 8 {
+		t.Fatalf("%s: only %d allow rules hit", d.name, hits)
 	}
 	for r := range d.counts {
 		if uint64(d.emitted[r]) != d.counts[r] {
@@ -444,6 +491,33 @@ func (d *diff) finish(t *testing.T) {
 	}
 }
 
+// compareAllowHits compares the program's allow rule counters with the
+// model's, for the slots the model has counted in.
+func (d *diff) compareAllowHits() error {
+	for slot, want := range d.env.AllowHits {
+		got, err := allowHits(d.h, slot)
+		if err != nil {
+			return err
+		}
+		if got != want {
+			return fmt.Errorf("allow_hits slot %d counted %d, model %d (%v)", slot, got, want, d.env.AllowHits)
+		}
+	}
+	return nil
+}
+
+func allowHits(h *harness, slot uint32) (uint64, error) {
+	var perCPU []uint64
+	if err := h.objs.AllowHits.Lookup(slot, &perCPU); err != nil {
+		return 0, fmt.Errorf("read allow_hits slot %d: %w", slot, err)
+	}
+	var n uint64
+	for _, c := range perCPU {
+		n += c
+	}
+	return n, nil
+}
+
 func isLaterFragment(pkt []byte) bool {
 	_, r := bpf.Verdict(pkt, &bpf.Env{Frags: map[bpf.AegisFragKey]*bpf.AegisFragValue{}})
 	return r == bpf.ReasonFragment
@@ -481,6 +555,8 @@ type generator struct {
 	sessionProtocols []uint8
 	sessions4        []bpf.AegisSessionKeyV4
 	sessions6        []bpf.AegisSessionKeyV6
+	tombs4           []bpf.AegisSessionKeyV4 // tombstones: keys of removed sessions
+	tombs6           []bpf.AegisSessionKeyV6
 	flows4           []bpf.AegisFlowKeyV4 // every flow key seen, live or not
 	flows6           []bpf.AegisFlowKeyV6
 }
@@ -545,12 +621,16 @@ func (g *generator) anyPort() uint16 {
 func (g *generator) grantSessions(t *testing.T, h *harness, env *bpf.Env) {
 	now := env.Now
 	g.sessions4, g.sessions6 = nil, nil
+	g.tombs4, g.tombs6 = nil, nil
 	for _, fam := range [][2][]netip.Addr{{g.src4, g.dst4}, {g.src6, g.dst6}} {
 		for _, src := range fam[0] {
 			for _, dst := range fam[1] {
 				for _, port := range g.ports {
 					for _, proto := range g.sessionProtocols {
 						if g.rng.IntN(2) == 0 {
+							if g.rng.IntN(2) == 0 {
+								g.buryOne(t, h, env, src, dst, port, proto)
+							}
 							continue
 						}
 						v := bpf.AegisSessionValue{LastSeenNs: now, CreatedNs: now, IdleTimeoutNs: uint64(time.Hour)}
@@ -582,6 +662,32 @@ func (g *generator) grantSessions(t *testing.T, h *harness, env *bpf.Env) {
 			}
 		}
 	}
+}
+
+// buryOne gives a key without a session a tombstone: fresh, stale enough
+// to be refreshed, or idle past its timeout (an hour, as flows').
+func (g *generator) buryOne(t *testing.T, h *harness, env *bpf.Env, src, dst netip.Addr, port uint16, proto uint8) {
+	now := env.Now
+	v := bpf.AegisTombValue{LastSeenNs: now, RemovedNs: now - uint64(time.Hour), Cause: uint32(bpf.AegisTombCauseTOMB_REVOKED)}
+	switch g.rng.IntN(3) {
+	case 0:
+		v.LastSeenNs = now - uint64(10*time.Minute)
+	case 1:
+		v.LastSeenNs = now - uint64(2*time.Hour)
+	}
+	if src.Is4() {
+		k := bpf.AegisSessionKeyV4{Src: src.As4(), Dst: dst.As4(), Dport: port, Proto: proto}
+		if err := h.objs.TombsV4.Put(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+		env.TombsV4[k], g.tombs4 = &v, append(g.tombs4, k)
+		return
+	}
+	k := bpf.AegisSessionKeyV6{Src: src.As16(), Dst: dst.As16(), Dport: port, Proto: proto}
+	if err := h.objs.TombsV6.Put(&k, &v); err != nil {
+		t.Fatal(err)
+	}
+	env.TombsV6[k], g.tombs6 = &v, append(g.tombs6, k)
 }
 
 // seedFlows puts flows into both tables: fresh, stale enough to be
@@ -670,6 +776,22 @@ func (g *generator) aSession(v4 bool) tuple {
 		t = tuple{netip.AddrFrom4(k.Src), netip.AddrFrom4(k.Dst), g.anyPort(), k.Dport, k.Proto}
 	} else {
 		k := pick(g.rng, g.sessions6)
+		t = tuple{netip.AddrFrom16(k.Src), netip.AddrFrom16(k.Dst), g.anyPort(), k.Dport, k.Proto}
+	}
+	if t.proto == 0 {
+		t.proto = pick(g.rng, []uint8{tu.ProtoTCP, tu.ProtoUDP})
+	}
+	return t
+}
+
+// aTomb is a tombstone's key as an inbound tuple, as aSession.
+func (g *generator) aTomb(v4 bool) tuple {
+	var t tuple
+	if v4 && len(g.tombs4) > 0 {
+		k := pick(g.rng, g.tombs4)
+		t = tuple{netip.AddrFrom4(k.Src), netip.AddrFrom4(k.Dst), g.anyPort(), k.Dport, k.Proto}
+	} else {
+		k := pick(g.rng, g.tombs6)
 		t = tuple{netip.AddrFrom16(k.Src), netip.AddrFrom16(k.Dst), g.anyPort(), k.Dport, k.Proto}
 	}
 	if t.proto == 0 {
@@ -877,6 +999,9 @@ func (g *generator) egressFrame() []byte {
 		}
 	case n < 5: // a session's service answering its user
 		s := g.aSession(v4)
+		out = tuple{s.dst, s.src, s.dport, s.sport, s.proto}
+	case n < 6: // a removed session's service still sending to its user
+		s := g.aTomb(v4)
 		out = tuple{s.dst, s.src, s.dport, s.sport, s.proto}
 	default: // anything from the gateway's side to the public side
 		s := g.aTuple(v4)

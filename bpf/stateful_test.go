@@ -135,6 +135,47 @@ func statefulCases(a statefulAddrs) []struct {
 			do(func(t *testing.T, h *harness) { revoke(t, h, u, s, 5400, state.UDP) }),
 			in(dgram(u, s, 40000, 5400), bpf.ReasonNoSession),
 		}},
+		{"a revoked session's service that keeps sending opens no flow", []step{
+			do(func(t *testing.T, h *harness) { grantAt(t, h, u, s, 5401, tu.ProtoUDP, state.Now()) }),
+			out(dgram(s, u, 5401, 40000)),
+			do(func(t *testing.T, h *harness) { revoke(t, h, u, s, 5401, state.UDP) }),
+			out(dgram(s, u, 5401, 40000)),
+			out(dgram(s, u, 5401, 40000)),
+			do(func(t *testing.T, h *harness) { noFlow(t, h, u, s, 40000, 5401, tu.ProtoUDP) }),
+			in(dgram(u, s, 40000, 5401), bpf.ReasonNoSession),
+			// Granted again: passes at once, and still opens no flow.
+			do(func(t *testing.T, h *harness) { grantAt(t, h, u, s, 5401, tu.ProtoUDP, state.Now()) }),
+			in(dgram(u, s, 40000, 5401), bpf.ReasonSession),
+			out(dgram(s, u, 5401, 40000)),
+			do(func(t *testing.T, h *harness) { noFlow(t, h, u, s, 40000, 5401, tu.ProtoUDP) }),
+		}},
+		{"a revoked any-protocol session's service opens no flow", []step{
+			do(func(t *testing.T, h *harness) { grantAt(t, h, u, s, 7003, 0, state.Now()) }),
+			do(func(t *testing.T, h *harness) { revoke(t, h, u, s, 7003, state.Any) }),
+			out(dgram(s, u, 7003, 40000)),
+			out(seg(s, u, 7003, 40001, tcpSYN)),
+			do(func(t *testing.T, h *harness) { noFlow(t, h, u, s, 40000, 7003, tu.ProtoUDP) }),
+			do(func(t *testing.T, h *harness) { noFlow(t, h, u, s, 40001, 7003, tu.ProtoTCP) }),
+			in(dgram(u, s, 40000, 7003), bpf.ReasonNoSession),
+			in(seg(u, s, 40001, 7003, tcpSYNACK), bpf.ReasonNoSession),
+		}},
+		{"a revoked tcp session's service opens no flow", []step{
+			do(func(t *testing.T, h *harness) { grantAt(t, h, u, s, 8081, tu.ProtoTCP, state.Now()) }),
+			do(func(t *testing.T, h *harness) { revoke(t, h, u, s, 8081, state.TCP) }),
+			// Its answers never could; an active open from its port
+			// could, but for the tombstone.
+			out(seg(s, u, 8081, 40000, tcpACK)),
+			out(seg(s, u, 8081, 40000, 0x11)), // FIN, ACK
+			out(seg(s, u, 8081, 40000, 0x04)), // RST
+			out(seg(s, u, 8081, 40000, tcpSYN)),
+			do(func(t *testing.T, h *harness) { noFlow(t, h, u, s, 40000, 8081, tu.ProtoTCP) }),
+			in(seg(u, s, 40000, 8081, tcpACK), bpf.ReasonNoSession),
+		}},
+		{"a tombstone idle past the udp flow timeout counts as absent", []step{
+			do(func(t *testing.T, h *harness) { bury(t, h, u, s, 5402, tu.ProtoUDP, state.Now()-2*hour) }),
+			out(dgram(s, u, 5402, 40000)),
+			in(dgram(u, s, 40000, 5402), bpf.ReasonReply),
+		}},
 		{"an any-protocol session's replies open no flow", []step{
 			out(dgram(s, u, 7002, 40000)),
 			out(seg(s, u, 7002, 40000, tcpSYN)),
@@ -256,6 +297,22 @@ func grantAt(t *testing.T, h *harness, user, svc netip.Addr, port uint16, proto 
 func revoke(t *testing.T, h *harness, src, dst netip.Addr, port uint16, p state.Protocol) {
 	t.Helper()
 	if err := h.maps.Revoke(state.Key{Src: src, Dst: dst, Port: port, Proto: p}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// bury writes a tombstone last seen at lastSeen; proto 0 is an
+// any-protocol one.
+func bury(t *testing.T, h *harness, user, svc netip.Addr, port uint16, proto uint8, lastSeen uint64) {
+	t.Helper()
+	v := bpf.AegisTombValue{LastSeenNs: lastSeen, RemovedNs: lastSeen, Cause: uint32(bpf.AegisTombCauseTOMB_REVOKED)}
+	var err error
+	if user.Is4() {
+		err = h.objs.TombsV4.Put(&bpf.AegisSessionKeyV4{Src: user.As4(), Dst: svc.As4(), Dport: port, Proto: proto}, &v)
+	} else {
+		err = h.objs.TombsV6.Put(&bpf.AegisSessionKeyV6{Src: user.As16(), Dst: svc.As16(), Dport: port, Proto: proto}, &v)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 }

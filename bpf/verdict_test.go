@@ -45,6 +45,7 @@ func newHarness(t testing.TB) *harness {
 			SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6,
 			AllowV4: objs.AllowV4, AllowV6: objs.AllowV6,
 			Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq,
+			TombsV4: objs.TombsV4, TombsV6: objs.TombsV6,
 		},
 	}
 }
@@ -78,6 +79,14 @@ func (h *harness) setAllow(t testing.TB, rules ...string) (v4, v6 uint16) {
 // setAllowRules is setAllow for rules the parser does not spell (ICMP).
 func (h *harness) setAllowRules(t testing.TB, rules ...state.AllowRule) (v4, v6 uint16) {
 	t.Helper()
+	e := h.setAllowEntries(t, rules...)
+	return uint16(len(e.V4)), uint16(len(e.V6))
+}
+
+// setAllowEntries writes the entries the loader compiles from rules and
+// returns them.
+func (h *harness) setAllowEntries(t testing.TB, rules ...state.AllowRule) state.AllowEntries {
+	t.Helper()
 	e, err := state.CompileAllow(rules)
 	if err != nil {
 		t.Fatal(err)
@@ -92,7 +101,7 @@ func (h *harness) setAllowRules(t testing.TB, rules ...state.AllowRule) (v4, v6 
 			t.Fatal(err)
 		}
 	}
-	return uint16(len(e.V4)), uint16(len(e.V6))
+	return e
 }
 
 // putSession writes a session as the data path stores it, for keys

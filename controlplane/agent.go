@@ -361,6 +361,16 @@ func (a *agentService) GetStats(ctx context.Context, _ *agentv1.GetStatsRequest)
 				Verdict: r.Verdict(), Reason: r.String(), Packets: counters[r].Packets, Bytes: counters[r].Bytes,
 			})
 		}
+		hits, err := state.ReadAllowHits(m)
+		if err != nil {
+			return err
+		}
+		for _, h := range hits.Rules {
+			resp.AllowRules = append(resp.AllowRules, &agentv1.AllowRuleCounter{
+				Rule: state.FormatAllowRule(h.Rule), Packets: h.Packets, Id: uint32(h.ID),
+			})
+		}
+		resp.AllowUnnumberedPackets = hits.Unnumbered[0] + hits.Unnumbered[1]
 		return nil
 	})
 	if err != nil {

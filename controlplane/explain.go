@@ -27,9 +27,13 @@ func (a *agentService) Explain(_ context.Context, req *agentv1.ExplainRequest) (
 	}
 	f := explain.Flow{Src: src, Dst: dst, Port: uint16(req.GetDestinationPort()), Sport: uint16(req.GetSourcePort()), Proto: uint8(req.GetProtocol())}
 	var res *explain.Result
+	loc := explain.ForPins(a.s.maps.PinPath())
+	defer loc.Close()
 	err := a.s.maps.Do(func(m *state.Maps) error {
 		var err error
-		res, err = explain.Explain(m, f, explain.RoutedLocally)
+		if res, err = explain.Explain(m, f, loc.Local); err == nil {
+			err = loc.Err()
+		}
 		return err
 	})
 	switch {
@@ -38,7 +42,11 @@ func (a *agentService) Explain(_ context.Context, req *agentv1.ExplainRequest) (
 	case err != nil:
 		return nil, status.Errorf(codes.Unavailable, "explain: %v", err)
 	}
-	out := &agentv1.ExplainResponse{Action: "drop", Reason: res.Reason.String(), Cause: res.Cause.String(), Why: res.Why(), Flow: res.FlowString()}
+	why := res.Why()
+	if n := loc.Note(); n != "" {
+		why += "; " + n
+	}
+	out := &agentv1.ExplainResponse{Action: "drop", Reason: res.Reason.String(), Cause: res.Cause.String(), Why: why, Flow: res.FlowString()}
 	if res.Action == bpf.XDPPass {
 		out.Action = "pass"
 	}

@@ -19,6 +19,7 @@ import (
 //	aegis_controlplane_tls_reloads_total{result}
 //	aegis_controlplane_tls_handshake_failures_total{reason} (tlsmetrics.go)
 //	aegis_controlplane_monitor_*              MonitorSessions snapshots and streams (monitor.go)
+//	aegis_controlplane_verdict_reader_switches_total  the events reader moved to a new events map (watch.go)
 //	aegis_store_*                             the session store, with --store (storemetrics.go)
 //	aegis_grpc_server_*                       go-grpc-middleware's server metrics
 //	aegis_build_info{version,program_tag}     as every daemon
@@ -78,7 +79,11 @@ func (m *metrics) revoke(api, result string) {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	cs := []prometheus.Collector{m.grants, m.revokes, mapsCollector{m}, daemon.BuildInfo(), m.s.tlsFailures}
+	cs := []prometheus.Collector{m.grants, m.revokes, mapsCollector{m}, daemon.BuildInfo(), m.s.tlsFailures,
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "aegis_controlplane_verdict_reader_switches_total",
+			Help: "Times the verdict events reader (WatchVerdicts) moved to a new events map, after the loader unloaded and loaded the data path again.",
+		}, func() float64 { return float64(m.s.vh.switches.Load()) })}
 	cs = append(cs, m.s.mon.collectors()...)
 	if m.s.sl != nil {
 		cs = append(cs, m.s.sl.m.collectors()...)

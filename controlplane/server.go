@@ -329,6 +329,9 @@ func (s *Server) refresh() {
 		}
 		s.refreshed, s.refreshErr, s.unfiltered = true, msg, unfiltered
 	}
+	if err == nil {
+		s.followEvents()
+	}
 	s.loaded.Store(err == nil)
 	s.filtered.Store(err == nil && unfiltered == "")
 	select {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -25,11 +26,14 @@ import (
 type verdictHub struct {
 	mu  sync.Mutex
 	hub *verdicts.Hub
+	// switches counts the moves to a new events map (followEvents).
+	switches atomic.Uint64
 }
 
 // verdicts returns the hub, starting it on the events map of the pinned
-// maps open now. It holds its own descriptor (a clone), so a refresh of
-// the handle does not close it; the loader never replaces a pinned map.
+// maps open now. It holds its own reader of the map, so a refresh of the
+// handle does not close it; followEvents moves it when the pinned map is
+// replaced.
 func (s *Server) verdicts() (*verdicts.Hub, error) {
 	s.vh.mu.Lock()
 	defer s.vh.mu.Unlock()
@@ -66,6 +70,39 @@ func (s *Server) verdicts() (*verdicts.Hub, error) {
 	}()
 	s.vh.hub = hub
 	return hub, nil
+}
+
+// followEvents moves the hub to the pinned events map when that is no
+// longer the one it reads: a full unload removed the pins and a load made
+// new maps. The old map stays alive as long as a reader holds it, but no
+// program writes to it, so without the move every watcher would hear
+// nothing until this process restarts. The watchers' streams go on; what
+// they miss is only what no program emitted. Runs after each refresh of
+// the handle, so within a refresh interval of the load.
+func (s *Server) followEvents() {
+	s.vh.mu.Lock()
+	hub := s.vh.hub
+	s.vh.mu.Unlock()
+	pinned := s.maps.MapID(state.MapEvents)
+	if hub == nil || pinned == 0 || pinned == hub.Source() {
+		return
+	}
+	from := hub.Source()
+	err := s.maps.Do(func(m *state.Maps) error {
+		events, err := m.Events.Clone()
+		if err != nil {
+			return fmt.Errorf("clone events map: %w", err)
+		}
+		defer events.Close() // the reader keeps its own mapping
+		return hub.Switch(events)
+	})
+	if err != nil {
+		s.log.Warn().Err(err).Msg("verdict events reader: cannot move to the new events map")
+		return
+	}
+	s.vh.switches.Add(1)
+	s.log.Info().Uint32("from_map_id", uint32(from)).Uint32("to_map_id", uint32(pinned)).
+		Msg("events map replaced by a new load: the verdict watchers now follow the new one")
 }
 
 // watchFilter decodes a WatchVerdicts request's filter.

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"net/netip"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -43,9 +44,12 @@ func TestLoaderRunsWithItsUnitCapabilities(t *testing.T) {
 	}
 	for _, s := range steps {
 		out, err := g.specCaps(s.binary, s.args...)
-		if err != nil || !strings.Contains(out, s.want) {
+		if err != nil || !strings.Contains(out, s.want) || strings.Contains(out, "locality program not pinned") {
 			t.Fatalf("%s %s: %v\n%s", s.binary, strings.Join(s.args, " "), err, out)
 		}
+	}
+	if _, err := os.Stat(state.LocalityProgramPath(g.pin)); err != nil {
+		t.Fatalf("locality program: %v", err)
 	}
 
 	svc := netip.AddrPortFrom(tu.ServiceAV4, 8080)

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 
 	"github.com/aegis-agent/aegis/aegisctl"
 	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/state"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
@@ -217,5 +220,82 @@ func TestLoaderTurnsDropEventsOff(t *testing.T) {
 	}
 	if emitted == 0 {
 		t.Fatal("no event after reloading with the default rate")
+	}
+}
+
+// "aegisctl observe" keeps working across a full unload and a new load:
+// the control plane's one events reader moves to the new events map (a
+// new kernel object) without ending the watcher's stream, and a knock
+// after the load shows up within a couple of seconds.
+func TestObserveFollowsFullReload(t *testing.T) {
+	g := newDaemonGateway(t)
+	p := newPKI(t)
+	cp := startControlPlane(t, g, p, cpOptions{caps: "+bpf"})
+	events := observe(t, g, p.ctlArgs(t), "--from", tu.ClientV4.String())
+	knock := func(port uint16) {
+		t.Helper()
+		svc := netip.AddrPortFrom(tu.ServiceAV4, port)
+		g.expectBlocked("TCP without a session", bpf.ReasonNoSession, func() error { return g.TCP(tu.ClientV4, svc, probeTimeout) })
+		nextEvent(t, events, 2*time.Second, func(e aegisctl.ObservedEvent) bool { return e.DestPort == uint32(port) })
+	}
+	g.Serve(t, netip.AddrPortFrom(tu.ServiceAV4, 8080))
+	g.Serve(t, netip.AddrPortFrom(tu.ServiceAV4, 8081))
+	knock(8080)
+	eventsID := func() ebpf.MapID {
+		id, err := state.MapIDOf(g.maps().Events)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	before := eventsID()
+
+	g.loader("unload")
+	g.loader("load", "--group", strconv.Itoa(daemonGID))
+	if after := eventsID(); after == before {
+		t.Fatalf("the reload kept events map %d", after)
+	}
+	knock(8081)
+	if !strings.Contains(cp.out.String(), "the verdict watchers now follow the new one") {
+		t.Fatalf("the control plane did not log the switch:\n%s", cp.out.String())
+	}
+}
+
+// The control plane, unprivileged with CAP_BPF only, explains the
+// controller's gRPC bypass with the data path's own locality answer (the
+// locality program the loader pins), and the data path then does what it
+// said with the same packets on the wire: from the controller's address
+// to the gateway's own address passes, to a host behind it drops.
+func TestExplainControllerBypassMatchesTheWire(t *testing.T) {
+	g := newDaemonGateway(t)
+	p := newPKI(t)
+	startControlPlane(t, g, p, cpOptions{caps: "+bpf"})
+	conn := p.ctlArgs(t)
+	link := g.Client.OpenLink(t, "cli0")
+	gwMAC := mac(t, g.Gateway, "pub0")
+	for _, c := range []struct {
+		dst    netip.Addr
+		reason bpf.Reason
+	}{{tu.GatewayPubV4, bpf.ReasonController}, {tu.GatewayPrivV4, bpf.ReasonController}, {tu.ServiceAV4, bpf.ReasonNoSession}} {
+		var ex aegisctl.Explanation
+		out, err := g.Gateway.Command(bin("aegisctl"), append([]string{"explain", "--json", tu.ControllerV4.String(), c.dst.String(), "50001"}, conn...)...).Output()
+		if err != nil {
+			t.Fatalf("aegisctl explain: %v", err)
+		}
+		if err := json.Unmarshal(out, &ex); err != nil {
+			t.Fatalf("%s: %v", out, err)
+		}
+		if ex.Reason != c.reason.String() || strings.Contains(ex.Why, "routing table") {
+			t.Fatalf("explain to %v: %+v, want %v from the data path's own lookup", c.dst, ex, c.reason)
+		}
+		before := g.stats()
+		link.Send(t, gwMAC, tu.TCPPacket(netip.AddrPortFrom(tu.ControllerV4, 40000), netip.AddrPortFrom(c.dst, 50001), tu.TCPSyn, 64))
+		deadline := time.Now().Add(2 * time.Second)
+		for g.stats()[c.reason].Packets == before[c.reason].Packets {
+			if time.Now().After(deadline) {
+				t.Fatalf("the packet to %v was not counted as %v", c.dst, c.reason)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 }

@@ -154,7 +154,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	oldLoader, oldCP := filepath.Join(old, "aegis-loader"), filepath.Join(old, "aegis-controlplane")
 
 	g := &gateway{Topology: tu.NewTopology(t), t: t, pin: tu.PinDir(t)}
-	load := []string{"load", "--group", strconv.Itoa(daemonGID), "-r", "60s"}
+	load := []string{"load", "--group", strconv.Itoa(daemonGID), "-r", "60s", "--allow", "203.0.113.0/24,tcp/22"}
 	g.run(oldLoader, load...)
 	if v, _, err := state.PinnedLayoutVersion(g.pin); err != nil || v != prev.LayoutVersion {
 		t.Fatalf("%s pinned layout version %d (%v), want %d", prev.Version, v, err, prev.LayoutVersion)
@@ -222,7 +222,7 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	}()
 	time.Sleep(800 * time.Millisecond)
 	out := g.loader(load...)
-	for _, want := range []string{"created maps sweep_seq,flows_v4,flows_v6,frags,ifaces,events,event_limits", "migrated maps config", "upgraded " + tu.PublicIface, "wrote config"} {
+	for _, want := range []string{"created maps sweep_seq,flows_v4,flows_v6,frags,ifaces,events,event_limits,allow_hits,tombs_v4,tombs_v6", "migrated maps config", "upgraded " + tu.PublicIface, "wrote config"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("upgrade over %s: output lacks %q:\n%s", prev.Version, want, out)
 		}
@@ -304,9 +304,29 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	}
 	var st struct {
 		LayoutVersion uint32 `json:"layout_version"`
+		AllowHits     []struct {
+			Rule    string `json:"rule"`
+			ID      uint8  `json:"id"`
+			Packets uint64 `json:"packets"`
+		} `json:"allow_hits"`
 	}
 	if out := g.loader("status", "--json"); json.Unmarshal([]byte(out), &st) != nil || st.LayoutVersion != bpf.LayoutVersion {
 		t.Fatalf("status after the upgrade:\n%s", out)
+	}
+	// The old release's allow rule, whose pairs carried no rule id (the
+	// byte was padding), now has one and counts what it admits.
+	if len(st.AllowHits) != 1 || st.AllowHits[0].Rule != "203.0.113.0/24,tcp/22" || st.AllowHits[0].ID == 0 || st.AllowHits[0].Packets != 0 {
+		t.Fatalf("allow rules after the upgrade: %+v", st.AllowHits)
+	}
+	g.Client.OpenLink(t, "cli0").Send(t, mac(t, g.Gateway, tu.PublicIface),
+		tu.TCPPacket(netip.MustParseAddrPort("203.0.113.9:40000"), netip.AddrPortFrom(tu.ServiceAV4, 22), tu.TCPSyn, 64))
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if json.Unmarshal([]byte(g.loader("status", "--json")), &st) == nil && len(st.AllowHits) == 1 && st.AllowHits[0].Packets == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("allow rule hits after a packet it admits: %+v", st.AllowHits)
+		}
 	}
 
 	// The old release's control plane still holds the sessions map, which

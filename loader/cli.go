@@ -418,6 +418,19 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 		fmt.Fprintf(w, "reply tracking\toff\n")
 	}
 	fmt.Fprintf(w, "allow\t%s\n", strings.Join(append([]string{}, st.Allow...), " "))
+	if len(st.AllowHits) > 0 {
+		fmt.Fprintln(w, "\nALLOW RULE\tID\tHITS")
+		for _, h := range st.AllowHits {
+			id, hits := fmt.Sprint(h.ID), fmt.Sprint(h.Packets)
+			if h.ID == 0 {
+				id, hits = "-", "-"
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\n", h.Rule, id, hits)
+		}
+		if st.AllowUnnumbered > 0 {
+			fmt.Fprintf(w, "(rules without a counter)\t0\t%d\n", st.AllowUnnumbered)
+		}
+	}
 	fmt.Fprintln(w, "\nVERDICT\tREASON\tPACKETS\tBYTES")
 	for _, ct := range st.Counters {
 		fmt.Fprintf(w, "%s\t%s\t%d\t%d\n", ct.Verdict, ct.Reason, ct.Packets, ct.Bytes)

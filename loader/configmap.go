@@ -12,7 +12,25 @@ import (
 // writeConfig brings the allow maps and the config map to cfg. New allow
 // entries go in before the config announces them and stale ones go after
 // it stops counting them, so no packet sees a rule half-installed.
+//
+// The rules keep the ids the pinned ones have (state.CompileAllowKeeping),
+// so an unchanged rule's hit count goes on. A new rule's counter is
+// cleared before its id is written when no pinned rule held the id; when
+// it takes over a removed rule's id, after the removed rule is gone, so
+// that the new rule never starts with the old one's count (it may miss the
+// packets of that moment instead).
 func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEntries, res *Result) error {
+	prev, err := state.ReadAllowIDs(maps)
+	if err != nil {
+		return err
+	}
+	if allow, err = state.CompileAllowKeeping(cfg.Allow, prev); err != nil {
+		return err
+	}
+	before, after := allow.FreshHitSlots(prev)
+	if err := state.ZeroAllowHits(maps.AllowHits, before); err != nil {
+		return err
+	}
 	if err := syncAllow(maps.AllowV4, allow.V4, false, res); err != nil {
 		return err
 	}
@@ -51,7 +69,10 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 	if err := syncAllow(maps.AllowV4, allow.V4, true, res); err != nil {
 		return err
 	}
-	return syncAllow(maps.AllowV6, allow.V6, true, res)
+	if err := syncAllow(maps.AllowV6, allow.V6, true, res); err != nil {
+		return err
+	}
+	return state.ZeroAllowHits(maps.AllowHits, after)
 }
 
 // syncAllow upserts the wanted entries that differ, or (prune) deletes the

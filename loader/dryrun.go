@@ -101,7 +101,7 @@ func (l *Loader) Plan(cfg Config) (*Plan, error) {
 		p.Change = "unknown"
 		p.Refused = fmt.Sprintf("cannot read the pinned program: %v", err)
 	}
-	p.ConfigChanges = configChanges(&cfg, allow)
+	p.ConfigChanges = configChanges(&cfg)
 
 	linked, _ := state.LinkedInterfaces(cfg.PinPath)
 	ifaces := map[string]int{}
@@ -184,7 +184,7 @@ func bypasses(cfg *Config) []string {
 }
 
 // configChanges compares the pinned config and allow rules with cfg's.
-func configChanges(cfg *Config, allow state.AllowEntries) []FieldChange {
+func configChanges(cfg *Config) []FieldChange {
 	m, err := ebpf.LoadPinnedMap(state.MapPath(cfg.PinPath, state.MapConfig), &ebpf.LoadPinOptions{ReadOnly: true})
 	if err != nil {
 		return nil
@@ -213,10 +213,12 @@ func configChanges(cfg *Config, allow state.AllowEntries) []FieldChange {
 	add("rule_timeout", have.DefaultIdleTimeout, cfg.RuleTimeout)
 	add("monitor", have.Monitor, cfg.Monitor)
 
-	if rules, same, ok := pinnedAllow(cfg.PinPath, allow); ok && !same {
+	if rules, same, ok := pinnedAllow(cfg.PinPath, cfg.Allow); ok && !same {
 		want := make([]state.AllowRule, len(cfg.Allow))
 		copy(want, cfg.Allow)
-		out = append(out, FieldChange{Field: "allow", From: formatRules(rules), To: formatRules(want)})
+		// The same rules stored differently (without rule ids, by an older
+		// loader) are rewritten, but that changes nothing that passes.
+		add("allow", formatRules(rules), formatRules(want))
 	}
 	if s4, err := ebpf.LoadPinnedMap(state.MapPath(cfg.PinPath, state.MapSessionsV4), &ebpf.LoadPinOptions{ReadOnly: true}); err == nil {
 		if s4.MaxEntries() != cfg.MaxSessions {
@@ -228,8 +230,9 @@ func configChanges(cfg *Config, allow state.AllowEntries) []FieldChange {
 }
 
 // pinnedAllow reads the pinned allow rules and reports whether the maps
-// hold exactly the entries of want.
-func pinnedAllow(pinPath string, want state.AllowEntries) (rules []state.AllowRule, same, ok bool) {
+// hold exactly the entries a load of rules would write (keeping the
+// pinned rules' ids, as a load does).
+func pinnedAllow(pinPath string, wantRules []state.AllowRule) (rules []state.AllowRule, same, ok bool) {
 	ro := &ebpf.LoadPinOptions{ReadOnly: true}
 	a4, err := ebpf.LoadPinnedMap(state.MapPath(pinPath, state.MapAllowV4), ro)
 	if err != nil {
@@ -241,7 +244,16 @@ func pinnedAllow(pinPath string, want state.AllowEntries) (rules []state.AllowRu
 		return nil, false, false
 	}
 	defer a6.Close()
-	rules, err = state.ReadAllow(&state.Maps{AllowV4: a4, AllowV6: a6})
+	pinned := &state.Maps{AllowV4: a4, AllowV6: a6}
+	rules, err = state.ReadAllow(pinned)
+	if err != nil {
+		return nil, false, false
+	}
+	ids, err := state.ReadAllowIDs(pinned)
+	if err != nil {
+		return nil, false, false
+	}
+	want, err := state.CompileAllowKeeping(wantRules, ids)
 	if err != nil {
 		return nil, false, false
 	}

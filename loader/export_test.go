@@ -37,3 +37,7 @@ func addMigration(t testing.TB, k migrationKey, m migration) {
 		}
 	})
 }
+
+// CheckPinnedMap is checkPinnedMap, for the test of layouts whose padding
+// took a name.
+var CheckPinnedMap = checkPinnedMap

@@ -107,6 +107,10 @@ func (l *Loader) prepare(cfg *Config) (state.AllowEntries, *ebpf.CollectionSpec,
 	spec = spec.Copy()
 	spec.Maps[state.MapSessionsV4].MaxEntries = cfg.MaxSessions
 	spec.Maps[state.MapSessionsV6].MaxEntries = cfg.MaxSessions
+	// Room to bury every session at once. Only when created: a pinned
+	// tombstone map of another size is kept (checkPinnedMap).
+	spec.Maps[state.MapTombsV4].MaxEntries = cfg.MaxSessions
+	spec.Maps[state.MapTombsV6].MaxEntries = cfg.MaxSessions
 	// The allow maps' capacity is the object's, not the operator's.
 	if n4, n6 := spec.Maps[state.MapAllowV4].MaxEntries, spec.Maps[state.MapAllowV6].MaxEntries; len(allow.V4) > int(n4) || len(allow.V6) > int(n6) {
 		return state.AllowEntries{}, nil, fmt.Errorf("%w: %d IPv4 and %d IPv6 allow-rule prefixes: this build holds at most %d and %d",
@@ -193,6 +197,7 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := l.writeConfig(maps, &cfg, allow, res); err != nil {
 		return res, err
 	}
+	l.pinLocality(spec, pd, gid)
 	// Searchable, not listable, by the pins' group: the daemons stat
 	// links/<name> to tell a configured interface's link from none; the
 	// links themselves stay root's (see internal/state/filtered.go).

@@ -447,6 +447,8 @@ func TestPinOwnershipAndModes(t *testing.T) {
 		e.pin: 0o750 | os.ModeDir, state.LinksPath(e.pin): 0o710 | os.ModeDir,
 		state.LinkPath(e.pin, "a0"): 0o600, state.EgressLinkPath(e.pin, "a0"): 0o600, state.ProgramPath(e.pin): 0o600,
 		state.EgressProgramPath(e.pin): 0o600,
+		// Opening a program pin takes read and write; the daemons run it.
+		state.LocalityProgramPath(e.pin): 0o660,
 	}
 	for _, name := range state.MapNames {
 		want[state.MapPath(e.pin, name)] = 0o640
@@ -454,6 +456,8 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	want[state.MapPath(e.pin, state.MapSessionsV4)] = 0o660
 	want[state.MapPath(e.pin, state.MapSessionsV6)] = 0o660
 	want[state.MapPath(e.pin, state.MapSweepSeq)] = 0o660
+	want[state.MapPath(e.pin, state.MapTombsV4)] = 0o660 // revokes and the reaper write tombstones
+	want[state.MapPath(e.pin, state.MapTombsV6)] = 0o660
 	want[state.MapPath(e.pin, state.MapEvents)] = 0o660 // a ring buffer reader needs a writable descriptor
 	want[state.SweepLockPath(e.pin)] = 0o750 | os.ModeDir
 	// Every entry, not only the expected ones: nothing is world-accessible

@@ -70,7 +70,7 @@ type Connection struct {
 // rules being loaded, and read access to the pinned sessions.
 type lockoutEnv struct {
 	value    bpf.AegisConfigValue
-	allow    []state.AllowRule
+	allow    state.AllowEntries
 	sessions func(key state.Key) *bpf.AegisSessionValue
 	local    func(netip.Addr) bool
 }
@@ -84,7 +84,8 @@ func modelPasses(src, dst netip.AddrPort, env *lockoutEnv) (bool, bpf.Reason) {
 		Now:        state.Now(),
 		SessionsV4: map[bpf.AegisSessionKeyV4]*bpf.AegisSessionValue{},
 		SessionsV6: map[bpf.AegisSessionKeyV6]*bpf.AegisSessionValue{},
-		Allow:      env.allow,
+		AllowV4:    env.allow.V4,
+		AllowV6:    env.allow.V6,
 		Local:      env.local,
 	}
 	// The sessions that could match this packet: its exact key, and the
@@ -158,7 +159,7 @@ func newLockoutEnv(cfg *Config, allow state.AllowEntries) (*lockoutEnv, func(), 
 	if err != nil {
 		return nil, nil, err
 	}
-	env := &lockoutEnv{value: v, allow: cfg.Allow, local: isLocal}
+	env := &lockoutEnv{value: v, allow: allow, local: isLocal}
 	var maps []*ebpf.Map
 	open := func(name string) *ebpf.Map {
 		m, err := ebpf.LoadPinnedMap(state.MapPath(cfg.PinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})

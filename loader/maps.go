@@ -87,6 +87,13 @@ func checkPinnedMap(ms *ebpf.MapSpec, m *ebpf.Map, path string) error {
 				ErrCapacityChange, path, m.MaxEntries(), ms.MaxEntries, m.MaxEntries())
 		}
 	}
+	if ms.Name == state.MapTombsV4 || ms.Name == state.MapTombsV6 {
+		// Sized with --max-sessions when created; the sessions maps'
+		// check above refuses a change of it, and tombstones of a
+		// previous size are as good.
+		ms = ms.Copy()
+		ms.MaxEntries = m.MaxEntries()
+	}
 	if err := ms.Compatible(m); err != nil {
 		return fmt.Errorf("%w: %s: %v: this build cannot use the pinned map; run the previous aegis-loader, or \"aegis-loader unload\" to start empty",
 			ErrIncompatible, path, err)

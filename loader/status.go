@@ -29,8 +29,14 @@ type Status struct {
 	Maps               []MapStatus       `json:"maps"`
 	Config             ConfigStatus      `json:"config"`
 	Allow              []string          `json:"allow"`
-	Counters           []CounterStatus   `json:"counters"`
-	Guard              GuardStatus       `json:"guard"`
+	// AllowHits are the allow rules, in Allow's order, with the packets
+	// each admitted.
+	AllowHits []AllowHitStatus `json:"allow_hits"`
+	// AllowUnnumbered counts the packets of allow rules without a counter
+	// of their own (past the 255th of a family).
+	AllowUnnumbered uint64          `json:"allow_unnumbered,omitempty"`
+	Counters        []CounterStatus `json:"counters"`
+	Guard           GuardStatus     `json:"guard"`
 }
 
 // GuardStatus is the fail-closed guard (internal/guard) as read back from
@@ -84,6 +90,15 @@ type ConfigStatus struct {
 	FlowIdleICMP   string `json:"flow_idle_icmp"`
 }
 
+// AllowHitStatus is one allow rule's hit counter.
+type AllowHitStatus struct {
+	Rule string `json:"rule"`
+	// ID is the rule's counter within its family; 0: it has none of its
+	// own and counts in AllowUnnumbered.
+	ID      uint8  `json:"id"`
+	Packets uint64 `json:"packets"`
+}
+
 // CounterStatus is one verdict reason's counters.
 type CounterStatus struct {
 	Reason  string `json:"reason"`
@@ -125,6 +140,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 		{state.MapSessionsV4, maps.SessionsV4}, {state.MapSessionsV6, maps.SessionsV6},
 		{state.MapAllowV4, maps.AllowV4}, {state.MapAllowV6, maps.AllowV6},
 		{state.MapFlowsV4, maps.FlowsV4}, {state.MapFlowsV6, maps.FlowsV6},
+		{state.MapTombsV4, maps.TombsV4}, {state.MapTombsV6, maps.TombsV6},
 	} {
 		ms := MapStatus{Name: mp.name, Capacity: mp.m.MaxEntries()}
 		if info, err := mp.m.Info(); err == nil {
@@ -132,7 +148,7 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 				ms.ID = uint32(id)
 			}
 		}
-		if mp.m.Type() == ebpf.Hash {
+		if mp.m == maps.SessionsV4 || mp.m == maps.SessionsV6 {
 			ms.Entries, err = state.CountEntries(mp.m)
 		} else {
 			ms.Entries, err = countIterate(mp.m)
@@ -160,6 +176,15 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
+	hits, err := state.ReadAllowHits(maps)
+	if err != nil {
+		return nil, err
+	}
+	st.AllowHits = []AllowHitStatus{}
+	for _, h := range hits.Rules {
+		st.AllowHits = append(st.AllowHits, AllowHitStatus{Rule: state.FormatAllowRule(h.Rule), ID: h.ID, Packets: h.Packets})
+	}
+	st.AllowUnnumbered = hits.Unnumbered[0] + hits.Unnumbered[1]
 
 	counters, err := maps.ReadStats()
 	if err != nil {

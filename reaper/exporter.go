@@ -2,6 +2,7 @@ package reaper
 
 import (
 	"errors"
+	"strconv"
 	"sync"
 	"time"
 
@@ -29,10 +30,12 @@ type exporter struct {
 	maps *state.Handle
 	log  zerolog.Logger
 
-	packets, bytes           *prometheus.Desc
-	active, entries, sessCap *prometheus.Desc
-	allow, allowCap          *prometheus.Desc
-	monitor, loaded          *prometheus.Desc
+	packets, bytes            *prometheus.Desc
+	active, entries, sessCap  *prometheus.Desc
+	allow, allowCap           *prometheus.Desc
+	allowHits                 *prometheus.Desc
+	monitor, loaded           *prometheus.Desc
+	tombs, tombsLive, tombCap *prometheus.Desc
 
 	// lastErr is the read error last logged: a broken map is said once
 	// per change, not once per scrape.
@@ -59,15 +62,29 @@ func newExporter(maps *state.Handle, log zerolog.Logger) *exporter {
 			"Prefixes in the static allow maps, by address family (one prefix holds every port rule of its source).", fam, nil),
 		allowCap: prometheus.NewDesc("aegis_datapath_allow_capacity",
 			"Capacity of the static allow maps in prefixes, by address family.", fam, nil),
+		// The rule's id, not the rule, labels the series: a rule is a
+		// prefix, and no label value is an address. Ids are bounded (255
+		// per family), stable while the rule stays loaded, and listed with
+		// their rules by aegis-loader status and aegisctl stats.
+		allowHits: prometheus.NewDesc("aegis_datapath_allow_rule_packets_total",
+			"Packets each static allow rule admitted, by address family and rule id (aegis-loader status and aegisctl stats list the rules with their ids); rule_id 0 counts the rules without a counter of their own.",
+			[]string{"family", "rule_id"}, nil),
 		monitor: prometheus.NewDesc("aegis_datapath_monitor_mode",
 			"1 when the data path runs in monitor mode (would-be drops pass and count as reason monitor), 0 when it enforces.", nil, nil),
+		tombs: prometheus.NewDesc("aegis_datapath_tombstones_entries",
+			"Tombstones of revoked or reaped sessions (the egress program opens no flow back to their users), by address family.", fam, nil),
+		tombsLive: prometheus.NewDesc("aegis_datapath_tombstones_active",
+			"Tombstones that still refuse flows: a packet from the service to the user within the UDP flow idle timeout, by address family.", fam, nil),
+		tombCap: prometheus.NewDesc("aegis_datapath_tombstones_capacity",
+			"Capacity of the tombstone maps, by address family; when full, removed sessions stay in the sessions maps, dead, until there is room.", fam, nil),
 		loaded: prometheus.NewDesc("aegis_datapath_loaded",
 			"1 when the reaper can read the pinned maps; 0 when they are missing or unreadable (the other aegis_datapath_ series are then absent).", nil, nil),
 	}
 }
 
 func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.active, e.entries, e.sessCap, e.allow, e.allowCap, e.monitor, e.loaded} {
+	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.active, e.entries, e.sessCap, e.allow, e.allowCap, e.allowHits, e.monitor, e.loaded,
+		e.tombs, e.tombsLive, e.tombCap} {
 		ch <- d
 	}
 }
@@ -122,6 +139,10 @@ func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
 	if err != nil {
 		return nil, err
 	}
+	t4, t6, err := m.TombFill(cfg, state.Now())
+	if err != nil {
+		return nil, err
+	}
 	a4, err := countKeys(m.AllowV4)
 	if err != nil {
 		return nil, err
@@ -130,7 +151,11 @@ func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]prometheus.Metric, 0, 2*len(state.Reasons)+11)
+	hits, err := state.ReadAllowHits(m)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]prometheus.Metric, 0, 2*len(state.Reasons)+17)
 	for _, r := range state.Reasons {
 		out = append(out,
 			prometheus.MustNewConstMetric(e.packets, prometheus.CounterValue, float64(counters[r].Packets), r.Verdict(), r.String()),
@@ -141,13 +166,30 @@ func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
 		fill   state.Fill
 		allow  int
 		allowM *ebpf.Map
-	}{{familyV4, v4, a4, m.AllowV4}, {familyV6, v6, a6, m.AllowV6}} {
+		tombs  state.Fill
+	}{{familyV4, v4, a4, m.AllowV4, t4}, {familyV6, v6, a6, m.AllowV6, t6}} {
 		out = append(out,
 			prometheus.MustNewConstMetric(e.active, prometheus.GaugeValue, float64(f.fill.Active), f.family),
 			prometheus.MustNewConstMetric(e.entries, prometheus.GaugeValue, float64(f.fill.Entries), f.family),
 			prometheus.MustNewConstMetric(e.sessCap, prometheus.GaugeValue, float64(f.fill.Capacity), f.family),
 			prometheus.MustNewConstMetric(e.allow, prometheus.GaugeValue, float64(f.allow), f.family),
-			prometheus.MustNewConstMetric(e.allowCap, prometheus.GaugeValue, float64(f.allowM.MaxEntries()), f.family))
+			prometheus.MustNewConstMetric(e.allowCap, prometheus.GaugeValue, float64(f.allowM.MaxEntries()), f.family),
+			prometheus.MustNewConstMetric(e.tombs, prometheus.GaugeValue, float64(f.tombs.Entries), f.family),
+			prometheus.MustNewConstMetric(e.tombsLive, prometheus.GaugeValue, float64(f.tombs.Active), f.family),
+			prometheus.MustNewConstMetric(e.tombCap, prometheus.GaugeValue, float64(f.tombs.Capacity), f.family))
+	}
+	for i, fam := range []string{familyV4, familyV6} {
+		out = append(out, prometheus.MustNewConstMetric(e.allowHits, prometheus.CounterValue, float64(hits.Unnumbered[i]), fam, "0"))
+	}
+	for _, h := range hits.Rules {
+		if h.ID == 0 {
+			continue
+		}
+		fam := familyV4
+		if h.Rule.Prefix.Addr().Is6() {
+			fam = familyV6
+		}
+		out = append(out, prometheus.MustNewConstMetric(e.allowHits, prometheus.CounterValue, float64(h.Packets), fam, strconv.Itoa(int(h.ID))))
 	}
 	mon := 0.0
 	if cfg.Monitor {

@@ -20,7 +20,8 @@ func TestExporter(t *testing.T) {
 	e := &env{t: t, ns: topo.Gateway, pin: tu.PinDir(t)}
 	load := func(extra ...string) {
 		e.loader(append([]string{"load", "-i", tu.PublicIface, "-c", tu.ControllerV4.String(), "--group", "root",
-			"--max-sessions", "1000", "--allow", "203.0.113.0/24,tcp/22", "--allow", "2001:db8:ff::/48"}, extra...)...)
+			"--max-sessions", "1000", "--allow", "203.0.113.0/24,tcp/22", "--allow", "2001:db8:ff::/48",
+			"--allow", tu.ClientV4.String() + ",udp/7002"}, extra...)...)
 	}
 	load()
 	addr := freeAddr(t)
@@ -48,6 +49,28 @@ func TestExporter(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	allowed := netip.AddrPortFrom(tu.ServiceAV4, 7002)
+	topo.Serve(t, allowed)
+	const admitted = 4
+	for range admitted {
+		if err := topo.UDP(tu.ClientV4, allowed, 2*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ids, err := state.ReadAllowIDs(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientRule, _ := state.ParseAllowRule(tu.ClientV4.String() + ",udp/7002")
+	sshRule, _ := state.ParseAllowRule("203.0.113.0/24,tcp/22")
+	ruleSeries := func(id uint8) string {
+		return fmt.Sprintf(`aegis_datapath_allow_rule_packets_total{family="ipv4",rule_id="%d"}`, id)
+	}
+	revoked := state.Key{Src: tu.ClientV6, Dst: tu.ServiceAV6, Port: 7000, Proto: state.Any}
+	grant(t, m, state.Session{Key: revoked, User: "bob", LastSeen: state.Now(), IdleTimeout: time.Hour})
+	if err := m.Revoke(revoked); err != nil {
+		t.Fatal(err)
+	}
 
 	body := scrape(t, addr)
 	// Ethernet, IPv4, UDP and the 4-byte payload.
@@ -63,8 +86,16 @@ func TestExporter(t *testing.T) {
 		`aegis_datapath_sessions_entries{family="ipv6"}`:                                              0,
 		`aegis_datapath_sessions_capacity{family="ipv4"}`:                                             1000,
 		`aegis_datapath_sessions_capacity{family="ipv6"}`:                                             1000,
-		`aegis_datapath_allow_entries{family="ipv4"}`:                                                 1,
+		`aegis_datapath_allow_entries{family="ipv4"}`:                                                 2,
 		`aegis_datapath_allow_entries{family="ipv6"}`:                                                 1,
+		ruleSeries(ids[clientRule]):                                                                   admitted,
+		ruleSeries(ids[sshRule]):                                                                      0,
+		ruleSeries(0):                                                                                 0,
+		`aegis_datapath_allow_rule_packets_total{family="ipv6",rule_id="0"}`:                          0,
+		`aegis_datapath_tombstones_entries{family="ipv4"}`:                                            0,
+		`aegis_datapath_tombstones_entries{family="ipv6"}`:                                            1,
+		`aegis_datapath_tombstones_active{family="ipv6"}`:                                             1,
+		`aegis_datapath_tombstones_capacity{family="ipv6"}`:                                           1000, // --max-sessions
 		`aegis_datapath_monitor_mode`:                                                                 0,
 		`aegis_datapath_loaded`:                                                                       1,
 		fmt.Sprintf(`aegis_build_info{program_tag=%q,version=%q}`, daemon.ProgramTag(), cliVersion()): 1,
@@ -75,6 +106,9 @@ func TestExporter(t *testing.T) {
 	}
 	if c := metric(body, `aegis_datapath_allow_capacity{family="ipv4"}`); c <= 0 {
 		t.Errorf("allow capacity %v", c)
+	}
+	if n := strings.Count(body, "\naegis_datapath_allow_rule_packets_total{"); n != 5 {
+		t.Errorf("%d allow rule series, want one per rule and one per family for the rules without a counter", n)
 	}
 	if n := strings.Count(body, "\naegis_datapath_packets_total{"); n != len(state.Reasons) {
 		t.Errorf("%d packet series, want one per reason (%d)", n, len(state.Reasons))

@@ -24,6 +24,8 @@ type metrics struct {
 	reaped   *prometheus.CounterVec
 	scanned  *prometheus.CounterVec
 	regrant  *prometheus.CounterVec
+	kept     *prometheus.CounterVec
+	buried   *prometheus.CounterVec
 	closed   prometheus.Counter
 	duration prometheus.Histogram
 	errors   prometheus.Counter
@@ -44,6 +46,14 @@ func newMetrics(pinPath string, log zerolog.Logger) *metrics {
 		regrant: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "aegis_reaper_sessions_regranted_total",
 			Help: "Sessions found expired by a sweep's scan and live when read again before the delete (granted again meanwhile), and kept.",
+		}, []string{"family"}),
+		kept: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "aegis_reaper_sessions_kept_total",
+			Help: "Expired sessions a sweep left in the map, dead, because the tombstone map had no room (counted once per sweep that kept them).",
+		}, []string{"family"}),
+		buried: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "aegis_reaper_tombstones_deleted_total",
+			Help: "Tombstones deleted by sweeps: no packet from the service to the user within the UDP flow idle timeout.",
 		}, []string{"family"}),
 		closed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "aegis_reaper_interrupted_sections_total",
@@ -71,11 +81,13 @@ func newMetrics(pinPath string, log zerolog.Logger) *metrics {
 		}
 		m.scanned.WithLabelValues(f)
 		m.regrant.WithLabelValues(f)
+		m.kept.WithLabelValues(f)
+		m.buried.WithLabelValues(f)
 	}
 	// The reaper needs only the pins, never the control plane: the
 	// filter's state is exported from here so that it is visible while
 	// the control plane is down.
-	m.reg.MustRegister(m.reaped, m.scanned, m.regrant, m.closed, m.duration, m.errors, m.last,
+	m.reg.MustRegister(m.reaped, m.scanned, m.regrant, m.kept, m.buried, m.closed, m.duration, m.errors, m.last,
 		daemon.NewAttachedCollector(pinPath, log), daemon.BuildInfo(),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -86,11 +98,14 @@ func (m *metrics) observe(res state.SweepResult, took time.Duration, complete bo
 	for _, f := range []struct {
 		name string
 		r    state.FamilyResult
-	}{{familyV4, res.V4}, {familyV6, res.V6}} {
+		t    state.TombResult
+	}{{familyV4, res.V4, res.TombsV4}, {familyV6, res.V6, res.TombsV6}} {
 		m.reaped.WithLabelValues(f.name, state.ExpiredIdle.String()).Add(float64(f.r.Idle))
 		m.reaped.WithLabelValues(f.name, state.ExpiredLifetime.String()).Add(float64(f.r.Lifetime))
 		m.scanned.WithLabelValues(f.name).Add(float64(f.r.Scanned))
 		m.regrant.WithLabelValues(f.name).Add(float64(f.r.Regranted))
+		m.kept.WithLabelValues(f.name).Add(float64(f.r.Kept))
+		m.buried.WithLabelValues(f.name).Add(float64(f.t.Deleted))
 	}
 	m.closed.Add(float64(res.Interrupted))
 	if complete {

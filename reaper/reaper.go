@@ -188,6 +188,13 @@ func (r *Reaper) sweep(ctx context.Context, m *state.Maps) error {
 		r.log.Warn().Int("sections", res.Interrupted).Msg("closed the deleting section of a sweep that died inside it")
 	}
 
+	if kept := res.V4.Kept + res.V6.Kept; kept > 0 {
+		// Fails closed (they pass nothing), but they hold session slots.
+		r.log.Warn().Int("sessions", kept).Int("tombstones_v4", res.TombsV4.Scanned-res.TombsV4.Deleted).
+			Int("tombstones_v6", res.TombsV6.Scanned-res.TombsV6.Deleted).
+			Msg("tombstone map full: expired sessions kept in the sessions map, dead, until there is room")
+	}
+
 	ev := r.log.Debug()
 	if stopped {
 		ev = r.log.Info()
@@ -195,6 +202,7 @@ func (r *Reaper) sweep(ctx context.Context, m *state.Maps) error {
 	ev.Int("scanned_v4", res.V4.Scanned).Int("scanned_v6", res.V6.Scanned).
 		Int("reaped_idle", res.V4.Idle+res.V6.Idle).Int("reaped_lifetime", res.V4.Lifetime+res.V6.Lifetime).
 		Int("regranted", res.V4.Regranted+res.V6.Regranted).Int("vanished", res.V4.Vanished+res.V6.Vanished).
+		Int("tombstones_deleted", res.TombsV4.Deleted+res.TombsV6.Deleted).
 		Stringer("default_idle_timeout", res.DefaultIdleTimeout).Stringer("took", took).
 		Bool("complete", err == nil).Msg("sweep")
 	if stopped {

@@ -211,6 +211,11 @@ func TestOnceReapsExpiredSessions(t *testing.T) {
 		if got := has(t, m, c.s.Key); got != (c.reason == "") {
 			t.Errorf("%s: present=%v after the sweep", c.s.User, got)
 		}
+		// A reaped session leaves its tombstone, so that its service
+		// opens no flow back to the user.
+		if tb, err := m.LookupTomb(c.s.Key); (err == nil) != (c.reason != "") || (err == nil && tb.Cause != state.TombExpired) {
+			t.Errorf("%s: tombstone %+v %v after the sweep", c.s.User, tb, err)
+		}
 		if logged != (c.reason != "") {
 			t.Errorf("%s: logged=%v", c.s.User, logged)
 			continue

@@ -31,7 +31,7 @@ type AegisAllowValue struct {
 	Ports [16]struct {
 		_     structs.HostLayout
 		Proto uint8
-		Pad   uint8
+		Rule  uint8
 		Port  uint16
 	}
 }
@@ -165,25 +165,37 @@ type AegisSweepSeqValue struct {
 	Seq uint64
 }
 
+type AegisTombValue struct {
+	_          structs.HostLayout
+	LastSeenNs uint64
+	RemovedNs  uint64
+	Cause      uint32
+	Pad        uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	AegisMapAllowV4      = "allow_v4"
-	AegisMapAllowV6      = "allow_v6"
-	AegisMapConfig       = "config"
-	AegisMapEventLimits  = "event_limits"
-	AegisMapEvents       = "events"
-	AegisMapFlowsV4      = "flows_v4"
-	AegisMapFlowsV6      = "flows_v6"
-	AegisMapFrags        = "frags"
-	AegisMapIfaces       = "ifaces"
-	AegisMapSessionsV4   = "sessions_v4"
-	AegisMapSessionsV6   = "sessions_v6"
-	AegisMapStats        = "stats"
-	AegisMapSweepSeq     = "sweep_seq"
-	AegisProgAegisEgress = "aegis_egress"
-	AegisProgAegisXdp    = "aegis_xdp"
+	AegisMapAllowHits      = "allow_hits"
+	AegisMapAllowV4        = "allow_v4"
+	AegisMapAllowV6        = "allow_v6"
+	AegisMapConfig         = "config"
+	AegisMapEventLimits    = "event_limits"
+	AegisMapEvents         = "events"
+	AegisMapFlowsV4        = "flows_v4"
+	AegisMapFlowsV6        = "flows_v6"
+	AegisMapFrags          = "frags"
+	AegisMapIfaces         = "ifaces"
+	AegisMapSessionsV4     = "sessions_v4"
+	AegisMapSessionsV6     = "sessions_v6"
+	AegisMapStats          = "stats"
+	AegisMapSweepSeq       = "sweep_seq"
+	AegisMapTombsV4        = "tombs_v4"
+	AegisMapTombsV6        = "tombs_v6"
+	AegisProgAegisEgress   = "aegis_egress"
+	AegisProgAegisLocality = "aegis_locality"
+	AegisProgAegisXdp      = "aegis_xdp"
 )
 
 // LoadAegis returns the embedded CollectionSpec for Aegis.
@@ -228,14 +240,16 @@ type AegisSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisProgramSpecs struct {
-	AegisEgress *ebpf.ProgramSpec `ebpf:"aegis_egress"`
-	AegisXdp    *ebpf.ProgramSpec `ebpf:"aegis_xdp"`
+	AegisEgress   *ebpf.ProgramSpec `ebpf:"aegis_egress"`
+	AegisLocality *ebpf.ProgramSpec `ebpf:"aegis_locality"`
+	AegisXdp      *ebpf.ProgramSpec `ebpf:"aegis_xdp"`
 }
 
 // AegisMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisMapSpecs struct {
+	AllowHits   *ebpf.MapSpec `ebpf:"allow_hits"`
 	AllowV4     *ebpf.MapSpec `ebpf:"allow_v4"`
 	AllowV6     *ebpf.MapSpec `ebpf:"allow_v6"`
 	Config      *ebpf.MapSpec `ebpf:"config"`
@@ -249,6 +263,8 @@ type AegisMapSpecs struct {
 	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
 	SweepSeq    *ebpf.MapSpec `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.MapSpec `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.MapSpec `ebpf:"tombs_v6"`
 }
 
 // AegisVariableSpecs contains global variables before they are loaded into the kernel.
@@ -277,6 +293,7 @@ func (o *AegisObjects) Close() error {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisMaps struct {
+	AllowHits   *ebpf.Map `ebpf:"allow_hits"`
 	AllowV4     *ebpf.Map `ebpf:"allow_v4"`
 	AllowV6     *ebpf.Map `ebpf:"allow_v6"`
 	Config      *ebpf.Map `ebpf:"config"`
@@ -290,10 +307,13 @@ type AegisMaps struct {
 	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
 	Stats       *ebpf.Map `ebpf:"stats"`
 	SweepSeq    *ebpf.Map `ebpf:"sweep_seq"`
+	TombsV4     *ebpf.Map `ebpf:"tombs_v4"`
+	TombsV6     *ebpf.Map `ebpf:"tombs_v6"`
 }
 
 func (m *AegisMaps) Close() error {
 	return _AegisClose(
+		m.AllowHits,
 		m.AllowV4,
 		m.AllowV6,
 		m.Config,
@@ -307,6 +327,8 @@ func (m *AegisMaps) Close() error {
 		m.SessionsV6,
 		m.Stats,
 		m.SweepSeq,
+		m.TombsV4,
+		m.TombsV6,
 	)
 }
 
@@ -320,13 +342,15 @@ type AegisVariables struct {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisPrograms struct {
-	AegisEgress *ebpf.Program `ebpf:"aegis_egress"`
-	AegisXdp    *ebpf.Program `ebpf:"aegis_xdp"`
+	AegisEgress   *ebpf.Program `ebpf:"aegis_egress"`
+	AegisLocality *ebpf.Program `ebpf:"aegis_locality"`
+	AegisXdp      *ebpf.Program `ebpf:"aegis_xdp"`
 }
 
 func (p *AegisPrograms) Close() error {
 	return _AegisClose(
 		p.AegisEgress,
+		p.AegisLocality,
 		p.AegisXdp,
 	)
 }

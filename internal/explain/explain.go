@@ -5,6 +5,9 @@
 // protocol 0, the flow, the allow rules of the longest matching prefix).
 // The lookups are plain reads: no counter moves and no last_seen is
 // refreshed, which running the real program (BPF_PROG_TEST_RUN) would do.
+// The one question the maps cannot answer, whether a destination is local
+// to the gateway (the controller's gRPC bypass), is asked of the kernel by
+// the data path's own code, which touches no map (locality.go).
 package explain
 
 import (
@@ -117,6 +120,9 @@ type Result struct {
 	// those of its longest matching prefix, which include the rules of
 	// every shorter prefix covering it.
 	AllowRules []bpf.AegisAllowPort
+	// AllowRule is the one of them the data path counts the packet
+	// against (its Rule is the rule's id), when an allow rule admits it.
+	AllowRule *bpf.AegisAllowPort
 }
 
 // skipAnyProtocol, set only by tests (export_test.go), leaves the
@@ -205,6 +211,15 @@ func Explain(m *state.Maps, f Flow, local Local) (*Result, error) {
 		env.Config.Monitor = 0
 		_, res.Cause = bpf.Verdict(pkt, env)
 	}
+	if res.Cause == bpf.ReasonAllowlist {
+		for slot := range env.AllowHits {
+			for i := range res.AllowRules {
+				if p := &res.AllowRules[i]; bpf.AllowHitSlot(familyOf(f.Src), p.Rule) == slot {
+					res.AllowRule = p
+				}
+			}
+		}
+	}
 	switch res.Cause {
 	case bpf.ReasonSession, bpf.ReasonExpired:
 		for i, v := range sessions {
@@ -240,6 +255,13 @@ func (r *Result) describeSession(f Flow, v *bpf.AegisSessionValue, proto uint8, 
 	}
 }
 
+func familyOf(a netip.Addr) uint8 {
+	if a.Is4() {
+		return 4
+	}
+	return 6
+}
+
 func userOf(b []int8) string {
 	out := make([]byte, 0, len(b))
 	for _, c := range b {
@@ -252,21 +274,22 @@ func userOf(b []int8) string {
 }
 
 // allowRules reads the longest prefix matching src, as the program's LPM
-// lookup does, and gives the model its rules as rules of src alone: the
-// loader stores in each prefix every rule of the shorter prefixes that
+// lookup does, and gives the model that entry as the entry of src alone:
+// the loader stores in each prefix every rule of the shorter prefixes that
 // cover it, so this one entry answers for all.
 func allowRules(m *state.Maps, src netip.Addr, env *bpf.Env, res *Result) error {
 	var v bpf.AegisAllowValue
 	var err error
-	var plen uint32
 	if src.Is4() {
 		k := bpf.AegisAllowKeyV4{Prefixlen: 32, Addr: src.As4()}
-		err = m.AllowV4.Lookup(&k, &v)
-		plen = 32
+		if err = m.AllowV4.Lookup(&k, &v); err == nil {
+			env.AllowV4 = map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue{k: v}
+		}
 	} else {
 		k := bpf.AegisAllowKeyV6{Prefixlen: 128, Addr: src.As16()}
-		err = m.AllowV6.Lookup(&k, &v)
-		plen = 128
+		if err = m.AllowV6.Lookup(&k, &v); err == nil {
+			env.AllowV6 = map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue{k: v}
+		}
 	}
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil
@@ -274,11 +297,6 @@ func allowRules(m *state.Maps, src netip.Addr, env *bpf.Env, res *Result) error 
 	if err != nil {
 		return fmt.Errorf("read allow rules: %w", err)
 	}
-	host := netip.PrefixFrom(src, int(plen))
-	n := min(int(v.Count), len(v.Ports))
-	for _, p := range v.Ports[:n] {
-		env.Allow = append(env.Allow, bpf.AllowRule{Prefix: host, Proto: p.Proto, Port: p.Port})
-	}
-	res.AllowRules = v.Ports[:n]
+	res.AllowRules = v.Ports[:min(int(v.Count), len(v.Ports))]
 	return nil
 }

@@ -94,6 +94,9 @@ func (r *Result) Why() string {
 			rules = append(rules, s)
 		}
 		why = "an allow rule covering the source admits it (rules for the source: " + strings.Join(rules, " ") + ")"
+		if p := r.AllowRule; p != nil && p.Rule != 0 {
+			why += fmt.Sprintf("; it counts against rule id %d", p.Rule)
+		}
 	case bpf.ReasonController:
 		why = "the controller bypass"
 	case bpf.ReasonNoSession:

@@ -97,6 +97,10 @@ func FormatAllowRule(r AllowRule) string {
 type AllowEntries struct {
 	V4 map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue
 	V6 map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue
+	// IDs numbers the rules the entries hold (ReadAllow's rules) within
+	// their family: the id each of their pairs carries, their hit counter
+	// (allowhits.go). 0 for a rule past the family's MaxAllowRuleID-th.
+	IDs map[AllowRule]uint8
 }
 
 // MaxAllowPorts is the number of (protocol, port) pairs an allow-list
@@ -106,17 +110,34 @@ const MaxAllowPorts = len(bpf.AegisAllowValue{}.Ports)
 // CompileAllow turns rules into LPM-trie entries. The data path makes one
 // longest-prefix lookup per packet, so each prefix's value carries its own
 // (protocol, port) pairs and those of every shorter prefix that covers it.
+// The rules are numbered afresh (see CompileAllowKeeping).
 // Returns an error wrapping ErrInvalid if a prefix would need more than
 // MaxAllowPorts pairs.
 func CompileAllow(rules []AllowRule) (AllowEntries, error) {
+	return CompileAllowKeeping(rules, nil)
+}
+
+// CompileAllowKeeping is CompileAllow keeping the ids that prev (the
+// pinned rules' ReadAllowIDs) gives the rules it still has, so that their
+// hit counts go on across a load that changes other rules.
+//
+// Each pair a prefix holds is the pair of the rule it is attributed to:
+// of the rules with that exact pair covering the prefix, the one of the
+// shortest prefix, the rule ReadAllow reads back. A rule whose pairs a
+// broader pair covers everywhere (tcp/22 under an any-protocol rule of a
+// covering prefix) holds no pair: it admits nothing the other does not,
+// counts nothing, and ReadAllow does not show it.
+func CompileAllowKeeping(rules []AllowRule, prev map[AllowRule]uint8) (AllowEntries, error) {
 	out := AllowEntries{
-		V4: make(map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue),
-		V6: make(map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue),
+		V4:  make(map[bpf.AegisAllowKeyV4]bpf.AegisAllowValue),
+		V6:  make(map[bpf.AegisAllowKeyV6]bpf.AegisAllowValue),
+		IDs: make(map[AllowRule]uint8),
 	}
 	prefixes := make(map[netip.Prefix]bool)
 	for _, r := range rules {
 		prefixes[r.Prefix.Masked()] = true
 	}
+	owners := make(map[netip.Prefix][]AllowRule, len(prefixes))
 	for p := range prefixes {
 		var ports []bpf.AegisAllowPort
 		for _, r := range rules {
@@ -131,9 +152,26 @@ func CompileAllow(rules []AllowRule) (AllowEntries, error) {
 			return out, fmt.Errorf("%w: %d protocol/port pairs apply to %s, at most %d fit: merge rules or widen them",
 				ErrInvalid, len(ports), p, MaxAllowPorts)
 		}
+		for _, port := range ports {
+			owner := AllowRule{Prefix: p, Proto: port.Proto, Port: port.Port}
+			for _, r := range rules {
+				q := r.Prefix.Masked()
+				if r.Proto == port.Proto && r.Port == port.Port && q.Addr().Is4() == p.Addr().Is4() &&
+					q.Bits() < owner.Prefix.Bits() && q.Contains(p.Addr()) {
+					owner.Prefix = q
+				}
+			}
+			owners[p] = append(owners[p], owner)
+			out.IDs[owner] = 0
+		}
+	}
+	numberRules(out.IDs, prev)
+	for p, own := range owners {
 		var v bpf.AegisAllowValue
-		v.Count = uint32(len(ports))
-		copy(v.Ports[:], ports)
+		v.Count = uint32(len(own))
+		for i, r := range own {
+			v.Ports[i] = bpf.AegisAllowPort{Proto: r.Proto, Rule: out.IDs[r], Port: r.Port}
+		}
 		if p.Addr().Is4() {
 			out.V4[bpf.AegisAllowKeyV4{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()}] = v
 		} else {
@@ -173,47 +211,14 @@ func simplifyPorts(ports []bpf.AegisAllowPort) []bpf.AegisAllowPort {
 // pairs a prefix only inherits from a covering prefix, so the result reads
 // like the rules the loader was given.
 func ReadAllow(m *Maps) ([]AllowRule, error) {
-	var all []AllowRule
-	var k4 bpf.AegisAllowKeyV4
-	var k6 bpf.AegisAllowKeyV6
-	var v bpf.AegisAllowValue
-	add := func(p netip.Prefix, v *bpf.AegisAllowValue) {
-		for _, port := range v.Ports[:min(int(v.Count), len(v.Ports))] {
-			all = append(all, AllowRule{Prefix: p, Proto: port.Proto, Port: port.Port})
-		}
+	var all []allowPair
+	if err := eachAllowPair(m, func(p allowPair) { all = append(all, p) }); err != nil {
+		return nil, err
 	}
-	it := m.AllowV4.Iterate()
-	for it.Next(&k4, &v) {
-		add(netip.PrefixFrom(netip.AddrFrom4(k4.Addr), int(k4.Prefixlen)), &v)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read allow_v4: %w", err)
-	}
-	it = m.AllowV6.Iterate()
-	for it.Next(&k6, &v) {
-		add(netip.PrefixFrom(netip.AddrFrom16(k6.Addr), int(k6.Prefixlen)), &v)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read allow_v6: %w", err)
-	}
-
 	var out []AllowRule
-	for _, r := range all {
-		inherited := false
-		for _, q := range all {
-			if q.Prefix.Bits() < r.Prefix.Bits() && q.Prefix.Addr().Is4() == r.Prefix.Addr().Is4() &&
-				q.Prefix.Contains(r.Prefix.Addr()) && q.Proto == r.Proto && q.Port == r.Port {
-				inherited = true
-				break
-			}
-		}
-		if !inherited {
-			out = append(out, r)
-		}
+	for _, p := range ownPairs(all) {
+		out = append(out, p.rule)
 	}
-	slices.SortFunc(out, func(a, b AllowRule) int {
-		return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()),
-			cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Port, b.Port))
-	})
+	sortRules(out)
 	return out, nil
 }

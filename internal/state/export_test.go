@@ -1,6 +1,10 @@
 package state
 
-import "github.com/aegis-agent/aegis/bpf"
+import (
+	"github.com/cilium/ebpf"
+
+	"github.com/aegis-agent/aegis/bpf"
+)
 
 // SetAfterScan installs a hook that runs after each batch a sweep reads and
 // before it deletes that batch's expired sessions.
@@ -29,3 +33,20 @@ func ReadSweepSeq(m *Maps) (uint64, error) { return readSeq(m.SweepSeq) }
 
 // ConfigFromValue decodes a config map value, for the encoding's tests.
 func ConfigFromValue(v *bpf.AegisConfigValue) Config { return configFromValue(v) }
+
+// SetBeforeTombDelete installs a hook that runs inside a tombstone section,
+// between the re-read of a stale tombstone and its delete.
+func SetBeforeTombDelete(s *Sweeper, fn func()) { s.beforeTombDelete = fn }
+
+// RevokedMark is the expires_ns of a session revoked without room for its
+// tombstone.
+const RevokedMark = revokedMark
+
+// SetUnguardedTombs makes m write tombstones without the sweep sequence
+// check, as a design without it would.
+func SetUnguardedTombs(m *Maps) { m.unguardedTombs = true }
+
+// PutTomb writes a tombstone as it is, for tests that age one.
+func PutTomb(m *Maps, k Key, v bpf.AegisTombValue) error {
+	return m.updateTomb(k, &v, ebpf.UpdateAny)
+}

@@ -117,6 +117,7 @@ func lockKey(k Key) *sync.Mutex {
 type guardStats struct {
 	overlaps atomic.Uint64 // writes that overlapped a sweep section
 	repaired atomic.Uint64 // of those, writes a sweep had deleted, written again
+	keptDead atomic.Uint64 // revokes that found no room for a tombstone (tomb.go)
 }
 
 // guarded runs write, which writes the session of key k and returns the

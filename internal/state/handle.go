@@ -2,6 +2,7 @@ package state
 
 import (
 	"fmt"
+	"maps"
 	"sync"
 	"sync/atomic"
 
@@ -21,7 +22,7 @@ type Handle struct {
 
 	mu   sync.RWMutex
 	maps *Maps
-	ids  [2]ebpf.MapID // sessions_v4, sessions_v6 of maps
+	ids  map[string]ebpf.MapID // of every map of maps, by pin name
 	// gen counts the opens, so that a cache of the maps' content (a
 	// control plane with a store) sees that they were replaced. Atomic,
 	// not under mu: it is read inside Do, where taking mu again would
@@ -66,24 +67,30 @@ func (h *Handle) open() error {
 	if err != nil {
 		return err
 	}
-	ids, err := mapIDs(m.SessionsV4, m.SessionsV6)
+	ids, err := mapIDs(m)
 	if err != nil {
 		m.Close()
 		return err
 	}
 	h.maps, h.ids = m, ids
 	h.gen.Add(1)
-	h.log.Info().Str("pin_path", h.pinPath).Uint32("sessions_v4_id", uint32(ids[0])).Msg("opened pinned maps")
+	h.log.Info().Str("pin_path", h.pinPath).Uint32("sessions_v4_id", uint32(ids[MapSessionsV4])).Msg("opened pinned maps")
 	return nil
 }
 
-// Refresh checks that the held maps are still the pinned ones. When the
-// pins are gone it closes the maps and returns ErrNotLoaded; when they were
-// replaced it switches to the new ones. Call it periodically.
+// Refresh checks that the held maps are still the pinned ones, every one
+// of them: a full unload and load replaces them all, and a load may
+// replace one (a migration) or create one that was missing. When the pins
+// are gone it closes the maps and returns ErrNotLoaded; when any was
+// replaced it switches to the new set. Call it periodically.
+//
+// Whoever keeps a map of the set beyond a Do (a clone, a ring buffer
+// reader) must follow the switch itself: compare its map's id with
+// MapID's.
 func (h *Handle) Refresh() error {
 	pinned, err := pinnedIDs(h.pinPath)
 	h.mu.Lock()
-	current := h.maps != nil && err == nil && pinned == h.ids
+	current := h.maps != nil && err == nil && maps.Equal(pinned, h.ids)
 	if h.maps != nil && !current {
 		if err != nil {
 			h.log.Warn().Err(err).Msg("pinned maps went away; closing them")
@@ -117,35 +124,52 @@ func (h *Handle) Close() error {
 	return err
 }
 
-func pinnedIDs(pinPath string) ([2]ebpf.MapID, error) {
-	var maps []*ebpf.Map
-	defer func() {
-		for _, m := range maps {
-			m.Close()
-		}
-	}()
-	for _, name := range []string{MapSessionsV4, MapSessionsV6} {
-		m, err := ebpf.LoadPinnedMap(MapPath(pinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
-		if err != nil {
-			return [2]ebpf.MapID{}, openError(MapPath(pinPath, name), err)
-		}
-		maps = append(maps, m)
-	}
-	return mapIDs(maps[0], maps[1])
+// MapID returns the id of the named map of the open set; 0 when none is
+// open.
+func (h *Handle) MapID(name string) ebpf.MapID {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.ids[name]
 }
 
-func mapIDs(v4, v6 *ebpf.Map) ([2]ebpf.MapID, error) {
-	var ids [2]ebpf.MapID
-	for i, m := range []*ebpf.Map{v4, v6} {
-		info, err := m.Info()
+func pinnedIDs(pinPath string) (map[string]ebpf.MapID, error) {
+	ids := make(map[string]ebpf.MapID, len(MapNames))
+	for _, name := range MapNames {
+		m, err := ebpf.LoadPinnedMap(MapPath(pinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
-			return ids, fmt.Errorf("inspect %s: %w", m, err)
+			return nil, openError(MapPath(pinPath, name), err)
 		}
-		id, ok := info.ID()
-		if !ok {
-			return ids, fmt.Errorf("inspect %s: kernel reports no map id", m)
+		id, err := MapIDOf(m)
+		m.Close()
+		if err != nil {
+			return nil, err
 		}
-		ids[i] = id
+		ids[name] = id
 	}
 	return ids, nil
+}
+
+func mapIDs(m *Maps) (map[string]ebpf.MapID, error) {
+	ids := make(map[string]ebpf.MapID, len(MapNames))
+	for _, s := range m.slots() {
+		id, err := MapIDOf(*s.p)
+		if err != nil {
+			return nil, err
+		}
+		ids[s.name] = id
+	}
+	return ids, nil
+}
+
+// MapIDOf returns the kernel's id of a map.
+func MapIDOf(m *ebpf.Map) (ebpf.MapID, error) {
+	info, err := m.Info()
+	if err != nil {
+		return 0, fmt.Errorf("inspect %s: %w", m, err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, fmt.Errorf("inspect %s: kernel reports no map id", m)
+	}
+	return id, nil
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/rs/zerolog"
 
 	"github.com/aegis-agent/aegis/internal/state"
@@ -58,5 +59,56 @@ func TestHandleFollowsThePins(t *testing.T) {
 	err = h.Do(func(m *state.Maps) error { _, err := m.Lookup(s.Key); return err })
 	if !errors.Is(err, state.ErrNotFound) {
 		t.Fatalf("lookup in the new maps: %v, want ErrNotFound", err)
+	}
+}
+
+// A load that replaces one map and keeps the others (a migration, a map
+// created where it was missing) is followed too: the handle would
+// otherwise keep reading a map nothing writes any more.
+func TestHandleFollowsOneReplacedMap(t *testing.T) {
+	dir := tu.PinDir(t)
+	pinMaps(t, dir)
+	h := state.NewHandle(dir, state.OpenOptions{}, zerolog.Nop())
+	defer h.Close()
+	if err := h.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	before := h.MapID(state.MapAllowHits)
+	sessions := h.MapID(state.MapSessionsV4)
+	spec, err := state.Spec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(spec.Maps[state.MapAllowHits])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	path := state.MapPath(dir, state.MapAllowHits)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Pin(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	want, err := state.MapIDOf(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := h.MapID(state.MapAllowHits); got != want || got == before || h.MapID(state.MapSessionsV4) != sessions {
+		t.Fatalf("allow_hits %d (was %d, pinned %d), sessions_v4 %d (was %d)", got, before, want, h.MapID(state.MapSessionsV4), sessions)
+	}
+	err = h.Do(func(mm *state.Maps) error {
+		id, err := state.MapIDOf(mm.AllowHits)
+		if err == nil && id != want {
+			t.Errorf("Do gives allow_hits %d, pinned %d", id, want)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

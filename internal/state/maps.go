@@ -49,8 +49,17 @@ type Maps struct {
 	// rate limiters (events.go).
 	Events      *ebpf.Map
 	EventLimits *ebpf.Map
+	// AllowHits counts the packets each allow rule admitted (allowhits.go).
+	AllowHits *ebpf.Map
+	// TombsV4 and TombsV6 hold the tombstones of removed sessions
+	// (tomb.go).
+	TombsV4 *ebpf.Map
+	TombsV6 *ebpf.Map
 
 	stats guardStats
+	// unguardedTombs, set by tests, writes tombstones without the sweep
+	// sequence check, to show what the check prevents.
+	unguardedTombs bool
 }
 
 var (
@@ -165,14 +174,16 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 }
 
 // DaemonWritable reports whether the daemons write the named map: the
-// sessions maps, and the reaper's sweep counter (see sweep.go). The loader
+// sessions maps and their tombstones, and the reaper's sweep counter (see
+// sweep.go). The loader
 // alone writes the config and the allow rules. The events ring buffer is
 // here because reading one needs a writable descriptor: the reader
 // advances the consumer position in a page the kernel maps writable only
 // for one. That lets group aegis skip events, and nothing else (user space
 // cannot write into a BPF_MAP_TYPE_RINGBUF).
 func DaemonWritable(name string) bool {
-	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq || name == MapEvents
+	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq || name == MapEvents ||
+		name == MapTombsV4 || name == MapTombsV6
 }
 
 type slot struct {
@@ -190,6 +201,8 @@ func (m *Maps) slots() []slot {
 		{MapFlowsV4, &m.FlowsV4}, {MapFlowsV6, &m.FlowsV6}, {MapFrags, &m.Frags},
 		{MapIfaces, &m.Ifaces},
 		{MapEvents, &m.Events}, {MapEventLimits, &m.EventLimits},
+		{MapAllowHits, &m.AllowHits},
+		{MapTombsV4, &m.TombsV4}, {MapTombsV6, &m.TombsV6},
 	}
 }
 
@@ -252,14 +265,49 @@ func updateError(err error) error {
 	return fmt.Errorf("update session: %w", err)
 }
 
-// Revoke deletes a session. Returns ErrNotFound if there is none. A
-// revoke is a plain delete, never undone: a grant of the same key by this
-// process runs before it or after it, and no sweep puts anything back.
+// Revoke deletes a session, after writing its tombstone (tomb.go), so
+// that its service cannot open a flow back to the user afterwards.
+// Returns ErrNotFound if there is none. A revoke is never undone: a grant
+// of the same key by this process runs before it or after it, and no
+// sweep puts anything back.
+//
+// When the tombstone map is full, the session stays in the map, dead (the
+// data path refuses it as expired at once), as its own tombstone; the
+// reaper moves it once there is room. Revoke returns nil then too: the
+// user is cut off either way.
 func (m *Maps) Revoke(k Key) error {
 	if err := k.Validate(); err != nil {
 		return err
 	}
 	defer lockKey(k).Unlock()
+	if !m.hasTombs() {
+		return m.deleteSession(k)
+	}
+	v, err := m.lookupValue(k)
+	if err != nil {
+		return err
+	}
+	now := Now()
+	tv := tombValue(TombRevoked, now)
+	terr := m.putTomb(k, &tv)
+	if terr == nil {
+		return m.deleteSession(k)
+	}
+	// Fail closed: no tombstone, so the entry stays, dead.
+	v.ExpiresNs = revokedMark
+	switch err := m.update(k, &v, ebpf.UpdateExist); {
+	case errors.Is(err, ebpf.ErrKeyNotExist):
+		// The reaper deleted it meanwhile, having buried it first.
+		return ErrNotFound
+	case err != nil:
+		return fmt.Errorf("revoke session %s: %w (and writing its tombstone failed: %v)", k, err, terr)
+	}
+	m.stats.keptDead.Add(1)
+	return nil
+}
+
+// deleteSession deletes k's session. Returns ErrNotFound if there is none.
+func (m *Maps) deleteSession(k Key) error {
 	var err error
 	if k.Is4() {
 		kk := k.v4()
@@ -277,11 +325,9 @@ func (m *Maps) Revoke(k Key) error {
 	return nil
 }
 
-// Lookup returns one session. Returns ErrNotFound if there is none.
-func (m *Maps) Lookup(k Key) (Session, error) {
-	if err := k.Validate(); err != nil {
-		return Session{}, err
-	}
+// lookupValue reads k's session value. Returns ErrNotFound if there is
+// none.
+func (m *Maps) lookupValue(k Key) (bpf.AegisSessionValue, error) {
 	var v bpf.AegisSessionValue
 	var err error
 	if k.Is4() {
@@ -292,10 +338,22 @@ func (m *Maps) Lookup(k Key) (Session, error) {
 		err = m.SessionsV6.Lookup(&kk, &v)
 	}
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return Session{}, ErrNotFound
+		return v, ErrNotFound
 	}
 	if err != nil {
-		return Session{}, fmt.Errorf("lookup session: %w", err)
+		return v, fmt.Errorf("lookup session: %w", err)
+	}
+	return v, nil
+}
+
+// Lookup returns one session. Returns ErrNotFound if there is none.
+func (m *Maps) Lookup(k Key) (Session, error) {
+	if err := k.Validate(); err != nil {
+		return Session{}, err
+	}
+	v, err := m.lookupValue(k)
+	if err != nil {
+		return Session{}, err
 	}
 	return sessionFrom(k, &v), nil
 }
@@ -353,8 +411,7 @@ var errStopped = errors.New("stopped")
 // eachBatch reads mp with BPF_MAP_LOOKUP_BATCH into keys and vals, reused
 // for every batch, and calls fn with each batch read, until the map is done
 // or fn returns false (errStopped).
-func eachBatch[K any](mp *ebpf.Map, keys []K, vals []bpf.AegisSessionValue,
-	fn func([]K, []bpf.AegisSessionValue) bool) error {
+func eachBatch[K, V any](mp *ebpf.Map, keys []K, vals []V, fn func([]K, []V) bool) error {
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := mp.BatchLookup(&cursor, keys, vals, nil)

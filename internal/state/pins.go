@@ -15,6 +15,8 @@ import (
 //	    sessions_v4 ...       one pin per map (MapNames)
 //	    program               the XDP program the links run
 //	    program_next          the next build, only during an upgrade
+//	    program_egress        the tcx egress program of the reply path
+//	    program_locality      the locality question explain asks (never attached)
 //	    <map>_next            a migrated map, only during an upgrade
 //	    links/                0700 root:root
 //	        <ifname>          one XDP bpf_link per interface (LinkPinName)
@@ -49,13 +51,22 @@ const (
 	// suppressed, lost).
 	MapEvents      = "events"
 	MapEventLimits = "event_limits"
+	// MapAllowHits counts, per CPU, the packets each allow rule admitted,
+	// by the rule's id (allowhits.go).
+	MapAllowHits = "allow_hits"
+	// MapTombsV4 and MapTombsV6 hold the tombstones of removed sessions,
+	// keyed like the sessions (tomb.go); written by the daemons, read and
+	// refreshed by the egress program.
+	MapTombsV4 = "tombs_v4"
+	MapTombsV6 = "tombs_v6"
 )
 
 // MapIfaces (ifaces.go) is pinned beside them.
 
 // MapNames lists every pinned map.
 var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapSweepSeq,
-	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces, MapEvents, MapEventLimits}
+	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces, MapEvents, MapEventLimits, MapAllowHits,
+	MapTombsV4, MapTombsV6}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
@@ -69,6 +80,10 @@ const (
 	// stages a new one.
 	EgressProgramPin     = "program_egress"
 	EgressProgramNextPin = "program_egress_next"
+	// LocalityProgramPin holds the program that answers the data path's
+	// "is this destination local" for explain (locality.go). Nothing runs
+	// it but BPF_PROG_TEST_RUN; it uses no map.
+	LocalityProgramPin = "program_locality"
 )
 
 // LinksDir is the directory under the pin path holding one pinned XDP
@@ -103,6 +118,15 @@ func EgressProgramNextPath(pinPath string) string {
 	return filepath.Join(pinPath, EgressProgramNextPin)
 }
 
+// LocalityProgramPath returns the pin of the locality program.
+func LocalityProgramPath(pinPath string) string { return filepath.Join(pinPath, LocalityProgramPin) }
+
+// LocalityProgramNextPath is where a new locality program is pinned before
+// it is renamed over LocalityProgramPath.
+func LocalityProgramNextPath(pinPath string) string {
+	return filepath.Join(pinPath, LocalityProgramPin+"_next")
+}
+
 // LinksPath returns the directory of the link pins.
 func LinksPath(pinPath string) string { return filepath.Join(pinPath, LinksDir) }
 
@@ -134,7 +158,8 @@ func IsTempLinkPin(name string) bool { return strings.HasSuffix(name, TempLinkSu
 // staged ones included: what a full unload removes besides the links.
 func FilePins(pinPath string) []string {
 	out := []string{ProgramPath(pinPath), ProgramNextPath(pinPath),
-		EgressProgramPath(pinPath), EgressProgramNextPath(pinPath)}
+		EgressProgramPath(pinPath), EgressProgramNextPath(pinPath),
+		LocalityProgramPath(pinPath), LocalityProgramNextPath(pinPath)}
 	for _, name := range MapNames {
 		out = append(out, MapPath(pinPath, name), MapNextPath(pinPath, name))
 	}

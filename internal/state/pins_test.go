@@ -85,7 +85,7 @@ func TestPinPaths(t *testing.T) {
 		}
 	}
 	pins := state.FilePins(dir)
-	if len(pins) != 4+2*len(state.MapNames) || pins[0] != state.ProgramPath(dir) {
+	if len(pins) != 6+2*len(state.MapNames) || pins[0] != state.ProgramPath(dir) {
 		t.Fatalf("FilePins %v", pins)
 	}
 }

@@ -31,22 +31,41 @@ func EgressProgramSpec(spec *ebpf.CollectionSpec) (*ebpf.ProgramSpec, error) {
 // LoadEgressProgram loads a build's tcx egress program against the maps of
 // the set: it writes the flows the XDP program of the same set reads.
 func LoadEgressProgram(spec *ebpf.CollectionSpec, maps *Maps) (*ebpf.Program, error) {
-	var objs bpf.AegisPrograms
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps.ByName()}); err != nil {
-		return nil, err
+	var objs struct {
+		P *ebpf.Program `ebpf:"aegis_egress"`
 	}
-	objs.AegisXdp.Close()
-	return objs.AegisEgress, nil
+	err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps.ByName()})
+	return objs.P, err
 }
 
 // LoadProgram loads a build's XDP program against the maps of the set, so
 // that it shares them with the running data path instead of creating its
 // own.
 func LoadProgram(spec *ebpf.CollectionSpec, maps *Maps) (*ebpf.Program, error) {
-	var objs bpf.AegisPrograms
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps.ByName()}); err != nil {
-		return nil, err
+	var objs struct {
+		P *ebpf.Program `ebpf:"aegis_xdp"`
 	}
-	objs.AegisEgress.Close()
-	return objs.AegisXdp, nil
+	err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps.ByName()})
+	return objs.P, err
+}
+
+// LocalityProgramSpec returns the locality program of a data path build:
+// the XDP program's own delivered_locally(), for user space to ask.
+func LocalityProgramSpec(spec *ebpf.CollectionSpec) (*ebpf.ProgramSpec, error) {
+	var ps bpf.AegisProgramSpecs
+	if err := spec.Assign(&ps); err != nil {
+		return nil, fmt.Errorf("find locality program: %w", err)
+	}
+	return ps.AegisLocality, nil
+}
+
+// LoadLocalityProgram loads a build's locality program. It uses no map.
+func LoadLocalityProgram(spec *ebpf.CollectionSpec) (*ebpf.Program, error) {
+	var objs struct {
+		P *ebpf.Program `ebpf:"aegis_locality"`
+	}
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		return nil, fmt.Errorf("load locality program: %w", err)
+	}
+	return objs.P, nil
 }

@@ -81,6 +81,29 @@ import (
 //     Until the next sweep closes it (Sweep does at its start) every grant
 //     sees an odd R1 and pays one flock and one insert attempt.
 //
+// Tombstones (tomb.go) follow the same rules, so that a revoke still
+// always wins:
+//
+//   - A section writes an expired session's tombstone before it deletes
+//     the session, inside the section, so no instant has neither. A full
+//     tombstone map keeps that session (dead: expired is expired for good)
+//     for a later sweep; nothing expired is ever made live.
+//   - Revoke writes its tombstone before its delete, through the same
+//     sequence check as a grant: a section that deletes stale tombstones
+//     re-reads each under the lock, so a tombstone written before that
+//     re-read is fresh and kept, and one written between re-read and
+//     delete sees the odd or changed sequence and is written again under
+//     the shared lock before Revoke deletes the session. The sweep's own
+//     tombstone write may replace a revoke's (same key, both fresh), which
+//     changes only the recorded cause.
+//   - A tombstone is stale only after the UDP flow idle timeout without a
+//     refused packet, judged at the sweep's now; the egress program never
+//     refreshes a stale one, so it stays stale, as an expired session
+//     does.
+//
+// TestRevokeTombRaceWithTombSweep puts a revoke's tombstone write between
+// a tombstone section's re-read and its delete.
+//
 // Writers take the lock only after they saw a section overlap their
 // write, and a section is taken only after the previous one ended: the
 // shared holders at any time are the few grants that overlapped the last
@@ -169,6 +192,10 @@ type FamilyResult struct {
 	// Vanished counts sessions that were expired when scanned and gone
 	// before the delete (revoked meanwhile).
 	Vanished int
+	// Kept counts expired sessions left in the map, dead, because the
+	// tombstone map had no room for their tombstones (tomb.go): the next
+	// sweep tries again.
+	Kept int
 }
 
 // Reaped is the number of sessions deleted.
@@ -182,6 +209,8 @@ type SweepResult struct {
 	// Interrupted counts the sections that an earlier sweep left open
 	// because its process died inside them, which this sweep closed.
 	Interrupted int
+	// TombsV4 and TombsV6 count what the sweep did to the tombstones.
+	TombsV4, TombsV6 TombResult
 }
 
 // Scanned is the number of entries read from both maps.
@@ -214,6 +243,9 @@ type Sweeper struct {
 	// the re-read of an expired session and its delete. Tests race grants
 	// in there.
 	afterScan, beforeDelete func()
+	// beforeTombDelete runs in a tombstone section between the re-read of
+	// a stale tombstone and its delete.
+	beforeTombDelete func()
 
 	// legacy selects the earlier design, for tests that show what this
 	// one fixes: no sections, LookupAndDelete of each expired session and
@@ -240,8 +272,10 @@ func NewSweeper() *Sweeper {
 
 // Sweep deletes every session of m that the data path refuses now: past
 // its idle timeout (its own, or the config map's default as read at the
-// start of the sweep) or its lifetime. onReap, if not nil, is called for
-// each deleted session, outside the sections.
+// start of the sweep) or its lifetime, each after writing its tombstone
+// (tomb.go). Before the sessions it deletes the tombstones that no longer
+// refuse anything. onReap, if not nil, is called for each deleted session,
+// outside the sections.
 //
 // It stops between two sections when ctx ends and returns what it did so
 // far with ctx's error. It first closes a section that a dead sweep left
@@ -268,8 +302,19 @@ func (s *Sweeper) Sweep(ctx context.Context, m *Maps, onReap func(*Reaped)) (Swe
 	}
 	// After the config and before any session is read: see the top of
 	// this file for why the order matters.
-	j := judge{defaultIdle: uint64(cfg.DefaultIdleTimeout), now: Now(), onReap: onReap}
+	j := judge{defaultIdle: uint64(cfg.DefaultIdleTimeout), now: Now(), tombIdle: tombIdle(cfg), onReap: onReap}
 
+	// The tombstones before the sessions, so that the room the stale ones
+	// leave serves this sweep's burials.
+	if m.hasTombs() && !s.legacy {
+		err = sweepTombs(ctx, s, &j, m, m.TombsV4, keyFromV4, &res.TombsV4, &res.Interrupted)
+		if err == nil {
+			err = sweepTombs(ctx, s, &j, m, m.TombsV6, keyFromV6, &res.TombsV6, &res.Interrupted)
+		}
+		if err != nil {
+			return res, err
+		}
+	}
 	err = sweepMap(ctx, s, &j, m, m.SessionsV4, s.keys4, s.del4, keyFromV4, &res.V4, &res.Interrupted)
 	if err == nil {
 		err = sweepMap(ctx, s, &j, m, m.SessionsV6, s.keys6, s.del6, keyFromV6, &res.V6, &res.Interrupted)
@@ -312,6 +357,7 @@ func (s *Sweeper) flock(how int) error {
 
 type judge struct {
 	defaultIdle, now uint64
+	tombIdle         uint64 // bpf.TombIdle of the config
 	onReap           func(*Reaped)
 }
 
@@ -370,30 +416,10 @@ func sweepMap[K any](ctx context.Context, s *Sweeper, j *judge, m *Maps, mp *ebp
 // expired, under the sweep lock and an odd sequence, then reports them.
 func section[K any](s *Sweeper, j *judge, m *Maps, mp *ebpf.Map, keys, del []K, cand []int,
 	toKey func(*K) Key, res *FamilyResult, interrupted *int) (err error) {
-	if err := s.flock(unix.LOCK_EX); err != nil {
-		return err
-	}
-	seq, err := readSeq(m.SweepSeq)
-	if err != nil {
-		s.flock(unix.LOCK_UN)
-		return err
-	}
-	if seq%2 == 1 {
-		// Left open by a sweep that died after Sweep's check.
-		*interrupted++
-		seq++
-	}
-	if err := writeSeq(m.SweepSeq, seq+1); err != nil {
-		s.flock(unix.LOCK_UN)
-		return err
-	}
 	s.deleted = s.deleted[:0]
-	err = reapSection(s, j, mp, keys, del, cand, toKey, res)
-	// Closed even after a failed delete: the section is over. Should the
-	// write fail, the sequence stays odd, which costs grants a check each
-	// until the next sweep closes it, and loses nothing.
-	err = errors.Join(err, writeSeq(m.SweepSeq, seq+2))
-	err = errors.Join(err, s.flock(unix.LOCK_UN))
+	err = s.inSection(m, interrupted, func() error {
+		return reapSection(s, j, m, mp, keys, del, cand, toKey, res)
+	})
 	if j.onReap != nil {
 		for _, i := range s.deleted {
 			v := &s.vals[i]
@@ -404,6 +430,37 @@ func section[K any](s *Sweeper, j *judge, m *Maps, mp *ebpf.Map, keys, del []K, 
 		}
 	}
 	return err
+}
+
+// inSection runs del, which deletes, as one section: under the exclusive
+// sweep lock with the sequence odd. interrupted, if not nil, counts a
+// section found left open by a dead sweep.
+func (s *Sweeper) inSection(m *Maps, interrupted *int, del func() error) error {
+	if err := s.flock(unix.LOCK_EX); err != nil {
+		return err
+	}
+	seq, err := readSeq(m.SweepSeq)
+	if err != nil {
+		s.flock(unix.LOCK_UN)
+		return err
+	}
+	if seq%2 == 1 {
+		// Left open by a sweep that died after Sweep's check.
+		if interrupted != nil {
+			*interrupted++
+		}
+		seq++
+	}
+	if err := writeSeq(m.SweepSeq, seq+1); err != nil {
+		s.flock(unix.LOCK_UN)
+		return err
+	}
+	err = del()
+	// Closed even after a failed delete: the section is over. Should the
+	// write fail, the sequence stays odd, which costs grants a check each
+	// until the next sweep closes it, and loses nothing.
+	err = errors.Join(err, writeSeq(m.SweepSeq, seq+2))
+	return errors.Join(err, s.flock(unix.LOCK_UN))
 }
 
 // reapBatchLegacy is the earlier design's delete of a batch's expired
@@ -445,9 +502,11 @@ func reapBatchLegacy[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys []K, toKey 
 // with one BPF_MAP_DELETE_BATCH, which took a fifth less CPU than a
 // BPF_MAP_DELETE_ELEM per key in BenchmarkSweep. del is the Sweeper's key
 // buffer of the map's key type.
-func reapSection[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys, del []K, cand []int,
+func reapSection[K any](s *Sweeper, j *judge, m *Maps, mp *ebpf.Map, keys, del []K, cand []int,
 	toKey func(*K) Key, res *FamilyResult) error {
 	del, idx := del[:0], s.idx[:0]
+	// The tombstones' clock: later than j.now, so that they start fresh.
+	now := Now()
 	for _, i := range cand {
 		// unsafe.Pointer skips the library's reflection on each call, a
 		// third of the user time of a large sweep; sweepMap checked the
@@ -464,6 +523,24 @@ func reapSection[K any](s *Sweeper, j *judge, mp *ebpf.Map, keys, del []K, cand 
 		if _, expired := expiry(v, j.defaultIdle, j.now); !expired {
 			res.Regranted++
 			continue
+		}
+		if m.hasTombs() {
+			// Before the delete (see tomb.go). A full map keeps the
+			// session, dead, in its place until a later sweep.
+			cause := TombExpired
+			if v.ExpiresNs == revokedMark {
+				cause = TombRevoked
+			}
+			tv := tombValue(cause, now)
+			// The tombstone's key is the session's: same type, same bytes.
+			err := tombError(m.tombsOf(mp).Update(unsafe.Pointer(&keys[i]), unsafe.Pointer(&tv), ebpf.UpdateAny))
+			if errors.Is(err, errTombsFull) {
+				res.Kept++
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("bury expired session %s: %w", toKey(&keys[i]), err)
+			}
 		}
 		if s.beforeDelete != nil {
 			s.beforeDelete()

@@ -17,6 +17,9 @@ type PinOptions struct {
 	Capacity uint32
 	// DefaultIdleTimeout written to the config map; 0 for one minute.
 	DefaultIdleTimeout time.Duration
+	// TombCapacity of each tombstone map; 0 for Capacity, as the loader
+	// does.
+	TombCapacity uint32
 }
 
 // PinMaps creates the data path's maps and pins them under dir as the
@@ -32,6 +35,12 @@ func PinMaps(t testing.TB, dir string, opts PinOptions) {
 	if opts.Capacity != 0 {
 		spec.Maps[state.MapSessionsV4].MaxEntries = opts.Capacity
 		spec.Maps[state.MapSessionsV6].MaxEntries = opts.Capacity
+		spec.Maps[state.MapTombsV4].MaxEntries = opts.Capacity
+		spec.Maps[state.MapTombsV6].MaxEntries = opts.Capacity
+	}
+	if opts.TombCapacity != 0 {
+		spec.Maps[state.MapTombsV4].MaxEntries = opts.TombCapacity
+		spec.Maps[state.MapTombsV6].MaxEntries = opts.TombCapacity
 	}
 	if opts.DefaultIdleTimeout == 0 {
 		opts.DefaultIdleTimeout = time.Minute

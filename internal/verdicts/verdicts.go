@@ -144,9 +144,21 @@ type Options struct {
 var ErrTooManyWatchers = errors.New("too many watchers")
 
 // Hub reads the ring buffer and fans the events out.
+//
+// A full unload and a new load replace the pinned events map: the old one
+// lives on (this reader holds it) but no program writes to it any more.
+// Switch moves the hub to the new map. Run drains the old reader first
+// (Switch flushes it: a flushed reader returns what the ring holds, then
+// ErrFlushed), then reads the new one; the watchers, their filters and the
+// history stay as they are.
 type Hub struct {
 	opts Options
-	rd   *ringbuf.Reader
+
+	rdMu    sync.Mutex
+	rd      *ringbuf.Reader // what Run reads
+	pending *ringbuf.Reader // set by Switch until Run takes it
+	source  ebpf.MapID      // of the map rd or, once set, pending reads
+	stopped bool
 
 	mu       sync.Mutex
 	history  []Event // a ring of opts.History
@@ -167,23 +179,99 @@ func NewHub(events *ebpf.Map, opts Options) (*Hub, error) {
 	if opts.Watchers <= 0 {
 		opts.Watchers = DefaultWatchers
 	}
+	rd, id, err := openReader(events)
+	if err != nil {
+		return nil, err
+	}
+	return &Hub{opts: opts, rd: rd, source: id, history: make([]Event, opts.History), watchers: map[*Watcher]struct{}{}}, nil
+}
+
+func openReader(events *ebpf.Map) (*ringbuf.Reader, ebpf.MapID, error) {
+	id, err := state.MapIDOf(events)
+	if err != nil {
+		return nil, 0, err
+	}
 	rd, err := ringbuf.NewReader(events)
 	if err != nil {
-		return nil, fmt.Errorf("open events reader: %w", err)
+		return nil, 0, fmt.Errorf("open events reader: %w", err)
 	}
-	return &Hub{opts: opts, rd: rd, history: make([]Event, opts.History), watchers: map[*Watcher]struct{}{}}, nil
+	return rd, id, nil
+}
+
+// ErrStopped is returned by Switch once Run has returned.
+var ErrStopped = errors.New("verdict hub stopped")
+
+// Source returns the id of the events map the hub reads (or is switching
+// to).
+func (h *Hub) Source() ebpf.MapID {
+	h.rdMu.Lock()
+	defer h.rdMu.Unlock()
+	return h.source
+}
+
+// Switch moves the hub to another events map, as it is now pinned. The
+// events the old map holds are still delivered; the watchers notice
+// nothing but the gap while no program wrote events. Returns ErrStopped
+// if the hub has stopped.
+func (h *Hub) Switch(events *ebpf.Map) error {
+	rd, id, err := openReader(events)
+	if err != nil {
+		return err
+	}
+	h.rdMu.Lock()
+	defer h.rdMu.Unlock()
+	if h.stopped {
+		rd.Close()
+		return ErrStopped
+	}
+	if h.pending != nil {
+		h.pending.Close() // superseded before Run took it
+	}
+	h.pending, h.source = rd, id
+	if err := h.rd.Flush(); err != nil {
+		return fmt.Errorf("flush events reader: %w", err)
+	}
+	return nil
+}
+
+// current returns the reader Run reads next, taking a switched-to one
+// once the old one is drained; nil once stopped.
+func (h *Hub) current(drained *ringbuf.Reader) *ringbuf.Reader {
+	h.rdMu.Lock()
+	defer h.rdMu.Unlock()
+	if h.stopped {
+		return nil
+	}
+	if drained != nil && h.rd == drained && h.pending != nil {
+		h.rd, h.pending = h.pending, nil
+		drained.Close()
+	}
+	return h.rd
 }
 
 // Run reads events until ctx is done, then closes the reader and every
 // watcher.
 func (h *Hub) Run(ctx context.Context) error {
-	stop := context.AfterFunc(ctx, func() { h.rd.Close() })
+	stop := context.AfterFunc(ctx, func() {
+		h.rdMu.Lock()
+		defer h.rdMu.Unlock()
+		h.stopped = true
+		h.rd.Close()
+		if h.pending != nil {
+			h.pending.Close()
+		}
+	})
 	defer stop()
 	defer h.closeAll()
 	var rec ringbuf.Record
-	for {
-		err := h.rd.ReadInto(&rec)
+	rd := h.current(nil)
+	for rd != nil {
+		err := rd.ReadInto(&rec)
 		switch {
+		case errors.Is(err, ringbuf.ErrFlushed):
+			// Switch flushed it: the old ring is empty.
+			rd = h.current(rd)
+			continue
 		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
 			return nil
 		case err != nil:
@@ -196,6 +284,7 @@ func (h *Hub) Run(ctx context.Context) error {
 		}
 		h.publish(FromRaw(&raw))
 	}
+	return nil
 }
 
 func (h *Hub) publish(e Event) {

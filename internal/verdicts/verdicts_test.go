@@ -268,3 +268,64 @@ func TestReaderNeedsWritableMap(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A second data path, its own maps and ring buffer, as a full unload and
+// a new load leave: Switch moves the hub to its events map. What the old
+// ring still held is delivered first, then the new one's events; the
+// watcher's subscription, filter and channel stay the same.
+func TestSwitchFollowsANewEventsMap(t *testing.T) {
+	old, h := dataPath(t, verdicts.Options{})
+	w, _, err := h.Watch(verdicts.Filter{}, time.Time{}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	knock(t, old, src(1), 1001)
+	if e := recv(t, w); e.Dport != 1001 {
+		t.Fatalf("event %+v", e)
+	}
+
+	spec, err := bpf.LoadAegis()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var objs bpf.AegisObjects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		t.Fatal(err)
+	}
+	defer objs.Close()
+	cfg := state.Config{DefaultIdleTimeout: time.Hour, EventDropRate: 65535}
+	v, err := cfg.Value()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := objs.Config.Put(uint32(0), &v); err != nil {
+		t.Fatal(err)
+	}
+	before := h.Source()
+	knock(t, old, src(2), 1002) // still in the old ring when the switch comes
+	knock(t, objs.AegisXdp, src(3), 1003)
+	if err := h.Switch(objs.Events); err != nil {
+		t.Fatal(err)
+	}
+	want, err := state.MapIDOf(objs.Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Source() != want || want == before {
+		t.Fatalf("source %d after the switch, want %d (was %d)", h.Source(), want, before)
+	}
+	for _, port := range []uint16{1002, 1003} {
+		if e := recv(t, w); e.Dport != port {
+			t.Fatalf("event to %d, want %d", e.Dport, port)
+		}
+	}
+	knock(t, objs.AegisXdp, src(4), 1004)
+	knock(t, old, src(5), 1005) // the old map is no longer read
+	knock(t, objs.AegisXdp, src(6), 1006)
+	for _, port := range []uint16{1004, 1006} {
+		if e := recv(t, w); e.Dport != port {
+			t.Fatalf("event to %d, want %d", e.Dport, port)
+		}
+	}
+}

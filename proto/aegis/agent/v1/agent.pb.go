@@ -825,8 +825,14 @@ type GetStatsResponse struct {
 	SessionsV6         *MapUsage              `protobuf:"bytes,3,opt,name=sessions_v6,json=sessionsV6,proto3" json:"sessions_v6,omitempty"`
 	DefaultIdleTimeout *durationpb.Duration   `protobuf:"bytes,4,opt,name=default_idle_timeout,json=defaultIdleTimeout,proto3" json:"default_idle_timeout,omitempty"`
 	Monitor            bool                   `protobuf:"varint,5,opt,name=monitor,proto3" json:"monitor,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The static allow rules, with the packets each admitted since it was
+	// added (a rule a load keeps, keeps its count).
+	AllowRules []*AllowRuleCounter `protobuf:"bytes,6,rep,name=allow_rules,json=allowRules,proto3" json:"allow_rules,omitempty"`
+	// Packets admitted by allow rules that have no counter of their own
+	// (past the 255th rule of an address family).
+	AllowUnnumberedPackets uint64 `protobuf:"varint,7,opt,name=allow_unnumbered_packets,json=allowUnnumberedPackets,proto3" json:"allow_unnumbered_packets,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *GetStatsResponse) Reset() {
@@ -894,6 +900,85 @@ func (x *GetStatsResponse) GetMonitor() bool {
 	return false
 }
 
+func (x *GetStatsResponse) GetAllowRules() []*AllowRuleCounter {
+	if x != nil {
+		return x.AllowRules
+	}
+	return nil
+}
+
+func (x *GetStatsResponse) GetAllowUnnumberedPackets() uint64 {
+	if x != nil {
+		return x.AllowUnnumberedPackets
+	}
+	return 0
+}
+
+type AllowRuleCounter struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// As aegis-loader --allow takes it: "203.0.113.0/24,tcp/443".
+	Rule    string `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	Packets uint64 `protobuf:"varint,2,opt,name=packets,proto3" json:"packets,omitempty"`
+	// The rule's counter within its address family, as the metric
+	// aegis_datapath_allow_rule_packets_total labels it (rule_id); 0 for a
+	// rule without a counter of its own, whose packets count in
+	// allow_unnumbered_packets.
+	Id            uint32 `protobuf:"varint,3,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AllowRuleCounter) Reset() {
+	*x = AllowRuleCounter{}
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AllowRuleCounter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AllowRuleCounter) ProtoMessage() {}
+
+func (x *AllowRuleCounter) ProtoReflect() protoreflect.Message {
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AllowRuleCounter.ProtoReflect.Descriptor instead.
+func (*AllowRuleCounter) Descriptor() ([]byte, []int) {
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AllowRuleCounter) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *AllowRuleCounter) GetPackets() uint64 {
+	if x != nil {
+		return x.Packets
+	}
+	return 0
+}
+
+func (x *AllowRuleCounter) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
 type VerdictCounter struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// "pass" or "drop".
@@ -909,7 +994,7 @@ type VerdictCounter struct {
 
 func (x *VerdictCounter) Reset() {
 	*x = VerdictCounter{}
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -921,7 +1006,7 @@ func (x *VerdictCounter) String() string {
 func (*VerdictCounter) ProtoMessage() {}
 
 func (x *VerdictCounter) ProtoReflect() protoreflect.Message {
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -934,7 +1019,7 @@ func (x *VerdictCounter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerdictCounter.ProtoReflect.Descriptor instead.
 func (*VerdictCounter) Descriptor() ([]byte, []int) {
-	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *VerdictCounter) GetVerdict() string {
@@ -975,7 +1060,7 @@ type MapUsage struct {
 
 func (x *MapUsage) Reset() {
 	*x = MapUsage{}
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -987,7 +1072,7 @@ func (x *MapUsage) String() string {
 func (*MapUsage) ProtoMessage() {}
 
 func (x *MapUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1000,7 +1085,7 @@ func (x *MapUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MapUsage.ProtoReflect.Descriptor instead.
 func (*MapUsage) Descriptor() ([]byte, []int) {
-	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MapUsage) GetEntries() uint64 {
@@ -1045,7 +1130,7 @@ type WatchVerdictsRequest struct {
 
 func (x *WatchVerdictsRequest) Reset() {
 	*x = WatchVerdictsRequest{}
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1057,7 +1142,7 @@ func (x *WatchVerdictsRequest) String() string {
 func (*WatchVerdictsRequest) ProtoMessage() {}
 
 func (x *WatchVerdictsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1070,7 +1155,7 @@ func (x *WatchVerdictsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchVerdictsRequest.ProtoReflect.Descriptor instead.
 func (*WatchVerdictsRequest) Descriptor() ([]byte, []int) {
-	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *WatchVerdictsRequest) GetVerdict() string {
@@ -1148,7 +1233,7 @@ type WatchVerdictsResponse struct {
 
 func (x *WatchVerdictsResponse) Reset() {
 	*x = WatchVerdictsResponse{}
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1160,7 +1245,7 @@ func (x *WatchVerdictsResponse) String() string {
 func (*WatchVerdictsResponse) ProtoMessage() {}
 
 func (x *WatchVerdictsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1173,7 +1258,7 @@ func (x *WatchVerdictsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchVerdictsResponse.ProtoReflect.Descriptor instead.
 func (*WatchVerdictsResponse) Descriptor() ([]byte, []int) {
-	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *WatchVerdictsResponse) GetEvent() *VerdictEvent {
@@ -1218,7 +1303,7 @@ type VerdictEvent struct {
 
 func (x *VerdictEvent) Reset() {
 	*x = VerdictEvent{}
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1230,7 +1315,7 @@ func (x *VerdictEvent) String() string {
 func (*VerdictEvent) ProtoMessage() {}
 
 func (x *VerdictEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1243,7 +1328,7 @@ func (x *VerdictEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerdictEvent.ProtoReflect.Descriptor instead.
 func (*VerdictEvent) Descriptor() ([]byte, []int) {
-	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VerdictEvent) GetTime() *timestamppb.Timestamp {
@@ -1352,7 +1437,7 @@ type ExplainRequest struct {
 
 func (x *ExplainRequest) Reset() {
 	*x = ExplainRequest{}
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1364,7 +1449,7 @@ func (x *ExplainRequest) String() string {
 func (*ExplainRequest) ProtoMessage() {}
 
 func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1377,7 +1462,7 @@ func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
 func (*ExplainRequest) Descriptor() ([]byte, []int) {
-	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ExplainRequest) GetSource() string {
@@ -1434,7 +1519,7 @@ type ExplainResponse struct {
 
 func (x *ExplainResponse) Reset() {
 	*x = ExplainResponse{}
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1446,7 +1531,7 @@ func (x *ExplainResponse) String() string {
 func (*ExplainResponse) ProtoMessage() {}
 
 func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_aegis_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_aegis_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1459,7 +1544,7 @@ func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
 func (*ExplainResponse) Descriptor() ([]byte, []int) {
-	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_aegis_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ExplainResponse) GetAction() string {
@@ -1559,7 +1644,7 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\ttime_left\x18\n" +
 	" \x01(\v2\x19.google.protobuf.DurationR\btimeLeft\x12\x18\n" +
 	"\aexpired\x18\v \x01(\bR\aexpired\"\x11\n" +
-	"\x0fGetStatsRequest\"\xab\x02\n" +
+	"\x0fGetStatsRequest\"\xa8\x03\n" +
 	"\x10GetStatsResponse\x12:\n" +
 	"\bcounters\x18\x01 \x03(\v2\x1e.aegis.agent.v1.VerdictCounterR\bcounters\x129\n" +
 	"\vsessions_v4\x18\x02 \x01(\v2\x18.aegis.agent.v1.MapUsageR\n" +
@@ -1567,7 +1652,14 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\vsessions_v6\x18\x03 \x01(\v2\x18.aegis.agent.v1.MapUsageR\n" +
 	"sessionsV6\x12K\n" +
 	"\x14default_idle_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x12defaultIdleTimeout\x12\x18\n" +
-	"\amonitor\x18\x05 \x01(\bR\amonitor\"r\n" +
+	"\amonitor\x18\x05 \x01(\bR\amonitor\x12A\n" +
+	"\vallow_rules\x18\x06 \x03(\v2 .aegis.agent.v1.AllowRuleCounterR\n" +
+	"allowRules\x128\n" +
+	"\x18allow_unnumbered_packets\x18\a \x01(\x04R\x16allowUnnumberedPackets\"P\n" +
+	"\x10AllowRuleCounter\x12\x12\n" +
+	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x18\n" +
+	"\apackets\x18\x02 \x01(\x04R\apackets\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\rR\x02id\"r\n" +
 	"\x0eVerdictCounter\x12\x18\n" +
 	"\averdict\x18\x01 \x01(\tR\averdict\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
@@ -1647,7 +1739,7 @@ func file_aegis_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_aegis_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_aegis_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_aegis_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_aegis_agent_v1_agent_proto_goTypes = []any{
 	(Protocol)(0),                     // 0: aegis.agent.v1.Protocol
 	(*LoginEventRequest)(nil),         // 1: aegis.agent.v1.LoginEventRequest
@@ -1661,56 +1753,58 @@ var file_aegis_agent_v1_agent_proto_goTypes = []any{
 	(*Session)(nil),                   // 9: aegis.agent.v1.Session
 	(*GetStatsRequest)(nil),           // 10: aegis.agent.v1.GetStatsRequest
 	(*GetStatsResponse)(nil),          // 11: aegis.agent.v1.GetStatsResponse
-	(*VerdictCounter)(nil),            // 12: aegis.agent.v1.VerdictCounter
-	(*MapUsage)(nil),                  // 13: aegis.agent.v1.MapUsage
-	(*WatchVerdictsRequest)(nil),      // 14: aegis.agent.v1.WatchVerdictsRequest
-	(*WatchVerdictsResponse)(nil),     // 15: aegis.agent.v1.WatchVerdictsResponse
-	(*VerdictEvent)(nil),              // 16: aegis.agent.v1.VerdictEvent
-	(*ExplainRequest)(nil),            // 17: aegis.agent.v1.ExplainRequest
-	(*ExplainResponse)(nil),           // 18: aegis.agent.v1.ExplainResponse
-	(*durationpb.Duration)(nil),       // 19: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 20: google.protobuf.Timestamp
+	(*AllowRuleCounter)(nil),          // 12: aegis.agent.v1.AllowRuleCounter
+	(*VerdictCounter)(nil),            // 13: aegis.agent.v1.VerdictCounter
+	(*MapUsage)(nil),                  // 14: aegis.agent.v1.MapUsage
+	(*WatchVerdictsRequest)(nil),      // 15: aegis.agent.v1.WatchVerdictsRequest
+	(*WatchVerdictsResponse)(nil),     // 16: aegis.agent.v1.WatchVerdictsResponse
+	(*VerdictEvent)(nil),              // 17: aegis.agent.v1.VerdictEvent
+	(*ExplainRequest)(nil),            // 18: aegis.agent.v1.ExplainRequest
+	(*ExplainResponse)(nil),           // 19: aegis.agent.v1.ExplainResponse
+	(*durationpb.Duration)(nil),       // 20: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 21: google.protobuf.Timestamp
 }
 var file_aegis_agent_v1_agent_proto_depIdxs = []int32{
 	0,  // 0: aegis.agent.v1.LoginEventRequest.protocol:type_name -> aegis.agent.v1.Protocol
-	19, // 1: aegis.agent.v1.LoginEventRequest.idle_timeout:type_name -> google.protobuf.Duration
-	19, // 2: aegis.agent.v1.LoginEventRequest.max_lifetime:type_name -> google.protobuf.Duration
+	20, // 1: aegis.agent.v1.LoginEventRequest.idle_timeout:type_name -> google.protobuf.Duration
+	20, // 2: aegis.agent.v1.LoginEventRequest.max_lifetime:type_name -> google.protobuf.Duration
 	9,  // 3: aegis.agent.v1.LoginEventResponse.session:type_name -> aegis.agent.v1.Session
 	4,  // 4: aegis.agent.v1.StreamLoginEventsResponse.rejections:type_name -> aegis.agent.v1.Rejection
 	0,  // 5: aegis.agent.v1.LogoutEventRequest.protocol:type_name -> aegis.agent.v1.Protocol
 	9,  // 6: aegis.agent.v1.ListSessionsResponse.sessions:type_name -> aegis.agent.v1.Session
 	0,  // 7: aegis.agent.v1.Session.protocol:type_name -> aegis.agent.v1.Protocol
-	20, // 8: aegis.agent.v1.Session.create_time:type_name -> google.protobuf.Timestamp
-	20, // 9: aegis.agent.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
-	20, // 10: aegis.agent.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
-	19, // 11: aegis.agent.v1.Session.idle_timeout:type_name -> google.protobuf.Duration
-	19, // 12: aegis.agent.v1.Session.time_left:type_name -> google.protobuf.Duration
-	12, // 13: aegis.agent.v1.GetStatsResponse.counters:type_name -> aegis.agent.v1.VerdictCounter
-	13, // 14: aegis.agent.v1.GetStatsResponse.sessions_v4:type_name -> aegis.agent.v1.MapUsage
-	13, // 15: aegis.agent.v1.GetStatsResponse.sessions_v6:type_name -> aegis.agent.v1.MapUsage
-	19, // 16: aegis.agent.v1.GetStatsResponse.default_idle_timeout:type_name -> google.protobuf.Duration
-	20, // 17: aegis.agent.v1.WatchVerdictsRequest.since:type_name -> google.protobuf.Timestamp
-	16, // 18: aegis.agent.v1.WatchVerdictsResponse.event:type_name -> aegis.agent.v1.VerdictEvent
-	20, // 19: aegis.agent.v1.VerdictEvent.time:type_name -> google.protobuf.Timestamp
-	1,  // 20: aegis.agent.v1.AgentService.LoginEvent:input_type -> aegis.agent.v1.LoginEventRequest
-	1,  // 21: aegis.agent.v1.AgentService.StreamLoginEvents:input_type -> aegis.agent.v1.LoginEventRequest
-	5,  // 22: aegis.agent.v1.AgentService.LogoutEvent:input_type -> aegis.agent.v1.LogoutEventRequest
-	7,  // 23: aegis.agent.v1.AgentService.ListSessions:input_type -> aegis.agent.v1.ListSessionsRequest
-	10, // 24: aegis.agent.v1.AgentService.GetStats:input_type -> aegis.agent.v1.GetStatsRequest
-	14, // 25: aegis.agent.v1.AgentService.WatchVerdicts:input_type -> aegis.agent.v1.WatchVerdictsRequest
-	17, // 26: aegis.agent.v1.AgentService.Explain:input_type -> aegis.agent.v1.ExplainRequest
-	2,  // 27: aegis.agent.v1.AgentService.LoginEvent:output_type -> aegis.agent.v1.LoginEventResponse
-	3,  // 28: aegis.agent.v1.AgentService.StreamLoginEvents:output_type -> aegis.agent.v1.StreamLoginEventsResponse
-	6,  // 29: aegis.agent.v1.AgentService.LogoutEvent:output_type -> aegis.agent.v1.LogoutEventResponse
-	8,  // 30: aegis.agent.v1.AgentService.ListSessions:output_type -> aegis.agent.v1.ListSessionsResponse
-	11, // 31: aegis.agent.v1.AgentService.GetStats:output_type -> aegis.agent.v1.GetStatsResponse
-	15, // 32: aegis.agent.v1.AgentService.WatchVerdicts:output_type -> aegis.agent.v1.WatchVerdictsResponse
-	18, // 33: aegis.agent.v1.AgentService.Explain:output_type -> aegis.agent.v1.ExplainResponse
-	27, // [27:34] is the sub-list for method output_type
-	20, // [20:27] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	21, // 8: aegis.agent.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	21, // 9: aegis.agent.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
+	21, // 10: aegis.agent.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	20, // 11: aegis.agent.v1.Session.idle_timeout:type_name -> google.protobuf.Duration
+	20, // 12: aegis.agent.v1.Session.time_left:type_name -> google.protobuf.Duration
+	13, // 13: aegis.agent.v1.GetStatsResponse.counters:type_name -> aegis.agent.v1.VerdictCounter
+	14, // 14: aegis.agent.v1.GetStatsResponse.sessions_v4:type_name -> aegis.agent.v1.MapUsage
+	14, // 15: aegis.agent.v1.GetStatsResponse.sessions_v6:type_name -> aegis.agent.v1.MapUsage
+	20, // 16: aegis.agent.v1.GetStatsResponse.default_idle_timeout:type_name -> google.protobuf.Duration
+	12, // 17: aegis.agent.v1.GetStatsResponse.allow_rules:type_name -> aegis.agent.v1.AllowRuleCounter
+	21, // 18: aegis.agent.v1.WatchVerdictsRequest.since:type_name -> google.protobuf.Timestamp
+	17, // 19: aegis.agent.v1.WatchVerdictsResponse.event:type_name -> aegis.agent.v1.VerdictEvent
+	21, // 20: aegis.agent.v1.VerdictEvent.time:type_name -> google.protobuf.Timestamp
+	1,  // 21: aegis.agent.v1.AgentService.LoginEvent:input_type -> aegis.agent.v1.LoginEventRequest
+	1,  // 22: aegis.agent.v1.AgentService.StreamLoginEvents:input_type -> aegis.agent.v1.LoginEventRequest
+	5,  // 23: aegis.agent.v1.AgentService.LogoutEvent:input_type -> aegis.agent.v1.LogoutEventRequest
+	7,  // 24: aegis.agent.v1.AgentService.ListSessions:input_type -> aegis.agent.v1.ListSessionsRequest
+	10, // 25: aegis.agent.v1.AgentService.GetStats:input_type -> aegis.agent.v1.GetStatsRequest
+	15, // 26: aegis.agent.v1.AgentService.WatchVerdicts:input_type -> aegis.agent.v1.WatchVerdictsRequest
+	18, // 27: aegis.agent.v1.AgentService.Explain:input_type -> aegis.agent.v1.ExplainRequest
+	2,  // 28: aegis.agent.v1.AgentService.LoginEvent:output_type -> aegis.agent.v1.LoginEventResponse
+	3,  // 29: aegis.agent.v1.AgentService.StreamLoginEvents:output_type -> aegis.agent.v1.StreamLoginEventsResponse
+	6,  // 30: aegis.agent.v1.AgentService.LogoutEvent:output_type -> aegis.agent.v1.LogoutEventResponse
+	8,  // 31: aegis.agent.v1.AgentService.ListSessions:output_type -> aegis.agent.v1.ListSessionsResponse
+	11, // 32: aegis.agent.v1.AgentService.GetStats:output_type -> aegis.agent.v1.GetStatsResponse
+	16, // 33: aegis.agent.v1.AgentService.WatchVerdicts:output_type -> aegis.agent.v1.WatchVerdictsResponse
+	19, // 34: aegis.agent.v1.AgentService.Explain:output_type -> aegis.agent.v1.ExplainResponse
+	28, // [28:35] is the sub-list for method output_type
+	21, // [21:28] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_aegis_agent_v1_agent_proto_init() }
@@ -1724,7 +1818,7 @@ func file_aegis_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_aegis_agent_v1_agent_proto_rawDesc), len(file_aegis_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -49,7 +49,8 @@ type AgentServiceClient interface {
 	// page at a time in key order (IPv4 before IPv6, then source,
 	// destination, port, protocol).
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
-	// GetStats returns the data path's verdict counters and the map fill.
+	// GetStats returns the data path's verdict counters, the map fill and
+	// the packets each static allow rule admitted.
 	GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error)
 	// WatchVerdicts streams the data path's sampled verdict events that
 	// match the filter: first those of the bounded history the request asks
@@ -170,7 +171,8 @@ type AgentServiceServer interface {
 	// page at a time in key order (IPv4 before IPv6, then source,
 	// destination, port, protocol).
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
-	// GetStats returns the data path's verdict counters and the map fill.
+	// GetStats returns the data path's verdict counters, the map fill and
+	// the packets each static allow rule admitted.
 	GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error)
 	// WatchVerdicts streams the data path's sampled verdict events that
 	// match the filter: first those of the bounded history the request asks
