@@ -80,6 +80,28 @@ func TestClusterGrantAndRevokeEverywhere(t *testing.T) {
 	}
 }
 
+// The control case: the same cluster and probes with --store none. A
+// grant through A passes on A only, and B and C drop the session's
+// packets for want of it: what every test here would see if grants did
+// not reach the other gateways.
+func TestClusterControlWithoutStore(t *testing.T) {
+	c := newClusterWith(t, true)
+	a := c.gws[0]
+	svc := netip.AddrPortFrom(tu.ServiceAV4, 9000)
+	a.Serve(t, svc)
+	if err := a.login(rpcCtx(t), "alice", tu.ClientV4, svc, tcpProto, 0); err != nil {
+		t.Fatal(err)
+	}
+	c.each(func(g *clusterGateway) {
+		probe := func() error { return g.TCP(tu.ClientV4, svc, probeTimeout) }
+		if g == a {
+			g.expectPass("gw-a, where the grant went", bpf.ReasonSession, probe)
+			return
+		}
+		g.expectBlocked(g.name+" without a store", bpf.ReasonNoSession, probe)
+	})
+}
+
 // A client streams 1000 UDP datagrams a second through A; its route
 // moves to B, as a VRRP failover or an ECMP change would, and the stream
 // goes on through B. The streaming session has a 3 s idle timeout and

@@ -44,14 +44,16 @@ import (
 // directory, control plane (--store etcd with mutual TLS) and reaper; the
 // store traffic runs on the private side, never through XDP.
 type cluster struct {
-	t          *testing.T
-	client     *tu.Netns
-	service    *tu.Netns
-	gws        []*clusterGateway
-	etcd       *tu.Etcd
-	pki        *pkiDir
-	activeIdx  int
-	storeExtra []string
+	t         *testing.T
+	client    *tu.Netns
+	service   *tu.Netns
+	gws       []*clusterGateway
+	etcd      *tu.Etcd
+	pki       *pkiDir
+	activeIdx int
+	// storeless runs the control planes with --store none: the control
+	// case that shows what the tests see when grants stay on one gateway.
+	storeless bool
 }
 
 // clusterGateway is one gateway of the cluster. gateway gives it the
@@ -88,8 +90,13 @@ var gatewayNames = []string{"gw-a", "gw-b", "gw-c"}
 // through gateway A.
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
+	return newClusterWith(t, false)
+}
+
+func newClusterWith(t *testing.T, storeless bool) *cluster {
+	t.Helper()
 	tu.RequireKernel(t)
-	c := &cluster{t: t}
+	c := &cluster{t: t, storeless: storeless}
 	pub := tu.NewNetns(t, "aegis-pub-")
 	priv := tu.NewNetns(t, "aegis-lan-")
 	for _, lan := range []*tu.Netns{pub, priv} {
@@ -164,10 +171,12 @@ func newCluster(t *testing.T) *cluster {
 
 // storeArgs are the store flags every daemon of gateway g gets.
 func (c *cluster) storeArgs(g *clusterGateway) []string {
+	if c.storeless {
+		return []string{"--store", "none"}
+	}
 	ca, cert, key := c.etcd.ClientTLS()
-	args := []string{"--store", c.etcd.StoreFlag(), "--store-ca", ca, "--store-cert", cert, "--store-key", key,
+	return []string{"--store", c.etcd.StoreFlag(), "--store-ca", ca, "--store-cert", cert, "--store-key", key,
 		"--gateway-id", g.name}
-	return append(args, c.storeExtra...)
 }
 
 // startDaemons starts g's control plane (waiting for READY=1, which with a
