@@ -179,40 +179,62 @@ func (e *Etcd) Snapshot(ctx context.Context) (Snapshot, error) {
 var snapshotPage int64 = 100000
 
 // rangeAll reads every key under prefix at revision rev (0: now, which it
-// stores in *gotRev), a page at a time.
+// stores in *gotRev), a page at a time. The next page is fetched while fn
+// decodes the last one, so that etcd's work and ours overlap.
 func (e *Etcd) rangeAll(ctx context.Context, prefix string, rev int64, fn func(k, v []byte, mod, rev int64) error, gotRev *int64) error {
-	end := clientv3.GetPrefixRangeEnd(prefix)
-	key := prefix
-	for {
-		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(snapshotPage)}
-		if rev != 0 {
-			opts = append(opts, clientv3.WithRev(rev))
+	type page struct {
+		resp *clientv3.GetResponse
+		err  error
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pages := make(chan page, 1)
+	go func() {
+		defer close(pages)
+		end := clientv3.GetPrefixRangeEnd(prefix)
+		key, at := prefix, rev
+		for {
+			opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(snapshotPage)}
+			if at != 0 {
+				opts = append(opts, clientv3.WithRev(at))
+			}
+			rctx, rcancel := context.WithTimeout(ctx, requestTimeout)
+			resp, err := e.cli.Get(rctx, key, opts...)
+			rcancel()
+			select {
+			case pages <- page{resp, err}:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil || !resp.More || len(resp.Kvs) == 0 {
+				return
+			}
+			if at == 0 {
+				at = resp.Header.Revision
+			}
+			key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 		}
-		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
-		resp, err := e.cli.Get(rctx, key, opts...)
-		cancel()
-		if err != nil {
-			if errors.Is(err, rpctypes.ErrCompacted) {
+	}()
+	for p := range pages {
+		if p.err != nil {
+			if errors.Is(p.err, rpctypes.ErrCompacted) {
 				return fmt.Errorf("read store: %w", ErrCompacted)
 			}
-			return unavailable("read store", err)
+			return unavailable("read store", p.err)
 		}
 		if rev == 0 {
-			rev = resp.Header.Revision
+			rev = p.resp.Header.Revision
 			if gotRev != nil {
 				*gotRev = rev
 			}
 		}
-		for _, kv := range resp.Kvs {
+		for _, kv := range p.resp.Kvs {
 			if err := fn(kv.Key, kv.Value, kv.ModRevision, rev); err != nil {
 				return err
 			}
 		}
-		if !resp.More || len(resp.Kvs) == 0 {
-			return nil
-		}
-		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
+	return nil
 }
 
 func (e *Etcd) activityGateway(key string) (string, bool) {
