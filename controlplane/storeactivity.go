@@ -66,22 +66,29 @@ func (l *storeLoop) activityLoop(ctx context.Context) {
 // activity.
 func (l *storeLoop) publish(ctx context.Context) {
 	var all, changed []store.Activity
+	clock := l.clock.Pair()
 	err := l.s.maps.Do(func(m *state.Maps) error {
 		if l.s.maps.Generation() != l.genSeen() {
 			return nil
 		}
 		// The lock is taken per session, not across the walk, so that
-		// grants and the apply loop are not held up by a large map.
+		// grants and the apply loop are not held up by a large map. A
+		// walk of a million sessions takes seconds: it gives up when ctx
+		// ends (a shutdown bounds its last publication so).
+		n := 0
 		for s, err := range m.Sessions() {
 			if err != nil {
 				return err
+			}
+			if n++; n%4096 == 0 && ctx.Err() != nil {
+				return ctx.Err()
 			}
 			l.mu.Lock()
 			e := l.index[s.Key]
 			if e != nil && s.LastSeen != e.local {
 				e.local = s.LastSeen
 				// Only traffic counts: the grant's own stamp is in the record.
-				if w := l.clock.ToWall(s.LastSeen); w > e.published && w > e.rec.LastSeen+int64(time.Second) {
+				if w := clock.ToWall(s.LastSeen); w > e.published && w > e.rec.LastSeen+int64(time.Second) {
 					e.published = w
 					changed = append(changed, store.Activity{Key: s.Key, LastSeen: w})
 				}
@@ -112,7 +119,7 @@ func (l *storeLoop) publish(ctx context.Context) {
 }
 
 // touch raises the maps' last_seen to another gateway's activity.
-func (l *storeLoop) touch(m *state.Maps, acts []store.Activity, defaultIdle time.Duration) {
+func (l *storeLoop) touch(m *state.Maps, acts []store.Activity, defaultIdle time.Duration, clock store.Pair) {
 	now := state.Now()
 	for _, a := range acts {
 		l.mu.Lock()
@@ -127,10 +134,10 @@ func (l *storeLoop) touch(m *state.Maps, acts []store.Activity, defaultIdle time
 			continue
 		}
 		// What this gateway read last is newer: nothing to raise.
-		if local != 0 && l.clock.ToWall(local) >= a.LastSeen {
+		if local != 0 && clock.ToWall(local) >= a.LastSeen {
 			continue
 		}
-		if _, err := m.Touch(a.Key, l.clock.ToMono(a.LastSeen), uint64(defaultIdle), now); err == nil {
+		if _, err := m.Touch(a.Key, clock.ToMono(a.LastSeen), uint64(defaultIdle), now); err == nil {
 			l.m.touched.Inc()
 		}
 	}
@@ -154,7 +161,8 @@ func (l *storeLoop) reap(ctx context.Context) {
 			grace += 3 * l.activityInterval
 		}
 	}
-	now := l.clock.NowWall()
+	clock := l.clock.Pair()
+	now := clock.Wall()
 	var ops []store.Op
 	l.mu.Lock()
 	for k, e := range l.index {
@@ -166,7 +174,7 @@ func (l *storeLoop) reap(ctx context.Context) {
 			}
 			seen := max(e.rec.LastSeen, e.remote, e.published)
 			if e.local != 0 {
-				seen = max(seen, l.clock.ToWall(e.local))
+				seen = max(seen, clock.ToWall(e.local))
 			}
 			watched := !l.st.Shared() || now-l.since > int64(idle+grace)
 			expired = watched && now-seen > int64(idle+grace)

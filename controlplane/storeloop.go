@@ -244,7 +244,8 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 				removed++
 			}
 		}
-		now := l.clock.NowWall()
+		clock := l.clock.Pair()
+		now := clock.Wall()
 		failed := func(s state.Session, err error) {
 			l.log.Error().Err(err).Stringer("session", s.Key).Msg("restore session into the maps")
 			l.m.applyErrors.Inc()
@@ -257,13 +258,13 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 			ls, held := local[k]
 			if held {
 				e.local = ls
-				seen = max(seen, l.clock.ToWall(ls))
+				seen = max(seen, clock.ToWall(ls))
 			}
 			if e.rec.Expired(seen, cfg.DefaultIdleTimeout, now) {
 				skipped++
 				continue
 			}
-			s := l.session(&e.rec, seen)
+			s := storedSession(&e.rec, seen, clock)
 			if !held {
 				fresh = append(fresh, s)
 				continue
@@ -308,15 +309,15 @@ func (l *storeLoop) advance(rev int64) {
 	}
 }
 
-// session converts a stored record to the maps' form, last seen at seen
+// storedSession converts a stored record to the maps' form, last seen at seen
 // (wall) or later.
-func (l *storeLoop) session(r *store.Record, seen int64) state.Session {
+func storedSession(r *store.Record, seen int64, clock store.Pair) state.Session {
 	s := state.Session{Key: r.Key, User: r.User, IdleTimeout: r.IdleTimeout,
-		Created:  l.clock.ToMono(r.Created),
-		LastSeen: l.clock.ToMono(max(r.LastSeen, seen)),
+		Created:  clock.ToMono(r.Created),
+		LastSeen: clock.ToMono(max(r.LastSeen, seen)),
 	}
 	if r.Expires != 0 {
-		s.Expires = l.clock.ToMono(r.Expires)
+		s.Expires = clock.ToMono(r.Expires)
 	}
 	return s
 }
@@ -362,13 +363,13 @@ func (l *storeLoop) apply(b *store.Batch) error {
 		if err != nil {
 			return err
 		}
-		now := l.clock.NowWall()
+		clock := l.clock.Pair()
 		for i := range b.Events {
 			ev := &b.Events[i]
 			switch ev.Type {
 			case store.Put:
 				sessions = true
-				l.put(m, &ev.Entry, cfg.DefaultIdleTimeout, now)
+				l.put(m, &ev.Entry, cfg.DefaultIdleTimeout, clock)
 			case store.Delete:
 				sessions = true
 				l.mu.Lock()
@@ -379,7 +380,7 @@ func (l *storeLoop) apply(b *store.Batch) error {
 					l.m.applyErrors.Inc()
 				}
 			case store.ActivityEvent:
-				l.touch(m, ev.Activity, cfg.DefaultIdleTimeout)
+				l.touch(m, ev.Activity, cfg.DefaultIdleTimeout, clock)
 			}
 		}
 		return nil
@@ -396,7 +397,7 @@ func (l *storeLoop) apply(b *store.Batch) error {
 	return nil
 }
 
-func (l *storeLoop) put(m *state.Maps, e *store.Entry, defaultIdle time.Duration, now int64) {
+func (l *storeLoop) put(m *state.Maps, e *store.Entry, defaultIdle time.Duration, clock store.Pair) {
 	l.mu.Lock()
 	ie := l.index[e.Key]
 	if ie == nil || ie.rec.Created != e.Created || ie.rec.User != e.User {
@@ -406,10 +407,10 @@ func (l *storeLoop) put(m *state.Maps, e *store.Entry, defaultIdle time.Duration
 	ie.rec, ie.modRev = e.Record, e.ModRev
 	seen := ie.remote
 	l.mu.Unlock()
-	if e.Expired(seen, defaultIdle, now) {
+	if e.Expired(seen, defaultIdle, clock.Wall()) {
 		return // the data path would refuse it; the store's reaping removes it
 	}
-	if err := m.Apply(l.session(&e.Record, seen)); err != nil {
+	if err := m.Apply(storedSession(&e.Record, seen, clock)); err != nil {
 		l.log.Error().Err(err).Stringer("session", e.Key).Int64("revision", e.ModRev).Msg("apply grant to the maps")
 		l.m.applyErrors.Inc()
 		l.mu.Lock()

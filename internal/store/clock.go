@@ -42,16 +42,34 @@ func (c Clock) now() (wall int64, mono uint64) {
 }
 
 // ToMono converts a wall time (Unix nanoseconds) to the data path's clock.
-func (c Clock) ToMono(wall int64) uint64 {
-	w, m := c.now()
-	return m + uint64(wall-w)
-}
+func (c Clock) ToMono(wall int64) uint64 { return c.Pair().ToMono(wall) }
 
 // ToWall converts a data-path stamp to a wall time (Unix nanoseconds).
-func (c Clock) ToWall(mono uint64) int64 {
+func (c Clock) ToWall(mono uint64) int64 { return c.Pair().ToWall(mono) }
+
+// Pair reads both clocks once. What converts is their offset, which does
+// not drift while both run, so one Pair converts all the stamps of a walk
+// of the maps or of a snapshot: reading the data path's clock is a system
+// call, and a million sessions would otherwise make millions.
+func (c Clock) Pair() Pair {
 	w, m := c.now()
-	return w + int64(mono-m)
+	return Pair{wall: w, mono: m}
 }
+
+// Pair is one reading of the wall and the data path's clock (Clock.Pair).
+type Pair struct {
+	wall int64
+	mono uint64
+}
+
+// Wall is the wall time of the reading, Unix nanoseconds.
+func (p Pair) Wall() int64 { return p.wall }
+
+// ToMono converts a wall time (Unix nanoseconds) to the data path's clock.
+func (p Pair) ToMono(wall int64) uint64 { return p.mono + uint64(wall-p.wall) }
+
+// ToWall converts a data-path stamp to a wall time (Unix nanoseconds).
+func (p Pair) ToWall(mono uint64) int64 { return p.wall + int64(mono-p.mono) }
 
 // NowWall is the clock's wall time, Unix nanoseconds.
 func (c Clock) NowWall() int64 {
