@@ -743,23 +743,35 @@ static __always_inline void reverse(const struct tuple *t, struct tuple *r)
  */
 #define LOOKUP_APART(v) barrier_var(v)
 
+/* The session key of t's source, destination and destination port with
+ * proto; sessions and tombstones share it. */
+static __always_inline void session_key4(const struct tuple *t, __u8 proto, struct session_key_v4 *k)
+{
+	__builtin_memcpy(k->src, t->src, 4);
+	__builtin_memcpy(k->dst, t->dst, 4);
+	k->dport = t->dport;
+	k->proto = proto;
+}
+
+static __always_inline void session_key6(const struct tuple *t, __u8 proto, struct session_key_v6 *k)
+{
+	__builtin_memcpy(k->src, t->src, 16);
+	__builtin_memcpy(k->dst, t->dst, 16);
+	k->dport = t->dport;
+	k->proto = proto;
+}
+
 static __always_inline struct session_value *session_find(const struct tuple *t, __u8 proto)
 {
 	if (t->family == 4) {
 		struct session_key_v4 k = {};
-		__builtin_memcpy(k.src, t->src, 4);
-		__builtin_memcpy(k.dst, t->dst, 4);
-		k.dport = t->dport;
-		k.proto = proto;
+		session_key4(t, proto, &k);
 		struct session_value *v = bpf_map_lookup_elem(&sessions_v4, &k);
 		LOOKUP_APART(v);
 		return v;
 	}
 	struct session_key_v6 k = {};
-	__builtin_memcpy(k.src, t->src, 16);
-	__builtin_memcpy(k.dst, t->dst, 16);
-	k.dport = t->dport;
-	k.proto = proto;
+	session_key6(t, proto, &k);
 	return bpf_map_lookup_elem(&sessions_v6, &k);
 }
 
@@ -1651,17 +1663,11 @@ static __always_inline struct tomb_value *tomb_find(const struct tuple *t, __u8 
 {
 	if (t->family == 4) {
 		struct session_key_v4 k = {};
-		__builtin_memcpy(k.src, t->src, 4);
-		__builtin_memcpy(k.dst, t->dst, 4);
-		k.dport = t->dport;
-		k.proto = proto;
+		session_key4(t, proto, &k);
 		return bpf_map_lookup_elem(&tombs_v4, &k);
 	}
 	struct session_key_v6 k = {};
-	__builtin_memcpy(k.src, t->src, 16);
-	__builtin_memcpy(k.dst, t->dst, 16);
-	k.dport = t->dport;
-	k.proto = proto;
+	session_key6(t, proto, &k);
 	return bpf_map_lookup_elem(&tombs_v6, &k);
 }
 
