@@ -128,47 +128,50 @@ func insertNew[K any](m *Maps, mp *ebpf.Map, ss []Session, key func(Key) K, fail
 			keys = append(keys, key(chunk[i].Key))
 			vals = append(vals, chunk[i].value())
 		}
-		before, err := readSeq(m.SweepSeq)
-		if err != nil {
-			for _, s := range chunk {
-				fail(s, err)
-			}
-			continue
-		}
-		done := 0
-		for done < len(chunk) {
-			n, err := mp.BatchUpdate(keys[done:], vals[done:], nil)
+		done, ran := 0, false
+		write := func() error {
+			ran = true
+			n, err := mp.BatchUpdate(keys, vals, nil)
 			if err == nil {
 				done = len(chunk)
-				break
+				return nil
 			}
-			if err = updateError(err); !errors.Is(err, ErrFull) {
-				// Refused as a whole (the count it returns is then
-				// not what it wrote): the rest fails.
-				for _, s := range chunk[done:] {
-					fail(s, err)
-				}
-				break
+			// A full map stops the batch at the first session that does
+			// not fit, and the count says how many went in before it;
+			// any other error refuses the batch as a whole, whatever
+			// the count says.
+			if err = updateError(err); errors.Is(err, ErrFull) {
+				done = n
 			}
-			// A full map stops the batch at the first session that
-			// does not fit; the count says how many went in before it.
-			done += n
 			for _, s := range chunk[done:] {
 				fail(s, err)
 			}
-			break
+			return nil
 		}
-		written += done
-		after, err := readSeq(m.SweepSeq)
-		if err == nil && before == after && before%2 == 0 {
+		restore := func() (bool, error) {
+			wrote := false
+			for j := range done {
+				w, err := m.putBack(chunk[j].Key, &vals[j])
+				if err != nil {
+					fail(chunk[j], err)
+				}
+				wrote = wrote || w
+			}
+			return wrote, nil
+		}
+		if err := m.ordered("a batch of sessions", write, restore); err != nil {
+			// Before the write nothing went in; after it, what went in
+			// may be deleted by a sweep unseen: both count as failed.
+			failed := chunk
+			if ran {
+				failed = chunk[:done]
+			}
+			for _, s := range failed {
+				fail(s, err)
+			}
 			continue
 		}
-		m.stats.overlaps.Add(1)
-		for j := range done {
-			if err := m.repair(chunk[j].Key, &vals[j]); err != nil {
-				fail(chunk[j], err)
-			}
-		}
+		written += done
 	}
 	return written
 }

@@ -121,22 +121,33 @@ type guardStats struct {
 }
 
 // guarded runs write, which writes the session of key k and returns the
-// value it left in the map, such that no sweep deletes that value unseen:
-// it reads the sweep sequence before and after, and when a sweep section
-// may have overlapped the write it waits for the section to end and puts
-// the value back if the section deleted it. It holds k's lock throughout,
-// so no revoke of k by this process runs in between. When guarded returns
-// nil the value is in the map (or a newer one of k is).
+// value it left in the map, such that no sweep deletes that value unseen
+// (ordered). It holds k's lock throughout, so no revoke of k by this
+// process runs in between. When guarded returns nil the value is in the
+// map (or a newer one of k is).
 //
 // A write that returns an error must have written nothing.
 func (m *Maps) guarded(k Key, write func() (*bpf.AegisSessionValue, error)) error {
 	defer lockKey(k).Unlock()
+	var v *bpf.AegisSessionValue
+	return m.ordered("session "+k.String(),
+		func() (err error) { v, err = write(); return err },
+		func() (bool, error) { return m.putBack(k, v) })
+}
+
+// ordered runs write so that no sweep section deletes what it wrote
+// unseen: it reads the sweep sequence before and after, and when a section
+// may have overlapped the write it waits for the section to end (or for
+// its holder to die, which releases the lock) and calls restore, which
+// puts back what the section deleted and reports whether it wrote. The
+// sessions, their tombstones and a restore's batches are all written so;
+// sweep.go holds the argument.
+func (m *Maps) ordered(what string, write func() error, restore func() (bool, error)) error {
 	before, err := readSeq(m.SweepSeq)
 	if err != nil {
 		return err
 	}
-	v, err := write()
-	if err != nil {
+	if err := write(); err != nil {
 		return err
 	}
 	after, err := readSeq(m.SweepSeq)
@@ -147,28 +158,27 @@ func (m *Maps) guarded(k Key, write func() (*bpf.AegisSessionValue, error)) erro
 		return nil
 	}
 	m.stats.overlaps.Add(1)
-	return m.repair(k, v)
-}
-
-// repair waits for the sweep section that overlapped a write of v to k to
-// end (or for its holder to die, which releases the lock), then puts v
-// back if the section deleted it. If k holds a value again, it is v or
-// newer: kept.
-func (m *Maps) repair(k Key, v *bpf.AegisSessionValue) error {
 	l, err := m.lockSweep(false)
 	if err != nil {
-		return fmt.Errorf("check session %s after a sweep: %w", k, err)
+		return fmt.Errorf("check %s after a sweep: %w", what, err)
 	}
 	defer l.Unlock()
-	err = m.update(k, v, ebpf.UpdateNoExist)
-	switch {
-	case errors.Is(err, ebpf.ErrKeyExist):
-		return nil
-	case err != nil:
-		return updateError(err)
+	wrote, err := restore()
+	if wrote {
+		m.stats.repaired.Add(1)
 	}
-	m.stats.repaired.Add(1)
-	return nil
+	return err
+}
+
+// putBack writes v under k unless k holds a value, which is v or newer:
+// what a sweep section that overlapped a write deleted. It reports whether
+// it wrote.
+func (m *Maps) putBack(k Key, v *bpf.AegisSessionValue) (bool, error) {
+	err := m.update(k, v, ebpf.UpdateNoExist)
+	if errors.Is(err, ebpf.ErrKeyExist) {
+		return false, nil
+	}
+	return err == nil, updateError(err)
 }
 
 // update writes v under k with the given flags and returns the library's

@@ -137,34 +137,15 @@ func (m *Maps) putTomb(k Key, v *bpf.AegisTombValue) error {
 	if m.unguardedTombs {
 		return tombError(m.updateTomb(k, v, ebpf.UpdateAny))
 	}
-	before, err := readSeq(m.SweepSeq)
-	if err != nil {
-		return err
-	}
-	if err := tombError(m.updateTomb(k, v, ebpf.UpdateAny)); err != nil {
-		return err
-	}
-	after, err := readSeq(m.SweepSeq)
-	if err != nil {
-		return err
-	}
-	if before == after && before%2 == 0 {
-		return nil
-	}
-	m.stats.overlaps.Add(1)
-	l, err := m.lockSweep(false)
-	if err != nil {
-		return fmt.Errorf("check tombstone %s after a sweep: %w", k, err)
-	}
-	defer l.Unlock()
-	switch err := m.updateTomb(k, v, ebpf.UpdateNoExist); {
-	case errors.Is(err, ebpf.ErrKeyExist):
-		return nil
-	case err != nil:
-		return tombError(err)
-	}
-	m.stats.repaired.Add(1)
-	return nil
+	return m.ordered("tombstone "+k.String(),
+		func() error { return tombError(m.updateTomb(k, v, ebpf.UpdateAny)) },
+		func() (bool, error) {
+			err := m.updateTomb(k, v, ebpf.UpdateNoExist)
+			if errors.Is(err, ebpf.ErrKeyExist) {
+				return false, nil
+			}
+			return err == nil, tombError(err)
+		})
 }
 
 // LookupTomb returns the tombstone of k. Returns ErrNotFound if there is
