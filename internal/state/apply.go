@@ -28,8 +28,7 @@ func (m *Maps) Apply(s Session) error {
 	}
 	v := s.value()
 	return m.guarded(s.Key, func() (*bpf.AegisSessionValue, error) {
-		var old bpf.AegisSessionValue
-		if m.lookup(s.Key, &old) == nil && int64(old.LastSeenNs-v.LastSeenNs) > 0 {
+		if old, err := m.lookupValue(s.Key); err == nil && int64(old.LastSeenNs-v.LastSeenNs) > 0 {
 			v.LastSeenNs = old.LastSeenNs
 		}
 		return &v, updateError(m.update(s.Key, &v, ebpf.UpdateAny))
@@ -49,8 +48,8 @@ func (m *Maps) Touch(k Key, seen, defaultIdle, now uint64) (bool, error) {
 		return false, err
 	}
 	defer lockKey(k).Unlock()
-	var v bpf.AegisSessionValue
-	if err := m.lookup(k, &v); err != nil {
+	v, err := m.lookupValue(k)
+	if err != nil {
 		return false, err
 	}
 	if r, _ := bpf.SessionVerdict(&v, defaultIdle, now); r == bpf.ReasonExpired {
@@ -61,7 +60,7 @@ func (m *Maps) Touch(k Key, seen, defaultIdle, now uint64) (bool, error) {
 	}
 	v.LastSeenNs = seen
 	// BPF_EXIST: a session revoked or reaped since the lookup stays gone.
-	err := m.update(k, &v, ebpf.UpdateExist)
+	err = m.update(k, &v, ebpf.UpdateExist)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return false, ErrNotFound
 	}
@@ -69,24 +68,6 @@ func (m *Maps) Touch(k Key, seen, defaultIdle, now uint64) (bool, error) {
 		return false, fmt.Errorf("touch session: %w", err)
 	}
 	return true, nil
-}
-
-func (m *Maps) lookup(k Key, v *bpf.AegisSessionValue) error {
-	var err error
-	if k.Is4() {
-		kk := k.v4()
-		err = m.SessionsV4.Lookup(&kk, v)
-	} else {
-		kk := k.v6()
-		err = m.SessionsV6.Lookup(&kk, v)
-	}
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return ErrNotFound
-	}
-	if err != nil {
-		return fmt.Errorf("lookup session: %w", err)
-	}
-	return nil
 }
 
 // InsertNew writes sessions whose keys the maps did not hold when the
