@@ -1664,7 +1664,9 @@ static __always_inline struct tomb_value *tomb_find(const struct tuple *t, __u8 
 	if (t->family == 4) {
 		struct session_key_v4 k = {};
 		session_key4(t, proto, &k);
-		return bpf_map_lookup_elem(&tombs_v4, &k);
+		struct tomb_value *v = bpf_map_lookup_elem(&tombs_v4, &k);
+		LOOKUP_APART(v);
+		return v;
 	}
 	struct session_key_v6 k = {};
 	session_key6(t, proto, &k);

@@ -2,6 +2,7 @@ package bpf_test
 
 import (
 	"bufio"
+	"github.com/cilium/ebpf"
 	"os"
 	"strconv"
 	"strings"
@@ -50,10 +51,11 @@ func kallsyms(t *testing.T, names ...string) map[string]uint64 {
 }
 
 // TestMapLookupsAreInlined checks that the verifier inlined every map
-// lookup of aegis_xdp. A call to the generic bpf_map_lookup_elem helper
-// means the compiler merged the lookups of two maps into one call site
-// (see LOOKUP_APART in aegis.c): the map is then chosen at run time, and
-// every lookup there pays the helper's indirect call.
+// lookup of aegis_xdp and aegis_egress. A call to the generic
+// bpf_map_lookup_elem helper means the compiler merged the lookups of two
+// maps into one call site (see LOOKUP_APART in aegis.c): the map is then
+// chosen at run time, and every lookup there pays the helper's indirect
+// call.
 func TestMapLookupsAreInlined(t *testing.T) {
 	tu.RequireKernel(t)
 	sym := kallsyms(t, "__bpf_call_base", "bpf_map_lookup_elem", "__htab_map_lookup_elem")
@@ -64,31 +66,38 @@ func TestMapLookupsAreInlined(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer objs.Close()
-	info, err := objs.AegisXdp.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	insns, err := info.Instructions()
-	if err != nil {
-		t.Fatalf("read the verifier's instructions: %v", err)
-	}
-	var generic, inlined int
-	for i, ins := range insns {
-		if !ins.IsBuiltinCall() {
-			continue
+	for _, p := range []struct {
+		name string
+		prog *ebpf.Program
+		// The hash and LRU lookups the program makes at least: both
+		// families' sessions and flows, on the fast path and the
+		// general one; egress, sessions, flows and tombstones.
+		min int
+	}{{"aegis_xdp", objs.AegisXdp, 8}, {"aegis_egress", objs.AegisEgress, 6}} {
+		info, err := p.prog.Info()
+		if err != nil {
+			t.Fatal(err)
 		}
-		switch ins.Constant {
-		case offset("bpf_map_lookup_elem"):
-			generic++
-			t.Errorf("instruction %d calls the generic bpf_map_lookup_elem", i)
-		case offset("__htab_map_lookup_elem"):
-			inlined++
+		insns, err := info.Instructions()
+		if err != nil {
+			t.Fatalf("read the verifier's instructions of %s: %v", p.name, err)
 		}
+		var generic, inlined int
+		for i, ins := range insns {
+			if !ins.IsBuiltinCall() {
+				continue
+			}
+			switch ins.Constant {
+			case offset("bpf_map_lookup_elem"):
+				generic++
+				t.Errorf("%s: instruction %d calls the generic bpf_map_lookup_elem", p.name, i)
+			case offset("__htab_map_lookup_elem"):
+				inlined++
+			}
+		}
+		if inlined < p.min {
+			t.Fatalf("%s: %d inlined hash lookups, want at least %d: is this reading the right calls?", p.name, inlined, p.min)
+		}
+		t.Logf("%s: %d inlined hash lookups, %d generic lookups", p.name, inlined, generic)
 	}
-	// The hash and LRU lookups of both families' sessions and flows, on
-	// the fast path and the general one, at least.
-	if inlined < 8 {
-		t.Fatalf("%d inlined hash lookups, want at least 8: is this reading the right calls?", inlined)
-	}
-	t.Logf("%d inlined hash lookups, %d generic lookups", inlined, generic)
 }
