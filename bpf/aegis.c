@@ -853,16 +853,23 @@ static __always_inline __u64 flow_idle(__u8 proto, const struct config_value *cf
 	return cfg->flow_idle_icmp_ns;
 }
 
+/* Whether an entry last seen at *last_seen is live at now, idle for at
+ * most idle; refreshes *last_seen if asked. Flows and tombstones age so. */
+static __always_inline int seen_live(__u64 *last_seen, __u64 idle, __u64 now, int refresh)
+{
+	__s64 age = (__s64)(now - READ_ONCE(*last_seen));
+	if (age > (__s64)idle)
+		return 0;
+	if (refresh && age > (__s64)AEGIS_REFRESH_NS)
+		WRITE_ONCE(*last_seen, now);
+	return 1;
+}
+
 /* Whether a flow is live at now; refreshes last_seen if asked. */
 static __always_inline int flow_live(struct flow_value *v, __u8 proto,
 				     const struct config_value *cfg, __u64 now, int refresh)
 {
-	__s64 age = (__s64)(now - READ_ONCE(v->last_seen_ns));
-	if (age > (__s64)flow_idle(proto, cfg))
-		return 0;
-	if (refresh && age > (__s64)AEGIS_REFRESH_NS)
-		WRITE_ONCE(v->last_seen_ns, now);
-	return 1;
+	return seen_live(&v->last_seen_ns, flow_idle(proto, cfg), now, refresh);
 }
 
 /* The first of v's pairs that admits (proto, port), in stored order. */
@@ -1679,14 +1686,7 @@ static __always_inline int tomb_refuses(const struct tuple *r, __u8 proto,
 					const struct config_value *cfg, __u64 now)
 {
 	struct tomb_value *v = tomb_find(r, proto);
-	if (!v)
-		return 0;
-	__s64 age = (__s64)(now - READ_ONCE(v->last_seen_ns));
-	if (age > (__s64)cfg->flow_idle_udp_ns)
-		return 0;
-	if (age > (__s64)AEGIS_REFRESH_NS)
-		WRITE_ONCE(v->last_seen_ns, now);
-	return 1;
+	return v && seen_live(&v->last_seen_ns, flow_idle(IPPROTO_UDP, cfg), now, 1);
 }
 
 /*
@@ -1711,13 +1711,14 @@ static __always_inline void record(const struct tuple *o, const struct config_va
 
 	if (o->proto == IPPROTO_TCP && (o->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
 		return;
-	if (r.kind == L4_PORTS && (session_find(&r, r.proto) || session_find(&r, 0)))
-		return;
-	/* Both are looked up (and refreshed) when both exist, so that each
-	 * lives as long as the service keeps sending. */
-	if (r.kind == L4_PORTS &&
-	    (tomb_refuses(&r, r.proto, cfg, now) | tomb_refuses(&r, 0, cfg, now)))
-		return;
+	if (r.kind == L4_PORTS) {
+		if (session_find(&r, r.proto) || session_find(&r, 0))
+			return;
+		/* Both are looked up (and refreshed) when both exist, so that
+		 * each lives as long as the service keeps sending. */
+		if (tomb_refuses(&r, r.proto, cfg, now) | tomb_refuses(&r, 0, cfg, now))
+			return;
+	}
 	if (allowed(&r, cfg))
 		return;
 	flow_create(&r, now);

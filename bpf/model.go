@@ -174,7 +174,14 @@ func FlowIdle(cfg *AegisConfigValue, proto uint8) uint64 {
 // FlowVerdict decides whether a flow is live at now, and whether the data
 // path rewrites its last_seen. A flow that is not live counts as absent.
 func FlowVerdict(v *AegisFlowValue, idle, now uint64) (live, refresh bool) {
-	age := int64(now - v.LastSeenNs)
+	return seenVerdict(v.LastSeenNs, idle, now)
+}
+
+// seenVerdict is how flows and tombstones age (seen_live in aegis.c):
+// live while idle for at most idle, and rewritten when last seen longer
+// ago than RefreshGranularity.
+func seenVerdict(lastSeen, idle, now uint64) (live, refresh bool) {
+	age := int64(now - lastSeen)
 	if age > int64(idle) {
 		return false, false
 	}
@@ -189,11 +196,7 @@ func TombIdle(cfg *AegisConfigValue) uint64 { return cfg.FlowIdleUdpNs }
 // whether the egress program rewrites its last_seen. One that does not
 // counts as absent, and the reaper deletes it.
 func TombVerdict(v *AegisTombValue, idle, now uint64) (live, refresh bool) {
-	age := int64(now - v.LastSeenNs)
-	if age > int64(idle) {
-		return false, false
-	}
-	return true, age > int64(RefreshGranularity)
+	return seenVerdict(v.LastSeenNs, idle, now)
 }
 
 // Env is everything besides the packet that the verdict depends on, and
@@ -334,8 +337,8 @@ func (env *Env) record(o *tuple) (FlowWrite, any) {
 		return FlowRefused, r.flowKey()
 	}
 	if r.kind == l4Ports && mutation != "egress-no-tomb" {
-		exact, any := env.tombRefuses(&r, r.proto), env.tombRefuses(&r, 0)
-		if exact || any {
+		exact, anyProto := env.tombRefuses(&r, r.proto), env.tombRefuses(&r, 0)
+		if exact || anyProto {
 			return FlowRefused, r.flowKey()
 		}
 	}
@@ -494,11 +497,19 @@ func (p *ipInfo) fragKey() AegisFragKey {
 	return AegisFragKey{Src: p.t.src, Dst: p.t.dst, Id: p.fragID, Proto: p.fragProto, Family: p.t.family}
 }
 
+// sessionKeys are t's session keys with proto (session_key4 and
+// session_key6 in aegis.c); sessions and tombstones share them.
+func (t *tuple) sessionKeys(proto uint8) (AegisSessionKeyV4, AegisSessionKeyV6) {
+	return AegisSessionKeyV4{Src: [4]byte(t.src[:4]), Dst: [4]byte(t.dst[:4]), Dport: t.dport, Proto: proto},
+		AegisSessionKeyV6{Src: t.src, Dst: t.dst, Dport: t.dport, Proto: proto}
+}
+
 func (env *Env) session(t *tuple, proto uint8) *AegisSessionValue {
+	k4, k6 := t.sessionKeys(proto)
 	if t.family == 4 {
-		return env.SessionsV4[AegisSessionKeyV4{Src: [4]byte(t.src[:4]), Dst: [4]byte(t.dst[:4]), Dport: t.dport, Proto: proto}]
+		return env.SessionsV4[k4]
 	}
-	return env.SessionsV6[AegisSessionKeyV6{Src: t.src, Dst: t.dst, Dport: t.dport, Proto: proto}]
+	return env.SessionsV6[k6]
 }
 
 func (env *Env) flow(t *tuple) *AegisFlowValue {
@@ -512,10 +523,11 @@ func (env *Env) flow(t *tuple) *AegisFlowValue {
 }
 
 func (env *Env) tomb(t *tuple, proto uint8) *AegisTombValue {
+	k4, k6 := t.sessionKeys(proto)
 	if t.family == 4 {
-		return env.TombsV4[AegisSessionKeyV4{Src: [4]byte(t.src[:4]), Dst: [4]byte(t.dst[:4]), Dport: t.dport, Proto: proto}]
+		return env.TombsV4[k4]
 	}
-	return env.TombsV6[AegisSessionKeyV6{Src: t.src, Dst: t.dst, Dport: t.dport, Proto: proto}]
+	return env.TombsV6[k6]
 }
 
 // tombRefuses reports whether a live tombstone of proto refuses a flow for
