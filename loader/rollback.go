@@ -312,7 +312,7 @@ func (l *Loader) restore(snap *snapshot, prog *ebpf.Program) error {
 	}
 	var added []string
 	for _, name := range now {
-		if !contains(snap.Links, name) {
+		if !slices.Contains(snap.Links, name) {
 			added = append(added, name)
 		}
 	}
@@ -437,13 +437,4 @@ func (l *Loader) restoreProgram(snap *snapshot, prog *ebpf.Program) error {
 		return fmt.Errorf("replace program pin %s: %w", path, err)
 	}
 	return nil
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

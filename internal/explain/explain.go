@@ -239,11 +239,7 @@ func Explain(m *state.Maps, f Flow, local Local) (*Result, error) {
 }
 
 func (r *Result) describeSession(f Flow, v *bpf.AegisSessionValue, proto uint8, defIdle, now uint64) {
-	s := state.Session{
-		Key:  state.Key{Src: f.Src, Dst: f.Dst, Port: f.Port, Proto: state.Protocol(proto)},
-		User: userOf(v.User[:]), LastSeen: v.LastSeenNs, Created: v.CreatedNs, Expires: v.ExpiresNs,
-		IdleTimeout: time.Duration(v.IdleTimeoutNs),
-	}
+	s := state.SessionAt(state.Key{Src: f.Src, Dst: f.Dst, Port: f.Port, Proto: state.Protocol(proto)}, v)
 	idle := v.IdleTimeoutNs
 	if idle == 0 {
 		idle = defIdle
@@ -260,17 +256,6 @@ func familyOf(a netip.Addr) uint8 {
 		return 4
 	}
 	return 6
-}
-
-func userOf(b []int8) string {
-	out := make([]byte, 0, len(b))
-	for _, c := range b {
-		if c == 0 {
-			break
-		}
-		out = append(out, byte(c))
-	}
-	return string(out)
 }
 
 // allowRules reads the longest prefix matching src, as the program's LPM

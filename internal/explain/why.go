@@ -33,26 +33,10 @@ func RoutedLocally(dst netip.Addr) bool {
 	return false
 }
 
-func protoName(p uint8) string {
-	switch p {
-	case 0:
-		return "any"
-	case 6:
-		return "tcp"
-	case 17:
-		return "udp"
-	case 1:
-		return "icmp"
-	case 58:
-		return "icmpv6"
-	}
-	return strconv.Itoa(int(p))
-}
-
 // FlowString spells the flow as "tcp 192.0.2.10:40000 -> 198.51.100.10:22".
 func (r *Result) FlowString() string {
 	f := r.Flow
-	return fmt.Sprintf("%s %s -> %s", protoName(f.Proto), netip.AddrPortFrom(f.Src, f.Sport), netip.AddrPortFrom(f.Dst, f.Port))
+	return fmt.Sprintf("%s %s -> %s", state.Protocol(f.Proto), netip.AddrPortFrom(f.Src, f.Sport), netip.AddrPortFrom(f.Dst, f.Port))
 }
 
 func left(d time.Duration) string {
@@ -70,7 +54,7 @@ func (r *Result) Why() string {
 		s := r.Session
 		p := "any-protocol"
 		if r.SessionProto != 0 {
-			p = protoName(r.SessionProto)
+			p = state.Protocol(r.SessionProto).String()
 		}
 		life := "no lifetime cap"
 		if s.Expires != 0 {
@@ -87,7 +71,7 @@ func (r *Result) Why() string {
 	case bpf.ReasonAllowlist:
 		var rules []string
 		for _, p := range r.AllowRules {
-			s := protoName(p.Proto)
+			s := state.Protocol(p.Proto).String()
 			if p.Port != 0 {
 				s += "/" + strconv.Itoa(int(p.Port))
 			}

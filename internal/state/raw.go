@@ -58,6 +58,9 @@ func SessionOf4(k *bpf.AegisSessionKeyV4, v *bpf.AegisSessionValue) Session {
 	return sessionFrom(keyFromV4(k), v)
 }
 
+// SessionAt decodes a raw sessions value stored under k.
+func SessionAt(k Key, v *bpf.AegisSessionValue) Session { return sessionFrom(k, v) }
+
 // SessionOf6 decodes one raw entry of sessions_v6.
 func SessionOf6(k *bpf.AegisSessionKeyV6, v *bpf.AegisSessionValue) Session {
 	return sessionFrom(keyFromV6(k), v)
