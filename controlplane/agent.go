@@ -70,9 +70,7 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 	}
 	unlock()
 	s.bulk.RUnlock()
-	if s.sl != nil {
-		s.sl.ack(rev, opGrant)
-	}
+	s.sl.ack(rev, opGrant)
 	previous := cl.previous[0]
 	if err != nil {
 		err = statusOf(err)
@@ -232,9 +230,7 @@ func (a *agentService) revokeUser(p *peerInfo, user string) (*agentv1.LogoutEven
 		})
 	}
 	s.bulk.Unlock()
-	if s.sl != nil {
-		s.sl.ack(rev, opRevoke)
-	}
+	s.sl.ack(rev, opRevoke)
 	for i := range keys {
 		s.audit(opRevoke, apiAgent, p, user, &keys[i], resultRevoked, nil)
 	}

@@ -109,9 +109,7 @@ func (c *compatService) grant(p *peerInfo, user string, key state.Key) (*session
 	}
 	unlock()
 	s.bulk.RUnlock()
-	if s.sl != nil {
-		s.sl.ack(rev, opGrant)
-	}
+	s.sl.ack(rev, opGrant)
 	previous, takeover := cl.previous, cl.takeover
 	s.mon.wrote()
 	if err != nil {
@@ -170,9 +168,7 @@ func (c *compatService) revoke(p *peerInfo, key state.Key) (*session.Ack, error)
 	}
 	unlock()
 	s.bulk.RUnlock()
-	if s.sl != nil {
-		s.sl.ack(rev, opRevoke)
-	}
+	s.sl.ack(rev, opRevoke)
 	s.mon.wrote()
 	if err != nil {
 		err = statusOf(err)
@@ -244,9 +240,7 @@ func (c *compatService) IpChange(ctx context.Context, req *session.IpChangeList)
 		})
 	}
 	s.bulk.Unlock()
-	if s.sl != nil {
-		s.sl.ack(rev, opMove)
-	}
+	s.sl.ack(rev, opMove)
 	s.mon.wrote()
 	changes := make([]string, 0, len(moves))
 	for from, to := range moves {

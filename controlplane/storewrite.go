@@ -119,9 +119,9 @@ func (l *storeLoop) confirm(err error) error {
 }
 
 // ack waits for the other live gateways to apply rev (see the top of this
-// file); call it with no lock held.
+// file); call it with no lock held. A nil loop (no store) waits for nothing.
 func (l *storeLoop) ack(rev int64, op string) {
-	if rev == 0 || !l.st.Shared() {
+	if l == nil || rev == 0 || !l.st.Shared() { // no store: nothing to wait for
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.ackTimeout)
