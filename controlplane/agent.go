@@ -50,35 +50,8 @@ func (a *agentService) grant(p *peerInfo, req *agentv1.LoginEventRequest) (store
 		s.auditTarget(opGrant, apiAgent, p, req.GetUser(), requestTarget(req.GetSrcIp(), req.GetDstIp(), req.GetDstPort(), req.GetProtocol()), resultInvalid, err)
 		return sess, false, err
 	}
-	cl := claim{s: s, user: sess.User, keys: []state.Key{sess.Key}}
-	var rev int64
-	s.bulk.RLock()
-	unlock := s.keys.lock(append(overlapping(sess.Key), sess.Key)...)
-	grant := func(m *state.Maps) error {
-		var err error
-		cl.m = m
-		if err := cl.checkOverlapping(m, sess.Key); err != nil {
-			return err
-		}
-		stored, created, err = m.UpsertChecked(sess, cl.check)
-		return err
-	}
-	if s.sl != nil {
-		stored, created, rev, err = s.sl.grant(&cl, sess)
-	} else {
-		err = s.maps.Do(grant)
-	}
-	unlock()
-	s.bulk.RUnlock()
-	s.sl.ack(rev, opGrant)
-	previous := cl.previous[0]
-	if err != nil {
-		err = statusOf(err)
-		s.auditGrant(opGrant, apiAgent, p, sess.User, previous, &sess.Key, resultOf(err), err)
-		return stored, false, err
-	}
-	s.auditGrant(opGrant, apiAgent, p, sess.User, previous, &sess.Key, grantResult(created, previous, cl.takeover[0]), nil)
-	return stored, created || previous != "", nil
+	stored, created, previous, err := s.grantClaimed(p, apiAgent, sess)
+	return stored, created || previous != "", err
 }
 
 func (a *agentService) LoginEvent(ctx context.Context, req *agentv1.LoginEventRequest) (*agentv1.LoginEventResponse, error) {

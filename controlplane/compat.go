@@ -81,46 +81,11 @@ func compatKey(ev *session.LoginEvent) (src, dst netip.Addr, port uint16, err er
 // the same tuple is left to its own timers: it passes no more than the new
 // session does, and the next revoke closes it too.
 func (c *compatService) grant(p *peerInfo, user string, key state.Key) (*session.Ack, error) {
-	s := c.s
 	now := state.Now()
-	keys := [1]state.Key{key}
-	sessions := []state.Session{{Key: key, User: user, LastSeen: now, Created: now}}
-	var created []bool
-	cl := claim{s: s, user: user, keys: keys[:]}
-	var rev int64
-	s.bulk.RLock()
-	unlock := s.keys.lock(append(overlapping(key), key)...)
-	grant := func(m *state.Maps) error {
-		cl.m = m
-		if err := cl.checkOverlapping(m, key); err != nil {
-			return err
-		}
-		var err error
-		created, err = m.GrantAllChecked(sessions, cl.check)
-		return err
-	}
-	var err error
-	if s.sl != nil {
-		var c bool
-		_, c, rev, err = s.sl.grant(&cl, sessions[0])
-		created = []bool{c}
-	} else {
-		err = s.maps.Do(grant)
-	}
-	unlock()
-	s.bulk.RUnlock()
-	s.sl.ack(rev, opGrant)
-	previous, takeover := cl.previous, cl.takeover
-	s.mon.wrote()
+	_, _, _, err := c.s.grantClaimed(p, apiCompat, state.Session{Key: key, User: user, LastSeen: now, Created: now})
+	c.s.mon.wrote()
 	if err != nil {
-		err = statusOf(err)
-		for i := range keys {
-			s.auditGrant(opGrant, apiCompat, p, user, previous[i], &keys[i], resultOf(err), err)
-		}
 		return nil, err
-	}
-	for i := range keys {
-		s.auditGrant(opGrant, apiCompat, p, user, previous[i], &keys[i], grantResult(created[i], previous[i], takeover[i]), nil)
 	}
 	return &session.Ack{Success: true}, nil
 }

@@ -169,7 +169,7 @@ func (l *storeLoop) grant(cl *claim, sess state.Session) (stored state.Session, 
 		if werr != nil && wctx.Err() != nil {
 			break
 		}
-		*cl = claim{s: cl.s, user: cl.user, keys: cl.keys}
+		*cl = claim{s: cl.s, user: cl.user}
 	}
 	return stored, false, 0, errConflict
 }

@@ -89,30 +89,25 @@ func (l *keyLocks) lock(keys ...state.Key) (unlock func()) {
 	}
 }
 
-// claim applies the rule above to the grants of one request (one key, or
-// the any-protocol session of a compat grant) of user: its check is the state.Check of
-// their write, called with the session found at a key between reading it
-// and overwriting it, and it records what it found there.
+// claim applies the rule above to one grant of user: its check is the
+// state.Check of the write, called with the session found at the key
+// between reading it and overwriting it, and it records what it found
+// there.
 type claim struct {
 	s    *Server
 	m    *state.Maps
 	user string
-	keys []state.Key
-	// By index of keys: the other user whose session was found, and
-	// whether it was live (and the grant allowed to take it over).
-	previous [2]string
-	takeover [2]bool
+	// The other user whose session was found, and whether it was live
+	// (and the grant allowed to take it over).
+	previous string
+	takeover bool
 }
 
 func (c *claim) check(old *state.Session) error {
 	if old.User == c.user {
 		return nil
 	}
-	i := 0
-	if len(c.keys) > 1 && old.Key == c.keys[1] {
-		i = 1
-	}
-	c.previous[i] = old.User
+	c.previous = old.User
 	cfg, err := c.m.ReadConfig()
 	if err != nil {
 		return err
@@ -123,7 +118,7 @@ func (c *claim) check(old *state.Session) error {
 				"session %v is held by user %q until it is revoked or expires (aegis-controlplane --allow-session-takeover lets a grant take it over)",
 				old.Key, cut(old.User))
 		}
-		c.takeover[i] = true
+		c.takeover = true
 	}
 	if c.s.afterClaim != nil {
 		c.s.afterClaim()
@@ -155,4 +150,38 @@ func (c *claim) checkOverlapping(m *state.Maps, key state.Key) error {
 		}
 	}
 	return nil
+}
+
+// grantClaimed writes sess unless a live session of another user holds
+// its key or an overlapping one (claim), through the store when there is
+// one, waits for the other gateways' acknowledgement, and audits the
+// outcome for api. It reports the other user found, if any.
+func (s *Server) grantClaimed(p *peerInfo, api string, sess state.Session) (stored state.Session, created bool, previous string, err error) {
+	cl := claim{s: s, user: sess.User}
+	var rev int64
+	s.bulk.RLock()
+	unlock := s.keys.lock(append(overlapping(sess.Key), sess.Key)...)
+	if s.sl != nil {
+		stored, created, rev, err = s.sl.grant(&cl, sess)
+	} else {
+		err = s.maps.Do(func(m *state.Maps) error {
+			cl.m = m
+			if err := cl.checkOverlapping(m, sess.Key); err != nil {
+				return err
+			}
+			var err error
+			stored, created, err = m.UpsertChecked(sess, cl.check)
+			return err
+		})
+	}
+	unlock()
+	s.bulk.RUnlock()
+	s.sl.ack(rev, opGrant)
+	if err != nil {
+		err = statusOf(err)
+		s.auditGrant(opGrant, api, p, sess.User, cl.previous, &sess.Key, resultOf(err), err)
+		return stored, false, cl.previous, err
+	}
+	s.auditGrant(opGrant, api, p, sess.User, cl.previous, &sess.Key, grantResult(created, cl.previous, cl.takeover), nil)
+	return stored, created, cl.previous, nil
 }
