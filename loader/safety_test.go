@@ -149,7 +149,7 @@ func TestLockWaitIsReported(t *testing.T) {
 
 // The lock-out check asks the data path's model, with the pinned sessions:
 // a session the controller granted for the operator's connection carries
-// it, an expired one does not.
+// it, an expired one does not; over IPv4 and IPv6.
 func TestLockoutCheckUsesPinnedSessions(t *testing.T) {
 	e := newEnv(t)
 	e.ns.Run(t, "ip", "addr", "add", "192.0.2.1/24", "dev", "a0")
@@ -176,11 +176,14 @@ func TestLockoutCheckUsesPinnedSessions(t *testing.T) {
 	if r := e.cli(conns, e.loadArgs()...); r.code != 0 {
 		t.Fatalf("a granted session did not carry the load: %+v", r)
 	}
-	if err := m.Revoke(s.Key); err != nil {
+	// The same session, idle past its own timeout: expired, it carries
+	// nothing.
+	s.IdleTimeout, s.LastSeen = time.Second, state.Now()-uint64(10*time.Second)
+	if err := m.Grant(s); err != nil {
 		t.Fatal(err)
 	}
 	if r := e.cli(conns, e.loadArgs("--rule-timeout", "2m")...); r.code != 1 || !strings.Contains(r.stderr, "refusing to cut") {
-		t.Fatalf("a config change with the session revoked was not refused: %+v", r)
+		t.Fatalf("a config change with the session expired was not refused: %+v", r)
 	}
 	// IPv6 the same way, through the model's IPv6 path.
 	e.ns.Run(t, "ip", "addr", "add", "2001:db8:1::1/64", "dev", "a0", "nodad")
@@ -195,6 +198,15 @@ func TestLockoutCheckUsesPinnedSessions(t *testing.T) {
 	}
 	if r := e.cli(conns6, e.loadArgs("--rule-timeout", "2m", "--allow", "2001:db8:1::/64,tcp/22")...); r.code != 0 {
 		t.Fatalf("%+v", r)
+	}
+	// A granted IPv6 session carries a load that drops that allow rule.
+	s6 := state.Session{Key: state.Key{Src: peer6.Addr(), Dst: netip.MustParseAddr("2001:db8:1::1"), Port: 22, Proto: state.TCP}, User: "ops"}
+	s6.LastSeen, s6.Created = state.Now(), state.Now()
+	if err := m.Grant(s6); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.cli(conns6, e.loadArgs("--rule-timeout", "2m")...); r.code != 0 {
+		t.Fatalf("a granted IPv6 session did not carry the load: %+v", r)
 	}
 }
 
