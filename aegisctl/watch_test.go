@@ -78,7 +78,9 @@ func TestWatchStopsOnConfigurationErrors(t *testing.T) {
 }
 
 // observe follows a control plane that restarts as watch does: one line
-// when the stream is lost, one when it is back, and it keeps streaming.
+// when the stream is lost, one when it is open again, exit 0 at the end.
+// (That events flow after a reconnect is shown with real packets by the
+// e2e tests of observe, which follow a full reload of the data path.)
 func TestObserveReconnects(t *testing.T) {
 	pin := tu.PinDir(t)
 	tu.PinMaps(t, pin, tu.PinOptions{DefaultIdleTimeout: time.Minute})
