@@ -109,7 +109,7 @@
  * datagram is lost and the sender's transport retransmits.
  *
  * Clock: every timestamp in the maps is CLOCK_MONOTONIC_COARSE in
- * nanoseconds: bpf_ktime_get_coarse_ns() here, clock_gettime(
+ * nanoseconds: bpf_ktime_get_coarse_ns() here (clock_now()), clock_gettime(
  * CLOCK_MONOTONIC_COARSE) in user space (internal/state.Now). Both read the
  * same timekeeper value, so kernel and user-space stamps compare directly.
  * The coarse clock is a memory read; the precise clocks read the clocksource,
@@ -126,6 +126,39 @@
 #include "proto.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
+
+/*
+ * The clock every verdict reads (see "Clock" above). The coarse clock
+ * changes only at a scheduler tick, when jiffies do, but reading it is a
+ * helper call, which costs more on some machines (return thunks) than a
+ * session lookup. So the value is kept with the jiffies it was read at, in
+ * the object's .bss, and read again only when jiffies moved:
+ * bpf_jiffies64() the verifier turns into a plain load. A stamp may lag
+ * the coarse clock by one tick at most (a read between the tick's jiffies
+ * update and its timekeeper update keeps the older value for that tick),
+ * and never leads it, so `now - last_seen` stays the age or less; a tick
+ * (1-10 ms) is far below the refresh granularity and every timeout.
+ * Written as ns, then jiffies: a reader that sees the new jiffies sees
+ * that tick's value (or, on a weakly ordered CPU, the previous one). CPUs
+ * racing at a tick write values of the same tick. One cache line, written
+ * once a tick.
+ */
+struct clock_cache {
+	__u64 ns;
+	__u64 jiffies;
+};
+struct clock_cache clock_cache;
+
+static __always_inline __u64 clock_now(void)
+{
+	__u64 j = bpf_jiffies64();
+	if (READ_ONCE(clock_cache.jiffies) == j && j)
+		return READ_ONCE(clock_cache.ns);
+	__u64 ns = bpf_ktime_get_coarse_ns();
+	WRITE_ONCE(clock_cache.ns, ns);
+	WRITE_ONCE(clock_cache.jiffies, j);
+	return ns;
+}
 
 /*
  * last_seen is rewritten only when it is older than this. One write per
@@ -1441,7 +1474,8 @@ static __always_inline __be16 parse_l2(void *data, void *data_end, __u64 *l3off)
 /*
  * The common frame, parsed straight into t: untagged Ethernet, IPv4
  * without options or IPv6 without extension headers, not a fragment, a
- * TCP or UDP header within the datagram and the first buffer. For such a
+ * TCP or UDP header within the datagram, the datagram within the first
+ * buffer (len is that buffer's length: aegis_xdp). For such a
  * frame parse_l2, parse_v4/parse_v6 and parse_l4 reach the same tuple with
  * no drop reason, frag is FRAG_NONE, there is no quote to read and no
  * bypass but the controller's (which policy() checks first, as ever), so
@@ -1553,6 +1587,13 @@ static __always_inline int classify_slow(struct xdp_md *ctx, struct ip_info *p,
  * native mode to interfaces whose MTU exceeds a page (jumbo frames). The
  * headers it reads are always in the first buffer (data..data_end); the
  * IP length checks compare with the whole frame (len).
+ *
+ * The whole frame's length is another helper call, made only for frames
+ * parse_fast() does not take: it takes a frame only when its IP datagram
+ * ends within the first buffer, and then counts that buffer as the frame.
+ * The two differ only by bytes a driver put in further buffers after the
+ * datagram's end, which no driver does (Ethernet padding stays with the
+ * frame it pads).
  */
 SEC("xdp.frags")
 int aegis_xdp(struct xdp_md *ctx)
@@ -1565,9 +1606,9 @@ int aegis_xdp(struct xdp_md *ctx)
 	if (!cfg)
 		return XDP_DROP; /* unreachable: an array always has slot 0 */
 
-	__u64 len = bpf_xdp_get_buff_len(ctx);
+	__u64 len = data_end - data;
 	/* One clock read serves the verdict and its event. */
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = clock_now();
 	struct ip_info p;
 	__u32 cause;
 	/* p's address escapes into an empty asm, so that p stays one struct in
@@ -1579,10 +1620,12 @@ int aegis_xdp(struct xdp_md *ctx)
 	 * longer match the object's tag, by which the loader recognises its
 	 * own build.) */
 	asm volatile("" : : "r"(&p) : "memory");
-	if (parse_fast(data, data_end, len, &p.t))
+	if (parse_fast(data, data_end, len, &p.t)) {
 		cause = policy(ctx, &p.t, &p.t, cfg, now);
-	else
+	} else {
+		len = bpf_xdp_get_buff_len(ctx);
 		cause = classify_slow(ctx, &p, cfg, len, now);
+	}
 	__u32 reason = cause;
 	__u32 action = passes(reason) ? XDP_PASS : XDP_DROP;
 	if (action == XDP_DROP && cfg->monitor) {
@@ -1703,7 +1746,7 @@ static __always_inline void record(const struct tuple *o, const struct config_va
 
 	struct tuple r;
 	reverse(o, &r);
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = clock_now();
 
 	struct flow_value *f = flow_find(&r);
 	if (f && flow_live(f, r.proto, cfg, now, 1))

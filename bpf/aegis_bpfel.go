@@ -46,6 +46,12 @@ const (
 	AegisAttachModeATTACH_MODE_GENERIC AegisAttachMode = 2
 )
 
+type AegisClockCache struct {
+	_       structs.HostLayout
+	Ns      uint64
+	Jiffies uint64
+}
+
 type AegisConfigValue struct {
 	_                    structs.HostLayout
 	LayoutVersion        uint32
@@ -281,6 +287,7 @@ const (
 	AegisProgAegisEgress   = "aegis_egress"
 	AegisProgAegisLocality = "aegis_locality"
 	AegisProgAegisXdp      = "aegis_xdp"
+	AegisVarClockCache     = "clock_cache"
 )
 
 // LoadAegis returns the embedded CollectionSpec for Aegis.
@@ -356,6 +363,7 @@ type AegisMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisVariableSpecs struct {
+	ClockCache *ebpf.VariableSpec `ebpf:"clock_cache"`
 }
 
 // AegisObjects contains all objects after they have been loaded into the kernel.
@@ -421,6 +429,7 @@ func (m *AegisMaps) Close() error {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisVariables struct {
+	ClockCache *ebpf.Variable `ebpf:"clock_cache"`
 }
 
 // AegisPrograms contains all programs after they have been loaded into the kernel.

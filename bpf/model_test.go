@@ -206,7 +206,8 @@ func (d *diff) step(i int) error {
 func (d *diff) ingress(i int) error {
 	h, env := d.h, d.env
 	pkt := d.g.ingress()
-	t0 := state.Now()
+	// The program's clock lags the user-space clock by up to a tick.
+	t0 := state.Now() - uint64(state.Tick())
 	got, err := h.fib.run(h.prog, pkt)
 	t1 := state.Now()
 	if err != nil {
@@ -270,7 +271,7 @@ func (d *diff) ingress(i int) error {
 func (d *diff) egress(i int) error {
 	h, env := d.h, d.env
 	pkt := d.g.egressFrame()
-	t0 := state.Now()
+	t0 := state.Now() - uint64(state.Tick())
 	ret, err := h.egress.Run(&ebpf.RunOptions{Data: pkt})
 	t1 := state.Now()
 	if errors.Is(err, unix.EINVAL) && len(pkt) < 14+40 {

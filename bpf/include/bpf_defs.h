@@ -131,6 +131,7 @@ static long (*bpf_map_update_elem)(void *map, const void *key, const void *value
 static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen,
 			      __u32 flags) = (void *)69;
+static __u64 (*bpf_jiffies64)(void) = (void *)118;
 static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
 static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
 static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
