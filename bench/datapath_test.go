@@ -69,7 +69,9 @@ func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps, *e
 	b.Cleanup(func() { objs.Close() })
 	maps := &state.Maps{SessionsV4: objs.SessionsV4, SessionsV6: objs.SessionsV6, AllowV4: objs.AllowV4,
 		AllowV6: objs.AllowV6, Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq,
-		Events: objs.Events, EventLimits: objs.EventLimits, AllowHits: objs.AllowHits}
+		Events: objs.Events, EventLimits: objs.EventLimits, AllowHits: objs.AllowHits,
+		FlowsV4: objs.FlowsV4, FlowsV6: objs.FlowsV6,
+		TombsV4: objs.TombsV4, TombsV6: objs.TombsV6, PortMarks: objs.PortMarks}
 
 	rule, _ := state.ParseAllowRule("203.0.113.0/24,tcp/22")
 	entries, err := state.CompileAllow([]state.AllowRule{rule})
@@ -88,6 +90,16 @@ func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps, *e
 		b.Fatal(err)
 	}
 	return objs.AegisXdp, maps, objs.FlowsV4
+}
+
+func trustMarks(b *testing.B, m *state.Maps) {
+	b.Helper()
+	if _, err := m.TrustSessionMarks(); err != nil {
+		b.Fatal(err)
+	}
+	if err := state.TrustFlowMarks(m.PortMarks, m.FlowsV4, m.FlowsV6); err != nil {
+		b.Fatal(err)
+	}
 }
 
 func grant(b *testing.B, m *state.Maps, k state.Key) {
@@ -247,9 +259,14 @@ func BenchmarkDataPath(b *testing.B) {
 	relatedPkt := icmpError(netip.MustParseAddr("198.51.100.254"),
 		tu.Frame{Src: svc4, Dst: client4, Proto: tu.ProtoTCP, SrcPort: 8080, DstPort: 40000})
 
+	// The port marks as the daemons leave them: every session's port marked
+	// (the control plane), and every flow's (the loader, after a load).
+	trustMarks(b, smallMaps)
+
 	big, bigMaps, _ := aegisProgram(b, 1<<20)
 	fillSessions(b, bigMaps.SessionsV4, 1_000_000-1)
 	grant(b, bigMaps, state.Key{Src: client4, Dst: svc4, Port: 8080, Proto: state.TCP})
+	trustMarks(b, bigMaps)
 	if n, err := state.CountEntries(bigMaps.SessionsV4); err != nil || n != 1_000_000 {
 		b.Fatalf("%d sessions loaded, want 1,000,000 (%v)", n, err)
 	}
@@ -266,6 +283,9 @@ func BenchmarkDataPath(b *testing.B) {
 		{"xdpfilter-v4-rule", filter, v4Hit, bpf.XDPDrop},
 		{"xdpfilter-v6", filter, tcp(client6, svc6, 8081), bpf.XDPPass},
 		{"miss", small, v4Miss, bpf.XDPDrop},
+		// Another user's packet to the service's port, which a session is
+		// for: the port marks cannot rule out the exact lookup.
+		{"miss-service-port", small, tcp(netip.MustParseAddr("192.0.2.99"), svc4, 8080), bpf.XDPDrop},
 		{"hit", small, v4Hit, bpf.XDPPass},
 		{"hit-v6", small, v6Hit, bpf.XDPPass},
 		{"hit-1M", big, v4Hit, bpf.XDPPass},
@@ -307,5 +327,15 @@ func BenchmarkDataPath(b *testing.B) {
 	check(med["hit"] <= med["floor"]+30, "hit <= floor + 30 ns (%.1f)", med["hit"]-med["floor"])
 	check(med["hit-1M"] <= 1.3*med["hit"], "hit-1M <= 1.3 x hit (%.2f)", med["hit-1M"]/med["hit"])
 	check(med["miss"] < med["xdpfilter-v4"] && med["hit"] < med["xdpfilter-v4"], "miss and hit below xdp-filter (%.1f)", med["xdpfilter-v4"])
+	// Cost over the floor, against the reference's.
+	refCost := med["reference"] - med["floor"]
+	ratio := func(name string) float64 { return (med[name] - med["floor"]) / refCost }
+	check(ratio("hit") <= 1.2, "hit <= 1.2 x reference (%.2f)", ratio("hit"))
+	for _, name := range []string{"miss", "miss-service-port", "any-proto-hit", "reply", "icmp-related"} {
+		check(ratio(name) <= 2, "%s <= 2 x reference (%.2f)", name, ratio(name))
+	}
+	for _, name := range []string{"miss", "miss-service-port", "hit", "any-proto-hit", "reply", "icmp-related"} {
+		check(med[name] < med["xdpfilter-v4"], "%s below xdp-filter (%.2f x)", name, med[name]/med["xdpfilter-v4"])
+	}
 	b.Log(sb.String())
 }

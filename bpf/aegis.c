@@ -293,8 +293,8 @@ struct session_key_v6 {
 };
 
 struct session_value {
-	__u64 last_seen_ns;    /* CLOCK_BOOTTIME; refreshed by this program */
-	__u64 created_ns;      /* CLOCK_BOOTTIME of the grant */
+	__u64 last_seen_ns;    /* see "Clock"; refreshed by this program */
+	__u64 created_ns;      /* the grant's, same clock */
 	__u64 expires_ns;      /* hard end of the session; 0: no lifetime cap */
 	__u64 idle_timeout_ns; /* 0: config.default_idle_timeout_ns */
 	char user[32];         /* NUL-padded */
@@ -607,6 +607,92 @@ struct {
 	__type(value, struct flow_value);
 } flows_v6 SEC(".maps");
 
+/*
+ * Port marks
+ * ----------
+ * A lookup in a hash map costs about as much as the rest of a session hit
+ * together, and a packet that passes as a reply, or drops, would make
+ * three: the exact session, the any-protocol session, the flow. Most such
+ * packets go to a port no session is for: a reply's destination port is
+ * the gateway's (or a private host's) ephemeral port, and a scan or flood
+ * picks ports at random. port_marks says which ports a lookup can find
+ * anything at, one slot per (class, port): MARK_TCP, MARK_UDP and MARK_ANY
+ * for sessions of protocol 6, 17 and 0 for that destination port, MARK_FLOW
+ * for flows whose reply arrives at that port. A lookup is skipped only
+ * when its port is unmarked and the marks of its kind are trusted.
+ *
+ * Marks are never cleared while the map lives: a port marked once costs
+ * its lookups from then on, never a verdict. Every writer marks before the
+ * entry it writes becomes visible: user space before it writes a session
+ * (internal/state), this program before it creates a flow. A slot holds 0
+ * or 1 and each writer writes 1, so writers need no coordination.
+ *
+ * Trust, one slot for each kind:
+ *   MARKS_SESSIONS_TRUSTED is set by the control plane once it has marked
+ *     the port of every session the maps hold; from then on it marks
+ *     before each write.
+ *   MARKS_FLOWS_TRUSTED is set by the loader once this build's egress
+ *     program runs on every interface and it has marked the port of every
+ *     flow an earlier build created.
+ * The loader clears both before it swaps programs, since it cannot know
+ * whether the daemons running beside the new program mark (a build from
+ * before this map does not). Untrusted marks change nothing: every lookup
+ * is made.
+ */
+enum mark_slot {
+	MARK_TCP = 0,          /* + port: a TCP session for the port */
+	MARK_UDP = 65536,      /* + port: a UDP session */
+	MARK_ANY = 2 * 65536,  /* + port: an any-protocol session */
+	MARK_FLOW = 3 * 65536, /* + port: a flow whose reply arrives at the port */
+	MARKS_SESSIONS_TRUSTED = 4 * 65536,
+	MARKS_FLOWS_TRUSTED,
+	MARK_SLOTS,
+};
+const enum mark_slot mark_slot_btf SEC(".btf.anchor") __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MARK_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} port_marks SEC(".maps");
+
+static __always_inline int mark_set(__u32 slot)
+{
+	__u32 *v = bpf_map_lookup_elem(&port_marks, &slot);
+	return v && READ_ONCE(*v);
+}
+
+/* Whether a lookup of an entry of this mark's kind at port may find one.
+ * The port's own mark first: set for every port with live sessions, so a
+ * session hit reads one slot. */
+static __always_inline int may_hold(__u32 kind, __u32 trusted, __u16 port)
+{
+	return mark_set(kind + port) || !mark_set(trusted);
+}
+
+/* Whether a session of proto for port may exist. */
+static __always_inline int session_may_exist(__u8 proto, __u16 port)
+{
+	__u32 kind = proto == IPPROTO_TCP ? MARK_TCP : proto == IPPROTO_UDP ? MARK_UDP : MARK_ANY;
+	return may_hold(kind, MARKS_SESSIONS_TRUSTED, port);
+}
+
+/* Whether a flow whose reply arrives at port may exist. */
+static __always_inline int flow_may_exist(__u16 port)
+{
+	return may_hold(MARK_FLOW, MARKS_FLOWS_TRUSTED, port);
+}
+
+/* Marks port for the flows this program creates. */
+static __always_inline void mark_flow(__u16 port)
+{
+	__u32 slot = MARK_FLOW + port;
+	__u32 *v = bpf_map_lookup_elem(&port_marks, &slot);
+	if (v && !READ_ONCE(*v))
+		WRITE_ONCE(*v, 1);
+}
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 8192);
@@ -843,6 +929,7 @@ static __always_inline struct flow_value *flow_find(const struct tuple *t)
 static __always_inline void flow_create(const struct tuple *t, __u64 now)
 {
 	struct flow_value v = {.last_seen_ns = now, .created_ns = now};
+	mark_flow(t->dport); /* before the flow exists: see "Port marks" */
 	if (t->family == 4) {
 		struct flow_key_v4 k = {};
 		flow_key4(t, &k);
@@ -852,6 +939,18 @@ static __always_inline void flow_create(const struct tuple *t, __u64 now)
 	struct flow_key_v6 k = {};
 	flow_key6(t, &k);
 	bpf_map_update_elem(&flows_v6, &k, &v, BPF_ANY);
+}
+
+/* session_find() and flow_find() for the ingress verdict, which skips what
+ * the port marks rule out. */
+static __always_inline struct session_value *session_lookup(const struct tuple *t, __u8 proto)
+{
+	return session_may_exist(proto, t->dport) ? session_find(t, proto) : 0;
+}
+
+static __always_inline struct flow_value *flow_lookup(const struct tuple *t)
+{
+	return flow_may_exist(t->dport) ? flow_find(t) : 0;
 }
 
 /* Whether a session passes traffic at now; refreshes last_seen if asked. */
@@ -1057,10 +1156,10 @@ static __always_inline int related(const struct tuple *q, const struct config_va
 	reverse(q, &r);
 
 	if (q->kind == L4_PORTS) {
-		struct session_value *v = session_find(&r, r.proto);
+		struct session_value *v = session_lookup(&r, r.proto);
 		if (v && session_live(v, cfg, now, 0))
 			return 1;
-		v = session_find(&r, 0);
+		v = session_lookup(&r, 0);
 		if (v && session_live(v, cfg, now, 0))
 			return 1;
 	} else if (q->kind != L4_ECHO_REQUEST) {
@@ -1068,7 +1167,7 @@ static __always_inline int related(const struct tuple *q, const struct config_va
 	}
 	if (!cfg->track_flows)
 		return 0;
-	struct flow_value *f = flow_find(&r);
+	struct flow_value *f = flow_lookup(&r);
 	return f && flow_live(f, r.proto, cfg, now, 0);
 }
 
@@ -1084,13 +1183,13 @@ static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
 	if (t->kind == L4_PORTS) {
 		if (controller_bypass(ctx, t, cfg))
 			return REASON_CONTROLLER;
-		struct session_value *v = session_find(t, t->proto);
+		struct session_value *v = session_lookup(t, t->proto);
 		if (v) {
 			if (session_live(v, cfg, now, 1))
 				return REASON_SESSION;
 			r = REASON_EXPIRED;
 		}
-		v = session_find(t, 0);
+		v = session_lookup(t, 0);
 		if (v) {
 			if (session_live(v, cfg, now, 1))
 				return REASON_SESSION;
@@ -1103,7 +1202,7 @@ static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
 	}
 
 	if ((t->kind == L4_PORTS || t->kind == L4_ECHO_REPLY) && cfg->track_flows) {
-		struct flow_value *f = flow_find(t);
+		struct flow_value *f = flow_lookup(t);
 		if (f && flow_live(f, t->proto, cfg, now, 1))
 			return REASON_REPLY;
 	}

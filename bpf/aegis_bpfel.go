@@ -181,6 +181,18 @@ const (
 	AegisLimitsLIMIT_EVENT_BURST_NS  AegisLimits = 1000000000
 )
 
+type AegisMarkSlot uint32
+
+const (
+	AegisMarkSlotMARK_TCP               AegisMarkSlot = 0
+	AegisMarkSlotMARK_UDP               AegisMarkSlot = 65536
+	AegisMarkSlotMARK_ANY               AegisMarkSlot = 131072
+	AegisMarkSlotMARK_FLOW              AegisMarkSlot = 196608
+	AegisMarkSlotMARKS_SESSIONS_TRUSTED AegisMarkSlot = 262144
+	AegisMarkSlotMARKS_FLOWS_TRUSTED    AegisMarkSlot = 262145
+	AegisMarkSlotMARK_SLOTS             AegisMarkSlot = 262146
+)
+
 type AegisReason uint32
 
 const (
@@ -278,6 +290,7 @@ const (
 	AegisMapFlowsV6        = "flows_v6"
 	AegisMapFrags          = "frags"
 	AegisMapIfaces         = "ifaces"
+	AegisMapPortMarks      = "port_marks"
 	AegisMapSessionsV4     = "sessions_v4"
 	AegisMapSessionsV6     = "sessions_v6"
 	AegisMapStats          = "stats"
@@ -351,6 +364,7 @@ type AegisMapSpecs struct {
 	FlowsV6     *ebpf.MapSpec `ebpf:"flows_v6"`
 	Frags       *ebpf.MapSpec `ebpf:"frags"`
 	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
+	PortMarks   *ebpf.MapSpec `ebpf:"port_marks"`
 	SessionsV4  *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
@@ -396,6 +410,7 @@ type AegisMaps struct {
 	FlowsV6     *ebpf.Map `ebpf:"flows_v6"`
 	Frags       *ebpf.Map `ebpf:"frags"`
 	Ifaces      *ebpf.Map `ebpf:"ifaces"`
+	PortMarks   *ebpf.Map `ebpf:"port_marks"`
 	SessionsV4  *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
 	Stats       *ebpf.Map `ebpf:"stats"`
@@ -416,6 +431,7 @@ func (m *AegisMaps) Close() error {
 		m.FlowsV6,
 		m.Frags,
 		m.Ifaces,
+		m.PortMarks,
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,

@@ -88,13 +88,17 @@ type diffPhase struct {
 	allow      bool
 	monitor    bool
 	flows      bool
+	// marks: the port marks are trusted, as the daemons leave them, so
+	// the program skips lookups at unmarked ports; otherwise it makes
+	// every lookup. The verdicts must be the same.
+	marks bool
 }
 
 func diffPhases(g *generator) []diffPhase {
 	return []diffPhase{
-		{"v4 controller, allow rules, flows", g.ctl4, true, false, true},
-		{"v6 controller, allow rules, monitor, flows", g.ctl6, true, true, true},
-		{"no controller, no allow rules, no flows", netip.Addr{}, false, false, false},
+		{"v4 controller, allow rules, flows, port marks", g.ctl4, true, false, true, true},
+		{"v6 controller, allow rules, monitor, flows, port marks", g.ctl6, true, true, true, true},
+		{"no controller, no allow rules, no flows, marks untrusted", netip.Addr{}, false, false, false, false},
 	}
 }
 
@@ -141,6 +145,7 @@ type diff struct {
 	unsure   int
 	egressN  int
 	refused  int
+	marks    bool // the phase trusts the port marks
 	lastFrag *bpf.AegisFragKey
 	events   *ringbuf.Reader
 	emitted  [bpf.StatsSlots]int
@@ -158,7 +163,7 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 		TombsV6:    map[bpf.AegisSessionKeyV6]*bpf.AegisTombValue{},
 		Frags:      map[bpf.AegisFragKey]*bpf.AegisFragValue{},
 	}
-	d := &diff{name: ph.name, g: g, h: h, env: env, writes: map[bpf.FlowWrite]int{}}
+	d := &diff{name: ph.name, g: g, h: h, env: env, writes: map[bpf.FlowWrite]int{}, marks: ph.marks}
 	env.Local = func(a netip.Addr) bool {
 		l := fibLocal(a)
 		d.asked[b2i(l)]++
@@ -193,6 +198,16 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 	d.events = rd
 	g.grantSessions(t, h, env)
 	g.seedFlows(t, h, env)
+	if ph.marks {
+		// What the control plane and the loader do: mark every port
+		// there is a session or a flow at, then trust the marks.
+		if _, err := h.maps.TrustSessionMarks(); err != nil {
+			t.Fatal(err)
+		}
+		if err := state.TrustFlowMarks(h.objs.PortMarks, h.objs.FlowsV4, h.objs.FlowsV6); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return d
 }
 
@@ -411,6 +426,11 @@ func (d *diff) finish(t *testing.T) {
 	if err := d.compareFlows(); err != nil {
 		t.Fatalf("%s: %v", d.name, err)
 	}
+	// The program marked the port of every flow it created (the seeded
+	// ones the test marked): a flow at an unmarked port would not pass.
+	if unmarked := unmarkedFlows(t, d.h); d.marks && unmarked != 0 {
+		t.Fatalf("%s: %d flows at ports without their mark", d.name, unmarked)
+	}
 	// Every slot, so that a count on a path the model does not count on
 	// (or in a slot it does not) shows.
 	hits := 0
@@ -628,6 +648,9 @@ func (g *generator) grantSessions(t *testing.T, h *harness, env *bpf.Env) {
 			for _, dst := range fam[1] {
 				for _, port := range g.ports {
 					for _, proto := range g.sessionProtocols {
+						if !g.portHolds(port, proto) {
+							continue
+						}
 						if g.rng.IntN(2) == 0 {
 							if g.rng.IntN(2) == 0 {
 								g.buryOne(t, h, env, src, dst, port, proto)
@@ -663,6 +686,21 @@ func (g *generator) grantSessions(t *testing.T, h *harness, env *bpf.Env) {
 			}
 		}
 	}
+}
+
+// portHolds says which protocols' sessions a service port may have: some
+// ports one protocol only, so that a port marked for another protocol than
+// its sessions' shows.
+func (g *generator) portHolds(port uint16, proto uint8) bool {
+	switch port {
+	case 22:
+		return proto == tu.ProtoTCP
+	case 53:
+		return proto == tu.ProtoUDP
+	case 50001:
+		return proto == 0
+	}
+	return true
 }
 
 // buryOne gives a key without a session a tombstone: fresh, stale enough
@@ -1185,4 +1223,27 @@ func (d *diff) compareEvent(counted bpf.Reason, t0, t1 uint64) error {
 	}
 	d.emitted[counted]++
 	return nil
+}
+
+// unmarkedFlows counts the flows whose reply port has no flow mark.
+func unmarkedFlows(t *testing.T, h *harness) int {
+	t.Helper()
+	marked := func(port uint16) bool {
+		var v uint32
+		if err := h.objs.PortMarks.Lookup(uint32(bpf.AegisMarkSlotMARK_FLOW)+uint32(port), &v); err != nil {
+			t.Fatal(err)
+		}
+		return v != 0
+	}
+	n := 0
+	var k4 bpf.AegisFlowKeyV4
+	var k6 bpf.AegisFlowKeyV6
+	var v bpf.AegisFlowValue
+	for it := h.objs.FlowsV4.Iterate(); it.Next(&k4, &v); {
+		n += b2i(!marked(k4.Dport))
+	}
+	for it := h.objs.FlowsV6.Iterate(); it.Next(&k6, &v); {
+		n += b2i(!marked(k6.Dport))
+	}
+	return n
 }

@@ -46,6 +46,7 @@ func newHarness(t testing.TB) *harness {
 			AllowV4: objs.AllowV4, AllowV6: objs.AllowV6,
 			Config: objs.Config, Stats: objs.Stats, SweepSeq: objs.SweepSeq,
 			TombsV4: objs.TombsV4, TombsV6: objs.TombsV6,
+			FlowsV4: objs.FlowsV4, FlowsV6: objs.FlowsV6, PortMarks: objs.PortMarks,
 		},
 	}
 }

@@ -146,6 +146,7 @@ type Server struct {
 
 	// Owned by refresh, which runs in New and then in the refresh loop
 	// only: the last outcome, to log changes rather than every tick.
+	marksErr   string // trustMarks'
 	refreshed  bool
 	refreshErr string
 	unfiltered string
@@ -293,6 +294,28 @@ func (s *Server) refreshLoop(done <-chan struct{}) {
 	}
 }
 
+// trustMarks has the data path trust the session marks this process keeps
+// (state.Maps.TrustSessionMarks) where a load cleared the trust or made
+// the map. Until then every lookup is made, so a failure costs speed only.
+func (s *Server) trustMarks() {
+	err := s.maps.Do(func(m *state.Maps) error {
+		start := time.Now()
+		set, err := m.TrustSessionMarks()
+		if set {
+			s.log.Info().Dur("took", time.Since(start)).Msg("port marks trusted: the data path skips lookups at ports no session is for")
+		}
+		return err
+	})
+	msg := ""
+	if err != nil && !errors.Is(err, state.ErrNotLoaded) {
+		msg = err.Error()
+	}
+	if msg != "" && msg != s.marksErr {
+		s.log.Warn().Err(err).Msg("port marks not trusted; the data path makes every lookup")
+	}
+	s.marksErr = msg
+}
+
 // refresh reopens the maps if the loader replaced them, and sets the
 // session services' health (and the overall "" service's) to whether the
 // data path enforces: the maps are usable and every configured interface
@@ -331,6 +354,7 @@ func (s *Server) refresh() {
 	}
 	if err == nil {
 		s.followEvents()
+		s.trustMarks()
 	}
 	s.loaded.Store(err == nil)
 	s.filtered.Store(err == nil && unfiltered == "")

@@ -204,6 +204,12 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	if err := pd.ensureSubdir(state.LinksPath(pd.path), 0o710, gid); err != nil {
 		return res, err
 	}
+	// The daemons beside the program about to run may be of a build that
+	// does not mark ports (state/marks.go): the marks are trusted again
+	// once they are known to be complete.
+	if err := state.DistrustMarks(maps.PortMarks); err != nil {
+		return res, err
+	}
 	if err := l.attachAll(spec, maps, &cfg, ifaces, up.replacing(), res); err != nil {
 		l.syncGuard(cfg.PinPath)
 		return res, err
@@ -215,6 +221,11 @@ func (l *Loader) Load(cfg Config) (_ *Result, err error) {
 	l.syncGuard(cfg.PinPath)
 	if err := l.convergeEgress(spec, maps, &cfg, ifaces, res); err != nil {
 		return res, err
+	}
+	// This build's egress program, which marks the flows it creates, now
+	// runs everywhere; the flows earlier ones created are marked here.
+	if err := state.TrustFlowMarks(maps.PortMarks, maps.FlowsV4, maps.FlowsV6); err != nil {
+		l.Log.Warn().Err(err).Msg("flow marks not trusted: replies cost every lookup until the next load")
 	}
 	return res, nil
 }

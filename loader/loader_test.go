@@ -458,7 +458,8 @@ func TestPinOwnershipAndModes(t *testing.T) {
 	want[state.MapPath(e.pin, state.MapSweepSeq)] = 0o660
 	want[state.MapPath(e.pin, state.MapTombsV4)] = 0o660 // revokes and the reaper write tombstones
 	want[state.MapPath(e.pin, state.MapTombsV6)] = 0o660
-	want[state.MapPath(e.pin, state.MapEvents)] = 0o660 // a ring buffer reader needs a writable descriptor
+	want[state.MapPath(e.pin, state.MapEvents)] = 0o660    // a ring buffer reader needs a writable descriptor
+	want[state.MapPath(e.pin, state.MapPortMarks)] = 0o660 // the control plane marks sessions' ports
 	want[state.SweepLockPath(e.pin)] = 0o750 | os.ModeDir
 	// Every entry, not only the expected ones: nothing is world-accessible
 	// and everything is root's.
@@ -866,4 +867,28 @@ func TestJumboMTUNativeAttach(t *testing.T) {
 	if e.xdpProgram("a0") == 0 {
 		t.Fatal("not attached")
 	}
+}
+
+// A load leaves the flow marks trusted (it marked the flows an earlier
+// build made) and the session marks not: whether the daemons beside the
+// new program mark is theirs to say, and the control plane trusts them
+// again once it has marked every session's port.
+func TestLoadTrustsFlowMarksOnly(t *testing.T) {
+	e := newEnv(t)
+	e.mustLoad(nil)
+	m := e.open()
+	trusted := func(wantSessions, wantFlows bool) {
+		t.Helper()
+		s, f, err := state.MarksTrusted(m.PortMarks)
+		if err != nil || s != wantSessions || f != wantFlows {
+			t.Fatalf("trusted: sessions %v flows %v (%v), want %v %v", s, f, err, wantSessions, wantFlows)
+		}
+	}
+	trusted(false, true)
+	if set, err := m.TrustSessionMarks(); err != nil || !set {
+		t.Fatalf("trust session marks: %v %v", set, err)
+	}
+	trusted(true, true)
+	e.mustLoad(nil)
+	trusted(false, true)
 }

@@ -141,7 +141,7 @@ func TestUpgradeFromOlderLayout(t *testing.T) {
 	if got, want := strings.Join(res.MigratedMaps, ","), "sessions_v4,stats,config"; got != want {
 		t.Errorf("migrated %s, want %s (config last)", got, want)
 	}
-	if got, want := strings.Join(res.CreatedMaps, ","), "sweep_seq,flows_v4,flows_v6,frags,ifaces,events,event_limits,allow_hits,tombs_v4,tombs_v6"; got != want {
+	if got, want := strings.Join(res.CreatedMaps, ","), "sweep_seq,flows_v4,flows_v6,frags,ifaces,events,event_limits,allow_hits,tombs_v4,tombs_v6,port_marks"; got != want {
 		t.Errorf("created %s, want %s", got, want)
 	}
 	for _, name := range []string{state.MapSessionsV6, state.MapAllowV4, state.MapAllowV6} {

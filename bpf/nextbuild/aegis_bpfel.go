@@ -36,6 +36,12 @@ type AegisAllowValue struct {
 	}
 }
 
+type AegisClockCache struct {
+	_       structs.HostLayout
+	Ns      uint64
+	Jiffies uint64
+}
+
 type AegisConfigValue struct {
 	_                    structs.HostLayout
 	LayoutVersion        uint32
@@ -187,6 +193,7 @@ const (
 	AegisMapFlowsV6        = "flows_v6"
 	AegisMapFrags          = "frags"
 	AegisMapIfaces         = "ifaces"
+	AegisMapPortMarks      = "port_marks"
 	AegisMapSessionsV4     = "sessions_v4"
 	AegisMapSessionsV6     = "sessions_v6"
 	AegisMapStats          = "stats"
@@ -196,6 +203,7 @@ const (
 	AegisProgAegisEgress   = "aegis_egress"
 	AegisProgAegisLocality = "aegis_locality"
 	AegisProgAegisXdp      = "aegis_xdp"
+	AegisVarClockCache     = "clock_cache"
 )
 
 // LoadAegis returns the embedded CollectionSpec for Aegis.
@@ -259,6 +267,7 @@ type AegisMapSpecs struct {
 	FlowsV6     *ebpf.MapSpec `ebpf:"flows_v6"`
 	Frags       *ebpf.MapSpec `ebpf:"frags"`
 	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
+	PortMarks   *ebpf.MapSpec `ebpf:"port_marks"`
 	SessionsV4  *ebpf.MapSpec `ebpf:"sessions_v4"`
 	SessionsV6  *ebpf.MapSpec `ebpf:"sessions_v6"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
@@ -271,6 +280,7 @@ type AegisMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type AegisVariableSpecs struct {
+	ClockCache *ebpf.VariableSpec `ebpf:"clock_cache"`
 }
 
 // AegisObjects contains all objects after they have been loaded into the kernel.
@@ -303,6 +313,7 @@ type AegisMaps struct {
 	FlowsV6     *ebpf.Map `ebpf:"flows_v6"`
 	Frags       *ebpf.Map `ebpf:"frags"`
 	Ifaces      *ebpf.Map `ebpf:"ifaces"`
+	PortMarks   *ebpf.Map `ebpf:"port_marks"`
 	SessionsV4  *ebpf.Map `ebpf:"sessions_v4"`
 	SessionsV6  *ebpf.Map `ebpf:"sessions_v6"`
 	Stats       *ebpf.Map `ebpf:"stats"`
@@ -323,6 +334,7 @@ func (m *AegisMaps) Close() error {
 		m.FlowsV6,
 		m.Frags,
 		m.Ifaces,
+		m.PortMarks,
 		m.SessionsV4,
 		m.SessionsV6,
 		m.Stats,
@@ -336,6 +348,7 @@ func (m *AegisMaps) Close() error {
 //
 // It can be passed to LoadAegisObjects or ebpf.CollectionSpec.LoadAndAssign.
 type AegisVariables struct {
+	ClockCache *ebpf.Variable `ebpf:"clock_cache"`
 }
 
 // AegisPrograms contains all programs after they have been loaded into the kernel.

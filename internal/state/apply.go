@@ -105,9 +105,17 @@ func insertNew[K any](m *Maps, mp *ebpf.Map, ss []Session, key func(Key) K, fail
 		chunk := ss[:min(len(ss), batchSize)]
 		ss = ss[len(chunk):]
 		keys, vals = keys[:0], vals[:0]
+		var markErr error
 		for i := range chunk {
+			markErr = errors.Join(markErr, m.markSession(chunk[i].Key))
 			keys = append(keys, key(chunk[i].Key))
 			vals = append(vals, chunk[i].value())
+		}
+		if markErr != nil { // a session of an unmarked port would not pass
+			for _, s := range chunk {
+				fail(s, markErr)
+			}
+			continue
 		}
 		done, ran := 0, false
 		write := func() error {

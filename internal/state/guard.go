@@ -128,6 +128,9 @@ type guardStats struct {
 //
 // A write that returns an error must have written nothing.
 func (m *Maps) guarded(k Key, write func() (*bpf.AegisSessionValue, error)) error {
+	if err := m.markSession(k); err != nil {
+		return err
+	}
 	defer lockKey(k).Unlock()
 	var v *bpf.AegisSessionValue
 	return m.ordered("session "+k.String(),

@@ -55,8 +55,11 @@ type Maps struct {
 	// (tomb.go).
 	TombsV4 *ebpf.Map
 	TombsV6 *ebpf.Map
+	// PortMarks marks the ports sessions and flows are at (marks.go).
+	PortMarks *ebpf.Map
 
 	stats guardStats
+	marks markCache
 	// unguardedTombs, set by tests, writes tombstones without the sweep
 	// sequence check, to show what the check prevents.
 	unguardedTombs bool
@@ -174,8 +177,8 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 }
 
 // DaemonWritable reports whether the daemons write the named map: the
-// sessions maps and their tombstones, and the reaper's sweep counter (see
-// sweep.go). The loader
+// sessions maps and their tombstones, the reaper's sweep counter (see
+// sweep.go) and the port marks of the sessions (marks.go). The loader
 // alone writes the config and the allow rules. The events ring buffer is
 // here because reading one needs a writable descriptor: the reader
 // advances the consumer position in a page the kernel maps writable only
@@ -183,7 +186,7 @@ func CheckLayout(spec *ebpf.MapSpec, m *ebpf.Map) error {
 // cannot write into a BPF_MAP_TYPE_RINGBUF).
 func DaemonWritable(name string) bool {
 	return name == MapSessionsV4 || name == MapSessionsV6 || name == MapSweepSeq || name == MapEvents ||
-		name == MapTombsV4 || name == MapTombsV6
+		name == MapTombsV4 || name == MapTombsV6 || name == MapPortMarks
 }
 
 type slot struct {
@@ -203,6 +206,7 @@ func (m *Maps) slots() []slot {
 		{MapEvents, &m.Events}, {MapEventLimits, &m.EventLimits},
 		{MapAllowHits, &m.AllowHits},
 		{MapTombsV4, &m.TombsV4}, {MapTombsV6, &m.TombsV6},
+		{MapPortMarks, &m.PortMarks},
 	}
 }
 
@@ -212,6 +216,9 @@ func (m *Maps) Set(name string, mp *ebpf.Map) {
 	for _, s := range m.slots() {
 		if s.name == name {
 			*s.p = mp
+			if name == MapPortMarks {
+				m.marks.reset()
+			}
 			return
 		}
 	}

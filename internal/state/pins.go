@@ -59,6 +59,10 @@ const (
 	// refreshed by the egress program.
 	MapTombsV4 = "tombs_v4"
 	MapTombsV6 = "tombs_v6"
+	// MapPortMarks says at which destination ports a session or a flow
+	// may be found (marks.go); the daemons mark sessions' ports, the data
+	// path flows'.
+	MapPortMarks = "port_marks"
 )
 
 // MapIfaces (ifaces.go) is pinned beside them.
@@ -66,7 +70,7 @@ const (
 // MapNames lists every pinned map.
 var MapNames = []string{MapSessionsV4, MapSessionsV6, MapAllowV4, MapAllowV6, MapConfig, MapStats, MapSweepSeq,
 	MapFlowsV4, MapFlowsV6, MapFrags, MapIfaces, MapEvents, MapEventLimits, MapAllowHits,
-	MapTombsV4, MapTombsV6}
+	MapTombsV4, MapTombsV6, MapPortMarks}
 
 // ProgramPin is the pin of the XDP program the links run. An upgrade pins
 // the new build as ProgramNextPin, moves the links to it, then renames it
