@@ -417,6 +417,14 @@ func (cmd *StatusCmd) Run(c *CLI, l *Loader, stdio cli.IO) error {
 	} else {
 		fmt.Fprintf(w, "reply tracking\toff\n")
 	}
+	trust := func(b bool, unset string) string {
+		if b {
+			return "trusted"
+		}
+		return "not trusted (" + unset + ")"
+	}
+	fmt.Fprintf(w, "port marks\tsessions %s, flows %s\n", trust(st.PortMarks.Sessions, "until the control plane marks them"),
+		trust(st.PortMarks.Flows, "until the next load"))
 	fmt.Fprintf(w, "allow\t%s\n", strings.Join(append([]string{}, st.Allow...), " "))
 	if len(st.AllowHits) > 0 {
 		fmt.Fprintln(w, "\nALLOW RULE\tID\tHITS")

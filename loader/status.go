@@ -37,6 +37,15 @@ type Status struct {
 	AllowUnnumbered uint64          `json:"allow_unnumbered,omitempty"`
 	Counters        []CounterStatus `json:"counters"`
 	Guard           GuardStatus     `json:"guard"`
+	// PortMarks says whether the data path trusts its port marks.
+	PortMarks PortMarksStatus `json:"port_marks"`
+}
+
+// PortMarksStatus is the trust of each kind of port mark: trusted marks
+// let the data path skip lookups at ports nothing of the kind is at.
+type PortMarksStatus struct {
+	Sessions bool `json:"sessions_trusted"`
+	Flows    bool `json:"flows_trusted"`
 }
 
 // GuardStatus is the fail-closed guard (internal/guard) as read back from
@@ -159,6 +168,9 @@ func (l *Loader) Status(pinPath string) (*Status, error) {
 		st.Maps = append(st.Maps, ms)
 	}
 
+	if st.PortMarks.Sessions, st.PortMarks.Flows, err = state.MarksTrusted(maps.PortMarks); err != nil {
+		return nil, err
+	}
 	cfg, err := maps.ReadConfig()
 	if err != nil {
 		return nil, err

@@ -36,6 +36,7 @@ type exporter struct {
 	allowHits                 *prometheus.Desc
 	monitor, loaded           *prometheus.Desc
 	tombs, tombsLive, tombCap *prometheus.Desc
+	marks                     *prometheus.Desc
 
 	// lastErr is the read error last logged: a broken map is said once
 	// per change, not once per scrape.
@@ -77,6 +78,9 @@ func newExporter(maps *state.Handle, log zerolog.Logger) *exporter {
 			"Tombstones that still refuse flows: a packet from the service to the user within the UDP flow idle timeout, by address family.", fam, nil),
 		tombCap: prometheus.NewDesc("aegis_datapath_tombstones_capacity",
 			"Capacity of the tombstone maps, by address family; when full, removed sessions stay in the sessions maps, dead, until there is room.", fam, nil),
+		marks: prometheus.NewDesc("aegis_datapath_port_marks_trusted",
+			"1 when the data path trusts its port marks of this kind (sessions: the control plane has marked every session's port; flows: the loader has marked every flow's) and skips lookups at unmarked ports; 0 while it makes every lookup.",
+			[]string{"kind"}, nil),
 		loaded: prometheus.NewDesc("aegis_datapath_loaded",
 			"1 when the reaper can read the pinned maps; 0 when they are missing or unreadable (the other aegis_datapath_ series are then absent).", nil, nil),
 	}
@@ -84,7 +88,7 @@ func newExporter(maps *state.Handle, log zerolog.Logger) *exporter {
 
 func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.active, e.entries, e.sessCap, e.allow, e.allowCap, e.allowHits, e.monitor, e.loaded,
-		e.tombs, e.tombsLive, e.tombCap} {
+		e.tombs, e.tombsLive, e.tombCap, e.marks} {
 		ch <- d
 	}
 }
@@ -155,7 +159,14 @@ func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]prometheus.Metric, 0, 2*len(state.Reasons)+17)
+	sessMarks, flowMarks, err := state.MarksTrusted(m.PortMarks)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]prometheus.Metric, 0, 2*len(state.Reasons)+19)
+	out = append(out,
+		prometheus.MustNewConstMetric(e.marks, prometheus.GaugeValue, b2f(sessMarks), "sessions"),
+		prometheus.MustNewConstMetric(e.marks, prometheus.GaugeValue, b2f(flowMarks), "flows"))
 	for _, r := range state.Reasons {
 		out = append(out,
 			prometheus.MustNewConstMetric(e.packets, prometheus.CounterValue, float64(counters[r].Packets), r.Verdict(), r.String()),
@@ -191,11 +202,14 @@ func (e *exporter) read(m *state.Maps) ([]prometheus.Metric, error) {
 		}
 		out = append(out, prometheus.MustNewConstMetric(e.allowHits, prometheus.CounterValue, float64(h.Packets), fam, strconv.Itoa(int(h.ID))))
 	}
-	mon := 0.0
-	if cfg.Monitor {
-		mon = 1
+	return append(out, prometheus.MustNewConstMetric(e.monitor, prometheus.GaugeValue, b2f(cfg.Monitor))), nil
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
 	}
-	return append(out, prometheus.MustNewConstMetric(e.monitor, prometheus.GaugeValue, mon)), nil
+	return 0
 }
 
 // countKeys counts an LPM trie's prefixes; tries have no batch lookup.

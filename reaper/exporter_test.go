@@ -97,6 +97,8 @@ func TestExporter(t *testing.T) {
 		`aegis_datapath_tombstones_active{family="ipv6"}`:                                             1,
 		`aegis_datapath_tombstones_capacity{family="ipv6"}`:                                           1000, // --max-sessions
 		`aegis_datapath_monitor_mode`:                                                                 0,
+		`aegis_datapath_port_marks_trusted{kind="flows"}`:                                             1, // the loader's
+		`aegis_datapath_port_marks_trusted{kind="sessions"}`:                                          0, // no control plane ran
 		`aegis_datapath_loaded`:                                                                       1,
 		fmt.Sprintf(`aegis_build_info{program_tag=%q,version=%q}`, daemon.ProgramTag(), cliVersion()): 1,
 	} {
