@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -85,6 +86,22 @@ func TestUpgradeAddsTombstones(t *testing.T) {
 	login(t, sinkAddr)
 	_, sessionsID := sessionsV4(t, g.pin)
 
+	// A connection from the private side to a public server, opened under
+	// the old build: its flow has no port mark, which this build's loader
+	// adds before the data path may skip the flow lookup at its port.
+	public := netip.AddrPortFrom(tu.ClientV4, 8081)
+	conns := lineServer(t, g.Client, public)
+	fwd, err := dialIn(g.Private, "tcp", netip.AddrPortFrom(tu.ServiceAV4, 0), public.String(), probeTimeout)
+	if err != nil {
+		t.Fatalf("connect through the old build: %v", err)
+	}
+	defer fwd.Close()
+	srvSide := <-conns
+	go func() { _, _ = io.Copy(srvSide, srvSide) }() // echo
+	if err := exchange(fwd, "before the upgrade", probeTimeout); err != nil {
+		t.Fatalf("exchange through the old build: %v", err)
+	}
+
 	sink := g.Serve(t, sinkAddr)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -110,7 +127,7 @@ func TestUpgradeAddsTombstones(t *testing.T) {
 	if err := json.Unmarshal(out, &res); err != nil {
 		t.Fatalf("upgrade over %s: %v\n%s", beforeTombstones.Version, err, out)
 	}
-	if !slices.Equal(res.CreatedMaps, []string{state.MapAllowHits, state.MapTombsV4, state.MapTombsV6}) || len(res.MigratedMaps) != 0 ||
+	if !slices.Equal(res.CreatedMaps, []string{state.MapAllowHits, state.MapTombsV4, state.MapTombsV6, state.MapPortMarks}) || len(res.MigratedMaps) != 0 ||
 		!slices.Contains(res.EgressUpgraded, tu.PublicIface) {
 		t.Errorf("upgrade over %s: %+v, want the tombstone maps created, nothing migrated, the egress program upgraded", beforeTombstones.Version, res)
 	}
@@ -124,11 +141,17 @@ func TestUpgradeAddsTombstones(t *testing.T) {
 	if after, id := sessionsV4(t, g.pin); id != sessionsID || len(after) != 2 { // the re-grant and the sink
 		t.Fatalf("after the upgrade: sessions map %d (was %d) with %d sessions, want the same map with 2", id, sessionsID, len(after))
 	}
-	for _, name := range []string{state.MapTombsV4, state.MapTombsV6} {
+	for _, name := range []string{state.MapTombsV4, state.MapTombsV6, state.MapPortMarks} {
 		fi, err := os.Stat(state.MapPath(g.pin, name))
 		if err != nil || fi.Mode().Perm() != 0o660 {
 			t.Fatalf("%s after the upgrade: %v %v, want mode 0660", name, fi, err)
 		}
+	}
+	if _, flows, err := state.MarksTrusted(g.maps().PortMarks); err != nil || !flows {
+		t.Fatalf("flow marks after the upgrade: trusted %v (%v), want trusted", flows, err)
+	}
+	if err := exchange(fwd, "after the upgrade", probeTimeout); err != nil {
+		t.Fatalf("the old build's connection after the upgrade: %v", err)
 	}
 
 	// The daemons of this build, as the upgrade procedure restarts them.
