@@ -132,31 +132,30 @@ func (m *Maps) TrustSessionMarks() (bool, error) {
 // created are the ones it marks.
 func TrustFlowMarks(marks, flowsV4, flowsV6 *ebpf.Map) error {
 	var c markCache
-	var k4 bpf.AegisFlowKeyV4
-	var k6 bpf.AegisFlowKeyV6
-	var v bpf.AegisFlowValue
-	var errs []error
-	for it := flowsV4.Iterate(); ; {
-		if !it.Next(&k4, &v) {
-			errs = append(errs, it.Err())
-			break
-		}
-		errs = append(errs, c.mark(marks, markFlow+uint32(k4.Dport)))
-	}
-	for it := flowsV6.Iterate(); ; {
-		if !it.Next(&k6, &v) {
-			errs = append(errs, it.Err())
-			break
-		}
-		errs = append(errs, c.mark(marks, markFlow+uint32(k6.Dport)))
-	}
-	if err := errors.Join(errs...); err != nil {
+	err := errors.Join(
+		markFlows(&c, marks, flowsV4, func(k *bpf.AegisFlowKeyV4) uint16 { return k.Dport }),
+		markFlows(&c, marks, flowsV6, func(k *bpf.AegisFlowKeyV6) uint16 { return k.Dport }))
+	if err != nil {
 		return fmt.Errorf("mark flows: %w", err)
 	}
 	if err := marks.Put(marksFlowTrusted, uint32(1)); err != nil {
 		return fmt.Errorf("trust flow marks: %w", err)
 	}
 	return nil
+}
+
+// markFlows marks the reply port of every flow in flows. The data path
+// adds and evicts flows meanwhile: those it adds it marks itself.
+func markFlows[K any](c *markCache, marks, flows *ebpf.Map, port func(*K) uint16) error {
+	var k K
+	var v bpf.AegisFlowValue
+	it := flows.Iterate()
+	for it.Next(&k, &v) {
+		if err := c.mark(marks, markFlow+uint32(port(&k))); err != nil {
+			return err
+		}
+	}
+	return it.Err()
 }
 
 // DistrustMarks makes the data path make every lookup again, until the
