@@ -671,10 +671,19 @@ static __always_inline int may_hold(__u32 kind, __u32 trusted, __u16 port)
 	return mark_set(kind + port) || !mark_set(trusted);
 }
 
-/* Whether a session of proto for port may exist. */
+/* Whether a session of proto for port may exist. Sessions are of TCP, UDP
+ * or any protocol (0); for another protocol there is no mark to consult. */
 static __always_inline int session_may_exist(__u8 proto, __u16 port)
 {
-	__u32 kind = proto == IPPROTO_TCP ? MARK_TCP : proto == IPPROTO_UDP ? MARK_UDP : MARK_ANY;
+	__u32 kind;
+	if (proto == IPPROTO_TCP)
+		kind = MARK_TCP;
+	else if (proto == IPPROTO_UDP)
+		kind = MARK_UDP;
+	else if (proto == 0)
+		kind = MARK_ANY;
+	else
+		return 1;
 	return may_hold(kind, MARKS_SESSIONS_TRUSTED, port);
 }
 
