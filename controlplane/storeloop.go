@@ -195,14 +195,19 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 	case <-l.resync: // this restore is the one asked for
 	default:
 	}
+	start := time.Now()
 	snap, err := l.st.Snapshot(ctx)
 	if err != nil {
 		return 0, err
 	}
+	read := time.Since(start)
 	idx := make(map[state.Key]*indexEntry, len(snap.Entries))
+	// One allocation for the whole index rather than one a session.
+	slab := make([]indexEntry, len(snap.Entries))
 	for i := range snap.Entries {
 		e := &snap.Entries[i]
-		idx[e.Key] = &indexEntry{rec: e.Record, modRev: e.ModRev}
+		slab[i] = indexEntry{rec: e.Record, modRev: e.ModRev}
+		idx[e.Key] = &slab[i]
 	}
 	for _, a := range snap.Activity {
 		if e := idx[a.Key]; e != nil {
@@ -252,7 +257,7 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 		}
 		// Sessions the maps lack (all of them after a reboot) go in
 		// batches; those the maps hold are merged one by one.
-		var fresh []state.Session
+		fresh := make([]state.Session, 0, len(idx)-len(local))
 		for k, e := range idx {
 			seen := e.remote
 			ls, held := local[k]
@@ -287,7 +292,8 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 	l.mu.Unlock()
 	l.st.SetApplied(snap.Rev)
 	l.log.Info().Int64("revision", snap.Rev).Int("sessions", len(idx)).Int("written", written).
-		Int("expired", skipped).Int("removed", removed).Msg("maps restored from the store")
+		Int("expired", skipped).Int("removed", removed).Dur("read", read).Dur("took", time.Since(start)).
+		Msg("maps restored from the store")
 	l.restored.Store(true)
 	l.readyOne.Do(func() { close(l.ready) })
 	return snap.Rev, nil
