@@ -214,6 +214,9 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 			e.remote = max(e.remote, a.LastSeen)
 		}
 	}
+	// The index holds all of it now: the snapshot's memory (a hundred
+	// bytes a session) is free for the writes below.
+	snap.Entries, snap.Activity = nil, nil
 	l.mu.Lock()
 	// What the old index learned of activity still counts for the same
 	// session.
