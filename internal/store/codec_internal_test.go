@@ -102,4 +102,3 @@ func TestParseSessionPathParts(t *testing.T) {
 		t.Errorf("parsed %v, %v", k, err)
 	}
 }
-
