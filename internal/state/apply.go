@@ -93,23 +93,35 @@ func (m *Maps) InsertNew(ss []Session, fail func(Session, error)) int {
 		defer mu.Unlock()
 		fail(s, err)
 	}
-	n4 := 0
+	n4, bad := 0, 0
 	for i := range ss {
-		if ss[i].Is4() {
+		if ss[i].Validate() != nil {
+			bad++
+		} else if ss[i].Is4() {
 			n4++
 		}
 	}
-	v4, v6 := make([]Session, 0, n4), make([]Session, 0, len(ss)-n4)
-	for i := range ss {
-		s := &ss[i]
-		if err := s.Validate(); err != nil {
-			failed(*s, err)
-			continue
-		}
-		if s.Is4() {
-			v4 = append(v4, *s)
-		} else {
-			v6 = append(v6, *s)
+	// Sessions all valid and of one family (a million of them at a
+	// restore) are written from ss itself, not a copy.
+	var v4, v6 []Session
+	switch {
+	case bad == 0 && n4 == len(ss):
+		v4 = ss
+	case bad == 0 && n4 == 0:
+		v6 = ss
+	default:
+		v4, v6 = make([]Session, 0, n4), make([]Session, 0, len(ss)-n4-bad)
+		for i := range ss {
+			s := &ss[i]
+			if err := s.Validate(); err != nil {
+				failed(*s, err)
+				continue
+			}
+			if s.Is4() {
+				v4 = append(v4, *s)
+			} else {
+				v6 = append(v6, *s)
+			}
 		}
 	}
 	// The kernel's side of a batch (a lookup and an allocation per
