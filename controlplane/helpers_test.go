@@ -60,6 +60,7 @@ type envOptions struct {
 	gateway          string
 	ackTimeout       time.Duration
 	activityInterval time.Duration
+	storeMemory      func(int)
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -107,6 +108,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 		Gateway:          o.gateway,
 		AckTimeout:       o.ackTimeout,
 		ActivityInterval: o.activityInterval,
+		StoreMemory:      o.storeMemory,
 	})
 	if err != nil {
 		t.Fatal(err)

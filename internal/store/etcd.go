@@ -39,6 +39,7 @@ type Etcd struct {
 	ttl    time.Duration
 	log    zerolog.Logger
 	seed   maphash.Seed
+	sized  func(int) // EtcdOptions.SnapshotSize
 
 	applied chan int64 // latest SetApplied, depth one
 
@@ -67,6 +68,10 @@ type EtcdOptions struct {
 	// waited for; 0 for DefaultLeaseTTL.
 	LeaseTTL time.Duration
 	Log      zerolog.Logger
+	// SnapshotSize, when not nil, is called with the number of sessions a
+	// snapshot is about to read, before it reads them (the daemon makes
+	// room for them in its memory limit).
+	SnapshotSize func(sessions int)
 }
 
 // DefaultLeaseTTL is the gateway key's lease TTL.
@@ -118,7 +123,7 @@ func OpenEtcd(o EtcdOptions) (*Etcd, error) {
 		return nil, fmt.Errorf("connect to etcd: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	e := &Etcd{cli: cli, prefix: o.Prefix, id: o.Gateway, ttl: o.LeaseTTL, log: o.Log, seed: maphash.MakeSeed(),
+	e := &Etcd{cli: cli, prefix: o.Prefix, id: o.Gateway, ttl: o.LeaseTTL, log: o.Log, seed: maphash.MakeSeed(), sized: o.SnapshotSize,
 		applied: make(chan int64, 1), peers: map[string]int64{}, changed: make(chan struct{}), stop: cancel}
 	e.done.Add(2)
 	go e.liveness(ctx)

@@ -176,6 +176,9 @@ func (e *Etcd) sessionsSnapshot(ctx context.Context) ([]Entry, int64, error) {
 	for _, r := range top {
 		total += r.n
 	}
+	if e.sized != nil {
+		e.sized(int(total))
+	}
 	// Pieces of at most a page, and enough of them that the requests in
 	// flight stay busy until the end.
 	piece := min(snapshotPage, max(total/int64(2*snapshotReads), 1000))

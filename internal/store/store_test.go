@@ -617,3 +617,36 @@ func TestEtcdUnavailable(t *testing.T) {
 	}
 	_ = strings.TrimSpace
 }
+
+// A snapshot says how many sessions it is about to read before it reads
+// them: every key under sessions/, a malformed one too.
+func TestEtcdSnapshotSize(t *testing.T) {
+	e := tu.StartEtcdLocal(t)
+	ctx := context.Background()
+	ca, cert, keyFile := e.ClientTLS()
+	conf, err := store.TLSConfig(ca, cert, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sizes []int
+	st, err := store.OpenEtcd(store.EtcdOptions{Endpoints: e.Endpoints(), TLS: conf, Prefix: "/aegis/", Gateway: "gw-a",
+		Log: zerolog.New(zerolog.NewTestWriter(t)), SnapshotSize: func(n int) { sizes = append(sizes, n) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	var ops []store.Op
+	for i := range 10 {
+		ops = append(ops, store.Op{Record: rec(key(i), "u"), IfModRev: -1})
+	}
+	if _, err := st.Txn(ctx, ops); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rawClient(t, e).Put(ctx, "/aegis/sessions/x", "{}"); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := st.Snapshot(ctx)
+	if err != nil || len(snap.Entries) != 10 || !slices.Equal(sizes, []int{11}) {
+		t.Fatalf("snapshot of %d sessions (%v), sizes told %v; want 10 and [11]", len(snap.Entries), err, sizes)
+	}
+}

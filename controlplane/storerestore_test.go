@@ -6,11 +6,15 @@ import (
 	"fmt"
 	"net/netip"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
+	"github.com/aegis-agent/aegis/controlplane"
 	"github.com/aegis-agent/aegis/internal/state"
 	"github.com/aegis-agent/aegis/internal/store"
 	tu "github.com/aegis-agent/aegis/internal/testutil"
@@ -55,13 +59,14 @@ func (s *fixedStore) Close() error                                { return nil }
 func BenchmarkStoreRestore(b *testing.B) {
 	const n = 1_000_000
 	now := time.Now().UnixNano()
-	entries := make([]store.Entry, n)
-	for i := range entries {
-		entries[i] = store.Entry{ModRev: int64(i + 1), Record: store.Record{Key: restoreKey(i), User: "bench",
-			Created: now, LastSeen: now, IdleTimeout: time.Hour}}
+	record := func(i int) store.Record {
+		return store.Record{Key: restoreKey(i), User: "bench", Created: now, LastSeen: now, IdleTimeout: time.Hour}
 	}
 	b.Run("read", func(b *testing.B) {
-		st := &fixedStore{snap: store.Snapshot{Rev: n + 1, Entries: entries}}
+		st := &fixedStore{snap: store.Snapshot{Rev: n + 1, Entries: make([]store.Entry, n)}}
+		for i := range st.snap.Entries {
+			st.snap.Entries[i] = store.Entry{ModRev: int64(i + 1), Record: record(i)}
+		}
 		benchmarkRestore(b, n, func(int) store.Store { return st })
 	})
 	b.Run("etcd", func(b *testing.B) {
@@ -78,7 +83,7 @@ func BenchmarkStoreRestore(b *testing.B) {
 				for i := w * store.MaxTxnOps; i < n; i += 16 * store.MaxTxnOps {
 					var ops []store.Op
 					for j := i; j < min(n, i+store.MaxTxnOps); j++ {
-						ops = append(ops, store.Op{Record: entries[j].Record, IfModRev: -1})
+						ops = append(ops, store.Op{Record: record(j), IfModRev: -1})
 					}
 					if _, err := filler.Txn(context.Background(), ops); err != nil {
 						errs <- err
@@ -93,7 +98,39 @@ func BenchmarkStoreRestore(b *testing.B) {
 		if err := <-errs; err != nil {
 			b.Fatal(err)
 		}
-		benchmarkRestore(b, n, func(i int) store.Store { return openEtcdStore(b, e, fmt.Sprintf("gw-%d", i)) })
+		// Nothing of the fill is left on the heap: the restore starts as a
+		// fresh process's does. With the daemon's collector settings
+		// (GOGC=400 and the soft limit of the default MemoryBound), the
+		// limit fixed or raised for the store's index as the daemon does.
+		ca, cert, key := e.ClientTLS()
+		conf, err := store.TLSConfig(ca, cert, key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var memory func(int)
+		open := func(i int) store.Store {
+			st, err := store.OpenEtcd(store.EtcdOptions{Endpoints: e.Endpoints(), TLS: conf, Prefix: "/aegis/",
+				Gateway: fmt.Sprintf("gw-%d", i), Log: zerolog.Nop(), SnapshotSize: memory})
+			if err != nil {
+				b.Fatal(err)
+			}
+			return st
+		}
+		bound := controlplane.MemoryBound(controlplane.DefaultMonitorStreams, controlplane.DefaultMonitorMaxMessageSize)
+		for _, c := range []struct {
+			name   string
+			memory func(int)
+		}{
+			{"limit=fixed", nil},
+			{"limit=store", func(n int) { debug.SetMemoryLimit(controlplane.StoreMemoryBound(bound, n)) }},
+		} {
+			b.Run(c.name, func(b *testing.B) {
+				memory = c.memory
+				defer debug.SetGCPercent(debug.SetGCPercent(400))
+				defer debug.SetMemoryLimit(debug.SetMemoryLimit(bound))
+				benchmarkRestoreWith(b, n, open, c.memory)
+			})
+		}
 	})
 }
 
@@ -103,16 +140,23 @@ func restoreKey(i int) state.Key {
 }
 
 func benchmarkRestore(b *testing.B, n int, open func(i int) store.Store) {
+	benchmarkRestoreWith(b, n, open, nil)
+}
+
+func benchmarkRestoreWith(b *testing.B, n int, open func(i int) store.Store, memory func(int)) {
 	var cpu time.Duration
 	i := 0
+	limit := debug.SetMemoryLimit(-1) // each restore starts at the limit given
 	for b.Loop() {
 		b.StopTimer()
+		debug.SetMemoryLimit(limit)
 		st := open(i)
 		i++
 		runtime.GC()
 		b.StartTimer()
 		c0 := restoreCPU()
-		e := newEnv(b, envOptions{store: st, gateway: "gw", capacity: 1 << 20, activityInterval: time.Hour, defIdle: time.Hour})
+		e := newEnv(b, envOptions{store: st, gateway: "gw", capacity: 1 << 20, activityInterval: time.Hour, defIdle: time.Hour,
+			storeMemory: memory})
 		cpu += restoreCPU() - c0
 		b.StopTimer()
 		if v4, _, err := e.maps().Count(); err != nil || v4 != n {
@@ -129,4 +173,34 @@ func restoreCPU() time.Duration {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// A restore tells Options.StoreMemory the size of the index it built.
+func TestStoreMemoryFollowsIndex(t *testing.T) {
+	tu.RequireKernel(t)
+	const n = 3000
+	now := time.Now().UnixNano()
+	st := &fixedStore{snap: store.Snapshot{Rev: n + 1, Entries: make([]store.Entry, n)}}
+	for i := range st.snap.Entries {
+		st.snap.Entries[i] = store.Entry{ModRev: int64(i + 1), Record: store.Record{Key: restoreKey(i), User: "u",
+			Created: now, LastSeen: now, IdleTimeout: time.Hour}}
+	}
+	var mu sync.Mutex
+	var told []int
+	e := newEnv(t, envOptions{store: st, gateway: "gw", activityInterval: time.Hour, defIdle: time.Hour,
+		storeMemory: func(n int) { mu.Lock(); told = append(told, n); mu.Unlock() }})
+	if v4, _, err := e.maps().Count(); err != nil || v4 != n {
+		t.Fatalf("maps hold %d sessions (%v), want %d", v4, err, n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(told) != 1 || told[0] != n {
+		t.Fatalf("memory told %v, want [%d]", told, n)
+	}
+	if got, bound := controlplane.StoreMemoryBound(200<<20, n), int64(200<<20); got != bound {
+		t.Errorf("bound for %d sessions %d, want the monitor's %d", n, got, bound)
+	}
+	if got := controlplane.StoreMemoryBound(200<<20, 1_000_000); got <= 700<<20 {
+		t.Errorf("bound for a million sessions %d, want room for them", got)
+	}
 }
