@@ -289,7 +289,8 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		bound := MemoryBound(c.MonitorMaxStreams, c.MonitorMaxMessageSize)
 		debug.SetMemoryLimit(bound)
-		storeMemory = func(n int) { debug.SetMemoryLimit(StoreMemoryBound(bound, n)) }
+		ceiling, _ := cgroupMemoryMax("/proc/self/cgroup", "/sys/fs/cgroup")
+		storeMemory = func(n int) { debug.SetMemoryLimit(StoreMemoryBound(bound, n, ceiling)) }
 	}
 	// --insecure needs a loopback listen address; say so before binding
 	// anything (socket activation is checked on the socket itself).

@@ -61,23 +61,6 @@ const (
 // 6 MiB for a full map of the default capacity).
 const memoryBase = 64 << 20
 
-// StoreSessionMemory is what the soft memory limit allows one stored
-// session: about twice what a restore holds for it at its peak (the
-// snapshot's entry, the index's, the session to write: some 400 bytes), so
-// that the collector has room to work.
-const StoreSessionMemory = 768
-
-// StoreMemoryBound is the soft memory limit of a daemon whose MemoryBound
-// is bound and whose store's index holds sessions: bound, or, when the
-// index needs more, the process's base and StoreSessionMemory a session.
-// Below what the index needs the collector runs without pause: a restore
-// of a million sessions from three members on loopback took 6.8 s of CPU
-// against the 196 MiB of the default bound, 3.4 s against this
-// (BenchmarkStoreRestore/etcd, in one run).
-func StoreMemoryBound(bound int64, sessions int) int64 {
-	return max(bound, memoryBase+int64(sessions)*StoreSessionMemory)
-}
-
 // MemoryBound is the most memory the daemon holds with streams
 // MonitorSessions slots taken and snapshots of at most maxMessage bytes:
 // the base, the latest snapshot, and two per slot (the one its transport

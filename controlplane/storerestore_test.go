@@ -122,7 +122,7 @@ func BenchmarkStoreRestore(b *testing.B) {
 			memory func(int)
 		}{
 			{"limit=fixed", nil},
-			{"limit=store", func(n int) { debug.SetMemoryLimit(controlplane.StoreMemoryBound(bound, n)) }},
+			{"limit=store", func(n int) { debug.SetMemoryLimit(controlplane.StoreMemoryBound(bound, n, 0)) }},
 		} {
 			b.Run(c.name, func(b *testing.B) {
 				memory = c.memory
@@ -197,10 +197,18 @@ func TestStoreMemoryFollowsIndex(t *testing.T) {
 	if len(told) != 1 || told[0] != n {
 		t.Fatalf("memory told %v, want [%d]", told, n)
 	}
-	if got, bound := controlplane.StoreMemoryBound(200<<20, n), int64(200<<20); got != bound {
-		t.Errorf("bound for %d sessions %d, want the monitor's %d", n, got, bound)
-	}
-	if got := controlplane.StoreMemoryBound(200<<20, 1_000_000); got <= 700<<20 {
-		t.Errorf("bound for a million sessions %d, want room for them", got)
+	bound := int64(200 << 20)
+	for _, c := range []struct {
+		sessions       int
+		ceiling, limit int64
+	}{
+		{n, 0, bound},                          // the index fits the monitor's bound
+		{1_000_000, 0, 64<<20 + 1_000_000*768}, // 64 MiB and 768 bytes a session
+		{1_000_000, 512 << 20, 448 << 20},      // seven eighths of the cgroup's hard limit
+		{1_000_000, 128 << 20, bound},          // never below the monitor's bound
+	} {
+		if got := controlplane.StoreMemoryBound(bound, c.sessions, c.ceiling); got != c.limit {
+			t.Errorf("limit for %d sessions under %d: %d, want %d", c.sessions, c.ceiling, got, c.limit)
+		}
 	}
 }
