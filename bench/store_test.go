@@ -492,7 +492,7 @@ func storeJoinAndActivity(b *testing.B, storeSessions int) {
 		}
 		b.Logf("%s joined a store of %d sessions: serving after %v (%.0f sessions/s)", g.id, storeSessions,
 			g.ready.Round(time.Millisecond), float64(storeSessions)/g.ready.Seconds())
-		b.Logf("%s: %s", g.id, restoreTimes(b, g))
+		b.Logf("%s: %s, peak resident memory %s", g.id, restoreTimes(b, g), peakMemory(g))
 		b.ReportMetric(float64(storeSessions)/g.ready.Seconds(), g.id+"-join-sessions/s")
 		gws = append(gws, g)
 	}
@@ -562,6 +562,20 @@ func restoreTimes(b *testing.B, g *storeGateway) string {
 		}
 	}
 	return "no restore logged"
+}
+
+// peakMemory is the gateway process's peak resident set (VmHWM).
+func peakMemory(g *storeGateway) string {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", g.cmd.Process.Pid))
+	if err != nil {
+		return "unknown"
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
 }
 
 func lastLines(s string, n int) string {
