@@ -152,8 +152,8 @@ func readError(err error) error {
 	return unavailable("read store", err)
 }
 
-// sessionsSnapshot reads every session at one revision and returns them
-// in key order with the revision.
+// sessionsSnapshot reads every session at one revision and returns them,
+// in no particular order, with the revision.
 func (e *Etcd) sessionsSnapshot(ctx context.Context) ([]Entry, int64, error) {
 	dir := e.prefix + sessionsDir
 	// The revision: a linearizable read of one key, which costs etcd
