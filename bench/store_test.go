@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -491,6 +492,7 @@ func storeJoinAndActivity(b *testing.B, storeSessions int) {
 		}
 		b.Logf("%s joined a store of %d sessions: serving after %v (%.0f sessions/s)", g.id, storeSessions,
 			g.ready.Round(time.Millisecond), float64(storeSessions)/g.ready.Seconds())
+		b.Logf("%s: %s, peak resident memory %s", g.id, restoreTimes(b, g), peakMemory(g))
 		b.ReportMetric(float64(storeSessions)/g.ready.Seconds(), g.id+"-join-sessions/s")
 		gws = append(gws, g)
 	}
@@ -539,6 +541,41 @@ func storeJoinAndActivity(b *testing.B, storeSessions int) {
 	b.Logf("activity of %d active sessions on 3 gateways, --activity-interval %v: %.0f etcd requests in %v = %.1f/s (%s)",
 		storeSessions, storeActivityInterval, total, elapsed.Round(time.Millisecond), rate, strings.Join(by, ", "))
 	b.Logf("activity in the store: %d values, %d bytes in all, the largest %d bytes", len(sizes), sum, largest)
+}
+
+// restoreTimes says how long the gateway's first restore took to read the
+// snapshot and in all, from its log; the rest of its join is starting
+// and connecting.
+func restoreTimes(b *testing.B, g *storeGateway) string {
+	b.Helper()
+	out, err := os.ReadFile(g.log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		var l struct {
+			Msg        string  `json:"message"`
+			Read, Took float64 // milliseconds
+		}
+		if json.Unmarshal([]byte(line), &l) == nil && l.Msg == "maps restored from the store" {
+			return fmt.Sprintf("snapshot read in %.2f s, maps written in %.2f s", l.Read/1000, (l.Took-l.Read)/1000)
+		}
+	}
+	return "no restore logged"
+}
+
+// peakMemory is the gateway process's peak resident set (VmHWM).
+func peakMemory(g *storeGateway) string {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", g.cmd.Process.Pid))
+	if err != nil {
+		return "unknown"
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
 }
 
 func lastLines(s string, n int) string {

@@ -90,7 +90,7 @@ func (c *CLI) storeSpec() (store.Spec, error) {
 }
 
 // openStore opens the store of --store; nil for none.
-func (c *CLI) openStore(log zerolog.Logger) (store.Store, string, error) {
+func (c *CLI) openStore(log zerolog.Logger, sized func(int)) (store.Store, string, error) {
 	spec, err := c.storeSpec()
 	if err != nil {
 		return nil, "", err
@@ -114,7 +114,8 @@ func (c *CLI) openStore(log zerolog.Logger) (store.Store, string, error) {
 			return nil, "", err
 		}
 	}
-	st, err := store.OpenEtcd(store.EtcdOptions{Endpoints: spec.Endpoints, TLS: tlsConf, Prefix: c.StorePrefix, Gateway: id, Log: log})
+	st, err := store.OpenEtcd(store.EtcdOptions{Endpoints: spec.Endpoints, TLS: tlsConf, Prefix: c.StorePrefix, Gateway: id, Log: log,
+		SnapshotSize: sized})
 	return st, id, err
 }
 
@@ -283,8 +284,13 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 	// GOGC=400 would let the heap grow to five times what is live; the
 	// soft limit keeps it within the bound the MonitorSessions caps give
 	// (docs/operations.md), collecting harder near it. GOMEMLIMIT wins.
+	// With a store, the limit grows with the store's index.
+	var storeMemory func(int)
 	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(MemoryBound(c.MonitorMaxStreams, c.MonitorMaxMessageSize))
+		bound := MemoryBound(c.MonitorMaxStreams, c.MonitorMaxMessageSize)
+		debug.SetMemoryLimit(bound)
+		ceiling, _ := cgroupMemoryMax("/proc/self/cgroup", "/sys/fs/cgroup")
+		storeMemory = func(n int) { debug.SetMemoryLimit(StoreMemoryBound(bound, n, ceiling)) }
 	}
 	// --insecure needs a loopback listen address; say so before binding
 	// anything (socket activation is checked on the socket itself).
@@ -324,7 +330,7 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 		return err
 	}
 
-	st, gateway, err := c.openStore(log)
+	st, gateway, err := c.openStore(log, storeMemory)
 	if err != nil {
 		return err
 	}
@@ -352,6 +358,7 @@ func (c *CLI) Run(ctx context.Context, log zerolog.Logger) error {
 		Gateway:          gateway,
 		AckTimeout:       c.StoreAckTimeout,
 		ActivityInterval: c.ActivityInterval,
+		StoreMemory:      storeMemory,
 	})
 	if err != nil {
 		if st != nil {

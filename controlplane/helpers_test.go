@@ -27,7 +27,7 @@ import (
 // env is a control plane serving mutual TLS on loopback over a test's own
 // pinned maps, with a PKI to make clients from.
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	pin     string
 	ca      *pki.CA
 	dir     string // TLS files
@@ -60,9 +60,10 @@ type envOptions struct {
 	gateway          string
 	ackTimeout       time.Duration
 	activityInterval time.Duration
+	storeMemory      func(int)
 }
 
-func newEnv(t *testing.T, o envOptions) *env {
+func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
 	e := &env{t: t, pin: tu.PinDir(t), dir: t.TempDir(), reg: prometheus.NewRegistry(), logs: &tu.Buffer{}}
 	if !o.noPins {
@@ -107,6 +108,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		Gateway:          o.gateway,
 		AckTimeout:       o.ackTimeout,
 		ActivityInterval: o.activityInterval,
+		StoreMemory:      o.storeMemory,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -158,7 +160,7 @@ func (e *env) client(name string) tls.Certificate {
 	return clientCert(e.t, e.ca, name)
 }
 
-func clientCert(t *testing.T, ca *pki.CA, name string) tls.Certificate {
+func clientCert(t testing.TB, ca *pki.CA, name string) tls.Certificate {
 	t.Helper()
 	p, err := ca.IssueClient(name, time.Hour)
 	if err != nil {

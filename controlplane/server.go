@@ -96,6 +96,12 @@ type Options struct {
 	// Clock converts the store's wall-clock times; the zero value reads
 	// the real clocks.
 	Clock store.Clock
+	// StoreMemory, when not nil, is told how many sessions the store's
+	// index holds or is about to: before a resync the index's size, after
+	// a restore and as grants grow it its size. The daemon sets its soft
+	// memory limit from it (StoreMemoryBound), so that the collector does
+	// not run without pause against a limit below what the index needs.
+	StoreMemory func(sessions int)
 }
 
 // Defaults of the store options.

@@ -36,7 +36,7 @@ func openFileStore(t *testing.T, path string) store.Store {
 	return st
 }
 
-func openEtcdStore(t *testing.T, e *tu.Etcd, id string) *store.Etcd {
+func openEtcdStore(t testing.TB, e *tu.Etcd, id string) *store.Etcd {
 	t.Helper()
 	ca, cert, key := e.ClientTLS()
 	conf, err := store.TLSConfig(ca, cert, key)

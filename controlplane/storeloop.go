@@ -83,6 +83,9 @@ type storeLoop struct {
 
 	m *storeMetrics
 
+	memory     func(sessions int) // Options.StoreMemory; nil for none
+	memorySize int                // the index's size memory was last told
+
 	// Test seams: beforeReapTxn runs between the reaping's judgment and
 	// its delete; reapUnconditional drops the revision condition of that
 	// delete, to show what the condition prevents.
@@ -94,7 +97,7 @@ func newStoreLoop(s *Server, o *Options) *storeLoop {
 	l := &storeLoop{s: s, st: o.Store, log: o.Log.With().Str("component", "store").Logger(), clock: o.Clock,
 		ackTimeout: o.AckTimeout, activityInterval: o.ActivityInterval,
 		index: map[state.Key]*indexEntry{}, advanced: make(chan struct{}), failed: map[int64]error{},
-		ready: make(chan struct{}), resync: make(chan struct{}, 1)}
+		ready: make(chan struct{}), resync: make(chan struct{}, 1), memory: o.StoreMemory}
 	l.m = newStoreMetrics(l)
 	return l
 }
@@ -195,20 +198,34 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 	case <-l.resync: // this restore is the one asked for
 	default:
 	}
+	l.mu.Lock()
+	l.sized(len(l.index))
+	l.mu.Unlock()
+	start := time.Now()
 	snap, err := l.st.Snapshot(ctx)
 	if err != nil {
 		return 0, err
 	}
+	read := time.Since(start)
+	l.mu.Lock()
+	l.sized(len(snap.Entries))
+	l.mu.Unlock()
 	idx := make(map[state.Key]*indexEntry, len(snap.Entries))
+	// One allocation for the whole index rather than one a session.
+	slab := make([]indexEntry, len(snap.Entries))
 	for i := range snap.Entries {
 		e := &snap.Entries[i]
-		idx[e.Key] = &indexEntry{rec: e.Record, modRev: e.ModRev}
+		slab[i] = indexEntry{rec: e.Record, modRev: e.ModRev}
+		idx[e.Key] = &slab[i]
 	}
 	for _, a := range snap.Activity {
 		if e := idx[a.Key]; e != nil {
 			e.remote = max(e.remote, a.LastSeen)
 		}
 	}
+	// The index holds all of it now: the snapshot's memory (a hundred
+	// bytes a session) is free for the writes below.
+	snap.Entries, snap.Activity = nil, nil
 	l.mu.Lock()
 	// What the old index learned of activity still counts for the same
 	// session.
@@ -252,7 +269,7 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 		}
 		// Sessions the maps lack (all of them after a reboot) go in
 		// batches; those the maps hold are merged one by one.
-		var fresh []state.Session
+		fresh := make([]state.Session, 0, len(idx)-len(local))
 		for k, e := range idx {
 			seen := e.remote
 			ls, held := local[k]
@@ -287,10 +304,22 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 	l.mu.Unlock()
 	l.st.SetApplied(snap.Rev)
 	l.log.Info().Int64("revision", snap.Rev).Int("sessions", len(idx)).Int("written", written).
-		Int("expired", skipped).Int("removed", removed).Msg("maps restored from the store")
+		Int("expired", skipped).Int("removed", removed).Dur("read", read).Dur("took", time.Since(start)).
+		Msg("maps restored from the store")
 	l.restored.Store(true)
 	l.readyOne.Do(func() { close(l.ready) })
 	return snap.Rev, nil
+}
+
+// sized tells Options.StoreMemory that the index holds or is about to
+// hold n sessions, when n grew by an eighth since it was last told, or
+// fell below half; call with l.mu held.
+func (l *storeLoop) sized(n int) {
+	if l.memory == nil || (n <= l.memorySize+l.memorySize/8 && n >= l.memorySize/2) {
+		return
+	}
+	l.memorySize = n
+	l.memory(n)
 }
 
 // advance records that every change up to rev is applied; call with l.mu
@@ -403,6 +432,7 @@ func (l *storeLoop) put(m *state.Maps, e *store.Entry, defaultIdle time.Duration
 	if ie == nil || ie.rec.Created != e.Created || ie.rec.User != e.User {
 		ie = &indexEntry{}
 		l.index[e.Key] = ie
+		l.sized(len(l.index))
 	}
 	ie.rec, ie.modRev = e.Record, e.ModRev
 	seen := ie.remote

@@ -3,6 +3,9 @@ package state
 import (
 	"errors"
 	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 
@@ -80,21 +83,77 @@ func (m *Maps) Touch(k Key, seen, defaultIdle, now uint64) (bool, error) {
 // is ordered against the sweep as one grant is (guard.go): if a sweep
 // section overlapped it, every session of the batch is put back if the
 // section deleted it. It reports how many sessions it wrote and calls fail
-// for each it could not write (ErrInvalid, ErrFull, or the map's error).
+// for each it could not write (ErrInvalid, ErrFull, or the map's error),
+// one call at a time, from any goroutine: the batches are written in
+// parallel.
 func (m *Maps) InsertNew(ss []Session, fail func(Session, error)) int {
-	var v4, v6 []Session
-	for _, s := range ss {
-		if err := s.Validate(); err != nil {
-			fail(s, err)
-			continue
-		}
-		if s.Is4() {
-			v4 = append(v4, s)
-		} else {
-			v6 = append(v6, s)
+	var mu sync.Mutex
+	failed := func(s Session, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		fail(s, err)
+	}
+	n4, bad := 0, 0
+	for i := range ss {
+		if ss[i].Validate() != nil {
+			bad++
+		} else if ss[i].Is4() {
+			n4++
 		}
 	}
-	return insertNew(m, m.SessionsV4, v4, Key.v4, fail) + insertNew(m, m.SessionsV6, v6, Key.v6, fail)
+	// Sessions all valid and of one family (a million of them at a
+	// restore) are written from ss itself, not a copy.
+	var v4, v6 []Session
+	switch {
+	case bad == 0 && n4 == len(ss):
+		v4 = ss
+	case bad == 0 && n4 == 0:
+		v6 = ss
+	default:
+		v4, v6 = make([]Session, 0, n4), make([]Session, 0, len(ss)-n4-bad)
+		for i := range ss {
+			s := &ss[i]
+			if err := s.Validate(); err != nil {
+				failed(*s, err)
+				continue
+			}
+			if s.Is4() {
+				v4 = append(v4, *s)
+			} else {
+				v6 = append(v6, *s)
+			}
+		}
+	}
+	// The kernel's side of a batch (a lookup and an allocation per
+	// session) is most of the cost, and batches of different keys do not
+	// contend: a million sessions go in on every CPU at once.
+	var written atomic.Int64
+	var wg sync.WaitGroup
+	workers := min(runtime.GOMAXPROCS(0), maxInsertWorkers)
+	for _, part := range split(v4, workers, batchSize) {
+		wg.Go(func() { written.Add(int64(insertNew(m, m.SessionsV4, part, Key.v4, failed))) })
+	}
+	for _, part := range split(v6, workers, batchSize) {
+		wg.Go(func() { written.Add(int64(insertNew(m, m.SessionsV6, part, Key.v6, failed))) })
+	}
+	wg.Wait()
+	return int(written.Load())
+}
+
+// maxInsertWorkers bounds the goroutines of one InsertNew.
+const maxInsertWorkers = 4
+
+// split cuts ss into at most n parts of whole batches of size each.
+func split(ss []Session, n, size int) [][]Session {
+	batches := (len(ss) + size - 1) / size
+	per := max(1, (batches+n-1)/n) * size
+	var out [][]Session
+	for len(ss) > 0 {
+		k := min(len(ss), per)
+		out = append(out, ss[:k])
+		ss = ss[k:]
+	}
+	return out
 }
 
 func insertNew[K any](m *Maps, mp *ebpf.Map, ss []Session, key func(Key) K, fail func(Session, error)) int {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -37,18 +38,20 @@ func sessionPath(k state.Key) string {
 // prefix.
 func parseSessionPath(p string) (state.Key, error) {
 	rest, ok := strings.CutPrefix(p, sessionsDir)
-	parts := strings.Split(rest, "/")
-	if !ok || len(parts) != 4 {
+	src, rest, ok1 := strings.Cut(rest, "/")
+	dst, rest, ok2 := strings.Cut(rest, "/")
+	dport, proto, ok3 := strings.Cut(rest, "/")
+	if !ok || !ok1 || !ok2 || !ok3 || strings.Contains(proto, "/") {
 		return state.Key{}, fmt.Errorf("parse session key %q: want sessions/SRC/DST/DPORT/PROTO", p)
 	}
-	src, err1 := netip.ParseAddr(parts[0])
-	dst, err2 := netip.ParseAddr(parts[1])
-	port, err3 := strconv.ParseUint(parts[2], 10, 16)
-	proto, err4 := strconv.ParseUint(parts[3], 10, 8)
+	srcIP, err1 := netip.ParseAddr(src)
+	dstIP, err2 := netip.ParseAddr(dst)
+	port, err3 := strconv.ParseUint(dport, 10, 16)
+	protoN, err4 := strconv.ParseUint(proto, 10, 8)
 	if err1 != nil || err2 != nil || err3 != nil || err4 != nil {
 		return state.Key{}, fmt.Errorf("parse session key %q: malformed", p)
 	}
-	k := state.Key{Src: src, Dst: dst, Port: uint16(port), Proto: state.Protocol(proto)}
+	k := state.Key{Src: srcIP, Dst: dstIP, Port: uint16(port), Proto: state.Protocol(protoN)}
 	if err := k.Validate(); err != nil {
 		return state.Key{}, fmt.Errorf("parse session key %q: %w", p, err)
 	}
@@ -72,10 +75,21 @@ func encodeRecord(r *Record, modRev int64) []byte {
 	return b
 }
 
+// decodeRecord decodes the stored value b of the session at k.
 func decodeRecord(k state.Key, b []byte) (Record, int64, error) {
-	var v recordValue
-	if err := json.Unmarshal(b, &v); err != nil {
-		return Record{}, 0, fmt.Errorf("decode session %v: %w", k, err)
+	return decodeRecordUsers(k, b, nil)
+}
+
+// decodeRecordUsers is decodeRecord with a table of user names already
+// decoded (nil for none), so that the sessions of one user share one
+// string.
+func decodeRecordUsers(k state.Key, b []byte, users userTable) (Record, int64, error) {
+	v, ok := scanRecordValue(b, users)
+	if !ok {
+		v = recordValue{}
+		if err := json.Unmarshal(b, &v); err != nil {
+			return Record{}, 0, fmt.Errorf("decode session %v: %w", k, err)
+		}
 	}
 	r := Record{Key: k, User: v.User, Created: v.Created, LastSeen: v.LastSeen, Expires: v.Expires,
 		IdleTimeout: time.Duration(v.IdleTimeout)}
@@ -84,6 +98,129 @@ func decodeRecord(k state.Key, b []byte) (Record, int64, error) {
 		return Record{}, 0, fmt.Errorf("decode session %v: %w", k, err)
 	}
 	return r, v.ModRev, nil
+}
+
+// userTable maps user names to one string each.
+type userTable map[string]string
+
+// maxUserTable bounds a userTable: past it, names are no longer shared.
+const maxUserTable = 1 << 14
+
+func (t userTable) name(b []byte) string {
+	if s, ok := t[string(b)]; ok {
+		return s
+	}
+	s := string(b)
+	if t != nil && len(t) < maxUserTable {
+		t[s] = s
+	}
+	return s
+}
+
+// scanRecordValue decodes b without encoding/json if it has the form
+// that encodeRecord writes: an object of recordValue's fields, named
+// exactly, in any order, strings of printable ASCII without escapes,
+// integers, no spaces. It reports false for anything else, which
+// encoding/json then decodes (or refuses) as it always did: what it
+// returns with true is what json.Unmarshal returns for b.
+func scanRecordValue(b []byte, users userTable) (recordValue, bool) {
+	var v recordValue
+	if len(b) < 2 || b[0] != '{' {
+		return v, false
+	}
+	i := 1
+	if b[i] == '}' {
+		return v, len(b) == 2
+	}
+	for {
+		name, j, ok := scanPlainString(b, i)
+		if !ok || j >= len(b) || b[j] != ':' {
+			return v, false
+		}
+		i = j + 1
+		var n *int64
+		switch string(name) {
+		case "user":
+			s, j, ok := scanPlainString(b, i)
+			if !ok {
+				return v, false
+			}
+			v.User, i = users.name(s), j
+		case "created_unix_ns":
+			n = &v.Created
+		case "last_seen_unix_ns":
+			n = &v.LastSeen
+		case "expires_unix_ns":
+			n = &v.Expires
+		case "idle_timeout_ns":
+			n = &v.IdleTimeout
+		case "mod_revision":
+			n = &v.ModRev
+		default:
+			return v, false
+		}
+		if n != nil {
+			if *n, i, ok = scanInt(b, i); !ok {
+				return v, false
+			}
+		}
+		if i >= len(b) {
+			return v, false
+		}
+		switch b[i] {
+		case ',':
+			i++
+		case '}':
+			return v, i+1 == len(b)
+		default:
+			return v, false
+		}
+	}
+}
+
+// scanPlainString scans the JSON string at b[i] if it is printable ASCII
+// without escapes, and returns its content and the index after it.
+func scanPlainString(b []byte, i int) ([]byte, int, bool) {
+	if i >= len(b) || b[i] != '"' {
+		return nil, 0, false
+	}
+	for j := i + 1; j < len(b); j++ {
+		switch c := b[j]; {
+		case c == '"':
+			return b[i+1 : j], j + 1, true
+		case c < 0x20 || c >= 0x7f || c == '\\':
+			return nil, 0, false
+		}
+	}
+	return nil, 0, false
+}
+
+// scanInt scans the JSON integer at b[i] (no fraction, no exponent, no
+// leading zero, within int64) and returns it and the index after it.
+func scanInt(b []byte, i int) (int64, int, bool) {
+	neg := i < len(b) && b[i] == '-'
+	if neg {
+		i++
+	}
+	start := i
+	var u uint64
+	for ; i < len(b) && b[i] >= '0' && b[i] <= '9'; i++ {
+		if u > (math.MaxUint64-9)/10 {
+			return 0, 0, false
+		}
+		u = u*10 + uint64(b[i]-'0')
+	}
+	switch {
+	case i == start, b[start] == '0' && i-start > 1:
+		return 0, 0, false
+	case i < len(b) && (b[i] == '.' || b[i] == 'e' || b[i] == 'E'):
+		return 0, 0, false
+	case neg && u <= 1<<63:
+		return -int64(u), i, true
+	case !neg && u <= math.MaxInt64:
+		return int64(u), i, true
+	}
+	return 0, 0, false
 }
 
 // gatewayValue is a live gateway's key.

@@ -39,6 +39,7 @@ type Etcd struct {
 	ttl    time.Duration
 	log    zerolog.Logger
 	seed   maphash.Seed
+	sized  func(int) // EtcdOptions.SnapshotSize
 
 	applied chan int64 // latest SetApplied, depth one
 
@@ -67,6 +68,10 @@ type EtcdOptions struct {
 	// waited for; 0 for DefaultLeaseTTL.
 	LeaseTTL time.Duration
 	Log      zerolog.Logger
+	// SnapshotSize, when not nil, is called with the number of sessions a
+	// snapshot is about to read, before it reads them (the daemon makes
+	// room for them in its memory limit).
+	SnapshotSize func(sessions int)
 }
 
 // DefaultLeaseTTL is the gateway key's lease TTL.
@@ -118,7 +123,7 @@ func OpenEtcd(o EtcdOptions) (*Etcd, error) {
 		return nil, fmt.Errorf("connect to etcd: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	e := &Etcd{cli: cli, prefix: o.Prefix, id: o.Gateway, ttl: o.LeaseTTL, log: o.Log, seed: maphash.MakeSeed(),
+	e := &Etcd{cli: cli, prefix: o.Prefix, id: o.Gateway, ttl: o.LeaseTTL, log: o.Log, seed: maphash.MakeSeed(), sized: o.SnapshotSize,
 		applied: make(chan int64, 1), peers: map[string]int64{}, changed: make(chan struct{}), stop: cancel}
 	e.done.Add(2)
 	go e.liveness(ctx)
@@ -133,25 +138,29 @@ func unavailable(op string, err error) error {
 	return fmt.Errorf("%s: %w: %v", op, ErrUnavailable, err)
 }
 
-// Snapshot implements Store. It reads in pages, all at one revision, so
-// that a million sessions are never one response.
+// Snapshot implements Store. The sessions are read as several ranges
+// in parallel (etcdsnapshot.go), the activity in pages, all at one
+// revision, so that a million sessions are never one response.
+// A revision compacted while the snapshot reads is read again at a newer
+// one, a few times.
 func (e *Etcd) Snapshot(ctx context.Context) (Snapshot, error) {
+	for try := 1; ; try++ {
+		snap, err := e.snapshot(ctx)
+		if err == nil || !errors.Is(err, ErrCompacted) || try == snapshotTries {
+			return snap, err
+		}
+		e.log.Info().Err(err).Msg("snapshot revision compacted meanwhile: reading again")
+	}
+}
+
+// snapshotTries is how often Snapshot reads when its revision is
+// compacted under it.
+const snapshotTries = 3
+
+func (e *Etcd) snapshot(ctx context.Context) (Snapshot, error) {
 	var snap Snapshot
-	err := e.rangeAll(ctx, e.prefix+sessionsDir, 0, func(kv []byte, v []byte, mod, rev int64) error {
-		snap.Rev = rev
-		k, err := parseSessionPath(strings.TrimPrefix(string(kv), e.prefix))
-		if err != nil {
-			e.log.Warn().Err(err).Msg("skipping a malformed session in the store")
-			return nil
-		}
-		r, _, err := decodeRecord(k, v)
-		if err != nil {
-			e.log.Warn().Err(err).Msg("skipping a malformed session in the store")
-			return nil
-		}
-		snap.Entries = append(snap.Entries, Entry{Record: r, ModRev: mod})
-		return nil
-	}, &snap.Rev)
+	var err error
+	snap.Entries, snap.Rev, err = e.sessionsSnapshot(ctx)
 	if err != nil {
 		return Snapshot{}, err
 	}
@@ -171,11 +180,13 @@ func (e *Etcd) Snapshot(ctx context.Context) (Snapshot, error) {
 	return snap, err
 }
 
-// snapshotPage is how many keys one range request of a snapshot reads,
-// about 15 MB. Large on purpose: etcd 3.4 answers a limited range by
-// walking the whole rest of the range in its index, so a snapshot costs
-// pages × remaining keys; at 20,000 keys a page a million sessions read at
-// 70,000 a second, at 100,000 at 128,000.
+// snapshotPage is the most keys one range request of a snapshot reads,
+// about 15 MB: a snapshot reads ranges of at most this many keys (in
+// pages if a range cannot be split smaller), and the activity in pages of
+// it. etcd 3.4 answers a limited range by walking the whole rest of the
+// range in its index, so pages of one large range cost pages × remaining
+// keys; at 20,000 keys a page a million sessions read at 70,000 a second,
+// at 100,000 at 128,000.
 var snapshotPage int64 = 100000
 
 // rangeAll reads every key under prefix at revision rev (0: now, which it

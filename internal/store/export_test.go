@@ -18,3 +18,17 @@ func SetSnapshotPage(n int64) (restore func()) {
 	snapshotPage = n
 	return func() { snapshotPage = old }
 }
+
+// SetSnapshotReads sets how many requests of a snapshot are in flight.
+func SetSnapshotReads(n int) (restore func()) {
+	old := snapshotReads
+	snapshotReads = n
+	return func() { snapshotReads = old }
+}
+
+// SetSnapshotRevHook calls fn with each snapshot's revision before the
+// snapshot reads at it.
+func SetSnapshotRevHook(fn func(rev int64)) (restore func()) {
+	snapshotRevHook = fn
+	return func() { snapshotRevHook = nil }
+}

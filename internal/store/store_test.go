@@ -208,7 +208,7 @@ func TestFileStore(t *testing.T) {
 	}
 }
 
-func openEtcd(t *testing.T, e *tu.Etcd, id, prefix string) *store.Etcd {
+func openEtcd(t testing.TB, e *tu.Etcd, id, prefix string) *store.Etcd {
 	t.Helper()
 	ca, cert, keyFile := e.ClientTLS()
 	conf, err := store.TLSConfig(ca, cert, keyFile)
@@ -267,6 +267,139 @@ func TestEtcdSnapshotPages(t *testing.T) {
 	}
 	if len(snap.Entries) != n {
 		t.Fatalf("snapshot has %d sessions, want %d", len(snap.Entries), n)
+	}
+}
+
+// A snapshot split into many ranges (small pages, so that the ranges are
+// split deep) holds every session exactly once, IPv4 and IPv6, with keys
+// that are no sessions at the bounds of the ranges skipped, and is the
+// store at its revision while writes go on.
+func TestEtcdSnapshotRanges(t *testing.T) {
+	e := tu.StartEtcdLocal(t)
+	st := openEtcd(t, e, "gw-a", "/aegis/")
+	raw := rawClient(t, e)
+	ctx := context.Background()
+	defer store.SetSnapshotPage(40)()
+	defer store.SetSnapshotReads(3)()
+	var keys []state.Key
+	for _, first := range []string{"1", "9", "10", "100", "192", "255"} {
+		for i := range 300 {
+			keys = append(keys, state.Key{Src: netip.MustParseAddr(fmt.Sprintf("%s.%d.%d.%d", first, i%7, i/250, i%250)),
+				Dst: netip.MustParseAddr("198.51.100.1"), Port: uint16(1 + i), Proto: state.TCP})
+		}
+	}
+	for _, pfx := range []string{"2001:db8::", "fd00::", "::"} {
+		for i := range 200 {
+			keys = append(keys, state.Key{Src: netip.MustParseAddr(fmt.Sprintf("%s%x", pfx, i+1)),
+				Dst: netip.MustParseAddr("2001:db8:1::1"), Port: 443, Proto: state.UDP})
+		}
+	}
+	var ops []store.Op
+	for i, k := range keys {
+		ops = append(ops, store.Op{Record: rec(k, "u"), IfModRev: -1})
+		if len(ops) == store.MaxTxnOps || i == len(keys)-1 {
+			if _, err := st.Txn(ctx, ops); err != nil {
+				t.Fatal(err)
+			}
+			ops = ops[:0]
+		}
+	}
+	// Keys that are no sessions, on and next to the bounds where ranges
+	// are split: skipped, and nothing else lost for them.
+	for _, k := range []string{"", "1", "10", "10.", "2001:", ":", "/", "f", "g", "zz", "\xff", "10.0.0.1/x"} {
+		if _, err := raw.Put(ctx, "/aegis/sessions/"+k, "{}"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sessionsAt := func(rev int64) map[state.Key]bool {
+		resp, err := raw.Get(ctx, "/aegis/sessions/", clientv3.WithPrefix(), clientv3.WithRev(rev))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[state.Key]bool{}
+		for _, kv := range resp.Kvs {
+			if k, err := store.ParseSessionPath(strings.TrimPrefix(string(kv.Key), "/aegis/")); err == nil {
+				out[k] = true
+			}
+		}
+		return out
+	}
+	check := func(what string) {
+		t.Helper()
+		snap, err := st.Snapshot(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := sessionsAt(snap.Rev)
+		got := map[state.Key]bool{}
+		for _, en := range snap.Entries {
+			if got[en.Key] {
+				t.Fatalf("%s: %v twice in the snapshot", what, en.Key)
+			}
+			got[en.Key] = true
+			if !want[en.Key] {
+				t.Errorf("%s: %v in the snapshot, not in the store at revision %d", what, en.Key, snap.Rev)
+			}
+		}
+		if len(got) != len(want) {
+			t.Fatalf("%s: snapshot holds %d sessions, the store %d at revision %d", what, len(got), len(want), snap.Rev)
+		}
+	}
+	check("still")
+	if n := len(keys); n < 2000 {
+		t.Fatalf("only %d sessions", n)
+	}
+	// Meanwhile a writer revokes and grants: each snapshot is still the
+	// store at one revision.
+	wctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		defer close(done)
+		for i := 0; wctx.Err() == nil; i++ {
+			k := keys[(i*37)%len(keys)]
+			ops := []store.Op{{Record: store.Record{Key: k}, Delete: true, IfModRev: -1}, {Record: rec(key(i%250), "w"), IfModRev: -1}}
+			if _, err := st.Txn(wctx, ops); err != nil && wctx.Err() == nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	for i := range 3 {
+		check(fmt.Sprintf("during writes, %d", i))
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A snapshot whose revision is compacted while it reads starts again at
+// a newer one.
+func TestEtcdSnapshotCompactedMeanwhile(t *testing.T) {
+	e := tu.StartEtcdLocal(t)
+	st := openEtcd(t, e, "gw-a", "/aegis/")
+	raw := rawClient(t, e)
+	ctx := context.Background()
+	if _, err := st.Txn(ctx, []store.Op{{Record: rec(key(1), "alice"), IfModRev: -1}}); err != nil {
+		t.Fatal(err)
+	}
+	var first int64
+	defer store.SetSnapshotRevHook(func(rev int64) {
+		if first != 0 {
+			return
+		}
+		first = rev
+		resp, err := raw.Put(ctx, "/aegis/sessions/x", "{}")
+		if err == nil {
+			_, err = raw.Compact(ctx, resp.Header.Revision)
+		}
+		if err != nil {
+			t.Error(err)
+		}
+	})()
+	snap, err := st.Snapshot(ctx)
+	if err != nil || len(snap.Entries) != 1 || snap.Rev <= first {
+		t.Fatalf("snapshot %+v at %d (first at %d): %v", snap.Entries, snap.Rev, first, err)
 	}
 }
 
@@ -483,4 +616,37 @@ func TestEtcdUnavailable(t *testing.T) {
 		t.Fatalf("write after etcd came back: %v", err)
 	}
 	_ = strings.TrimSpace
+}
+
+// A snapshot says how many sessions it is about to read before it reads
+// them: every key under sessions/, a malformed one too.
+func TestEtcdSnapshotSize(t *testing.T) {
+	e := tu.StartEtcdLocal(t)
+	ctx := context.Background()
+	ca, cert, keyFile := e.ClientTLS()
+	conf, err := store.TLSConfig(ca, cert, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sizes []int
+	st, err := store.OpenEtcd(store.EtcdOptions{Endpoints: e.Endpoints(), TLS: conf, Prefix: "/aegis/", Gateway: "gw-a",
+		Log: zerolog.New(zerolog.NewTestWriter(t)), SnapshotSize: func(n int) { sizes = append(sizes, n) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	var ops []store.Op
+	for i := range 10 {
+		ops = append(ops, store.Op{Record: rec(key(i), "u"), IfModRev: -1})
+	}
+	if _, err := st.Txn(ctx, ops); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rawClient(t, e).Put(ctx, "/aegis/sessions/x", "{}"); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := st.Snapshot(ctx)
+	if err != nil || len(snap.Entries) != 10 || !slices.Equal(sizes, []int{11}) {
+		t.Fatalf("snapshot of %d sessions (%v), sizes told %v; want 10 and [11]", len(snap.Entries), err, sizes)
+	}
 }
