@@ -50,6 +50,8 @@ type indexEntry struct {
 	// map's last_seen when last read (data path clock).
 	remote, published int64
 	local             uint64
+	// prev and next link the entries of the same user (storeLoop.byUser).
+	prev, next *indexEntry
 }
 
 // storeLoop keeps the maps in step with the store.
@@ -63,6 +65,11 @@ type storeLoop struct {
 
 	mu    sync.Mutex
 	index map[state.Key]*indexEntry
+	// byUser is the first of each user's entries, which link the rest, so
+	// that a revoke of a user's sessions costs that user's entries, not a
+	// walk of the whole index. Changed only with index (setIndex,
+	// setEntry, dropEntry).
+	byUser map[string]*indexEntry
 	// applied is the revision up to which every change is in the maps;
 	// advanced is closed and replaced whenever it grows.
 	applied  int64
@@ -96,7 +103,7 @@ type storeLoop struct {
 func newStoreLoop(s *Server, o *Options) *storeLoop {
 	l := &storeLoop{s: s, st: o.Store, log: o.Log.With().Str("component", "store").Logger(), clock: o.Clock,
 		ackTimeout: o.AckTimeout, activityInterval: o.ActivityInterval,
-		index: map[state.Key]*indexEntry{}, advanced: make(chan struct{}), failed: map[int64]error{},
+		index: map[state.Key]*indexEntry{}, byUser: map[string]*indexEntry{}, advanced: make(chan struct{}), failed: map[int64]error{},
 		ready: make(chan struct{}), resync: make(chan struct{}, 1), memory: o.StoreMemory}
 	l.m = newStoreMetrics(l)
 	return l
@@ -299,7 +306,8 @@ func (l *storeLoop) restore(ctx context.Context) (int64, error) {
 		return 0, err
 	}
 	l.mu.Lock()
-	l.index, l.gen, l.since = idx, gen, l.clock.NowWall()
+	l.setIndex(idx)
+	l.gen, l.since = gen, l.clock.NowWall()
 	l.advance(snap.Rev)
 	l.mu.Unlock()
 	l.st.SetApplied(snap.Rev)
@@ -402,7 +410,7 @@ func (l *storeLoop) apply(b *store.Batch) error {
 			case store.Delete:
 				sessions = true
 				l.mu.Lock()
-				delete(l.index, ev.Entry.Key)
+				l.dropEntry(ev.Entry.Key)
 				l.mu.Unlock()
 				if err := m.Revoke(ev.Entry.Key); err != nil && !errors.Is(err, state.ErrNotFound) {
 					l.log.Error().Err(err).Stringer("session", ev.Entry.Key).Msg("apply revoke to the maps")
@@ -430,8 +438,8 @@ func (l *storeLoop) put(m *state.Maps, e *store.Entry, defaultIdle time.Duration
 	l.mu.Lock()
 	ie := l.index[e.Key]
 	if ie == nil || ie.rec.Created != e.Created || ie.rec.User != e.User {
-		ie = &indexEntry{}
-		l.index[e.Key] = ie
+		ie = &indexEntry{rec: e.Record}
+		l.setEntry(ie)
 		l.sized(len(l.index))
 	}
 	ie.rec, ie.modRev = e.Record, e.ModRev
@@ -493,4 +501,48 @@ func (l *storeLoop) close(ctx context.Context) {
 	if err := l.st.Close(); err != nil {
 		l.log.Warn().Err(err).Msg("close the session store")
 	}
+}
+
+// setIndex replaces the index with idx; call with l.mu held.
+func (l *storeLoop) setIndex(idx map[state.Key]*indexEntry) {
+	l.index, l.byUser = idx, make(map[string]*indexEntry)
+	for _, e := range idx {
+		l.link(e)
+	}
+}
+
+// setEntry puts e under its key, in place of the entry there; call with
+// l.mu held.
+func (l *storeLoop) setEntry(e *indexEntry) {
+	l.dropEntry(e.rec.Key)
+	l.index[e.rec.Key] = e
+	l.link(e)
+}
+
+// dropEntry removes the entry of k, if any; call with l.mu held.
+func (l *storeLoop) dropEntry(k state.Key) {
+	e := l.index[k]
+	if e == nil {
+		return
+	}
+	delete(l.index, k)
+	if e.prev != nil {
+		e.prev.next = e.next
+	} else if e.next != nil {
+		l.byUser[e.rec.User] = e.next
+	} else {
+		delete(l.byUser, e.rec.User)
+	}
+	if e.next != nil {
+		e.next.prev = e.prev
+	}
+	e.prev, e.next = nil, nil
+}
+
+func (l *storeLoop) link(e *indexEntry) {
+	e.prev, e.next = nil, l.byUser[e.rec.User]
+	if e.next != nil {
+		e.next.prev = e
+	}
+	l.byUser[e.rec.User] = e
 }

@@ -281,10 +281,8 @@ func (l *storeLoop) userKeys(user string) []state.Key {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var keys []state.Key
-	for k, e := range l.index {
-		if e.rec.User == user {
-			keys = append(keys, k)
-		}
+	for e := l.byUser[user]; e != nil; e = e.next {
+		keys = append(keys, e.rec.Key)
 	}
 	return keys
 }
