@@ -889,18 +889,26 @@ static __always_inline void session_key6(const struct tuple *t, __u8 proto, stru
 	k->proto = proto;
 }
 
-static __always_inline struct session_value *session_find(const struct tuple *t, __u8 proto)
+/* The entry under t's session key with proto in map4 or map6, by family:
+ * a session or a tombstone. Always inlined, so each map is a constant at
+ * its call site, which the verifier's inlining of the lookup needs. */
+static __always_inline void *session_keyed(void *map4, void *map6, const struct tuple *t, __u8 proto)
 {
 	if (t->family == 4) {
 		struct session_key_v4 k = {};
 		session_key4(t, proto, &k);
-		struct session_value *v = bpf_map_lookup_elem(&sessions_v4, &k);
+		void *v = bpf_map_lookup_elem(map4, &k);
 		LOOKUP_APART(v);
 		return v;
 	}
 	struct session_key_v6 k = {};
 	session_key6(t, proto, &k);
-	return bpf_map_lookup_elem(&sessions_v6, &k);
+	return bpf_map_lookup_elem(map6, &k);
+}
+
+static __always_inline struct session_value *session_find(const struct tuple *t, __u8 proto)
+{
+	return session_keyed(&sessions_v4, &sessions_v6, t, proto);
 }
 
 static __always_inline void flow_key4(const struct tuple *t, struct flow_key_v4 *k)
@@ -1819,16 +1827,7 @@ struct {
 
 static __always_inline struct tomb_value *tomb_find(const struct tuple *t, __u8 proto)
 {
-	if (t->family == 4) {
-		struct session_key_v4 k = {};
-		session_key4(t, proto, &k);
-		struct tomb_value *v = bpf_map_lookup_elem(&tombs_v4, &k);
-		LOOKUP_APART(v);
-		return v;
-	}
-	struct session_key_v6 k = {};
-	session_key6(t, proto, &k);
-	return bpf_map_lookup_elem(&tombs_v6, &k);
+	return session_keyed(&tombs_v4, &tombs_v6, t, proto);
 }
 
 /* Whether a live tombstone of proto refuses a flow for the reply r;
