@@ -14,7 +14,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -197,44 +196,12 @@ func fillStore(b *testing.B, e *tu.Etcd, n int) time.Duration {
 	defer st.Close()
 	now := time.Now().UnixNano()
 	start := time.Now()
-	var wg sync.WaitGroup
-	errs := make(chan error, 16)
-	const writers = 16
-	for w := range writers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ops := make([]store.Op, 0, store.MaxTxnOps)
-			flush := func() error {
-				if len(ops) == 0 {
-					return nil
-				}
-				_, err := st.Txn(context.Background(), ops)
-				ops = ops[:0]
-				return err
-			}
-			for i := w * store.MaxTxnOps; i < n; i += writers * store.MaxTxnOps {
-				for j := i; j < min(n, i+store.MaxTxnOps); j++ {
-					src, dst, port := sessionAddrs(j)
-					ops = append(ops, store.Op{IfModRev: -1, Record: store.Record{
-						Key:  state.Key{Src: src, Dst: dst, Port: port, Proto: state.TCP},
-						User: "bench", Created: now, LastSeen: now,
-						// Longer than the benchmark: nothing expires.
-						IdleTimeout: time.Hour,
-					}})
-				}
-				if err := flush(); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		b.Fatalf("fill the store: %v", err)
-	}
+	tu.FillStore(b, st, n, func(i int) store.Record {
+		src, dst, port := sessionAddrs(i)
+		// Longer than the benchmark: nothing expires.
+		return store.Record{Key: state.Key{Src: src, Dst: dst, Port: port, Proto: state.TCP}, User: "bench",
+			Created: now, LastSeen: now, IdleTimeout: time.Hour}
+	})
 	return time.Since(start)
 }
 

@@ -76,28 +76,8 @@ func BenchmarkStoreRestore(b *testing.B) {
 		}
 		e := tu.StartEtcdOptions(b, ms, tu.EtcdOptions{})
 		filler := openEtcdStore(b, e, "filler")
-		var wg sync.WaitGroup
-		errs := make(chan error, 16)
-		for w := range 16 {
-			wg.Go(func() {
-				for i := w * store.MaxTxnOps; i < n; i += 16 * store.MaxTxnOps {
-					var ops []store.Op
-					for j := i; j < min(n, i+store.MaxTxnOps); j++ {
-						ops = append(ops, store.Op{Record: record(j), IfModRev: -1})
-					}
-					if _, err := filler.Txn(context.Background(), ops); err != nil {
-						errs <- err
-						return
-					}
-				}
-			})
-		}
-		wg.Wait()
+		tu.FillStore(b, filler, n, record)
 		filler.Close()
-		close(errs)
-		if err := <-errs; err != nil {
-			b.Fatal(err)
-		}
 		// Nothing of the fill is left on the heap: the restore starts as a
 		// fresh process's does. With the daemon's collector settings
 		// (GOGC=400 and the soft limit of the default MemoryBound), the

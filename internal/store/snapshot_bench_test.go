@@ -9,7 +9,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,7 +34,8 @@ func BenchmarkEtcdSnapshot(b *testing.B) {
 	}
 	e := tu.StartEtcdOptions(b, ms, tu.EtcdOptions{})
 	st := openEtcd(b, e, "bench", "/aegis/")
-	fillSessions(b, st, n)
+	now := time.Now().UnixNano()
+	tu.FillStore(b, st, n, func(i int) store.Record { return sessionRecord(i, now) })
 	for _, reads := range []int{1, store.DefaultSnapshotReads} {
 		b.Run(fmt.Sprintf("reads=%d", reads), func(b *testing.B) {
 			defer store.SetSnapshotReads(reads)()
@@ -57,37 +57,12 @@ func BenchmarkEtcdSnapshot(b *testing.B) {
 	}
 }
 
-// fillSessions writes n IPv4 sessions the way the fleet benchmark does:
-// sources 10.0.0.0 and up, 128 to a transaction, 16 writers.
-func fillSessions(b *testing.B, st store.Store, n int) {
-	b.Helper()
-	now := time.Now().UnixNano()
-	const writers = 16
-	var wg sync.WaitGroup
-	errs := make(chan error, writers)
-	for w := range writers {
-		wg.Go(func() {
-			ops := make([]store.Op, 0, store.MaxTxnOps)
-			for i := w * store.MaxTxnOps; i < n; i += writers * store.MaxTxnOps {
-				ops = ops[:0]
-				for j := i; j < min(n, i+store.MaxTxnOps); j++ {
-					k := state.Key{Src: netip.AddrFrom4([4]byte{10, byte(j >> 16), byte(j >> 8), byte(j)}),
-						Dst: netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + j%4)}), Port: uint16(1024 + j%50000), Proto: state.TCP}
-					ops = append(ops, store.Op{IfModRev: -1, Record: store.Record{Key: k, User: "bench", Created: now, LastSeen: now,
-						IdleTimeout: time.Hour}})
-				}
-				if _, err := st.Txn(context.Background(), ops); err != nil {
-					errs <- err
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		b.Fatalf("fill the store: %v", err)
-	}
+// sessionRecord is the i-th of the sessions the benchmarks store: sources
+// 10.0.0.0 and up.
+func sessionRecord(i int, now int64) store.Record {
+	k := state.Key{Src: netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}),
+		Dst: netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i%4)}), Port: uint16(1024 + i%50000), Proto: state.TCP}
+	return store.Record{Key: k, User: "bench", Created: now, LastSeen: now, IdleTimeout: time.Hour}
 }
 
 func cpuNow() time.Duration {

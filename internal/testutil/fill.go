@@ -1,12 +1,15 @@
 package testutil
 
 import (
+	"context"
+	"sync"
 	"testing"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/state"
+	"github.com/aegis-agent/aegis/internal/store"
 )
 
 // FillKeyV4 is the i-th key FillSessionsV4 writes: sources in
@@ -48,5 +51,35 @@ func FillSessionsV4(t testing.TB, dir string, n int, user string, lastSeen uint6
 		if _, err := m.BatchUpdate(keys, vals, nil); err != nil {
 			t.Fatalf("fill sessions_v4 at %d of %d: %v", i, n, err)
 		}
+	}
+}
+
+// FillStore writes record(0) to record(n-1) into st as new sessions, as a
+// fleet that granted them would: store.MaxTxnOps to a transaction (etcd's
+// default limit) from 16 writers at once.
+func FillStore(tb testing.TB, st store.Store, n int, record func(i int) store.Record) {
+	tb.Helper()
+	const writers = 16
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := range writers {
+		wg.Go(func() {
+			ops := make([]store.Op, 0, store.MaxTxnOps)
+			for i := w * store.MaxTxnOps; i < n; i += writers * store.MaxTxnOps {
+				ops = ops[:0]
+				for j := i; j < min(n, i+store.MaxTxnOps); j++ {
+					ops = append(ops, store.Op{Record: record(j), IfModRev: -1})
+				}
+				if _, err := st.Txn(context.Background(), ops); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		tb.Fatalf("fill the store: %v", err)
 	}
 }
