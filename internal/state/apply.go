@@ -113,9 +113,11 @@ func (m *Maps) InsertNew(ss []Session, fail func(Session, error)) int {
 		v4, v6 = make([]Session, 0, n4), make([]Session, 0, len(ss)-n4-bad)
 		for i := range ss {
 			s := &ss[i]
-			if err := s.Validate(); err != nil {
-				failed(*s, err)
-				continue
+			if bad > 0 { // validated once already when none is invalid
+				if err := s.Validate(); err != nil {
+					failed(*s, err)
+					continue
+				}
 			}
 			if s.Is4() {
 				v4 = append(v4, *s)
