@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/aegis-agent/aegis/bpf"
+	"github.com/aegis-agent/aegis/internal/explain"
 	"github.com/aegis-agent/aegis/internal/state"
 )
 
@@ -159,7 +160,7 @@ func newLockoutEnv(cfg *Config, allow state.AllowEntries) (*lockoutEnv, func(), 
 	if err != nil {
 		return nil, nil, err
 	}
-	env := &lockoutEnv{value: v, allow: allow, local: isLocal}
+	env := &lockoutEnv{value: v, allow: allow, local: explain.RoutedLocally}
 	var maps []*ebpf.Map
 	open := func(name string) *ebpf.Map {
 		m, err := ebpf.LoadPinnedMap(state.MapPath(cfg.PinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
@@ -192,16 +193,6 @@ func newLockoutEnv(cfg *Config, allow state.AllowEntries) (*lockoutEnv, func(), 
 		}
 	}
 	return env, closeAll, nil
-}
-
-// isLocal mirrors what bpf_fib_lookup tells the data path: an address this
-// host does not forward (its own, or one without a route).
-func isLocal(a netip.Addr) bool {
-	routes, err := routeGet(a)
-	if err != nil || len(routes) == 0 {
-		return true
-	}
-	return routes[0].Type == unix.RTN_LOCAL || routes[0].Type == unix.RTN_BROADCAST
 }
 
 // routeIface returns the interface the host routes peer through: the

@@ -21,7 +21,7 @@ import (
 // interface, which the data path's lookup would apply.
 func RoutedLocally(dst netip.Addr) bool {
 	routes, err := netlink.RouteGet(dst.AsSlice())
-	if err != nil {
+	if err != nil || len(routes) == 0 {
 		return true // no route: the data path's NOT_FWDED
 	}
 	for _, r := range routes {
