@@ -1,7 +1,6 @@
 package loader
 
 import (
-	"encoding/binary"
 	"fmt"
 	"maps"
 	"net"
@@ -103,45 +102,15 @@ func modelPasses(src, dst netip.AddrPort, env *lockoutEnv) (bool, bpf.Reason) {
 			m.SessionsV6[bpf.AegisSessionKeyV6{Src: k.Src.As16(), Dst: k.Dst.As16(), Dport: k.Port, Proto: uint8(proto)}] = v
 		}
 	}
-	action, reason := bpf.Verdict(tcpFrame(src, dst), m)
+	// The ingress verdict reads no TCP flag: the flow's first segment
+	// stands for every segment of the connection.
+	frame, err := explain.Flow{Src: src.Addr(), Dst: dst.Addr(), Sport: src.Port(), Port: dst.Port()}.Frame()
+	if err != nil {
+		return false, bpf.ReasonMalformed // no such connection can arrive
+	}
+	action, reason := bpf.Verdict(frame, m)
 	// Monitor mode passes what it counts as "monitor": it cuts nothing.
 	return action == bpf.XDPPass, reason
-}
-
-// tcpFrame is an Ethernet frame holding an ACK segment from src to dst:
-// what an established connection sends.
-func tcpFrame(src, dst netip.AddrPort) []byte {
-	b := make([]byte, 12, 14+40+20)
-	tcp := make([]byte, 20)
-	binary.BigEndian.PutUint16(tcp[0:], src.Port())
-	binary.BigEndian.PutUint16(tcp[2:], dst.Port())
-	tcp[12] = 5 << 4 // data offset: 20 bytes
-	tcp[13] = 0x10   // ACK
-	binary.BigEndian.PutUint16(tcp[14:], 65535)
-	if src.Addr().Is4() {
-		b = binary.BigEndian.AppendUint16(b, 0x0800)
-		ip := make([]byte, 20)
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], 40)
-		ip[8] = 64
-		ip[9] = 6
-		s, d := src.Addr().As4(), dst.Addr().As4()
-		copy(ip[12:], s[:])
-		copy(ip[16:], d[:])
-		b = append(b, ip...)
-	} else {
-		b = binary.BigEndian.AppendUint16(b, 0x86DD)
-		ip := make([]byte, 40)
-		ip[0] = 0x60
-		binary.BigEndian.PutUint16(ip[4:], 20)
-		ip[6] = 6
-		ip[7] = 64
-		s, d := src.Addr().As16(), dst.Addr().As16()
-		copy(ip[8:], s[:])
-		copy(ip[24:], d[:])
-		b = append(b, ip...)
-	}
-	return append(b, tcp...)
 }
 
 // newLockoutEnv prepares the check for cfg. The pinned sessions maps, if
