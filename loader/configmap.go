@@ -31,13 +31,6 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 	if err := state.ZeroAllowHits(maps.AllowHits, before); err != nil {
 		return err
 	}
-	if err := syncAllow(maps.AllowV4, allow.V4, false, res); err != nil {
-		return err
-	}
-	if err := syncAllow(maps.AllowV6, allow.V6, false, res); err != nil {
-		return err
-	}
-
 	c := state.Config{
 		Controller:         cfg.Controller,
 		ControllerPort:     cfg.ControllerPort,
@@ -54,7 +47,7 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 		NoDropEvents:       cfg.NoDropEvents,
 		EventPassRate:      cfg.EventPassRate,
 	}
-	written, err := maps.WriteConfig(c)
+	written, err := writeRulesAndConfig(maps, allow, c, res)
 	if err != nil {
 		return err
 	}
@@ -65,14 +58,28 @@ func (l *Loader) writeConfig(maps *state.Maps, cfg *Config, allow state.AllowEnt
 			Bool("reply_tracking", !cfg.NoReplyTracking).
 			Int("allow_prefixes", len(allow.V4)+len(allow.V6)).Msg("wrote config")
 	}
-
-	if err := syncAllow(maps.AllowV4, allow.V4, true, res); err != nil {
-		return err
-	}
-	if err := syncAllow(maps.AllowV6, allow.V6, true, res); err != nil {
-		return err
-	}
 	return state.ZeroAllowHits(maps.AllowHits, after)
+}
+
+// writeRulesAndConfig writes the allow rules and the config in the one
+// order that never lets the data path see a config counting rules that
+// are not in: the new rules in, then the config, then the stale rules out.
+// It reports whether the config changed.
+func writeRulesAndConfig(maps *state.Maps, allow state.AllowEntries, c state.Config, res *Result) (bool, error) {
+	if err := syncAllow(maps.AllowV4, allow.V4, false, res); err != nil {
+		return false, err
+	}
+	if err := syncAllow(maps.AllowV6, allow.V6, false, res); err != nil {
+		return false, err
+	}
+	written, err := maps.WriteConfig(c)
+	if err != nil {
+		return false, err
+	}
+	if err := syncAllow(maps.AllowV4, allow.V4, true, res); err != nil {
+		return written, err
+	}
+	return written, syncAllow(maps.AllowV6, allow.V6, true, res)
 }
 
 // syncAllow upserts the wanted entries that differ, or (prune) deletes the

@@ -355,21 +355,8 @@ func (l *Loader) restore(snap *snapshot, prog *ebpf.Program) error {
 	for _, e := range snap.AllowV6 {
 		allow.V6[e.Key] = e.Value
 	}
-	// The order of writeConfig: rules in, config, stale rules out.
-	res := &Result{}
-	if err := syncAllow(maps.AllowV4, allow.V4, false, res); err != nil {
-		return err
-	}
-	if err := syncAllow(maps.AllowV6, allow.V6, false, res); err != nil {
-		return err
-	}
-	if _, err := maps.WriteConfig(*snap.Config); err != nil {
-		return err
-	}
-	if err := syncAllow(maps.AllowV4, allow.V4, true, res); err != nil {
-		return err
-	}
-	return syncAllow(maps.AllowV6, allow.V6, true, res)
+	_, err = writeRulesAndConfig(maps, allow, *snap.Config, &Result{})
+	return err
 }
 
 // restoreConfigured puts the recorded set of configured interfaces back as
