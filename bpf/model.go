@@ -115,8 +115,12 @@ func (r Reason) Action() Action {
 func (r Reason) Pass() bool { return r.Action() == XDPPass }
 
 // Verdict returns "pass" or "drop".
-func (r Reason) Verdict() string {
-	if r.Pass() {
+func (r Reason) Verdict() string { return r.Action().Verdict() }
+
+// Verdict spells the action as operators read it: "pass" for XDP_PASS,
+// "drop" for everything else.
+func (a Action) Verdict() string {
+	if a == XDPPass {
 		return "pass"
 	}
 	return "drop"

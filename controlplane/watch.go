@@ -171,11 +171,8 @@ func verdictEvent(e *verdicts.Event, names ifnames) *agentv1.VerdictEvent {
 	out := &agentv1.VerdictEvent{
 		Time: timestamppb.New(e.Time), Ifindex: e.Ifindex, Interface: names.name(e.Ifindex),
 		SourcePort: uint32(e.Sport), DestinationPort: uint32(e.Dport), Protocol: uint32(e.Proto),
-		Action: "drop", Reason: e.Reason.String(), Cause: e.Cause.String(), Verdict: e.Enforced(),
+		Action: e.Action.Verdict(), Reason: e.Reason.String(), Cause: e.Cause.String(), Verdict: e.Enforced(),
 		Length: e.Len,
-	}
-	if e.Action == bpf.XDPPass {
-		out.Action = "pass"
 	}
 	if e.Src.IsValid() {
 		out.Source, out.Destination = e.Src.String(), e.Dst.String()

@@ -75,10 +75,10 @@ type lockoutEnv struct {
 	local    func(netip.Addr) bool
 }
 
-// modelPasses builds one TCP segment from src to dst as it would arrive on
+// modelVerdict builds one TCP segment from src to dst as it would arrive on
 // the wire and asks the data path's reference model for its verdict. It is
 // the only place the lock-out check decides what passes.
-func modelPasses(src, dst netip.AddrPort, env *lockoutEnv) (bool, bpf.Reason) {
+func modelVerdict(src, dst netip.AddrPort, env *lockoutEnv) (bpf.Action, bpf.Reason) {
 	m := &bpf.Env{
 		Config:     env.value,
 		Now:        state.Now(),
@@ -106,11 +106,10 @@ func modelPasses(src, dst netip.AddrPort, env *lockoutEnv) (bool, bpf.Reason) {
 	// stands for every segment of the connection.
 	frame, err := explain.Flow{Src: src.Addr(), Dst: dst.Addr(), Sport: src.Port(), Port: dst.Port()}.Frame()
 	if err != nil {
-		return false, bpf.ReasonMalformed // no such connection can arrive
+		return bpf.XDPDrop, bpf.ReasonMalformed // no such connection can arrive
 	}
-	action, reason := bpf.Verdict(frame, m)
 	// Monitor mode passes what it counts as "monitor": it cuts nothing.
-	return action == bpf.XDPPass, reason
+	return bpf.Verdict(frame, m)
 }
 
 // newLockoutEnv prepares the check for cfg. The pinned sessions maps, if
@@ -237,9 +236,9 @@ func (l *Loader) checkLockout(cfg *Config, allow state.AllowEntries, ifaces map[
 		}
 		f := Finding{What: "ssh session", Source: c.Source, Iface: name, Src: c.Peer.String(),
 			Dst: c.Local.String(), Dport: c.Local.Port(), Proto: "tcp"}
-		pass, reason := modelPasses(c.Peer, c.Local, env)
-		f.Verdict, f.Reason = verdictWord(pass), reason.String()
-		if pass {
+		action, reason := modelVerdict(c.Peer, c.Local, env)
+		f.Verdict, f.Reason = action.Verdict(), reason.String()
+		if action == bpf.XDPPass {
 			f.Severity = SeverityOK
 			f.Message = fmt.Sprintf("the session from %s arrives through %s and passes (%s)", c.Peer, name, reason)
 		} else {
@@ -259,10 +258,10 @@ func (l *Loader) checkLockout(cfg *Config, allow state.AllowEntries, ifaces map[
 		// upstream when it resolves names, syncs time or fetches updates.
 		src := netip.AddrPortFrom(gw.nexthop, 443)
 		dst := netip.AddrPortFrom(gw.local, 49152)
-		pass, reason := modelPasses(src, dst, env)
+		action, reason := modelVerdict(src, dst, env)
 		f := Finding{What: "default gateway", Source: "routing table", Iface: name, Src: src.String(), Dst: dst.String(),
-			Dport: dst.Port(), Proto: "tcp", Verdict: verdictWord(pass), Reason: reason.String()}
-		if pass {
+			Dport: dst.Port(), Proto: "tcp", Verdict: action.Verdict(), Reason: reason.String()}
+		if action == bpf.XDPPass {
 			f.Severity = SeverityOK
 			f.Message = fmt.Sprintf("the default route's next hop %s on %s passes (%s)", gw.nexthop, name, reason)
 		} else {
@@ -273,13 +272,6 @@ func (l *Loader) checkLockout(cfg *Config, allow state.AllowEntries, ifaces map[
 		out = append(out, f)
 	}
 	return out, nil
-}
-
-func verdictWord(pass bool) string {
-	if pass {
-		return "pass"
-	}
-	return "drop"
 }
 
 type gateway struct {
