@@ -34,11 +34,8 @@ type Explanation struct {
 
 func describe(res *explain.Result) Explanation {
 	e := Explanation{
-		Flow: res.FlowString(), Action: "drop", Reason: res.Reason.String(), Cause: res.Cause.String(),
+		Flow: res.FlowString(), Action: res.Action.Verdict(), Reason: res.Reason.String(), Cause: res.Cause.String(),
 		Verdict: res.Cause.Verdict(), Why: res.Why(),
-	}
-	if res.Action == bpf.XDPPass {
-		e.Action = "pass"
 	}
 	return e
 }
@@ -128,9 +125,9 @@ func (cmd *ExplainCmd) Run(ctx context.Context, stdio cli.IO) error {
 	if err != nil {
 		return callError("explain", cmd.Address, err)
 	}
-	verdict := bpf.ReasonNoSession.Verdict()
-	if r, ok := bpf.ParseReason(resp.GetCause()); ok {
-		verdict = r.Verdict()
+	verdict := resp.GetVerdict()
+	if r, ok := bpf.ParseReason(resp.GetCause()); verdict == "" && ok {
+		verdict = r.Verdict() // a control plane from before the field
 	}
 	return writeExplanation(stdio.Stdout, Explanation{Flow: resp.GetFlow(), Action: resp.GetAction(), Reason: resp.GetReason(),
 		Cause: resp.GetCause(), Verdict: verdict, Why: resp.GetWhy()}, cmd.JSON)

@@ -129,8 +129,16 @@ func TestLocalExplain(t *testing.T) {
 	if err := json.Unmarshal([]byte(mustRun(t, "local", "explain", "--pin-path", e.pin, "--json", "192.0.2.10", "198.51.100.10", "8080", "udp")), &ex); err != nil {
 		t.Fatal(err)
 	}
-	if ex.Action != "drop" || ex.Reason != "no_session" || ex.Flow != "udp 192.0.2.10:40000 -> 198.51.100.10:8080" {
+	if ex.Action != "drop" || ex.Verdict != "drop" || ex.Reason != "no_session" || ex.Flow != "udp 192.0.2.10:40000 -> 198.51.100.10:8080" {
 		t.Fatalf("explain of UDP: %+v", ex)
+	}
+	// The control plane's answer carries the verdict itself.
+	var remote aegisctl.Explanation
+	if err := json.Unmarshal([]byte(mustRun(t, e.cmd("explain", "--json", "192.0.2.10", "198.51.100.10", "8080", "udp")...)), &remote); err != nil {
+		t.Fatal(err)
+	}
+	if remote != ex {
+		t.Fatalf("explain --json over gRPC %+v, local %+v", remote, ex)
 	}
 	after, err := m.ReadStats()
 	if err != nil {

@@ -8,7 +8,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/explain"
 	"github.com/aegis-agent/aegis/internal/state"
 	agentv1 "github.com/aegis-agent/aegis/proto/aegis/agent/v1"
@@ -46,9 +45,6 @@ func (a *agentService) Explain(_ context.Context, req *agentv1.ExplainRequest) (
 	if n := loc.Note(); n != "" {
 		why += "; " + n
 	}
-	out := &agentv1.ExplainResponse{Action: "drop", Reason: res.Reason.String(), Cause: res.Cause.String(), Why: why, Flow: res.FlowString()}
-	if res.Action == bpf.XDPPass {
-		out.Action = "pass"
-	}
-	return out, nil
+	return &agentv1.ExplainResponse{Action: res.Action.Verdict(), Reason: res.Reason.String(), Cause: res.Cause.String(),
+		Verdict: res.Cause.Verdict(), Why: why, Flow: res.FlowString()}, nil
 }

@@ -1512,7 +1512,10 @@ type ExplainResponse struct {
 	// reply flow, allow rule or bypass decides, or what is missing.
 	Why string `protobuf:"bytes,4,opt,name=why,proto3" json:"why,omitempty"`
 	// The flow explained, as "tcp 192.0.2.10:40000 -> 198.51.100.10:22".
-	Flow          string `protobuf:"bytes,5,opt,name=flow,proto3" json:"flow,omitempty"`
+	Flow string `protobuf:"bytes,5,opt,name=flow,proto3" json:"flow,omitempty"`
+	// "pass" or "drop": what enforcement would do, monitor mode aside (the
+	// verdict of cause).
+	Verdict       string `protobuf:"bytes,6,opt,name=verdict,proto3" json:"verdict,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1578,6 +1581,13 @@ func (x *ExplainResponse) GetWhy() string {
 func (x *ExplainResponse) GetFlow() string {
 	if x != nil {
 		return x.Flow
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetVerdict() string {
+	if x != nil {
+		return x.Verdict
 	}
 	return ""
 }
@@ -1704,13 +1714,14 @@ const file_aegis_agent_v1_agent_proto_rawDesc = "" +
 	"\x10destination_port\x18\x03 \x01(\rR\x0fdestinationPort\x12\x1a\n" +
 	"\bprotocol\x18\x04 \x01(\rR\bprotocol\x12\x1f\n" +
 	"\vsource_port\x18\x05 \x01(\rR\n" +
-	"sourcePort\"}\n" +
+	"sourcePort\"\x97\x01\n" +
 	"\x0fExplainResponse\x12\x16\n" +
 	"\x06action\x18\x01 \x01(\tR\x06action\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n" +
 	"\x05cause\x18\x03 \x01(\tR\x05cause\x12\x10\n" +
 	"\x03why\x18\x04 \x01(\tR\x03why\x12\x12\n" +
-	"\x04flow\x18\x05 \x01(\tR\x04flow*Z\n" +
+	"\x04flow\x18\x05 \x01(\tR\x04flow\x12\x18\n" +
+	"\averdict\x18\x06 \x01(\tR\averdict*Z\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_TCP\x10\x01\x12\x10\n" +
