@@ -8,6 +8,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/aegis-agent/aegis/bpf"
 )
 
 // Addresses of the generated flows (see trafficgen.c): documentation
@@ -141,20 +143,16 @@ func fold(s uint32) uint16 {
 	return uint16(s)
 }
 
-// XDPContext is struct xdp_md for BPF_PROG_TEST_RUN: live frames leave
-// through (and XDP_TX returns them to) the ingress device.
-type XDPContext struct {
-	Data, DataEnd, DataMeta, IngressIfindex, RxQueueIndex, EgressIfindex uint32
-}
-
 // Run transmits frame repeat times out of ifindex, which must be in the
 // calling thread's network namespace.
 func Run(prog *ebpf.Program, frame []byte, ifindex int, repeat uint32) error {
 	_, err := prog.Run(&ebpf.RunOptions{
-		Data:    frame,
-		Repeat:  repeat,
-		Flags:   bpfFTestXDPLiveFrames,
-		Context: XDPContext{DataEnd: uint32(len(frame)), IngressIfindex: uint32(ifindex)},
+		Data:   frame,
+		Repeat: repeat,
+		Flags:  bpfFTestXDPLiveFrames,
+		// Live frames leave through (and XDP_TX returns them to) the
+		// ingress device.
+		Context: bpf.XDPArrival(frame, uint32(ifindex)),
 	})
 	if err != nil {
 		return fmt.Errorf("run generator: %w", err)

@@ -65,12 +65,6 @@ func NewProbe(prog *ebpf.Program, ifindex uint32) *Probe {
 // Close releases the program.
 func (p *Probe) Close() error { return p.prog.Close() }
 
-// xdpMD is struct xdp_md as BPF_PROG_TEST_RUN takes it: data_end the
-// frame's length, ingress_ifindex an interface of the caller's namespace.
-type xdpMD struct {
-	Data, DataEnd, DataMeta, IngressIfindex, RxQueueIndex, EgressIfindex uint32
-}
-
 // Local reports whether the data path treats dst as local for a packet
 // arriving on the probe's interface.
 func (p *Probe) Local(dst netip.Addr) bool {
@@ -86,7 +80,7 @@ func (p *Probe) Local(dst netip.Addr) bool {
 		p.Err = err
 		return false
 	}
-	ret, err := p.prog.Run(&ebpf.RunOptions{Data: pkt, Context: xdpMD{DataEnd: uint32(len(pkt)), IngressIfindex: p.ifindex}})
+	ret, err := p.prog.Run(&ebpf.RunOptions{Data: pkt, Context: bpf.XDPArrival(pkt, p.ifindex)})
 	switch {
 	case err != nil:
 		p.Err = fmt.Errorf("run locality program: %w", err)
