@@ -12,6 +12,7 @@ import (
 	"github.com/aegis-agent/aegis/aegisctl"
 	"github.com/aegis-agent/aegis/internal/explain"
 	"github.com/aegis-agent/aegis/internal/state"
+	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
 // admitThroughRules installs allow rules in the pinned maps as the loader
@@ -20,15 +21,7 @@ import (
 // to TCP 22.
 func admitThroughRules(t *testing.T, pin string) {
 	t.Helper()
-	var rules []state.AllowRule
-	for _, s := range []string{"203.0.113.0/24,tcp/443", "198.51.100.0/24", "2001:db8::/32,tcp/22"} {
-		r, err := state.ParseAllowRule(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rules = append(rules, r)
-	}
-	e, err := state.CompileAllow(rules)
+	e, err := state.CompileAllow(tu.AllowRules(t, "203.0.113.0/24,tcp/443", "198.51.100.0/24", "2001:db8::/32,tcp/22"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -78,12 +78,12 @@ func TestEventFloodIsRateLimited(t *testing.T) {
 	start := time.Now()
 	for i := range flood {
 		src := netip.AddrFrom4([4]byte{203, 0, 113, byte(i)})
-		if _, err := h.fib.run(h.prog, tcp(src, svc4, uint16(1000+i%1000)).Bytes()); err != nil {
+		if _, err := h.fib.Run(h.prog, tcp(src, svc4, uint16(1000+i%1000)).Bytes()); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for range 1000 {
-		if _, err := h.fib.run(h.prog, tcp(client4, svc4, 22).Bytes()); err != nil {
+		if _, err := h.fib.Run(h.prog, tcp(client4, svc4, 22).Bytes()); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -145,7 +145,7 @@ func TestEventLimiterMatchesModel(t *testing.T) {
 			if err := h.objs.EventLimits.Put(uint32(bpf.EventKindDrop), per); err != nil {
 				t.Fatal(err)
 			}
-			h.fib.thread.Do(func() {
+			h.fib.Thread.Do(func() {
 				var set unix.CPUSet
 				set.Set(0)
 				err = unix.SchedSetaffinity(0, &set)
@@ -158,7 +158,7 @@ func TestEventLimiterMatchesModel(t *testing.T) {
 			const frames = 20
 			for i := range frames {
 				now := state.Now()
-				if _, err := h.fib.run(h.prog, tcp(other4, svc4, uint16(100+i)).Bytes()); err != nil {
+				if _, err := h.fib.Run(h.prog, tcp(other4, svc4, uint16(100+i)).Bytes()); err != nil {
 					t.Fatal(err)
 				}
 				if model.Admit(uint64(c.rate), now) {
@@ -184,7 +184,7 @@ func TestEventLimiterMatchesModel(t *testing.T) {
 func TestMonitorEventSaysWouldDrop(t *testing.T) {
 	h, rd := newEventHarness(t, state.Config{Monitor: true})
 	f := tcp(other4, svc4, 8080)
-	if _, err := h.fib.run(h.prog, f.Bytes()); err != nil {
+	if _, err := h.fib.Run(h.prog, f.Bytes()); err != nil {
 		t.Fatal(err)
 	}
 	evs := drain(t, rd)
@@ -193,7 +193,7 @@ func TestMonitorEventSaysWouldDrop(t *testing.T) {
 	}
 	e := evs[0]
 	want := bpf.AegisEvent{
-		TsNs: e.TsNs, Ifindex: h.fib.ifindex, Len: uint32(len(f.Bytes())),
+		TsNs: e.TsNs, Ifindex: h.fib.Ifindex, Len: uint32(len(f.Bytes())),
 		Src: netip.AddrFrom16(other4.As16()).As16(), Dst: svc4.As16(),
 		Sport: 40000, Dport: 8080, Proto: 6, Family: 4,
 		Reason: uint8(bpf.ReasonMonitor), Cause: uint8(bpf.ReasonNoSession), Action: uint32(bpf.XDPPass),
@@ -211,7 +211,7 @@ func TestMonitorEventSaysWouldDrop(t *testing.T) {
 func TestNoDropEvents(t *testing.T) {
 	h, rd := newEventHarness(t, state.Config{NoDropEvents: true})
 	for i := range 10 {
-		if _, err := h.fib.run(h.prog, tcp(other4, svc4, uint16(i+1)).Bytes()); err != nil {
+		if _, err := h.fib.Run(h.prog, tcp(other4, svc4, uint16(i+1)).Bytes()); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -1,14 +1,9 @@
 package bpf_test
 
 import (
-	"net"
 	"net/netip"
 	"slices"
-	"strings"
 	"testing"
-	"time"
-
-	"github.com/cilium/ebpf"
 
 	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
@@ -32,13 +27,6 @@ import (
 //	no default route: everything else has no route
 //
 // Forwarding is on, as on a gateway.
-
-// fibNetns is that namespace: frames run on its thread, from pub0.
-type fibNetns struct {
-	ns      *tu.Netns
-	thread  *tu.Thread
-	ifindex uint32
-}
 
 var (
 	// fibOwn are the addresses the local table holds besides loopback's:
@@ -79,14 +67,15 @@ func fibLocal(a netip.Addr) bool {
 	return true
 }
 
-func newFibNetns(t testing.TB) *fibNetns {
+func newFibNetns(t testing.TB) *tu.Routed {
 	t.Helper()
-	ns := tu.NewNetns(t, "aegis-fib-")
-	ns.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-		"net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
-	ns.AddVeth(t, "pub0", "pub1")
-	ns.AddVeth(t, "lan0", "lan1")
-	for _, c := range [][]string{
+	var own6 []netip.Addr
+	for _, a := range fibOwn {
+		if a.Is6() {
+			own6 = append(own6, a)
+		}
+	}
+	return tu.NewRouted(t, "aegis-fib-", true, [][]string{
 		{"addr", "add", "192.0.2.1/24", "dev", "pub0"},
 		{"addr", "add", "2001:db8:1::1/64", "dev", "pub0", "nodad"},
 		{"addr", "add", "198.51.100.1/24", "dev", "lan0"},
@@ -101,54 +90,7 @@ func newFibNetns(t testing.TB) *fibNetns {
 		{"-6", "route", "add", "prohibit", "2001:db8:5::/64"},
 		{"-6", "route", "add", "unreachable", "2001:db8:6::/64"},
 		{"-6", "route", "add", "blackhole", "2001:db8:7::/64"},
-	} {
-		ns.Run(t, "ip", c...)
-	}
-	// IPv6 installs an address's local and anycast routes from a work
-	// queue after the address is added; wait for all of them.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		out := ns.Run(t, "ip", "-6", "route", "show", "table", "local")
-		missing := ""
-		for _, a := range fibOwn {
-			if a.Is6() && !strings.Contains(out, " "+a.String()+" dev ") {
-				missing = a.String()
-			}
-		}
-		if missing == "" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no local route for %s:\n%s", missing, out)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	f := &fibNetns{ns: ns, thread: ns.Thread(t)}
-	var err error
-	f.thread.Do(func() {
-		var ifc *net.Interface
-		if ifc, err = net.InterfaceByName("pub0"); err == nil {
-			f.ifindex = uint32(ifc.Index)
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return f
-}
-
-// xdpMD is struct xdp_md, the XDP context BPF_PROG_TEST_RUN accepts:
-// data_end must be the frame's length, ingress_ifindex an interface of
-// the calling thread's namespace.
-type xdpMD struct {
-	Data, DataEnd, DataMeta, IngressIfindex, RxQueueIndex, EgressIfindex uint32
-}
-
-// run runs prog on pkt as if it arrived on pub0.
-func (f *fibNetns) run(prog *ebpf.Program, pkt []byte) (ret uint32, err error) {
-	opts := &ebpf.RunOptions{Data: pkt, Context: xdpMD{DataEnd: uint32(len(pkt)), IngressIfindex: f.ifindex}}
-	f.thread.Do(func() { ret, err = prog.Run(opts) })
-	return ret, err
+	}, own6)
 }
 
 func addrs(ss ...string) []netip.Addr {

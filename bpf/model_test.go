@@ -189,7 +189,7 @@ func newDiff(t *testing.T, g *generator, ph diffPhase) *diff {
 	}
 	h.setConfig(t, cfg)
 	env.Config, _ = cfg.Value()
-	env.Ifindex = h.fib.ifindex
+	env.Ifindex = h.fib.Ifindex
 	rd, err := ringbuf.NewReader(h.objs.Events)
 	if err != nil {
 		t.Fatal(err)
@@ -223,7 +223,7 @@ func (d *diff) ingress(i int) error {
 	pkt := d.g.ingress()
 	// The program's clock lags the user-space clock by up to a tick.
 	t0 := state.Now() - uint64(state.Tick())
-	got, err := h.fib.run(h.prog, pkt)
+	got, err := h.fib.Run(h.prog, pkt)
 	t1 := state.Now()
 	if err != nil {
 		return fmt.Errorf("run: %w", err)

@@ -21,7 +21,7 @@ type harness struct {
 	egress *ebpf.Program
 	maps   *state.Maps
 	objs   *bpf.AegisObjects
-	fib    *fibNetns
+	fib    *tu.Routed
 }
 
 func newHarness(t testing.TB) *harness {
@@ -66,15 +66,7 @@ func (h *harness) setConfig(t testing.TB, c state.Config) {
 // config must carry.
 func (h *harness) setAllow(t testing.TB, rules ...string) (v4, v6 uint16) {
 	t.Helper()
-	var parsed []state.AllowRule
-	for _, s := range rules {
-		r, err := state.ParseAllowRule(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		parsed = append(parsed, r)
-	}
-	return h.setAllowRules(t, parsed...)
+	return h.setAllowRules(t, tu.AllowRules(t, rules...)...)
 }
 
 // setAllowRules is setAllow for rules the parser does not spell (ICMP).
@@ -136,7 +128,7 @@ func (h *harness) run(t testing.TB, pkt []byte) (bpf.Action, bpf.Reason) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ret, err := h.fib.run(h.prog, pkt)
+	ret, err := h.fib.Run(h.prog, pkt)
 	if err != nil {
 		t.Fatalf("run: %v", err)
 	}
@@ -512,7 +504,7 @@ func TestMultiBufferFrames(t *testing.T) {
 // destinations, which needs no lookup, still passes.
 func TestBypassesWithoutForwarding(t *testing.T) {
 	h := newHarness(t)
-	h.fib.ns.Run(t, "sysctl", "-qw", "net.ipv4.conf.pub0.forwarding=0", "net.ipv6.conf.pub0.forwarding=0")
+	h.fib.NS.Run(t, "sysctl", "-qw", "net.ipv4.conf.pub0.forwarding=0", "net.ipv6.conf.pub0.forwarding=0")
 	for _, ctl := range []netip.Addr{ctl4, ctl6} {
 		cfg := state.Config{Controller: ctl, ControllerPort: ctlPort, GRPCPort: grpcPort, DefaultIdleTimeout: time.Minute}
 		h.setConfig(t, cfg)

@@ -20,7 +20,7 @@ import (
 type live struct {
 	objs bpf.AegisObjects
 	maps *state.Maps
-	gw   *gateway
+	gw   *tu.Routed
 }
 
 // setup is one configuration the comparison runs under.
@@ -57,15 +57,8 @@ func load(t *testing.T, opts setup) *live {
 		Config: o.Config, Stats: o.Stats, SweepSeq: o.SweepSeq, FlowsV4: o.FlowsV4, FlowsV6: o.FlowsV6, Frags: o.Frags,
 		Ifaces: o.Ifaces, Events: o.Events, EventLimits: o.EventLimits, AllowHits: o.AllowHits}
 	l.gw = newGateway(t, !opts.noForwarding)
-	var rules []state.AllowRule
-	for _, s := range []string{"203.0.113.0/24,tcp/22", "203.0.113.7,udp", "192.0.2.0/30,any/53", "2001:db8:3::/64,tcp/22", "2001:db8:1::/126,any/53"} {
-		r, err := state.ParseAllowRule(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rules = append(rules, r)
-	}
-	e, err := state.CompileAllow(rules)
+	e, err := state.CompileAllow(tu.AllowRules(t, "203.0.113.0/24,tcp/22", "203.0.113.7,udp", "192.0.2.0/30,any/53",
+		"2001:db8:3::/64,tcp/22", "2001:db8:1::/126,any/53"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,7 +260,7 @@ func TestExplainMatchesProgram(t *testing.T) {
 		rng := rand.New(rand.NewPCG(seed, 1))
 		l := load(t, o)
 		l.populate(t, rng)
-		loc := &locality{probe: explain.NewProbe(l.objs.AegisLocality, l.gw.ifindex)}
+		loc := &locality{probe: explain.NewProbe(l.objs.AegisLocality, l.gw.Ifindex)}
 		seen := map[bpf.Reason]int{}
 		const n = 10_000
 		for i := range n {
@@ -275,7 +268,7 @@ func TestExplainMatchesProgram(t *testing.T) {
 			before := l.observe(t)
 			var res *explain.Result
 			var err error
-			l.gw.thread.Do(func() { res, err = explain.Explain(l.maps, f, loc.local) })
+			l.gw.Thread.Do(func() { res, err = explain.Explain(l.maps, f, loc.local) })
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -293,7 +286,7 @@ func TestExplainMatchesProgram(t *testing.T) {
 			if res.AllowRule != nil {
 				hitsBefore = l.allowHits(t, f.Src, res.AllowRule.Rule)
 			}
-			ret, err := l.gw.run(l.objs.AegisXdp, pkt)
+			ret, err := l.gw.Run(l.objs.AegisXdp, pkt)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -381,18 +374,18 @@ func TestExplainRouteQueryIsNotExact(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ret, err := l.gw.run(l.objs.AegisXdp, pkt)
+	ret, err := l.gw.Run(l.objs.AegisXdp, pkt)
 	if err != nil {
 		t.Fatal(err)
 	}
-	probe := explain.NewProbe(l.objs.AegisLocality, l.gw.ifindex)
+	probe := explain.NewProbe(l.objs.AegisLocality, l.gw.Ifindex)
 	for _, c := range []struct {
 		name  string
 		local explain.Local
 		exact bool
 	}{{"route query", explain.RoutedLocally, false}, {"probe", probe.Local, true}} {
 		var res *explain.Result
-		l.gw.thread.Do(func() { res, err = explain.Explain(l.maps, f, c.local) })
+		l.gw.Thread.Do(func() { res, err = explain.Explain(l.maps, f, c.local) })
 		if err != nil {
 			t.Fatal(err)
 		}

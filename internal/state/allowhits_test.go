@@ -8,20 +8,10 @@ import (
 
 	"github.com/aegis-agent/aegis/bpf"
 	"github.com/aegis-agent/aegis/internal/state"
+	tu "github.com/aegis-agent/aegis/internal/testutil"
 )
 
-func rules(t *testing.T, ss ...string) []state.AllowRule {
-	t.Helper()
-	var out []state.AllowRule
-	for _, s := range ss {
-		r, err := state.ParseAllowRule(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, r)
-	}
-	return out
-}
+func rules(t *testing.T, ss ...string) []state.AllowRule { return tu.AllowRules(t, ss...) }
 
 // Every pair a prefix holds carries the id of the rule it is attributed
 // to: of the rules with that pair covering the prefix, the shortest one's.

@@ -50,14 +50,7 @@ func TestParseAllowRule(t *testing.T) {
 // longest-prefix lookup answers for every rule: checked against the model's
 // plain reading of the rules for every address of a small space.
 func TestCompileAllowMatchesRules(t *testing.T) {
-	var rules []state.AllowRule
-	for _, s := range []string{"192.0.2.0/24,tcp/22", "192.0.2.0/28,udp", "192.0.2.8/29,any/53", "192.0.2.12/32", "192.0.2.128/25,tcp/443"} {
-		r, err := state.ParseAllowRule(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rules = append(rules, r)
-	}
+	rules := tu.AllowRules(t, "192.0.2.0/24,tcp/22", "192.0.2.0/28,udp", "192.0.2.8/29,any/53", "192.0.2.12/32", "192.0.2.128/25,tcp/443")
 	e, err := state.CompileAllow(rules)
 	if err != nil {
 		t.Fatal(err)

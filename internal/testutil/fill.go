@@ -83,3 +83,18 @@ func FillStore(tb testing.TB, st store.Store, n int, record func(i int) store.Re
 		tb.Fatalf("fill the store: %v", err)
 	}
 }
+
+// AllowRules parses rules as aegis-loader --allow does, failing t on any
+// it refuses.
+func AllowRules(t testing.TB, rules ...string) []state.AllowRule {
+	t.Helper()
+	out := make([]state.AllowRule, 0, len(rules))
+	for _, s := range rules {
+		r, err := state.ParseAllowRule(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
