@@ -187,10 +187,17 @@ func (m *Maps) putBack(k Key, v *bpf.AegisSessionValue) (bool, error) {
 // update writes v under k with the given flags and returns the library's
 // error as is.
 func (m *Maps) update(k Key, v *bpf.AegisSessionValue, flags ebpf.MapUpdateFlags) error {
+	mp, kk := keyed(k, m.SessionsV4, m.SessionsV6)
+	return mp.Update(kk, v, flags)
+}
+
+// keyed is the map of k's family, of m4 and m6 (sessions or tombstones,
+// which share the key), and k in that map's key layout.
+func keyed(k Key, m4, m6 *ebpf.Map) (*ebpf.Map, any) {
 	if k.Is4() {
 		kk := k.v4()
-		return m.SessionsV4.Update(&kk, v, flags)
+		return m4, &kk
 	}
 	kk := k.v6()
-	return m.SessionsV6.Update(&kk, v, flags)
+	return m6, &kk
 }

@@ -315,14 +315,8 @@ func (m *Maps) Revoke(k Key) error {
 
 // deleteSession deletes k's session. Returns ErrNotFound if there is none.
 func (m *Maps) deleteSession(k Key) error {
-	var err error
-	if k.Is4() {
-		kk := k.v4()
-		err = m.SessionsV4.Delete(&kk)
-	} else {
-		kk := k.v6()
-		err = m.SessionsV6.Delete(&kk)
-	}
+	mp, kk := keyed(k, m.SessionsV4, m.SessionsV6)
+	err := mp.Delete(kk)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return ErrNotFound
 	}
@@ -336,14 +330,8 @@ func (m *Maps) deleteSession(k Key) error {
 // none.
 func (m *Maps) lookupValue(k Key) (bpf.AegisSessionValue, error) {
 	var v bpf.AegisSessionValue
-	var err error
-	if k.Is4() {
-		kk := k.v4()
-		err = m.SessionsV4.Lookup(&kk, &v)
-	} else {
-		kk := k.v6()
-		err = m.SessionsV6.Lookup(&kk, &v)
-	}
+	mp, kk := keyed(k, m.SessionsV4, m.SessionsV6)
+	err := mp.Lookup(kk, &v)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return v, ErrNotFound
 	}

@@ -102,12 +102,8 @@ func (m *Maps) hasTombs() bool { return m.TombsV4 != nil && m.TombsV6 != nil }
 // updateTomb writes v under k with the given flags and returns the
 // library's error as is.
 func (m *Maps) updateTomb(k Key, v *bpf.AegisTombValue, flags ebpf.MapUpdateFlags) error {
-	if k.Is4() {
-		kk := k.v4()
-		return m.TombsV4.Update(&kk, v, flags)
-	}
-	kk := k.v6()
-	return m.TombsV6.Update(&kk, v, flags)
+	mp, kk := keyed(k, m.TombsV4, m.TombsV6)
+	return mp.Update(kk, v, flags)
 }
 
 // tombsOf returns the tombstone map of a sessions map's family.
@@ -155,14 +151,8 @@ func (m *Maps) LookupTomb(k Key) (Tomb, error) {
 		return Tomb{}, err
 	}
 	var v bpf.AegisTombValue
-	var err error
-	if k.Is4() {
-		kk := k.v4()
-		err = m.TombsV4.Lookup(&kk, &v)
-	} else {
-		kk := k.v6()
-		err = m.TombsV6.Lookup(&kk, &v)
-	}
+	mp, kk := keyed(k, m.TombsV4, m.TombsV6)
+	err := mp.Lookup(kk, &v)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return Tomb{}, ErrNotFound
 	}
