@@ -187,7 +187,7 @@ func runBatch(t *testing.T, ns *tu.Netns, batch string) {
 }
 
 // TestWatchReattachesRecreatedInterface deletes and re-creates the public
-// interface 10 times (once more with the watcher stalled for 300 ms, and
+// interface 10 times (once more with the watcher stalled for 800 ms, and
 // once renaming another device to its name), each
 // time bringing it up and addressing it at once, while a client probes,
 // at 1000/s, a service it has no session for. The guard (internal/guard)
@@ -381,9 +381,11 @@ func (r *metricsReaper) attached(t *testing.T) float64 {
 // every window fails t.
 //
 // With stall, one more re-creation comes first, with the watcher stopped
-// (SIGSTOP) from before the deletion until 300 ms after the creation: a
-// busy gateway, where the watcher gets the CPU late. Without the guard
-// that window is wide open; with it nothing may pass either.
+// (SIGSTOP) from before the deletion for 800 ms: a busy gateway, where
+// the watcher gets the CPU late. Without the guard that window is wide
+// open once the re-created link and the client's side are configured
+// (which on a loaded machine takes a few hundred milliseconds of it);
+// with it nothing may pass either.
 func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSession netip.AddrPort, recreations int, stall *watcher) int {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -404,7 +406,7 @@ func recreateUnderProbes(t *testing.T, g *gateway, noSession *tu.Server, withSes
 			if err := stall.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 				t.Fatal(err)
 			}
-			resume := time.AfterFunc(300*time.Millisecond+20*time.Millisecond, func() { _ = stall.cmd.Process.Signal(syscall.SIGCONT) })
+			resume := time.AfterFunc(800*time.Millisecond, func() { _ = stall.cmd.Process.Signal(syscall.SIGCONT) })
 			t.Cleanup(func() { resume.Stop(); _ = stall.cmd.Process.Signal(syscall.SIGCONT) })
 		}
 		win, gap := recreatePublic(t, g.Topology, rename, true)
@@ -464,7 +466,7 @@ func TestWatchReattachesRecreatedInterfaceUnguarded(t *testing.T) {
 	passed := recreateUnderProbes(t, g, noSession, withSession, 10, w)
 	t.Logf("without the guard %d probes passed in the windows before XDP was back", passed)
 	// The stalled re-creation leaves the device unfiltered for over
-	// 300 ms under 1000 probes/s: some pass, or the test shows nothing.
+	// 800 ms under 1000 probes/s: some pass, or the test shows nothing.
 	if passed == 0 {
 		t.Error("no probe passed without the guard, not even with the watcher stalled: the test cannot tell the guard's effect")
 	}
