@@ -19,7 +19,7 @@ import (
 // and returns a function that runs a TCP frame through it.
 func (e *env) knocker(t *testing.T) func(src string, port uint16) {
 	t.Helper()
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

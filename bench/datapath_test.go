@@ -56,7 +56,7 @@ func median(xs []float64) float64 {
 // its IPv4 flow table.
 func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps, *ebpf.Map) {
 	b.Helper()
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -466,6 +466,19 @@ struct {
 	__type(value, struct config_value);
 } config SEC(".maps");
 
+/*
+ * What the programs read the config through. An array of one entry
+ * allows direct value access: a read is one load from an address the
+ * verifier fixes, where a lookup passes its key through the stack (a
+ * store, then a load waiting on it) and adds a bounds check, a null check
+ * and a pointer to keep in a register. A global variable is how C asks
+ * for that access; Go's bpf.DirectConfig points this section's references
+ * at the `config` map above before anything is loaded, so this variable
+ * never becomes a map of its own and `config` stays the one the loader
+ * pins and writes. Hidden: it is no variable for user space to set.
+ */
+__attribute__((visibility("hidden"))) struct config_value config_data SEC(".data.config");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STATS_SLOTS);
@@ -1821,11 +1834,7 @@ int aegis_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 zero = 0;
-
-	const struct config_value *cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg)
-		return XDP_DROP; /* unreachable: an array always has slot 0 */
+	const struct config_value *cfg = &config_data;
 
 	__u64 len = data_end - data;
 	/* One clock read serves the verdict and its event. */
@@ -1987,9 +1996,8 @@ static __always_inline void record(const struct tuple *o, const struct config_va
 SEC("tcx/egress")
 int aegis_egress(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	const struct config_value *cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg || !cfg->track_flows)
+	const struct config_value *cfg = &config_data;
+	if (!cfg->track_flows)
 		return TCX_NEXT;
 
 	/* Headers of locally built and of forwarded packets are nearly always

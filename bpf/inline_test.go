@@ -62,7 +62,7 @@ func TestMapLookupsAreInlined(t *testing.T) {
 	offset := func(name string) int64 { return int64(int32(sym[name] - sym["__bpf_call_base"])) }
 
 	var objs bpf.AegisObjects
-	if err := bpf.LoadAegisObjects(&objs, nil); err != nil {
+	if err := bpf.LoadObjects(&objs, nil); err != nil {
 		t.Fatal(err)
 	}
 	defer objs.Close()

@@ -23,7 +23,7 @@ import (
 // the kernel really sends then leave their reply tuples in flows_v4.
 func TestEgressAttachesWithTCX(t *testing.T) {
 	h := newHarness(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,7 +27,7 @@ type harness struct {
 func newHarness(t testing.TB) *harness {
 	t.Helper()
 	tu.RequireKernel(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,7 +22,7 @@ import (
 func (e *env) dataPath() func(src netip.Addr, port uint16) {
 	t := e.t
 	t.Helper()
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,7 +18,7 @@ import (
 // carry it.
 func allowMapNaming(t *testing.T, member string) *ebpf.MapSpec {
 	t.Helper()
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +41,7 @@ func allowMapNaming(t *testing.T, member string) *ebpf.MapSpec {
 // byte padding, is this build's layout; any other renamed member is not.
 func TestLayoutAcceptsFormerPadding(t *testing.T) {
 	tu.RequireKernel(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -561,7 +561,7 @@ func TestLoadErrors(t *testing.T) {
 }
 
 func TestIncompatiblePinnedMapIsKept(t *testing.T) {
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,7 +37,7 @@ type oldPins struct {
 
 func (e *env) pinLayoutV1(t *testing.T) *oldPins {
 	t.Helper()
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,4 +9,4 @@ import (
 )
 
 // embeddedSpec is the data path this binary installs.
-func embeddedSpec() (*ebpf.CollectionSpec, error) { return bpf.LoadAegis() }
+func embeddedSpec() (*ebpf.CollectionSpec, error) { return bpf.Spec() }

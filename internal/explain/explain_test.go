@@ -43,7 +43,7 @@ var (
 func load(t *testing.T, opts setup) *live {
 	t.Helper()
 	tu.RequireKernel(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,7 +16,7 @@ import (
 func newMaps(t *testing.T, capacity uint32) *state.Maps {
 	t.Helper()
 	tu.RequireKernel(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

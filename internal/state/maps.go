@@ -74,7 +74,7 @@ var (
 // Spec returns the data path's collection spec as compiled into this
 // binary. Callers must not modify it; use Copy.
 func Spec() (*ebpf.CollectionSpec, error) {
-	specOnce.Do(func() { specVal, specErr = bpf.LoadAegis() })
+	specOnce.Do(func() { specVal, specErr = bpf.Spec() })
 	return specVal, specErr
 }
 

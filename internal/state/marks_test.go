@@ -63,7 +63,7 @@ func TestSessionWritesMarkTheirPort(t *testing.T) {
 
 	// A move writes the moved sessions anew: into a fresh marks map, as
 	// after an unload and load, the move marks them again.
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

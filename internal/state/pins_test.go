@@ -31,7 +31,7 @@ func TestMapNamesAreTheObjects(t *testing.T) {
 		t.Fatalf("state.MapNames %v, the object's maps %v", names, fromObject)
 	}
 
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,8 +29,12 @@ func EgressProgramSpec(spec *ebpf.CollectionSpec) (*ebpf.ProgramSpec, error) {
 }
 
 // LoadEgressProgram loads a build's tcx egress program against the maps of
-// the set: it writes the flows the XDP program of the same set reads.
+// the set: it writes the flows the XDP program of the same set reads. The
+// spec is prepared with bpf.DirectConfig first, if it was not.
 func LoadEgressProgram(spec *ebpf.CollectionSpec, maps *Maps) (*ebpf.Program, error) {
+	if err := bpf.DirectConfig(spec); err != nil {
+		return nil, err
+	}
 	var objs struct {
 		P *ebpf.Program `ebpf:"aegis_egress"`
 	}
@@ -40,8 +44,11 @@ func LoadEgressProgram(spec *ebpf.CollectionSpec, maps *Maps) (*ebpf.Program, er
 
 // LoadProgram loads a build's XDP program against the maps of the set, so
 // that it shares them with the running data path instead of creating its
-// own.
+// own. The spec is prepared with bpf.DirectConfig first, if it was not.
 func LoadProgram(spec *ebpf.CollectionSpec, maps *Maps) (*ebpf.Program, error) {
+	if err := bpf.DirectConfig(spec); err != nil {
+		return nil, err
+	}
 	var objs struct {
 		P *ebpf.Program `ebpf:"aegis_xdp"`
 	}

@@ -28,7 +28,7 @@ type PinOptions struct {
 func PinMaps(t testing.TB, dir string, opts PinOptions) {
 	t.Helper()
 	RequireKernel(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}

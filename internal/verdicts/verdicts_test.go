@@ -24,7 +24,7 @@ var svc = netip.MustParseAddr("198.51.100.10")
 func dataPath(t *testing.T, opts verdicts.Options) (*ebpf.Program, *verdicts.Hub) {
 	t.Helper()
 	tu.RequireKernel(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +227,7 @@ func TestFilterMatch(t *testing.T) {
 // buffer group-writable and the daemons open it writable.
 func TestReaderNeedsWritableMap(t *testing.T) {
 	tu.RequireKernel(t)
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,7 +285,7 @@ func TestSwitchFollowsANewEventsMap(t *testing.T) {
 		t.Fatalf("event %+v", e)
 	}
 
-	spec, err := bpf.LoadAegis()
+	spec, err := bpf.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}
