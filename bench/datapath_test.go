@@ -51,6 +51,21 @@ func median(xs []float64) float64 {
 	return s[len(s)/2]
 }
 
+// floorProgram loads the empty program, XDP_DROP and nothing else: the
+// cost of running any program at all, which every ratio subtracts.
+func floorProgram(b *testing.B) *ebpf.Program {
+	b.Helper()
+	floor, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: ebpf.XDP, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, int32(bpf.XDPDrop)), asm.Return()},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { floor.Close() })
+	return floor
+}
+
 // aegisProgram loads the data path with unpinned maps of the given
 // capacity, one allow rule and a config, and returns it with its maps and
 // its IPv4 flow table.
@@ -60,6 +75,13 @@ func aegisProgram(b *testing.B, capacity uint32) (*ebpf.Program, *state.Maps, *e
 	if err != nil {
 		b.Fatal(err)
 	}
+	return aegisProgramOf(b, spec, capacity)
+}
+
+// aegisProgramOf is aegisProgram for a build's spec, prepared with
+// bpf.DirectConfig.
+func aegisProgramOf(b *testing.B, spec *ebpf.CollectionSpec, capacity uint32) (*ebpf.Program, *state.Maps, *ebpf.Map) {
+	b.Helper()
 	spec.Maps[state.MapSessionsV4].MaxEntries = capacity
 	spec.Maps[state.MapSessionsV6].MaxEntries = capacity
 	var objs bpf.AegisObjects
@@ -219,14 +241,7 @@ func xdpFilter(b *testing.B) *ebpf.Program {
 //	go test -run '^$' -bench DataPath -benchtime 1x ./bench/
 func BenchmarkDataPath(b *testing.B) {
 	tu.RequireKernel(b)
-	floor, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type: ebpf.XDP, License: "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, int32(bpf.XDPDrop)), asm.Return()},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer floor.Close()
+	floor := floorProgram(b)
 	filter := xdpFilter(b)
 
 	client4, svc4 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("198.51.100.10")
