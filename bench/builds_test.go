@@ -41,6 +41,7 @@ func BenchmarkDataPathBuilds(b *testing.B) {
 		return tu.Frame{Src: src, Dst: dst, Proto: tu.ProtoTCP, SrcPort: 40000, DstPort: port}.Bytes()
 	}
 	hit := tcp(client4, svc4, 8080)
+	client6, svc6 := netip.MustParseAddr("2001:db8:1::10"), netip.MustParseAddr("2001:db8:2::10")
 
 	type bcase struct {
 		name string
@@ -59,6 +60,7 @@ func BenchmarkDataPathBuilds(b *testing.B) {
 		}
 		prog, m, _ := aegisProgramOf(b, spec, 1024)
 		grant(b, m, state.Key{Src: client4, Dst: svc4, Port: 8080, Proto: state.TCP})
+		grant(b, m, state.Key{Src: client6, Dst: svc6, Port: 8080, Proto: state.TCP})
 		now := state.Now()
 		anyKey := bpf.AegisSessionKeyV4{Src: client4.As4(), Dst: svc4.As4(), Dport: 8090}
 		if err := m.SessionsV4.Put(&anyKey, &bpf.AegisSessionValue{LastSeenNs: now, CreatedNs: now, IdleTimeoutNs: uint64(time.Hour)}); err != nil {
@@ -68,6 +70,7 @@ func BenchmarkDataPathBuilds(b *testing.B) {
 		name := fmt.Sprintf("%d:%s", i, path)
 		cases = append(cases,
 			bcase{name + " hit", prog, hit, bpf.XDPPass},
+			bcase{name + " hit-v6", prog, tcp(client6, svc6, 8080), bpf.XDPPass},
 			bcase{name + " any-proto-hit", prog, tcp(client4, svc4, 8090), bpf.XDPPass},
 			bcase{name + " miss", prog, tcp(client4, svc4, 8081), bpf.XDPDrop},
 			bcase{name + " miss-service-port", prog, tcp(netip.MustParseAddr("192.0.2.99"), svc4, 8080), bpf.XDPDrop})

@@ -14,9 +14,9 @@
  *      The common frame (untagged, no IPv4 options, no IPv6 extension
  *      headers, not a fragment, TCP or UDP) has a parser of its own,
  *      parse_fast(); it reaches the same tuple, and the same policy()
- *      decides, in the order below. In front of it, express_v4() applies
+ *      decides, in the order below. In front of it, express() applies
  *      rules 2 (the controller's) and 4 (the exact-protocol session) to
- *      a common IPv4 frame and passes a live session's at once.
+ *      such a frame and passes a live session's at once.
  *   2. Bypass, each as narrow as its purpose:
  *      - ARP;
  *      - IPv6 neighbour discovery (ICMPv6 133-137) with code 0 and hop
@@ -1224,7 +1224,7 @@ static __always_inline int exact_rules(struct xdp_md *ctx, const struct tuple *t
  * The policy for an inbound packet that parsed completely; q is the quoted
  * header of an ICMP error. Shared by IPv4 and IPv6. exact is what
  * exact_rules() returned for t if the caller has already applied them
- * (express_v4() does), or negative.
+ * (express() does), or negative.
  */
 static __always_inline int policy(struct xdp_md *ctx, const struct tuple *t,
 				  const struct tuple *q, const struct config_value *cfg, __u64 now,
@@ -1741,8 +1741,10 @@ static __always_inline int classify_slow(struct xdp_md *ctx, struct ip_info *p,
 }
 
 /*
- * The express lane: exact_rules() for a common IPv4 frame (parse_fast()'s,
- * see fast_ip4()), with the session key built straight from the headers.
+ * The express lane: exact_rules() for the common IPv4 or IPv6 frame
+ * (parse_fast()'s: untagged, no IPv4 options or IPv6 extension headers,
+ * not a fragment, TCP or UDP, within the first buffer), with the session
+ * key built straight from the headers.
  * Most frames a gateway passes are a session's, so this is the one verdict
  * worth a path of its own; it saves the tuple's round trip through memory,
  * the general tail's choices and about half the hit's instructions. It
@@ -1761,49 +1763,93 @@ static __always_inline int classify_slow(struct xdp_md *ctx, struct ip_info *p,
  * and for every other frame policy() still does; the model test runs it
  * with pass events off to check that.
  */
+
+/* The lane's test of the TCP or UDP header at l4, dlen bytes of the
+ * datagram counted from hlen bytes before it: the header's mark kind, or
+ * -1 to give up. The caller has checked that the ports are in the packet. */
+static __always_inline int express_kind(void *l4, void *data_end, __u64 dlen, __u64 hlen,
+					__u8 proto, __u8 family, const struct config_value *cfg)
+{
+	__u16 dport = bpf_ntohs(((struct udphdr *)l4)->dest);
+
+	if (proto == IPPROTO_TCP) {
+		if (l4 + sizeof(struct tcphdr) > data_end || dlen < hlen + sizeof(struct tcphdr))
+			return -1;
+		if (cfg->controller_family == family &&
+		    (dport == cfg->controller_port || dport == cfg->grpc_port))
+			return -1;
+		return MARK_TCP;
+	}
+	if (proto == IPPROTO_UDP)
+		return dlen < hlen + sizeof(struct udphdr) ? -1 : MARK_UDP;
+	return -1;
+}
+
+/* The lane's lookup: the exact session behind key in map (the key is built
+ * first, so that what the lookup needs is in memory, not in registers the
+ * mark's inlined lookup would make the compiler save). */
+static __always_inline int express_session(void *map, const void *key, __u32 kind, __u16 dport,
+					   const struct config_value *cfg, __u64 now)
+{
+	if (!may_hold(kind, MARKS_SESSIONS_TRUSTED, dport))
+		return REASON_NO_SESSION;
+	struct session_value *v = bpf_map_lookup_elem(map, key);
+	LOOKUP_APART(v);
+	if (!v)
+		return REASON_NO_SESSION;
+	return session_live(v, cfg, now, 1) ? REASON_SESSION : REASON_EXPIRED;
+}
+
 static __always_inline int express_v4(void *data, void *data_end, __u64 len,
 				      const struct config_value *cfg, __u64 now)
 {
 	struct iphdr *ip = data + sizeof(struct ethhdr);
 	struct udphdr *uh = (void *)(ip + 1);
 
-	if ((void *)(uh + 1) > data_end || cfg->event_pass_rate)
+	if ((void *)(uh + 1) > data_end || !fast_ip4(ip, len))
 		return -1;
-	__u8 proto = ip->protocol;
-	if (*(__be16 *)(data + __builtin_offsetof(struct ethhdr, h_proto)) != bpf_htons(ETH_P_IP) ||
-	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP) || !fast_ip4(ip, len))
+	int kind = express_kind(uh, data_end, bpf_ntohs(ip->tot_len), sizeof(*ip), ip->protocol, 4, cfg);
+	if (kind < 0)
 		return -1;
-
-	__u64 tot = bpf_ntohs(ip->tot_len);
-	__u16 dport = bpf_ntohs(uh->dest);
-	__u32 kind;
-	if (proto == IPPROTO_TCP) {
-		if ((void *)uh + sizeof(struct tcphdr) > data_end ||
-		    tot < sizeof(*ip) + sizeof(struct tcphdr))
-			return -1;
-		if (cfg->controller_family == 4 &&
-		    (dport == cfg->controller_port || dport == cfg->grpc_port))
-			return -1;
-		kind = MARK_TCP;
-	} else {
-		if (tot < sizeof(*ip) + sizeof(*uh))
-			return -1;
-		kind = MARK_UDP;
-	}
-
-	/* The key before the mark: what the lookup needs is then in memory,
-	 * not in registers the mark's (inlined) lookup would make the
-	 * compiler save. */
-	struct session_key_v4 k = {.dport = dport, .proto = proto};
+	struct session_key_v4 k = {.dport = bpf_ntohs(uh->dest), .proto = ip->protocol};
 	__builtin_memcpy(k.src, &ip->saddr, 4);
 	__builtin_memcpy(k.dst, &ip->daddr, 4);
-	if (!may_hold(kind, MARKS_SESSIONS_TRUSTED, dport))
-		return REASON_NO_SESSION;
-	struct session_value *v = bpf_map_lookup_elem(&sessions_v4, &k);
-	LOOKUP_APART(v);
-	if (!v)
-		return REASON_NO_SESSION;
-	return session_live(v, cfg, now, 1) ? REASON_SESSION : REASON_EXPIRED;
+	return express_session(&sessions_v4, &k, kind, k.dport, cfg, now);
+}
+
+/* The same for parse_fast()'s IPv6 frame: no extension header, the
+ * datagram within the first len bytes. */
+static __always_inline int express_v6(void *data, void *data_end, __u64 len,
+				      const struct config_value *cfg, __u64 now)
+{
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+	struct udphdr *uh = (void *)(ip6 + 1);
+
+	if ((void *)(uh + 1) > data_end || (*(__u8 *)ip6 >> 4) != 6)
+		return -1;
+	__u64 plen = bpf_ntohs(ip6->payload_len);
+	if (sizeof(struct ethhdr) + sizeof(*ip6) + plen > len)
+		return -1;
+	int kind = express_kind(uh, data_end, plen, 0, ip6->nexthdr, 6, cfg);
+	if (kind < 0)
+		return -1;
+	struct session_key_v6 k = {.dport = bpf_ntohs(uh->dest), .proto = ip6->nexthdr};
+	__builtin_memcpy(k.src, ip6->saddr, 16);
+	__builtin_memcpy(k.dst, ip6->daddr, 16);
+	return express_session(&sessions_v6, &k, kind, k.dport, cfg, now);
+}
+
+static __always_inline int express(void *data, void *data_end, __u64 len,
+				   const struct config_value *cfg, __u64 now)
+{
+	if (data + sizeof(struct ethhdr) > data_end || cfg->event_pass_rate)
+		return -1;
+	__be16 type = *(__be16 *)(data + __builtin_offsetof(struct ethhdr, h_proto));
+	if (type == bpf_htons(ETH_P_IP))
+		return express_v4(data, data_end, len, cfg, now);
+	if (type == bpf_htons(ETH_P_IPV6))
+		return express_v6(data, data_end, len, cfg, now);
+	return -1;
 }
 
 /* Counts a frame of len bytes under reason. */
@@ -1849,7 +1895,7 @@ int aegis_xdp(struct xdp_md *ctx)
 	 * would add a call per frame and a subprogram, whose instructions no
 	 * longer match the object's tag, by which the loader recognises its
 	 * own build.) */
-	int exact = express_v4(data, data_end, len, cfg, now);
+	int exact = express(data, data_end, len, cfg, now);
 	if (exact == REASON_SESSION) {
 		count(REASON_SESSION, len);
 		return XDP_PASS;
