@@ -28,9 +28,9 @@ func (l *Buffer) String() string {
 	return l.b.String()
 }
 
-// JSONLines decodes the JSON log lines whose message is msg; it fails t on
-// a line that is not JSON.
-func (l *Buffer) JSONLines(t testing.TB, msg string) []map[string]any {
+// Records decodes every JSON log line, in order; it fails t on a line that
+// is not JSON.
+func (l *Buffer) Records(t testing.TB) []map[string]any {
 	t.Helper()
 	var out []map[string]any
 	sc := bufio.NewScanner(strings.NewReader(l.String()))
@@ -39,6 +39,17 @@ func (l *Buffer) JSONLines(t testing.TB, msg string) []map[string]any {
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
 			t.Fatalf("log line is not JSON: %q", sc.Text())
 		}
+		out = append(out, line)
+	}
+	return out
+}
+
+// JSONLines decodes the JSON log lines whose message is msg; it fails t on
+// a line that is not JSON.
+func (l *Buffer) JSONLines(t testing.TB, msg string) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, line := range l.Records(t) {
 		if line["message"] == msg {
 			out = append(out, line)
 		}
