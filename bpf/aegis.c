@@ -1203,6 +1203,17 @@ static __always_inline int related(const struct tuple *q, const struct config_va
 	return f && flow_live(f, r.proto, cfg, now, 0);
 }
 
+/* What the exact-protocol session v (or none) makes of a frame at now:
+ * REASON_SESSION if live (refreshing it), REASON_EXPIRED if not,
+ * REASON_NO_SESSION without one. */
+static __always_inline int session_outcome(struct session_value *v, const struct config_value *cfg,
+					   __u64 now)
+{
+	if (!v)
+		return REASON_NO_SESSION;
+	return session_live(v, cfg, now, 1) ? REASON_SESSION : REASON_EXPIRED;
+}
+
 /*
  * The first two rules for TCP and UDP: the controller bypass, then the
  * exact-protocol session. Returns REASON_CONTROLLER, REASON_SESSION, or
@@ -1214,10 +1225,7 @@ static __always_inline int exact_rules(struct xdp_md *ctx, const struct tuple *t
 {
 	if (controller_bypass(ctx, t, cfg))
 		return REASON_CONTROLLER;
-	struct session_value *v = session_lookup(t, t->proto);
-	if (!v)
-		return REASON_NO_SESSION;
-	return session_live(v, cfg, now, 1) ? REASON_SESSION : REASON_EXPIRED;
+	return session_outcome(session_lookup(t, t->proto), cfg, now);
 }
 
 /*
@@ -1740,30 +1748,6 @@ static __always_inline int classify_slow(struct xdp_md *ctx, struct ip_info *p,
 	return classify(ctx, data, data_end, len, p, cfg, now);
 }
 
-/*
- * The express lane: exact_rules() for the common IPv4 or IPv6 frame
- * (parse_fast()'s: untagged, no IPv4 options or IPv6 extension headers,
- * not a fragment, TCP or UDP, within the first buffer), with the session
- * key built straight from the headers.
- * Most frames a gateway passes are a session's, so this is the one verdict
- * worth a path of its own; it saves the tuple's round trip through memory,
- * the general tail's choices and about half the hit's instructions. It
- * decides nothing differently:
- *
- * - It gives up (returns -1) before any lookup on every frame it could
- *   answer differently from exact_rules(): frames parse_fast() would not
- *   take, TCP to the controller's login or gRPC port while a controller
- *   of this family is set (a superset of what controller_bypass() admits),
- *   and every frame while pass events are on (an event needs the tuple).
- * - Otherwise it makes exact_rules()'s session lookup, port mark and all,
- *   and returns its result; the caller passes REASON_SESSION at once and
- *   hands anything else to policy(), which goes on from the rule after.
- *
- * So for every frame it answers, policy() would have answered the same,
- * and for every other frame policy() still does; the model test runs it
- * with pass events off to check that.
- */
-
 /* The lane's test of the TCP or UDP header at l4, dlen bytes of the
  * datagram counted from hlen bytes before it: the header's mark kind, or
  * -1 to give up. The caller has checked that the ports are in the packet. */
@@ -1795,9 +1779,7 @@ static __always_inline int express_session(void *map, const void *key, __u32 kin
 		return REASON_NO_SESSION;
 	struct session_value *v = bpf_map_lookup_elem(map, key);
 	LOOKUP_APART(v);
-	if (!v)
-		return REASON_NO_SESSION;
-	return session_live(v, cfg, now, 1) ? REASON_SESSION : REASON_EXPIRED;
+	return session_outcome(v, cfg, now);
 }
 
 static __always_inline int express_v4(void *data, void *data_end, __u64 len,
@@ -1839,6 +1821,29 @@ static __always_inline int express_v6(void *data, void *data_end, __u64 len,
 	return express_session(&sessions_v6, &k, kind, k.dport, cfg, now);
 }
 
+/*
+ * The express lane: exact_rules() for the common IPv4 or IPv6 frame
+ * (parse_fast()'s: untagged, no IPv4 options or IPv6 extension headers,
+ * not a fragment, TCP or UDP, within the first buffer), with the session
+ * key built straight from the headers.
+ * Most frames a gateway passes are a session's, so this is the one verdict
+ * worth a path of its own; it saves the tuple's round trip through memory,
+ * the general tail's choices and about half the hit's instructions. It
+ * decides nothing differently:
+ *
+ * - It gives up (returns -1) before any lookup on every frame it could
+ *   answer differently from exact_rules(): frames parse_fast() would not
+ *   take, TCP to the controller's login or gRPC port while a controller
+ *   of this family is set (a superset of what controller_bypass() admits),
+ *   and every frame while pass events are on (an event needs the tuple).
+ * - Otherwise it makes exact_rules()'s session lookup, port mark and all,
+ *   and returns its result; the caller passes REASON_SESSION at once and
+ *   hands anything else to policy(), which goes on from the rule after.
+ *
+ * So for every frame it answers, policy() would have answered the same,
+ * and for every other frame policy() still does; the model test runs it
+ * with pass events off to check that.
+ */
 static __always_inline int express(void *data, void *data_end, __u64 len,
 				   const struct config_value *cfg, __u64 now)
 {
@@ -1885,6 +1890,11 @@ int aegis_xdp(struct xdp_md *ctx)
 	__u64 len = data_end - data;
 	/* One clock read serves the verdict and its event. */
 	__u64 now = clock_now();
+	int exact = express(data, data_end, len, cfg, now);
+	if (exact == REASON_SESSION) {
+		count(REASON_SESSION, len);
+		return XDP_PASS;
+	}
 	struct ip_info p;
 	__u32 cause;
 	/* p's address escapes into an empty asm, so that p stays one struct in
@@ -1895,11 +1905,6 @@ int aegis_xdp(struct xdp_md *ctx)
 	 * would add a call per frame and a subprogram, whose instructions no
 	 * longer match the object's tag, by which the loader recognises its
 	 * own build.) */
-	int exact = express(data, data_end, len, cfg, now);
-	if (exact == REASON_SESSION) {
-		count(REASON_SESSION, len);
-		return XDP_PASS;
-	}
 	asm volatile("" : : "r"(&p) : "memory");
 	if (parse_fast(data, data_end, len, &p.t)) {
 		cause = policy(ctx, &p.t, &p.t, cfg, now, exact);
