@@ -55,18 +55,19 @@ func TestProgramsReadTheConfigMap(t *testing.T) {
 		t.Fatalf("prepared spec still has %s", bpf.ConfigSection)
 	}
 	objs := load(t, spec)
-	cfgInfo, err := objs.Config.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgID, _ := cfgInfo.ID()
-	for name, p := range map[string]*ebpf.Program{"aegis_xdp": objs.AegisXdp, "aegis_egress": objs.AegisEgress} {
+	// Whether p uses config's map, and whether it uses a map of its own
+	// named for the section.
+	uses := func(t *testing.T, p *ebpf.Program, config *ebpf.Map) (shared, own bool) {
+		cfgInfo, err := config.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfgID, _ := cfgInfo.ID()
 		info, err := p.Info()
 		if err != nil {
 			t.Fatal(err)
 		}
 		ids, _ := info.MapIDs()
-		found := false
 		for _, id := range ids {
 			m, err := ebpf.NewMapFromID(id)
 			if err != nil {
@@ -74,13 +75,14 @@ func TestProgramsReadTheConfigMap(t *testing.T) {
 			}
 			mi, _ := m.Info()
 			m.Close()
-			if mi.Name == bpf.ConfigSection {
-				t.Errorf("%s uses a config map of its own (%d %q)", name, id, mi.Name)
-			}
-			found = found || id == cfgID
+			own = own || mi.Name == bpf.ConfigSection
+			shared = shared || id == cfgID
 		}
-		if !found {
-			t.Errorf("%s does not use the config map %d (maps %v)", name, cfgID, ids)
+		return shared, own
+	}
+	for name, p := range map[string]*ebpf.Program{"aegis_xdp": objs.AegisXdp, "aegis_egress": objs.AegisEgress} {
+		if shared, own := uses(t, p, objs.Config); !shared || own {
+			t.Errorf("%s: uses the config map %v, a %s map of its own %v", name, shared, bpf.ConfigSection, own)
 		}
 	}
 	if a := run(t, objs.AegisXdp); a != bpf.XDPPass {
@@ -92,8 +94,12 @@ func TestProgramsReadTheConfigMap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a := run(t, load(t, raw).AegisXdp); a != bpf.XDPDrop {
+	rawObjs := load(t, raw)
+	if a := run(t, rawObjs.AegisXdp); a != bpf.XDPDrop {
 		t.Fatalf("without DirectConfig: %v; the check cannot tell the two apart", a)
+	}
+	if shared, own := uses(t, rawObjs.AegisXdp, rawObjs.Config); shared || !own {
+		t.Fatalf("without DirectConfig: uses the config map %v, its own %v; the map check cannot tell the two apart", shared, own)
 	}
 
 	// Twice is once.

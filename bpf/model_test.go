@@ -104,9 +104,9 @@ type diffPhase struct {
 
 func diffPhases(g *generator) []diffPhase {
 	return []diffPhase{
-		{"v4 controller, allow rules, flows, port marks, no pass events", g.ctl4, true, false, true, true, false},
-		{"v6 controller, allow rules, monitor, flows, port marks", g.ctl6, true, true, true, true, true},
-		{"no controller, no allow rules, no flows, marks untrusted, no pass events", netip.Addr{}, false, false, false, false, false},
+		{"v4 controller, allow rules, flows, port marks, pass events off then on", g.ctl4, true, false, true, true, false},
+		{"v6 controller, allow rules, monitor, flows, port marks, pass events on then off", g.ctl6, true, true, true, true, true},
+		{"no controller, no allow rules, no flows, marks untrusted, pass events off then on", netip.Addr{}, false, false, false, false, false},
 	}
 }
 
@@ -156,7 +156,7 @@ type diff struct {
 	marks    bool // the phase trusts the port marks
 	cfg      state.Config
 	silent   [bpf.StatsSlots]uint64 // frames counted while their kind's events were off
-	lane     int                    // of those, session passes: the express lane's
+	lane     int                    // of those, session passes: the express lane's, but for any-protocol ones
 	lastFrag *bpf.AegisFragKey
 	events   *ringbuf.Reader
 	emitted  [bpf.StatsSlots]int
